@@ -1,0 +1,26 @@
+"""Shared pytest fixtures: where the shared data lives, and a fresh random generator per test."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("BERTQA_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def data_dir():
+    """../shared/data (or $BERTQA_DATA_DIR); the test skips when it is absent."""
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"shared data not found at {DATA_DIR} (set BERTQA_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random inputs each run; the seed is printed on failure so a case can be replayed."""
+    seed = int(os.environ.get("BERTQA_TEST_SEED", np.random.SeedSequence().entropy % (2**32)))
+    request.node.user_properties.append(("seed", seed))
+    print(f"BERTQA_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
