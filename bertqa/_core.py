@@ -1,0 +1,30 @@
+"""Loads the C extension bertqa._C after its BLAS.
+
+The extension links OpenBLAS from the scipy-openblas32 wheel. Wheels install into site-packages at paths no
+build can know, so the library is loaded here first, by its absolute path, with RTLD_GLOBAL; the dynamic
+loader then satisfies the extension's dependency on it by its soname.
+"""
+import ctypes
+import os
+
+
+def _preload_blas():
+    try:
+        import scipy_openblas32
+    except ImportError:  # built with BERTQA_SYSTEM_BLAS, or the rpath finds it
+        return
+    path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+_preload_blas()
+
+try:
+    from bertqa import _C  # noqa: E402
+except ImportError as e:  # pragma: no cover - what a user sees with a broken install
+    raise ImportError(
+        f"bertqa's C extension could not be loaded ({e}). Build it with `pip install -e .` from the source "
+        "checkout, or reinstall bertqa."
+    ) from e
+
+__all__ = ["_C"]

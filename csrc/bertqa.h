@@ -1,0 +1,136 @@
+/* bertqa compute core: float32 CPU kernels for BERT question answering.
+ *
+ * Conventions (the same in every file, after llm.c):
+ *   B  batch size          T  sequence length       C  hidden size (channels)
+ *   NH attention heads     HS head size (C / NH)    V  vocabulary size
+ *   N  rows of a 2-D view (usually B*T)
+ * Tensors are row-major and contiguous unless strides are passed. Shapes are given in brackets.
+ *
+ * Every backward kernel ADDS into its gradient outputs (dinp, dweight, dbias...), so callers zero
+ * gradient buffers once and gradients of shared inputs (residuals, tied weights) sum for free.
+ * Every function that can fail returns a bq_status; none calls exit() or abort().
+ */
+#ifndef BERTQA_H
+#define BERTQA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    BQ_OK = 0,
+    BQ_ERR_NOMEM = 1,   /* an allocation failed */
+    BQ_ERR_INDEX = 2,   /* a token id / type id / position is outside its table */
+    BQ_ERR_ARG = 3,     /* a size or value that the kernel cannot handle */
+} bq_status;
+
+const char *bq_status_string(int status);
+
+/* ---- threading / BLAS information (threads.c) ------------------------------------------------- */
+int bq_num_threads(void);            /* OpenMP threads our kernels use (honours OMP_NUM_THREADS) */
+int bq_blas_num_threads(void);       /* threads the BLAS uses */
+void bq_set_num_threads(int n);      /* both of the above */
+const char *bq_blas_config(void);    /* BLAS build description, e.g. "OpenBLAS 0.3.34 DYNAMIC_ARCH Haswell" */
+const char *bq_blas_corename(void);  /* the kernel set the BLAS chose at run time */
+
+/* C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major; thin wrapper over the BLAS sgemm. */
+void bq_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc);
+
+/* ---- counter-based RNG and dropout (rng.c) ---------------------------------------------------- */
+/* Philox4x32-10 (Salmon et al., SC'11): out = philox(counter[4], key[2]). */
+void bq_philox4x32(uint32_t out[4], const uint32_t counter[4], const uint32_t key[2]);
+/* Uniform float in [0, 1) for element `idx` of tensor `tensor_id` at training step `step`:
+ * key = seed, counter = (idx / 4, tensor_id, step), lane idx % 4; 24 random bits. The CUDA backend
+ * computes the same function, so dropout masks agree across backends. */
+float bq_uniform(uint64_t seed, uint32_t step, uint32_t tensor_id, uint64_t idx);
+/* keep[i] = (uniform(i) >= p); out = inp * keep / (1 - p). out may alias inp. [N] */
+void dropout_forward(float *out, const float *inp, size_t N, float p, uint64_t seed, uint32_t step,
+                     uint32_t tensor_id);
+/* dinp += dout * keep / (1 - p), keep regenerated from (seed, step, tensor_id). [N] */
+void dropout_backward(float *dinp, const float *dout, size_t N, float p, uint64_t seed, uint32_t step,
+                      uint32_t tensor_id);
+
+/* ---- embeddings (embedding.c) ----------------------------------------------------------------- */
+/* out[b,t,:] = wte[ids[b,t]] + wpe[t] + wtt[types[b,t]]   (types may be NULL: all 0)
+ * ids, types [B,T]; wte [V,C]; wpe [P,C] with T <= P; wtt [NT,C]; out [B,T,C].
+ * Returns BQ_ERR_INDEX (and writes nothing) if an id or type is out of range or T > P. */
+int embedding_forward(float *out, const int64_t *ids, const int64_t *types, const float *wte,
+                      const float *wpe, const float *wtt, int B, int T, int C, int V, int P, int NT);
+/* dwte[ids[b,t]] += dout[b,t]; dwpe[t] += sum_b dout[b,t]; dwtt[types[b,t]] += dout[b,t]
+ * (any of dwte/dwpe/dwtt may be NULL). Deterministic: threads split channels, not tokens. */
+int embedding_backward(float *dwte, float *dwpe, float *dwtt, const float *dout, const int64_t *ids,
+                       const int64_t *types, int B, int T, int C, int V, int P, int NT);
+
+/* ---- linear (linear.c): y = x @ W.T + b, W in the Hugging Face [OUT, IN] layout ---------------- */
+/* out [N,OUT], inp [N,IN], weight [OUT,IN], bias [OUT] or NULL. */
+void linear_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IN,
+                    int OUT);
+/* dinp [N,IN] += dout @ W; dweight [OUT,IN] += dout.T @ inp; dbias [OUT] += sum_n dout.
+ * Any of dinp / dweight / dbias may be NULL. */
+void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                     const float *weight, int N, int IN, int OUT);
+
+/* ---- layernorm over the last dimension (layernorm.c) ------------------------------------------ */
+/* out = (inp - mean) * rstd * weight + bias, rstd = 1/sqrt(var + eps), var biased (as torch).
+ * inp/out [N,C]; weight/bias [C]; mean/rstd [N] (may be NULL: not stored). out may alias inp. */
+void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
+                       const float *bias, int N, int C, float eps);
+/* dinp [N,C] += ...; dweight/dbias [C] += ... (each may be NULL); mean/rstd from the forward. */
+void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                        const float *weight, const float *mean, const float *rstd, int N, int C);
+
+/* ---- GELU, exact erf form: 0.5 * x * (1 + erf(x / sqrt(2))) (gelu.c) --------------------------- */
+void gelu_forward(float *out, const float *inp, size_t N);               /* out may alias inp */
+void gelu_backward(float *dinp, const float *inp, const float *dout, size_t N);   /* dinp += */
+
+/* ---- multi-head self-attention (attention.c) -------------------------------------------------- */
+/* Element strides of q, k, v, out and their gradients (all four share one layout):
+ *   [B,NH,T,HS] contiguous: sb = NH*T*HS, sh = T*HS, st = HS
+ *   [B,T,NH,HS] (= [B,T,C], heads side by side, as a linear layer writes them): sb = T*C, sh = HS, st = C
+ * The last dimension (HS) is always contiguous. */
+typedef struct {
+    int B, NH, T, HS;
+    long sb, sh, st;
+} bq_attn_shape;
+
+/* att[b,h] = softmax(q k^T / sqrt(HS) + (1 - mask[b]) * -10000)   [B,NH,T,T], stored for backward
+ * out[b,h] = dropout(att[b,h]) @ v                                  (dropout keyed by tensor_id)
+ * mask [B,T] of 0/1 (1 = real token) or NULL. dropout_p = 0 disables dropout.
+ * Returns BQ_ERR_NOMEM if the dropout scratch cannot be allocated. */
+int attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
+                      const float *mask, bq_attn_shape s, float dropout_p, uint64_t seed, uint32_t step,
+                      uint32_t tensor_id);
+/* dq, dk, dv += gradients; att is the forward's (pre-dropout) probabilities.
+ * scratch: 2 * B*NH*T*T floats, or NULL to allocate internally (may return BQ_ERR_NOMEM). */
+int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
+                       const float *q, const float *k, const float *v, bq_attn_shape s, float dropout_p,
+                       uint64_t seed, uint32_t step, uint32_t tensor_id, float *scratch);
+
+/* ---- span loss (span_loss.c) ------------------------------------------------------------------ */
+/* Hugging Face BertForQuestionAnswering: positions are clamped to [0, T]; a position equal to T is
+ * ignored; loss = (CE(start) + CE(end)) / 2, each CE the mean over its non-ignored rows (0 if none).
+ * start/end logits [B,T]; positions [B]; dstart/dend [B,T] are OVERWRITTEN with d(loss)/d(logits)
+ * times grad_scale (either may be NULL). Returns the loss. */
+float span_loss(float *dstart, float *dend, const float *start_logits, const float *end_logits,
+                const int64_t *start_pos, const int64_t *end_pos, int B, int T, float grad_scale);
+
+/* ---- optimizer (adamw.c) ---------------------------------------------------------------------- */
+/* torch.optim.AdamW, one step (step counts from 1), with the gradient multiplied by grad_scale first
+ * (global-norm clipping without touching the gradient buffer):
+ *   p -= lr * wd * p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+ *   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)            [N] */
+void adamw_update(float *param, const float *grad, float *m, float *v, size_t N, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int step, float grad_scale);
+/* sum of squares of g [N], accumulated in double (deterministic for a given thread count). */
+double sum_squares(const float *g, size_t N);
+/* g *= scale [N] */
+void scale_inplace(float *g, size_t N, float scale);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* BERTQA_H */
