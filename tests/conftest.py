@@ -24,3 +24,11 @@ def rng(request):
     request.node.user_properties.append(("seed", seed))
     print(f"BERTQA_TEST_SEED={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    """data_dir for session- and module-scoped fixtures (built once, e.g. SQuAD features); skips likewise."""
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"shared data not found at {DATA_DIR} (set BERTQA_DATA_DIR)")
+    return DATA_DIR
