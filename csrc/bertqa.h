@@ -31,12 +31,16 @@ const char *bq_status_string(int status);
 
 /* ---- threading / BLAS information (threads.c) ------------------------------------------------- */
 int bq_num_threads(void);            /* OpenMP threads our kernels use (honours OMP_NUM_THREADS) */
-int bq_blas_num_threads(void);       /* threads the BLAS uses */
-void bq_set_num_threads(int n);      /* both of the above */
+int bq_blas_num_threads(void);       /* threads the BLAS spawns itself: 1 after bq_init_threads */
+void bq_init_threads(void);          /* once at load: the BLAS runs single-threaded inside our threads */
+void bq_set_num_threads(int n);      /* OpenMP threads for kernels and (through bq_sgemm) matrix products */
 const char *bq_blas_config(void);    /* BLAS build description, e.g. "OpenBLAS 0.3.34 DYNAMIC_ARCH Haswell" */
 const char *bq_blas_corename(void);  /* the kernel set the BLAS chose at run time */
 
-/* C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major; thin wrapper over the BLAS sgemm. */
+/* C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major. bq_sgemm splits the work over the OpenMP threads
+ * (one BLAS call per block); bq_sgemm1 is one single-threaded BLAS call, for use inside parallel regions. */
+void bq_sgemm1(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+               const float *B, int ldb, float beta, float *C, int ldc);
 void bq_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
 
@@ -50,6 +54,9 @@ float bq_uniform(uint64_t seed, uint32_t step, uint32_t tensor_id, uint64_t idx)
 /* keep[i] = (uniform(i) >= p); out = inp * keep / (1 - p). out may alias inp. [N] */
 void dropout_forward(float *out, const float *inp, size_t N, float p, uint64_t seed, uint32_t step,
                      uint32_t tensor_id);
+/* out[i] = inp[i] * keep(first + i) / (1 - p), i < n: elements first .. first+n-1 of a larger tensor. */
+void bq_dropout_slice(float *out, const float *inp, size_t n, float p, uint64_t seed, uint32_t step,
+                      uint32_t tensor_id, uint64_t first);
 /* dinp += dout * keep / (1 - p), keep regenerated from (seed, step, tensor_id). [N] */
 void dropout_backward(float *dinp, const float *dout, size_t N, float p, uint64_t seed, uint32_t step,
                       uint32_t tensor_id);
@@ -100,15 +107,15 @@ typedef struct {
 /* att[b,h] = softmax(q k^T / sqrt(HS) + (1 - mask[b]) * -10000)   [B,NH,T,T], stored for backward
  * out[b,h] = dropout(att[b,h]) @ v                                  (dropout keyed by tensor_id)
  * mask [B,T] of 0/1 (1 = real token) or NULL. dropout_p = 0 disables dropout.
- * Returns BQ_ERR_NOMEM if the dropout scratch cannot be allocated. */
+ * Returns BQ_ERR_NOMEM if a thread's [T,T] dropout scratch cannot be allocated. */
 int attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                       const float *mask, bq_attn_shape s, float dropout_p, uint64_t seed, uint32_t step,
                       uint32_t tensor_id);
-/* dq, dk, dv += gradients; att is the forward's (pre-dropout) probabilities.
- * scratch: 2 * B*NH*T*T floats, or NULL to allocate internally (may return BQ_ERR_NOMEM). */
+/* dq, dk, dv += gradients; att is the forward's (pre-dropout) probabilities; the dropout mask is regenerated.
+ * Each thread allocates one or two [T,T] scratch blocks (BQ_ERR_NOMEM if that fails). */
 int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                        const float *q, const float *k, const float *v, bq_attn_shape s, float dropout_p,
-                       uint64_t seed, uint32_t step, uint32_t tensor_id, float *scratch);
+                       uint64_t seed, uint32_t step, uint32_t tensor_id);
 
 /* ---- span loss (span_loss.c) ------------------------------------------------------------------ */
 /* Hugging Face BertForQuestionAnswering: positions are clamped to [0, T]; a position equal to T is

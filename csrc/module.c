@@ -357,8 +357,8 @@ static int attn_parse(attn_args *a, PyObject *qo, PyObject *ko, PyObject *vo, Py
     s.st = s.HS;
     s.sh = (long)s.T * s.HS;
     s.sb = (long)s.NH * s.T * s.HS;
-    /* the probabilities [B,NH,T,T] (and two more for backward) must fit comfortably */
-    double bytes = 3.0 * s.B * s.NH * (double)s.T * s.T * sizeof(float);
+    /* the probabilities [B,NH,T,T] must fit */
+    double bytes = 1.0 * s.B * s.NH * (double)s.T * s.T * sizeof(float);
     if (bytes > 1e12) {
         PyErr_Format(PyExc_MemoryError, "attention over B=%d, NH=%d, T=%d needs %.0f GB of scratch", s.B, s.NH, s.T,
                      bytes / 1e9);
@@ -413,7 +413,7 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *args, PyObject 
     PyObject *result = NULL;
     PyArrayObject *dq = new_like(a.q, 1), *dk = new_like(a.q, 1), *dv = new_like(a.q, 1), *tmp = new_like(a.q, 0);
     size_t natt = (size_t)a.s.B * a.s.NH * a.s.T * a.s.T;
-    float *att = malloc(3 * natt * sizeof(float));   /* probabilities, then 2 * natt of backward scratch */
+    float *att = malloc(natt * sizeof(float));   /* the probabilities, recomputed by a forward */
     int st = BQ_OK;
     if (!dq || !dk || !dv || !tmp) goto done;
     if (!att) { PyErr_NoMemory(); goto done; }
@@ -422,7 +422,7 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *args, PyObject 
     st = attention_forward(F(tmp), att, F(a.q), F(a.k), F(a.v), mask, a.s, (float)a.p, a.seed, a.step, a.tensor_id);
     if (!st)
         st = attention_backward(F(dq), F(dk), F(dv), F(dout), att, F(a.q), F(a.k), F(a.v), a.s, (float)a.p, a.seed,
-                                a.step, a.tensor_id, att + natt);
+                                a.step, a.tensor_id);
     Py_END_ALLOW_THREADS
     if (st) { status_error(st, "attention_backward"); goto done; }
     result = Py_BuildValue("(OOO)", dq, dk, dv);
@@ -780,5 +780,6 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__C(void) {
     import_array();
+    bq_init_threads();
     return PyModule_Create(&moduledef);
 }

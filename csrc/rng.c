@@ -46,21 +46,37 @@ float bq_uniform(uint64_t seed, uint32_t step, uint32_t tensor_id, uint64_t idx)
     return u[idx % 4];
 }
 
-/* y[i] = x[i] * keep(i) * scale over i in [0, N), generating 4 uniforms per Philox call. accumulate
- * selects y += ... (backward) instead of y = ... (forward). */
+/* y[i] (+)= x[i] * keep(first + i) / (1 - p) for i in [0, n): a slice of a tensor's element numbering, one
+ * Philox call per 4 elements (the slice need not start on a multiple of 4). y may alias x. */
+static void dropout_slice(float *y, const float *x, size_t n, float p, uint64_t seed, uint32_t step,
+                          uint32_t tensor_id, uint64_t first, int accumulate) {
+    const float scale = 1.0f / (1.0f - p);
+    size_t i = 0;
+    while (i < n) {
+        const uint64_t idx = first + i;
+        float u[4];
+        uniform4(u, seed, step, tensor_id, idx / 4);
+        for (unsigned lane = (unsigned)(idx % 4); lane < 4 && i < n; lane++, i++) {
+            float val = u[lane] >= p ? x[i] * scale : 0.0f;
+            if (accumulate) y[i] += val; else y[i] = val;
+        }
+    }
+}
+
+void bq_dropout_slice(float *out, const float *inp, size_t n, float p, uint64_t seed, uint32_t step,
+                      uint32_t tensor_id, uint64_t first) {
+    dropout_slice(out, inp, n, p, seed, step, tensor_id, first, 0);
+}
+
+/* Whole tensors: threads take 4096-element slices. */
 static void dropout_apply(float *y, const float *x, size_t N, float p, uint64_t seed, uint32_t step,
                           uint32_t tensor_id, int accumulate) {
-    const float scale = 1.0f / (1.0f - p);
-    const long nblocks = (long)((N + 3) / 4);
+    const size_t S = 4096;
+    const long nslices = (long)((N + S - 1) / S);
 #pragma omp parallel for schedule(static) if (N > 32768)
-    for (long blk = 0; blk < nblocks; blk++) {
-        float u[4];
-        uniform4(u, seed, step, tensor_id, (uint64_t)blk);
-        size_t base = (size_t)blk * 4;
-        for (int j = 0; j < 4 && base + j < N; j++) {
-            float val = u[j] >= p ? x[base + j] * scale : 0.0f;
-            if (accumulate) y[base + j] += val; else y[base + j] = val;
-        }
+    for (long sl = 0; sl < nslices; sl++) {
+        size_t a = (size_t)sl * S, n = N - a < S ? N - a : S;
+        dropout_slice(y + a, x + a, n, p, seed, step, tensor_id, a, accumulate);
     }
 }
 

@@ -25,19 +25,52 @@ int bq_num_threads(void) {
 
 int bq_blas_num_threads(void) { return BQ_OPENBLAS(get_num_threads)(); }
 
+/* One thread pool for everything: OpenMP. The BLAS runs single-threaded inside our OpenMP threads, so two
+ * pools never spin against each other on the same cores (OpenBLAS's idle workers busy-wait for a long time
+ * after each call), and OMP_NUM_THREADS alone sets the parallelism. */
+void bq_init_threads(void) { BQ_OPENBLAS(set_num_threads)(1); }
+
 void bq_set_num_threads(int n) {
     if (n < 1) n = 1;
 #ifdef _OPENMP
     omp_set_num_threads(n);
 #endif
-    BQ_OPENBLAS(set_num_threads)(n);
 }
 
 const char *bq_blas_config(void) { return BQ_OPENBLAS(get_config)(); }
 const char *bq_blas_corename(void) { return BQ_OPENBLAS(get_corename)(); }
 
-void bq_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
-              const float *B, int ldb, float beta, float *C, int ldc) {
+void bq_sgemm1(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+               const float *B, int ldb, float beta, float *C, int ldc) {
     BQ_CBLAS(sgemm)(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
                     M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* Parallel sgemm: the larger of M and N is cut into one block per thread (multiples of 16 rows/columns, the
+ * BLAS's register tile), and each thread runs the single-threaded BLAS on its block. Blocks write disjoint
+ * parts of C, so results do not depend on timing. */
+void bq_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc) {
+    int nt = bq_num_threads();
+#ifdef _OPENMP
+    if (omp_in_parallel()) nt = 1;
+#endif
+    if (nt == 1 || (double)M * N * K < 4e6) {
+        bq_sgemm1(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    const int split_m = M >= N;
+    const int len = split_m ? M : N;
+    int chunk = (len + nt - 1) / nt;
+    chunk = (chunk + 15) / 16 * 16;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int start = 0; start < len; start += chunk) {
+        int n = len - start < chunk ? len - start : chunk;
+        if (split_m) /* rows of op(A) and of C */
+            bq_sgemm1(transA, transB, n, N, K, alpha, transA ? A + start : A + (long)start * lda, lda, B, ldb, beta,
+                      C + (long)start * ldc, ldc);
+        else /* columns of op(B) and of C */
+            bq_sgemm1(transA, transB, M, n, K, alpha, A, lda, transB ? B + (long)start * ldb : B + start, ldb, beta,
+                      C + start, ldc);
+    }
 }
