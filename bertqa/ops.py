@@ -144,18 +144,21 @@ def embedding(input_ids, token_type_ids, word_embeddings, position_embeddings, t
     return _C.embedding(input_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings)
 
 
-def embedding_backward(dout, input_ids, token_type_ids, vocab_size, max_position_embeddings, type_vocab_size):
+def embedding_backward(dout, input_ids, token_type_ids, vocab_size, max_position_embeddings, type_vocab_size,
+                       padding_idx=None):
     """Gradients of :func:`embedding` with respect to its three tables (scatter-add over the tokens).
 
     Args:
         dout: [B, T, C] float32.
         input_ids, token_type_ids: as given to :func:`embedding`.
         vocab_size, max_position_embeddings, type_vocab_size: the tables' row counts.
+        padding_idx: a token id whose word-embedding row gets no gradient (torch's ``padding_idx``; BERT uses
+            its pad_token_id, 0), or None.
     Returns:
         (dword [V, C], dposition [P, C], dtype [NT, C]) float32. Repeated ids sum their gradients.
     """
     return _C.embedding_backward(dout, input_ids, token_type_ids, vocab_size, max_position_embeddings,
-                                 type_vocab_size)
+                                 type_vocab_size, padding_idx)
 
 
 def dropout(x, p, seed, step=0, tensor_id=0):

@@ -68,9 +68,11 @@ void dropout_backward(float *dinp, const float *dout, size_t N, float p, uint64_
 int embedding_forward(float *out, const int64_t *ids, const int64_t *types, const float *wte,
                       const float *wpe, const float *wtt, int B, int T, int C, int V, int P, int NT);
 /* dwte[ids[b,t]] += dout[b,t]; dwpe[t] += sum_b dout[b,t]; dwtt[types[b,t]] += dout[b,t]
- * (any of dwte/dwpe/dwtt may be NULL). Deterministic: threads split channels, not tokens. */
+ * (any of dwte/dwpe/dwtt may be NULL). Tokens whose id is pad_id add nothing to dwte (torch's padding_idx,
+ * which BERT's word embeddings use: the [PAD] row never trains); pad_id < 0 disables that.
+ * Deterministic: threads split channels, not tokens. */
 int embedding_backward(float *dwte, float *dwpe, float *dwtt, const float *dout, const int64_t *ids,
-                       const int64_t *types, int B, int T, int C, int V, int P, int NT);
+                       const int64_t *types, int B, int T, int C, int V, int P, int NT, int64_t pad_id);
 
 /* ---- linear (linear.c): y = x @ W.T + b, W in the Hugging Face [OUT, IN] layout ---------------- */
 /* out [N,OUT], inp [N,IN], weight [OUT,IN], bias [OUT] or NULL. */

@@ -27,7 +27,7 @@ int embedding_forward(float *out, const int64_t *ids, const int64_t *types, cons
 }
 
 int embedding_backward(float *dwte, float *dwpe, float *dwtt, const float *dout, const int64_t *ids,
-                       const int64_t *types, int B, int T, int C, int V, int P, int NT) {
+                       const int64_t *types, int B, int T, int C, int V, int P, int NT, int64_t pad_id) {
     int st = check_ids(ids, types, B, T, V, P, NT);
     if (st != BQ_OK) return st;
     /* Threads own disjoint channel ranges, so the scatter-add needs no atomics and sums in a fixed order. */
@@ -38,7 +38,7 @@ int embedding_backward(float *dwte, float *dwpe, float *dwtt, const float *dout,
         const int c0 = chunk * CH, c1 = c0 + CH < C ? c0 + CH : C;
         for (long bt = 0; bt < (long)B * T; bt++) {
             const float *g = dout + bt * C;
-            if (dwte) { float *d = dwte + ids[bt] * C; for (int c = c0; c < c1; c++) d[c] += g[c]; }
+            if (dwte && ids[bt] != pad_id) { float *d = dwte + ids[bt] * C; for (int c = c0; c < c1; c++) d[c] += g[c]; }
             if (dwpe) { float *d = dwpe + (bt % T) * C; for (int c = c0; c < c1; c++) d[c] += g[c]; }
             if (dwtt) { float *d = dwtt + (types ? types[bt] : 0) * C; for (int c = c0; c < c1; c++) d[c] += g[c]; }
         }

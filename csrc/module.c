@@ -5,10 +5,8 @@
  * argument, what was expected and what it got. Kernels run with the GIL released. Gradient outputs are
  * fresh arrays (the kernels accumulate into zeros). bertqa.ops wraps these with documented signatures.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
-#include <numpy/arrayobject.h>
+#define BQ_IMPORT_ARRAY
+#include "pyutil.h"
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
@@ -17,7 +15,7 @@
 
 /* ---- argument helpers ------------------------------------------------------------------------- */
 
-static void shape_str(PyArrayObject *a, char *buf, size_t n) {
+void shape_str(PyArrayObject *a, char *buf, size_t n) {
     int nd = PyArray_NDIM(a), off = 0;
     off += snprintf(buf + off, n - off, "(");
     for (int i = 0; i < nd && off < (int)n; i++)
@@ -26,7 +24,7 @@ static void shape_str(PyArrayObject *a, char *buf, size_t n) {
 }
 
 /* Checks that hold for every array argument; returns 0 and sets an exception on failure. */
-static int check_layout(PyArrayObject *a, const char *name, int min_nd, int max_nd, int writeable) {
+int check_layout(PyArrayObject *a, const char *name, int min_nd, int max_nd, int writeable) {
     char shp[128];
     int nd = PyArray_NDIM(a);
     shape_str(a, shp, sizeof shp);
@@ -64,7 +62,7 @@ static int check_layout(PyArrayObject *a, const char *name, int min_nd, int max_
     return 1;
 }
 
-static int is_ndarray(PyObject *obj, const char *name, const char *what) {
+int is_ndarray(PyObject *obj, const char *name, const char *what) {
     if (obj == NULL || obj == Py_None || !PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of %s, got %s", name, what,
                      obj ? Py_TYPE(obj)->tp_name : "nothing");
@@ -74,7 +72,7 @@ static int is_ndarray(PyObject *obj, const char *name, const char *what) {
 }
 
 /* A borrowed float32 array (no copy is ever made: a float64 input is an error, not a silent cast). */
-static PyArrayObject *f32_arg(PyObject *obj, const char *name, int min_nd, int max_nd, int writeable) {
+PyArrayObject *f32_arg(PyObject *obj, const char *name, int min_nd, int max_nd, int writeable) {
     if (!is_ndarray(obj, name, "float32")) return NULL;
     PyArrayObject *a = (PyArrayObject *)obj;
     if (PyArray_TYPE(a) != NPY_FLOAT32) {
@@ -86,7 +84,7 @@ static PyArrayObject *f32_arg(PyObject *obj, const char *name, int min_nd, int m
 }
 
 /* A new reference to an int64 copy/view of an integer array (int32 ids are widened). */
-static PyArrayObject *ids_arg(PyObject *obj, const char *name, int nd) {
+PyArrayObject *ids_arg(PyObject *obj, const char *name, int nd) {
     if (!is_ndarray(obj, name, "integers (int64 or int32)")) return NULL;
     PyArrayObject *a = (PyArrayObject *)obj;
     if (!PyArray_ISINTEGER(a)) {
@@ -100,7 +98,7 @@ static PyArrayObject *ids_arg(PyObject *obj, const char *name, int nd) {
 }
 
 /* A new reference to a float32 [B,T] padding mask of 0/1 from any bool/int/float array. */
-static PyArrayObject *mask_arg(PyObject *obj, const char *name, int B, int T) {
+PyArrayObject *mask_arg(PyObject *obj, const char *name, int B, int T) {
     if (!is_ndarray(obj, name, "0/1 values (bool, int or float)")) return NULL;
     PyArrayObject *a = (PyArrayObject *)obj;
     if (!(PyArray_ISBOOL(a) || PyArray_ISINTEGER(a) || PyArray_ISFLOAT(a))) {
@@ -129,7 +127,7 @@ static PyArrayObject *mask_arg(PyObject *obj, const char *name, int B, int T) {
     return m;
 }
 
-static int same_shape(PyArrayObject *a, const char *an, PyArrayObject *b, const char *bn) {
+int same_shape(PyArrayObject *a, const char *an, PyArrayObject *b, const char *bn) {
     if (PyArray_NDIM(a) == PyArray_NDIM(b) &&
         PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(b), PyArray_NDIM(a)))
         return 1;
@@ -142,7 +140,7 @@ static int same_shape(PyArrayObject *a, const char *an, PyArrayObject *b, const 
 }
 
 /* dim(a, axis) == expected, else ValueError "<name>.shape[axis] must be <expected> (<why>), got <n>" */
-static int dim_is(PyArrayObject *a, const char *name, int axis, npy_intp expected, const char *why) {
+int dim_is(PyArrayObject *a, const char *name, int axis, npy_intp expected, const char *why) {
     if (axis < 0) axis += PyArray_NDIM(a);
     if (PyArray_DIM(a, axis) == expected) return 1;
     PyErr_Format(PyExc_ValueError, "%s.shape[%d] must be %ld (%s), got %ld", name, axis, (long)expected, why,
@@ -150,7 +148,7 @@ static int dim_is(PyArrayObject *a, const char *name, int axis, npy_intp expecte
     return 0;
 }
 
-static int finite_in(double x, const char *name, double lo, double hi, int hi_open) {
+int finite_in(double x, const char *name, double lo, double hi, int hi_open) {
     if (isfinite(x) && x >= lo && (hi_open ? x < hi : x <= hi)) return 1;
     PyErr_Format(PyExc_ValueError, "%s must be in [%g, %g%s, got %g", name, lo, hi, hi_open ? ")" : "]", x);
     return 0;
@@ -179,10 +177,8 @@ static PyArrayObject *new_f32(int nd, const npy_intp *dims, int zero) {
     return (PyArrayObject *)(zero ? PyArray_ZEROS(nd, d, NPY_FLOAT32, 0) : PyArray_EMPTY(nd, d, NPY_FLOAT32, 0));
 }
 
-#define F(a) ((float *)PyArray_DATA(a))
-#define I64(a) ((const int64_t *)PyArray_DATA(a))
 
-static PyObject *status_error(int st, const char *what) {
+PyObject *status_error(int st, const char *what) {
     if (st == BQ_ERR_NOMEM) return PyErr_Format(PyExc_MemoryError, "%s: out of memory", what);
     return PyErr_Format(PyExc_ValueError, "%s: %s", what, bq_status_string(st));
 }
@@ -445,7 +441,7 @@ static int embed_ids(PyObject *io, PyObject *to, PyArrayObject **ids, PyArrayObj
     return 1;
 }
 
-static int check_id_range(PyArrayObject *a, const char *name, long limit, const char *table) {
+int check_id_range(PyArrayObject *a, const char *name, long limit, const char *table) {
     const int64_t *p = I64(a);
     for (npy_intp i = 0; i < PyArray_SIZE(a); i++)
         if (p[i] < 0 || p[i] >= limit) {
@@ -491,10 +487,13 @@ done:
 
 static PyObject *py_embedding_backward(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"dout", "input_ids", "token_type_ids", "vocab_size", "max_position_embeddings",
-                             "type_vocab_size", NULL};
-    PyObject *go, *io, *to, *result = NULL;
+                             "type_vocab_size", "padding_idx", NULL};
+    PyObject *go, *io, *to, *po = Py_None, *result = NULL;
     int V, P, NT;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiii:embedding_backward", kwlist, &go, &io, &to, &V, &P, &NT))
+    long long pad = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiii|O:embedding_backward", kwlist, &go, &io, &to, &V, &P, &NT, &po))
+        return NULL;
+    if (po != Py_None && ((pad = PyLong_AsLongLong(po)) == -1 && PyErr_Occurred()))
         return NULL;
     PyArrayObject *dout, *ids, *types, *dwte = NULL, *dwpe = NULL, *dwtt = NULL;
     if (!embed_ids(io, to, &ids, &types) || !(dout = f32_arg(go, "dout", 3, 3, 0))) goto done;
@@ -516,7 +515,8 @@ static PyObject *py_embedding_backward(PyObject *self, PyObject *args, PyObject 
     if (!(dwte = new_f32(2, dv, 1)) || !(dwpe = new_f32(2, dp, 1)) || !(dwtt = new_f32(2, dt, 1))) goto done;
     int st;
     Py_BEGIN_ALLOW_THREADS
-    st = embedding_backward(F(dwte), F(dwpe), F(dwtt), F(dout), I64(ids), types ? I64(types) : NULL, B, T, C, V, P, NT);
+    st = embedding_backward(F(dwte), F(dwpe), F(dwtt), F(dout), I64(ids), types ? I64(types) : NULL, B, T, C, V, P, NT,
+                            (int64_t)pad);
     Py_END_ALLOW_THREADS
     if (st) { status_error(st, "embedding_backward"); goto done; }
     result = Py_BuildValue("(OOO)", dwte, dwpe, dwtt);
@@ -755,7 +755,7 @@ static PyMethodDef methods[] = {
     FN(embedding, KW, "embedding(input_ids, token_type_ids, word_embeddings, position_embeddings, "
                       "token_type_embeddings)\n--\n\n-> [B, T, C]"),
     FN(embedding_backward, KW, "embedding_backward(dout, input_ids, token_type_ids, vocab_size, "
-                               "max_position_embeddings, type_vocab_size)\n--\n\n-> (dword, dposition, dtype)"),
+                               "max_position_embeddings, type_vocab_size, padding_idx=None)\n--\n\n-> (dword, dposition, dtype)"),
     FN(dropout, KW, "dropout(x, p, seed, step=0, tensor_id=0)\n--\n\nInverted dropout from Philox4x32-10."),
     FN(dropout_backward, KW, "dropout_backward(dy, p, seed, step=0, tensor_id=0)\n--\n\n-> dx"),
     FN(philox4x32, METH_VARARGS, "philox4x32(counter, key)\n--\n\nOne Philox4x32-10 block: 4 words from 4 + 2."),
@@ -781,5 +781,7 @@ static struct PyModuleDef moduledef = {
 PyMODINIT_FUNC PyInit__C(void) {
     import_array();
     bq_init_threads();
-    return PyModule_Create(&moduledef);
+    PyObject *mod = PyModule_Create(&moduledef);
+    if (mod && bq_add_engine_type(mod) < 0) Py_CLEAR(mod);
+    return mod;
 }

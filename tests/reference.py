@@ -100,12 +100,14 @@ def embedding(ids, types, wte, wpe, wtt):
     return wte[ids] + wpe[:T][None] + wtt[types]
 
 
-def embedding_backward(dout, ids, types, V, P, NT):
+def embedding_backward(dout, ids, types, V, P, NT, padding_idx=None):
     (dout,) = f64(dout)
     B, T, C = dout.shape
     types = np.zeros_like(ids) if types is None else types
     dwte, dwpe, dwtt = np.zeros((V, C)), np.zeros((P, C)), np.zeros((NT, C))
     np.add.at(dwte, ids.reshape(-1), dout.reshape(-1, C))
+    if padding_idx is not None:
+        dwte[padding_idx] = 0.0
     dwpe[:T] = dout.sum(0)
     np.add.at(dwtt, types.reshape(-1), dout.reshape(-1, C))
     return dwte, dwpe, dwtt

@@ -2,7 +2,8 @@
 # Runs the test suite against a build of bertqa._C instrumented with AddressSanitizer and
 # UndefinedBehaviorSanitizer (BERTQA_SANITIZE=1). The instrumented build goes into a scratch copy of the
 # package, so the normal build in the checkout is left as it is.
-#   usage: tests/sanitize.sh [pytest args...]      (default: the kernel tests)
+#   usage: tests/sanitize.sh [pytest options...]
+#   the test files: $BERTQA_SANITIZE_TESTS (default: the kernel and engine tests)
 set -euo pipefail
 PY=${PYTHON:-python3}   # the interpreter whose numpy and scipy-openblas32 to build against
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,5 +25,7 @@ from bertqa._core import _C
 assert _C.__file__.startswith(sys.path[0]), f"not the instrumented build: {_C.__file__}"
 print("sanitized build:", _C.__file__)
 PY
-if [ $# -eq 0 ]; then set -- tests/test_ops.py tests/test_ops_errors.py tests/test_dropout.py; fi
-PYTHONPATH="$work" "$PY" -m pytest -q -p no:cacheprovider "$@"
+tests=${BERTQA_SANITIZE_TESTS:-tests/test_ops.py tests/test_ops_errors.py tests/test_dropout.py tests/test_engine.py}
+# BERTQA_IN_SANITIZER keeps tests/test_sanitizers.py from starting this script again from inside it
+BERTQA_IN_SANITIZER=1 PYTHONPATH="$work" "$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_sanitizers.py \
+    "$@" $(for t in $tests; do [ -e "$t" ] && echo "$t"; done)

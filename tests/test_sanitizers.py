@@ -20,6 +20,7 @@ def have_asan():
 
 @pytest.mark.skipif(not have_asan(), reason="gcc with libasan is needed for the sanitizer build")
 @pytest.mark.skipif(os.environ.get("BERTQA_SKIP_SANITIZE") == "1", reason="BERTQA_SKIP_SANITIZE=1")
+@pytest.mark.skipif(os.environ.get("BERTQA_IN_SANITIZER") == "1", reason="already inside the sanitizer run")
 def test_kernels_clean_under_asan_and_ubsan():
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("LD_PRELOAD", None)

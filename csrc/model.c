@@ -1,0 +1,298 @@
+/* The BERT-for-QA engine: forward, backward and AdamW over a flat parameter buffer (see model.h).
+ *
+ * One encoder layer (post-LayerNorm, as BERT), x [N,C] with N = B*T:
+ *   q, k, v = x Wq^T + bq, x Wk^T + bk, x Wv^T + bv
+ *   ctx     = attention(q, k, v, mask)                      (dropout on the probabilities)
+ *   h1      = LayerNorm1(x + dropout(ctx Wo^T + bo))
+ *   out     = LayerNorm2(h1 + dropout(gelu(h1 W1^T + b1) W2^T + b2))
+ * Embeddings: h0 = dropout(LayerNorm(word + position + token_type)); head: logits = x_L Wqa^T + bqa.
+ *
+ * Dropout sites are numbered for the RNG: 0 embeddings, then per layer l: 1+3l attention probabilities,
+ * 2+3l attention output, 3+3l feed-forward output.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bertqa.h"
+#include "model.h"
+
+#define SITE_EMB 0u
+#define SITE_ATT(l) (1u + 3u * (unsigned)(l))
+#define SITE_AO(l) (2u + 3u * (unsigned)(l))
+#define SITE_FFN(l) (3u + 3u * (unsigned)(l))
+
+int bq_tensor_sizes(const bq_config *c, size_t *s) {
+    const size_t C = c->C, I = c->FF;
+    size_t layer[BQ_LAYER_TENSORS] = {C * C, C, C * C, C, C * C, C, C * C, C, C, C, I * C, I, C * I, C, C, C};
+    int n = 0;
+#define PUT(x) do { if (s) s[n] = (x); n++; } while (0)
+    PUT((size_t)c->V * C); PUT((size_t)c->P * C); PUT((size_t)c->NT * C); PUT(C); PUT(C);
+    for (int l = 0; l < c->L; l++)
+        for (int i = 0; i < BQ_LAYER_TENSORS; i++) PUT(layer[i]);
+    PUT(2 * C); PUT(2);
+#undef PUT
+    return n;
+}
+
+static void point_params(bq_params *p, float *base, const size_t *off, int L) {
+    int t = 0;
+    p->wte = base + off[t++]; p->wpe = base + off[t++]; p->wtt = base + off[t++];
+    p->lnw = base + off[t++]; p->lnb = base + off[t++];
+    for (int l = 0; l < L; l++) {
+        bq_layer_params *q = &p->layers[l];
+        float **fields[BQ_LAYER_TENSORS] = {&q->qw, &q->qb, &q->kw, &q->kb, &q->vw, &q->vb, &q->aow, &q->aob,
+                                            &q->ln1w, &q->ln1b, &q->fcw, &q->fcb, &q->fc2w, &q->fc2b, &q->ln2w, &q->ln2b};
+        for (int i = 0; i < BQ_LAYER_TENSORS; i++) *fields[i] = base + off[t++];
+    }
+    p->qaw = base + off[t++]; p->qab = base + off[t++];
+}
+
+int bq_model_init(bq_model *m, const bq_config *cfg, float *params, float *grads, float *adam_m, float *adam_v) {
+    memset(m, 0, sizeof *m);
+    const bq_config *c = cfg;
+    if (c->V < 1 || c->P < 1 || c->NT < 1 || c->C < 1 || c->L < 1 || c->NH < 1 || c->FF < 1 || c->C % c->NH ||
+        !(c->eps >= 0) || !(c->hidden_dropout >= 0 && c->hidden_dropout < 1) ||
+        !(c->attn_dropout >= 0 && c->attn_dropout < 1))
+        return BQ_ERR_ARG;
+    m->cfg = *cfg;
+    m->ntensors = bq_tensor_sizes(c, NULL);
+    size_t *sizes = malloc(sizeof(size_t) * m->ntensors);
+    m->offsets = malloc(sizeof(size_t) * (m->ntensors + 1));
+    m->p.layers = calloc(c->L, sizeof(bq_layer_params));
+    m->g.layers = calloc(c->L, sizeof(bq_layer_params));
+    m->acts = calloc(c->L, sizeof(bq_layer_acts));
+    if (!sizes || !m->offsets || !m->p.layers || !m->g.layers || !m->acts) {
+        free(sizes);
+        bq_model_free(m);
+        return BQ_ERR_NOMEM;
+    }
+    bq_tensor_sizes(c, sizes);
+    size_t off = 0;
+    for (int i = 0; i < m->ntensors; i++) {
+        m->offsets[i] = off;
+        off += sizes[i];
+    }
+    m->offsets[m->ntensors] = m->nparams = off;
+    free(sizes);
+    m->params = params;
+    m->grads = grads;
+    m->m = adam_m;
+    m->v = adam_v;
+    point_params(&m->p, params, m->offsets, c->L);
+    if (grads) point_params(&m->g, grads, m->offsets, c->L);
+    return BQ_OK;
+}
+
+void bq_model_free(bq_model *m) {
+    free(m->arena);
+    free(m->offsets);
+    free(m->p.layers);
+    free(m->g.layers);
+    free(m->acts);
+    memset(m, 0, sizeof *m);
+}
+
+/* ---- activation arena ------------------------------------------------------------------------- */
+
+/* Lays the arena out for (B, T, train), growing it if needed; with ptr == NULL only counts floats. */
+static size_t layout(bq_model *m, int B, int T, int train, float *ptr) {
+    const bq_config *c = &m->cfg;
+    const size_t N = (size_t)B * T, C = c->C, I = c->FF, A = (size_t)B * c->NH * T * T;
+    size_t used = 0;
+#define TAKE(dst, n) do { if (ptr) (dst) = ptr + used; used += (n); } while (0)
+    TAKE(m->emb, N * C); TAKE(m->emb_mean, N); TAKE(m->emb_rstd, N); TAKE(m->h0, N * C);
+    TAKE(m->logits, N * 2); TAKE(m->start_l, N); TAKE(m->end_l, N); TAKE(m->dlogits, N * 2); TAKE(m->dse, N * 2);
+    /* eval: one set of layer buffers shared by all layers; each layer writes its output over its input */
+    const int sets = train ? c->L : 1;
+    for (int l = 0; l < sets; l++) {
+        bq_layer_acts *a = &m->acts[l];
+        TAKE(a->q, N * C); TAKE(a->k, N * C); TAKE(a->v, N * C); TAKE(a->att, A); TAKE(a->ctx, N * C);
+        TAKE(a->res1, N * C); TAKE(a->mean1, N); TAKE(a->rstd1, N); TAKE(a->h1, N * C);
+        TAKE(a->fc, N * I); TAKE(a->gelu, N * I);
+        TAKE(a->res2, N * C); TAKE(a->mean2, N); TAKE(a->rstd2, N);
+        if (train) TAKE(a->out, N * C);
+    }
+    if (ptr && !train) {
+        m->acts[0].out = m->h0;
+        for (int l = 1; l < c->L; l++) m->acts[l] = m->acts[0];
+    }
+    if (train) {
+        for (int i = 0; i < 6; i++) TAKE(m->d_buf[i], N * C);
+        TAKE(m->d_buf[6], 2 * N * I);
+    }
+#undef TAKE
+    return used;
+}
+
+static int prepare_arena(bq_model *m, int B, int T, int train) {
+    size_t need = layout(m, B, T, train, NULL);
+    if (need > m->arena_floats) {
+        float *a = malloc(need * sizeof(float));
+        if (!a) return BQ_ERR_NOMEM;
+        free(m->arena);
+        m->arena = a;
+        m->arena_floats = need;
+    }
+    layout(m, B, T, train, m->arena);
+    m->B = B;
+    m->T = T;
+    m->train = train;
+    return BQ_OK;
+}
+
+/* ---- forward ---------------------------------------------------------------------------------- */
+
+static void add3(float *out, const float *a, const float *b, size_t n) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (long i = 0; i < (long)n; i++) out[i] = a[i] + b[i];
+}
+
+/* out = x + dropout(y) (dropout in place on y first when training) */
+static void residual(float *out, const float *x, float *y, size_t n, float p, int train, uint64_t seed, uint32_t step,
+                     uint32_t site) {
+    if (train && p > 0.0f) dropout_forward(y, y, n, p, seed, step, site);
+    add3(out, x, y, n);
+}
+
+int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B, int T, int train,
+               uint64_t seed, uint32_t step, float *start, float *end) {
+    const bq_config *c = &m->cfg;
+    const int C = c->C, I = c->FF, NH = c->NH, HS = C / NH, N = B * T;
+    const float pd = train ? c->hidden_dropout : 0.0f, pa = train ? c->attn_dropout : 0.0f;
+    int st = prepare_arena(m, B, T, train);
+    if (st) return st;
+    st = embedding_forward(m->emb, ids, types, m->p.wte, m->p.wpe, m->p.wtt, B, T, C, c->V, c->P, c->NT);
+    if (st) return st;
+    layernorm_forward(m->h0, m->emb_mean, m->emb_rstd, m->emb, m->p.lnw, m->p.lnb, N, C, c->eps);
+    if (pd > 0.0f) dropout_forward(m->h0, m->h0, (size_t)N * C, pd, seed, step, SITE_EMB);
+    const bq_attn_shape s = {B, NH, T, HS, (long)T * C, HS, C};
+    const float *x = m->h0;
+    for (int l = 0; l < c->L; l++) {
+        bq_layer_acts *a = &m->acts[l];
+        const bq_layer_params *w = &m->p.layers[l];
+        linear_forward(a->q, x, w->qw, w->qb, N, C, C);
+        linear_forward(a->k, x, w->kw, w->kb, N, C, C);
+        linear_forward(a->v, x, w->vw, w->vb, N, C, C);
+        st = attention_forward(a->ctx, a->att, a->q, a->k, a->v, mask, s, pa, seed, step, SITE_ATT(l));
+        if (st) return st;
+        linear_forward(a->res1, a->ctx, w->aow, w->aob, N, C, C);   /* attention output, then the residual */
+        residual(a->res1, x, a->res1, (size_t)N * C, pd, train, seed, step, SITE_AO(l));
+        layernorm_forward(a->h1, a->mean1, a->rstd1, a->res1, w->ln1w, w->ln1b, N, C, c->eps);
+        linear_forward(a->fc, a->h1, w->fcw, w->fcb, N, C, I);
+        gelu_forward(a->gelu, a->fc, (size_t)N * I);
+        linear_forward(a->res2, a->gelu, w->fc2w, w->fc2b, N, I, C);
+        residual(a->res2, a->h1, a->res2, (size_t)N * C, pd, train, seed, step, SITE_FFN(l));
+        layernorm_forward(a->out, a->mean2, a->rstd2, a->res2, w->ln2w, w->ln2b, N, C, c->eps);
+        x = a->out;
+    }
+    linear_forward(m->logits, x, m->p.qaw, m->p.qab, N, C, 2);   /* [N,2]: start and end interleaved */
+    for (long i = 0; i < N; i++) {
+        m->start_l[i] = m->logits[2 * i];
+        m->end_l[i] = m->logits[2 * i + 1];
+    }
+    if (start) memcpy(start, m->start_l, (size_t)N * sizeof(float));
+    if (end) memcpy(end, m->end_l, (size_t)N * sizeof(float));
+    return BQ_OK;
+}
+
+/* ---- backward --------------------------------------------------------------------------------- */
+
+static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
+
+/* dx (+)= d(x + dropout(y))/dx = dres;  dy = dropout_backward(dres) into a zeroed buffer */
+static void residual_backward(float *dy, const float *dres, size_t n, float p, uint64_t seed, uint32_t step,
+                              uint32_t site) {
+    if (p > 0.0f) {
+        zero(dy, n);
+        dropout_backward(dy, dres, n, p, seed, step, site);
+    } else {
+        memcpy(dy, dres, n * sizeof(float));
+    }
+}
+
+int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int64_t *start_pos,
+                const int64_t *end_pos, uint64_t seed, uint32_t step, float loss_scale, float *loss) {
+    const bq_config *c = &m->cfg;
+    if (!m->train || !m->grads) return BQ_ERR_ARG;
+    const int B = m->B, T = m->T, C = c->C, I = c->FF, NH = c->NH, HS = C / NH, N = B * T;
+    const size_t NC = (size_t)N * C, NI = (size_t)N * I;
+    const float pd = c->hidden_dropout, pa = c->attn_dropout;
+    const bq_attn_shape s = {B, NH, T, HS, (long)T * C, HS, C};
+    float *dout = m->d_buf[0], *dres = m->d_buf[1], *dy = m->d_buf[2];
+    float *dq = m->d_buf[3], *dk = m->d_buf[4], *dv = m->d_buf[5];
+    float *dgelu = m->d_buf[6], *dfc = m->d_buf[6] + NI;
+    int st = BQ_OK;
+
+    /* span loss -> dlogits [N,2], start and end interleaved as the head wrote them */
+    float *dstart = m->dse, *dend = m->dse + N, *dlogits = m->dlogits;
+    *loss = span_loss(dstart, dend, m->start_l, m->end_l, start_pos, end_pos, B, T, loss_scale);
+    for (long i = 0; i < N; i++) {
+        dlogits[2 * i] = dstart[i];
+        dlogits[2 * i + 1] = dend[i];
+    }
+    const float *x_last = m->acts[c->L - 1].out;
+    zero(dout, NC);
+    linear_backward(dout, m->g.qaw, m->g.qab, dlogits, x_last, m->p.qaw, N, C, 2);
+
+    for (int l = c->L - 1; l >= 0; l--) {
+        bq_layer_acts *a = &m->acts[l];
+        const bq_layer_params *w = &m->p.layers[l];
+        bq_layer_params *gw = &m->g.layers[l];
+        const float *x = l ? m->acts[l - 1].out : m->h0;
+        /* out = LN2(res2): dout -> dres */
+        zero(dres, NC);
+        layernorm_backward(dres, gw->ln2w, gw->ln2b, dout, a->res2, w->ln2w, a->mean2, a->rstd2, N, C);
+        /* res2 = h1 + dropout(ffn): dh1 = dres (dout is free now), dffn = dropout'(dres) into dy */
+        residual_backward(dy, dres, NC, pd, seed, step, SITE_FFN(l));
+        float *dh1 = dres;
+        zero(dgelu, NI);
+        linear_backward(dgelu, gw->fc2w, gw->fc2b, dy, a->gelu, w->fc2w, N, I, C);
+        zero(dfc, NI);
+        gelu_backward(dfc, a->fc, dgelu, NI);
+        linear_backward(dh1, gw->fcw, gw->fcb, dfc, a->h1, w->fcw, N, C, I);   /* dh1 += dfc W1 */
+        /* h1 = LN1(res1): dh1 -> dres1 (in dout) */
+        float *dres1 = dout;
+        zero(dres1, NC);
+        layernorm_backward(dres1, gw->ln1w, gw->ln1b, dh1, a->res1, w->ln1w, a->mean1, a->rstd1, N, C);
+        /* res1 = x + dropout(ctx Wo^T + bo): dx = dres1 (stays in dout), dao = dropout'(dres1) into dy */
+        residual_backward(dy, dres1, NC, pd, seed, step, SITE_AO(l));
+        float *dctx = dres;   /* dh1 is consumed */
+        zero(dctx, NC);
+        linear_backward(dctx, gw->aow, gw->aob, dy, a->ctx, w->aow, N, C, C);
+        zero(dq, NC);
+        zero(dk, NC);
+        zero(dv, NC);
+        st = attention_backward(dq, dk, dv, dctx, a->att, a->q, a->k, a->v, s, pa, seed, step, SITE_ATT(l));
+        if (st) return st;
+        float *dx = dout;   /* already holds the residual path; the projections add to it */
+        linear_backward(dx, gw->qw, gw->qb, dq, x, w->qw, N, C, C);
+        linear_backward(dx, gw->kw, gw->kb, dk, x, w->kw, N, C, C);
+        linear_backward(dx, gw->vw, gw->vb, dv, x, w->vw, N, C, C);
+    }
+    /* h0 = dropout(LN(emb)) */
+    float *dln = dy;
+    residual_backward(dln, dout, NC, pd, seed, step, SITE_EMB);
+    zero(dres, NC);
+    layernorm_backward(dres, m->g.lnw, m->g.lnb, dln, m->emb, m->p.lnw, m->emb_mean, m->emb_rstd, N, C);
+    return embedding_backward(m->g.wte, m->g.wpe, m->g.wtt, dres, ids, types, B, T, C, c->V, c->P, c->NT, c->pad_id);
+}
+
+/* ---- optimizer -------------------------------------------------------------------------------- */
+
+double bq_adamw_step(bq_model *m, const uint8_t *decay, float lr, float beta1, float beta2, float eps,
+                     float weight_decay, float max_norm, int step) {
+    const double norm = sqrt(sum_squares(m->grads, m->nparams));
+    if (!isfinite(norm)) return norm;   /* a NaN/inf gradient: skip the step, the caller reports it */
+    float scale = 1.0f;
+    if (max_norm > 0.0f) {
+        double coef = max_norm / (norm + 1e-6);   /* torch.nn.utils.clip_grad_norm_ */
+        if (coef < 1.0) scale = (float)coef;
+    }
+    for (int t = 0; t < m->ntensors; t++) {
+        size_t o = m->offsets[t], n = m->offsets[t + 1] - o;
+        adamw_update(m->params + o, m->grads + o, m->m + o, m->v + o, n, lr, beta1, beta2, eps,
+                     decay[t] ? weight_decay : 0.0f, step, scale);
+    }
+    return norm;
+}

