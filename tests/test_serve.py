@@ -8,6 +8,7 @@ queue limits, shutdown) use `ScriptedEngine`, a test double with BertQA's interf
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import http.client
@@ -678,15 +679,26 @@ def test_fuzz_invocations_never_5xx(tiny_server):
         "question": st.one_of(text, json_value), "questions": st.one_of(st.lists(text, max_size=5), json_value),
         "context": st.one_of(text, text, json_value), "top_k": small_int, "max_answer_length": small_int,
         "id": scalar})
+    words = st.one_of(st.text(alphabet="the city paris tower?.é€ ", min_size=1, max_size=400),
+                      st.sampled_from(["[SEP]", "paris " * 400, "a" * 3000, "👩‍👩‍👧 x", "\x00 x"]))
+    good = st.fixed_dictionaries({"question": words, "context": words}, optional={
+        "top_k": st.integers(1, 20), "max_answer_length": st.integers(1, 64)})
+    good_multi = st.fixed_dictionaries({"questions": st.lists(words, min_size=1, max_size=5), "context": words})
     body = st.one_of(
+        good.map(json.dumps), good_multi.map(json.dumps),
+        st.lists(st.one_of(good, good_multi, record), min_size=1, max_size=4).map(json.dumps),
+        st.lists(good, min_size=1, max_size=4).map(lambda rs: "\n".join(json.dumps(r) for r in rs)),
         record.map(json.dumps), st.lists(record, max_size=4).map(json.dumps),
         st.lists(record, max_size=4).map(lambda rs: json.dumps({"instances": rs})),
         st.lists(record, max_size=4).map(lambda rs: "\n".join(json.dumps(r) for r in rs)),
         json_value.map(json.dumps), st.binary(max_size=200), text)
-    content_type = st.sampled_from([None, "application/json", "application/json", "application/jsonlines",
+    content_type = st.sampled_from([None, "application/json", "application/json", "application/json",
+                                    "application/jsonlines", "application/jsonlines",
                                     "application/x-ndjson", "text/plain", "application/json; charset=latin-1",
                                     "multipart/form-data; boundary=x", ""])
     accept = st.sampled_from([None, "*/*", "application/json", "application/jsonlines", "text/csv"])
+
+    statuses = collections.Counter()
 
     @settings(max_examples=int(os.environ.get("BERTQA_FUZZ_EXAMPLES", 200)), deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
@@ -697,6 +709,7 @@ def test_fuzz_invocations_never_5xx(tiny_server):
             body = body.encode("utf-8", "surrogatepass")
         status, resp_headers, raw = post(port, body, content_type, headers=headers)
         assert status < 500, (status, raw[:300], body[:300])
+        statuses[status] += 1
         if status == 200:
             kind = resp_headers["content-type"]
             values = ([json.loads(x) for x in raw.splitlines()] if kind.startswith("application/jsonlines")
@@ -714,6 +727,8 @@ def test_fuzz_invocations_never_5xx(tiny_server):
             assert err["status"] == status and err["error"]
 
     run()
+    print("fuzz statuses:", dict(statuses))
+    assert statuses[200] > 0 and statuses[400] > 0, statuses  # it reached the engine and the validation
     assert request(port, "GET", "/ping")[0] == 200
     assert_answer(ask(port, {"question": "where?", "context": CONTEXT}), CONTEXT)
 
