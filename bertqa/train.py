@@ -1,0 +1,837 @@
+"""Fine-tuning for SQuAD: TrainingArguments (transformers' run_qa.py names), the Trainer loop, evaluation.
+
+    args = TrainingArguments(output_dir="runs/minilm", max_seq_length=256, doc_stride=64)
+    results = finetune("all-MiniLM-L6-v2", "train.json", "valid.json", args)   # {"exact_match", "f1", ...}
+
+The loop (Trainer.train), one optimizer step at a time:
+
+    lr = linear_schedule(step, total_steps, warmup_steps, learning_rate)      # warmup, then linear decay
+    zero_grad; forward_backward on each of the gradient_accumulation_steps micro-batches (loss_scale 1/k)
+    optimizer_step(lr, ...)                                                     # AdamW + global-norm clipping
+    log every logging_steps, evaluate every eval_steps, checkpoint every save_steps
+
+Data order: epoch e visits the training features in the order `np.random.default_rng([seed, e]).permutation`;
+micro-batches are consecutive slices of it, each trimmed to its longest row (rounded up to a multiple of 8).
+Dropout masks are keyed by (model.seed, model.rng_step) in the engine. A checkpoint therefore holds all the
+state the rest of the run depends on: the parameters, Adam moments and counters (model.save_training_state),
+and the epoch, the position in it and the data RNG state (trainer_state.json); resuming from it gives the
+same subsequent losses, bit for bit, as a run that was never interrupted.
+
+Files in output_dir:
+    train_log.jsonl           one JSON object per logging step (step, epoch, loss, lr, grad_norm, seq_per_s,
+                              elapsed) and per evaluation (step, eval_exact_match, eval_f1, ...)
+    checkpoint-N/             model (save_pretrained), training_state.bin, trainer_state.json; written into a
+                              temporary folder and renamed, so a crash mid-save leaves the previous ones intact
+    config.json, model.safetensors, tokenizer files      the final model (save_pretrained)
+    eval_results.json, predictions.json                  the final evaluation
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .squad import Example, Features, evaluate as squad_evaluate, load_features, load_squad, postprocess_predictions
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+TRAINING_STATE_NAME = "training_state.bin"
+TRAINER_STATE_NAME = "trainer_state.json"
+TRAINING_ARGS_NAME = "training_args.json"
+LOG_NAME = "train_log.jsonl"
+EVAL_RESULTS_NAME = "eval_results.json"
+PREDICTIONS_NAME = "predictions.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Bumped when trainer_state.json changes meaning; a checkpoint of another format is not resumed.
+TRAINER_STATE_FORMAT = 1
+
+
+class TrainingError(ValueError):
+    """A user-level problem with a run (arguments, output folder, checkpoint to resume); the message says which."""
+
+
+# =============================================================================================================
+# Arguments
+# =============================================================================================================
+
+
+def _arg(default: Any, help: str, commands: str = "finetune") -> Any:
+    """A dataclass field with its --help text and the CLI sub-commands ("finetune evaluate") that take it."""
+    return field(default=default, metadata={"help": help, "commands": tuple(commands.split())})
+
+
+@dataclass
+class TrainingArguments:
+    """Hyper-parameters and run settings, named as transformers' run_qa.py / TrainingArguments name them."""
+
+    output_dir: str = _arg(None, "where checkpoints, the log, the final model and the results go",
+                           "finetune evaluate")
+    per_device_train_batch_size: int = _arg(16, "sequences (windows) per micro-batch")
+    per_device_eval_batch_size: int = _arg(64, "sequences per prediction batch", "finetune evaluate")
+    learning_rate: float = _arg(5e-5, "peak AdamW learning rate")
+    num_train_epochs: float = _arg(2.0, "epochs (fractions allowed); ignored when max_steps > 0")
+    max_steps: int = _arg(-1, "optimizer steps in all; > 0 overrides num_train_epochs")
+    warmup_ratio: float = _arg(0.1, "share of the steps spent warming the learning rate up from 0")
+    warmup_steps: int = _arg(0, "warmup steps; > 0 overrides warmup_ratio")
+    weight_decay: float = _arg(0.01, "AdamW decoupled weight decay (not on biases and LayerNorm)")
+    adam_beta1: float = _arg(0.9, "AdamW beta1")
+    adam_beta2: float = _arg(0.999, "AdamW beta2")
+    adam_epsilon: float = _arg(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _arg(1.0, "clip the global gradient norm to this (0: no clipping)")
+    gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
+    seed: int = _arg(42, "seed of the data order, dropout and a freshly initialised QA head",
+                     "finetune evaluate predict")
+    logging_steps: int = _arg(10, "log (and update the progress bar's averages) every N steps")
+    eval_steps: int = _arg(0, "evaluate every N steps (0: only at the end)")
+    save_steps: int = _arg(500, "write a checkpoint every N steps (0: none)")
+    save_total_limit: Optional[int] = _arg(None, "keep at most this many checkpoints (oldest deleted first)")
+    max_seq_length: int = _arg(384, "tokens per window: [CLS] question [SEP] context [SEP]",
+                               "finetune evaluate predict")
+    doc_stride: int = _arg(128, "tokens shared by consecutive windows of a long context",
+                           "finetune evaluate predict")
+    max_query_length: int = _arg(64, "question tokens kept", "finetune evaluate predict")
+    max_answer_length: int = _arg(30, "longest answer span, in tokens", "finetune evaluate predict")
+    n_best_size: int = _arg(20, "best starts x best ends considered per window", "finetune evaluate predict")
+    version_2_with_negative: bool = _arg(False, "SQuAD v2.0: questions may have no answer", "finetune evaluate")
+    null_score_diff_threshold: float = _arg(0.0, "v2.0: answer '' when null score - best score exceeds this",
+                                            "finetune evaluate")
+    max_train_samples: Optional[int] = _arg(None, "train on the first N questions only")
+    max_eval_samples: Optional[int] = _arg(None, "evaluate on the first N questions only", "finetune evaluate")
+    resume_from_checkpoint: Optional[str] = _arg(None, "checkpoint folder to resume from ('latest': the newest "
+                                                       "in output_dir)")
+    overwrite_output_dir: bool = _arg(False, "start afresh even if output_dir holds checkpoints (deletes them)")
+    device: str = _arg("cpu", "cpu or cuda", "finetune evaluate predict")
+    cache_dir: Optional[str] = _arg(None, "feature cache folder (default $BERTQA_CACHE_DIR or ~/.cache/bertqa)",
+                                    "finetune evaluate")
+    disable_tqdm: Optional[bool] = _arg(None, "no progress bars (default: bars only on a terminal)",
+                                        "finetune evaluate")
+
+    def validate(self, command: str = "finetune") -> "TrainingArguments":
+        """Raise TrainingError naming the first argument with an impossible value; returns self."""
+        def bad(name: str, what: str) -> None:
+            raise TrainingError(f"--{name} {what}, got {getattr(self, name)!r}")
+
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                bad(name, "must be a positive integer")
+
+        def number(name: str, lo: float, hi: float = math.inf, lo_open=False, hi_open=True) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
+                bad(name, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+        if command in ("finetune", "evaluate") and not self.output_dir:
+            raise TrainingError("--output_dir is required")
+        for name in ("per_device_eval_batch_size", "max_seq_length", "max_query_length", "max_answer_length",
+                     "n_best_size"):
+            positive_int(name)
+        positive_int("max_eval_samples", allow_none=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            bad("seed", "must be an integer in [0, 2**63)")
+        if self.max_seq_length > 4096:
+            bad("max_seq_length", "must be at most 4096")
+        if isinstance(self.doc_stride, bool) or not isinstance(self.doc_stride, int) or self.doc_stride < 0:
+            bad("doc_stride", "must be a non-negative integer")
+        room = self.max_seq_length - self.max_query_length - 3  # context tokens per window, at the least
+        if room < 1:
+            raise TrainingError(f"--max_seq_length {self.max_seq_length} leaves no room for context after a "
+                                f"question of --max_query_length {self.max_query_length} tokens and 3 special "
+                                f"tokens")
+        if self.doc_stride >= room:
+            raise TrainingError(f"--doc_stride {self.doc_stride} must be less than the context tokens per window "
+                                f"(max_seq_length - max_query_length - 3 = {room}), or windows would not advance")
+        number("null_score_diff_threshold", -math.inf)
+        if self.device not in ("cpu", "cuda"):
+            bad("device", "must be 'cpu' or 'cuda'")
+        if command != "finetune":
+            return self
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            positive_int(name)
+        positive_int("max_train_samples", allow_none=True)
+        positive_int("save_total_limit", allow_none=True)
+        for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and name != "max_steps"):
+                bad(name, "must be a non-negative integer" if name != "max_steps" else "must be an integer")
+        number("learning_rate", 0.0, lo_open=True)
+        if self.max_steps <= 0:
+            number("num_train_epochs", 0.0, lo_open=True)
+        number("warmup_ratio", 0.0, 1.0)
+        number("weight_decay", 0.0)
+        number("adam_beta1", 0.0, 1.0)
+        number("adam_beta2", 0.0, 1.0)
+        number("adam_epsilon", 0.0, lo_open=True)
+        number("max_grad_norm", 0.0)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# =============================================================================================================
+# Schedule and data order
+# =============================================================================================================
+
+
+def linear_schedule(step: int, total_steps: int, warmup_steps: int, learning_rate: float) -> float:
+    """Learning rate of the optimizer step taken after `step` completed steps.
+
+    transformers' get_linear_schedule_with_warmup, whose scheduler.step() follows optimizer.step(), so the
+    first step (step=0) runs at lr * 0 when there is warmup: lr * step / warmup during warmup, then
+    lr * (total - step) / (total - warmup), never below 0.
+    """
+    if step < warmup_steps:
+        return learning_rate * (float(step) / float(max(1, warmup_steps)))
+    return learning_rate * max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+
+
+def data_rng_state(seed: int, epoch: int) -> dict:
+    """The bit-generator state that orders epoch `epoch` (JSON-serialisable, stored in checkpoints)."""
+    return np.random.default_rng([seed, epoch]).bit_generator.state
+
+
+def epoch_order(rng_state: dict, n: int) -> np.ndarray:
+    """[n] int64: the permutation of the training features for the epoch whose data RNG state is rng_state."""
+    bit_generator = getattr(np.random, rng_state["bit_generator"])()
+    bit_generator.state = rng_state
+    return np.random.Generator(bit_generator).permutation(n)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How many micro-batches and optimizer steps a run takes (transformers' Trainer arithmetic).
+
+    An epoch is ceil(N / batch) micro-batches (the last may be short); a step takes up to
+    gradient_accumulation_steps of them, and an epoch's leftover micro-batches make one last, shorter step.
+    """
+
+    n_features: int
+    batch_size: int
+    accumulation: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def from_args(cls, n_features: int, args: TrainingArguments) -> "TrainPlan":
+        if n_features < 1:
+            raise TrainingError("no training features: the training file has no questions")
+        bs, k = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        micro = -(-n_features // bs)
+        steps_per_epoch = -(-micro // k)
+        total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+        warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(total * args.warmup_ratio)
+        return cls(n_features, bs, k, micro, steps_per_epoch, total, warmup)
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands, saved as trainer_state.json in each checkpoint.
+
+    epoch/position: the next micro-batch is number `position` of epoch `epoch`, whose order comes from
+    data_rng_state. The log_* fields carry a logging window that a checkpoint cut in two.
+    """
+
+    global_step: int = 0
+    optimizer_steps: int = 0  # model.step: less than global_step when the engine skipped non-finite steps
+    epoch: int = 0
+    position: int = 0
+    data_seed: int = 0
+    data_rng_state: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    sequences: int = 0
+    log_loss_sum: float = 0.0
+    log_steps: int = 0
+    total_steps: int = 0
+    n_features: int = 0
+    features_sha256: str = ""
+    per_device_train_batch_size: int = 0
+    gradient_accumulation_steps: int = 0
+    format: int = TRAINER_STATE_FORMAT
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str) -> "TrainerState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(d))
+        if missing or d.get("format") != TRAINER_STATE_FORMAT:
+            raise TrainingError(f"{source}: not a trainer state of format {TRAINER_STATE_FORMAT} "
+                                f"(missing {missing})" if missing else
+                                f"{source}: trainer state format {d.get('format')!r}, expected {TRAINER_STATE_FORMAT}")
+        return cls(**{k: d[k] for k in names})
+
+
+def features_fingerprint(features: Features) -> str:
+    """sha256 of the training inputs and labels: a resumed run must see the very same features."""
+    h = hashlib.sha256()
+    for name in ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions"):
+        a = np.ascontiguousarray(getattr(features, name))
+        h.update(f"{name}:{a.dtype}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# =============================================================================================================
+# Prediction and evaluation
+# =============================================================================================================
+
+
+def _progress(total: int, desc: str, disable: Optional[bool], unit: str, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm shows the bar only when stderr is a terminal.
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+
+
+def predict_features(model, features: Features, batch_size: int = 64,
+                     disable_tqdm: Optional[bool] = True) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits [N, T] float32 of every feature (model.forward, eval mode).
+
+    Rows are batched longest first and each batch is trimmed to its longest row (a multiple of 8), so short
+    windows cost little; logits at padding positions are -inf (they are never part of an answer).
+    """
+    n, width = len(features), features.seq_len
+    start = np.full((n, width), -np.inf, dtype=np.float32)
+    end = np.full((n, width), -np.inf, dtype=np.float32)
+    lengths = features.attention_mask.sum(axis=1)
+    order = np.argsort(-lengths, kind="stable")
+    bar = _progress(n, "predict", disable_tqdm, "seq")
+    try:
+        for lo in range(0, n, batch_size):
+            rows = order[lo:lo + batch_size]
+            batch = features.batch(rows)
+            s, e = model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            real = batch["attention_mask"].astype(bool)
+            w = real.shape[1]
+            start[rows, :w] = np.where(real, s, -np.inf)
+            end[rows, :w] = np.where(real, e, -np.inf)
+            bar.update(len(rows))
+    finally:
+        bar.close()
+    return start, end
+
+
+def answer_question(model, question: str, context: str, args: TrainingArguments) -> dict[str, Any]:
+    """The answer to one question about one context: {"answer", "probability", "nbest"}.
+
+    Long contexts are cut into the same windows as in training; the answer is the best span over all of them.
+    """
+    from .squad import build_features, predict_example
+
+    if not question.strip():
+        raise TrainingError("the question is empty")
+    if not context.strip():
+        raise TrainingError("the context is empty")
+    example = Example(id="0", title="", question=question.strip(), context=context, answers=(), answer_starts=())
+    features = build_features([example], model.tokenizer, max_seq_length=args.max_seq_length,
+                              doc_stride=args.doc_stride, max_query_length=args.max_query_length, progress=False)
+    start, end = predict_features(model, features, args.per_device_eval_batch_size)
+    pred = predict_example(example, features, range(len(features)), start, end, n_best_size=args.n_best_size,
+                           max_answer_length=args.max_answer_length)
+    probability = pred.nbest[0]["probability"] if pred.nbest else 0.0
+    return {"answer": pred.text, "probability": probability, "nbest": pred.nbest}
+
+
+def examples_dataset(examples: Sequence[Example]) -> dict:
+    """The official SQuAD dict of these examples (one paragraph each), for bertqa.squad.evaluate."""
+    qas = []
+    for ex in examples:
+        qa = {"id": ex.id, "question": ex.question,
+              "answers": [{"text": t, "answer_start": s} for t, s in zip(ex.answers, ex.answer_starts)]}
+        if ex.is_impossible:
+            qa["is_impossible"] = True
+        qas.append({"context": ex.context, "qas": [qa]})
+    return {"version": "1.1", "data": [{"title": "", "paragraphs": qas}]}
+
+
+def evaluate_model(model, examples: Sequence[Example], features: Features, args: TrainingArguments
+                   ) -> tuple[dict[str, Any], dict[str, str]]:
+    """(metrics, predictions): official EM/F1 of the model's answers to `examples` and the answers by id.
+
+    metrics holds exact_match, f1 (and the v2.0 breakdown when asked), eval_seconds, eval_sequences_per_second,
+    eval_examples and eval_features.
+    """
+    t0 = time.perf_counter()
+    start, end = predict_features(model, features, args.per_device_eval_batch_size, args.disable_tqdm)
+    predictions = postprocess_predictions(
+        examples, features, start, end, n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
+        version_2_with_negative=args.version_2_with_negative,
+        null_score_diff_threshold=args.null_score_diff_threshold)
+    seconds = time.perf_counter() - t0
+    metrics = squad_evaluate(examples_dataset(examples), predictions,
+                             version_2_with_negative=args.version_2_with_negative)
+    metrics.update(eval_seconds=seconds, eval_sequences_per_second=len(features) / max(seconds, 1e-9),
+                   eval_examples=len(examples), eval_features=len(features))
+    return metrics, predictions
+
+
+# =============================================================================================================
+# Files
+# =============================================================================================================
+
+
+def write_json_atomic(path: PathLike, obj: Any, indent: Optional[int] = 2) -> Path:
+    """Write JSON to a temporary file beside path, fsync it, rename it over path."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prepare_output_dir(path: PathLike) -> Path:
+    """Create output_dir (and parents) and check that files can be written there; TrainingError otherwise."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise TrainingError(f"--output_dir {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TrainingError(f"--output_dir {path}: not writable ({e.strerror or e})") from None
+    return path
+
+
+def list_checkpoints(output_dir: PathLike) -> list[Path]:
+    """Complete checkpoint-N folders of output_dir (those with a trainer_state.json), by step, oldest first."""
+    found = []
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    for p in folder.iterdir():
+        m = _CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / TRAINER_STATE_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(output_dir: PathLike, resume: Union[None, bool, PathLike], overwrite_output_dir: bool = False
+                   ) -> Optional[Path]:
+    """The checkpoint a run continues from: None for a fresh run, the newest for True/"latest", or a folder.
+
+    TrainingError when there is nothing to resume, or when a fresh run would mix with the checkpoints
+    already in output_dir (unless overwrite_output_dir).
+    """
+    output_dir = Path(output_dir)
+    if resume is None or resume is False:
+        existing = list_checkpoints(output_dir)
+        if existing and not overwrite_output_dir:
+            raise TrainingError(f"--output_dir {output_dir} already holds {existing[-1].name}: pass --resume to "
+                                f"continue that run, or --overwrite_output_dir to start afresh")
+        return None
+    if resume is True or str(resume) == "latest":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise TrainingError(f"--resume: no checkpoint-N folder in {output_dir} to resume from")
+        return found
+    path = Path(resume)
+    if not (path / TRAINER_STATE_NAME).is_file() or not (path / TRAINING_STATE_NAME).is_file():
+        raise TrainingError(f"--resume_from_checkpoint {path}: not a checkpoint folder (needs "
+                            f"{TRAINER_STATE_NAME} and {TRAINING_STATE_NAME})")
+    return path
+
+
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Half-written checkpoint folders left by a run killed mid-save."""
+    for p in output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class JsonlLog:
+    """output_dir/train_log.jsonl, appended one flushed line per record."""
+
+    def __init__(self, path: PathLike, keep_until_step: Optional[int] = None):
+        """Open for appending. keep_until_step=None starts a new log; a step count keeps the records up to
+        that step (what a resumed run has not redone) and drops later ones and any torn last line."""
+        self.path = Path(path)
+        kept = []
+        if keep_until_step is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= keep_until_step:
+                    kept.append(line)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_log(path: PathLike) -> list[dict]:
+    """Records of a train_log.jsonl."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# =============================================================================================================
+# Trainer
+# =============================================================================================================
+
+
+class Trainer:
+    """Fine-tunes `model` (a bertqa.model.BertQA, or anything with its training API) on SQuAD features.
+
+        trainer = Trainer(model, args, train_features, eval_examples, eval_features)
+        trainer.train()                      # or train(resume_from_checkpoint="latest" / a folder)
+        metrics, predictions = trainer.evaluate()
+    """
+
+    def __init__(self, model, args: TrainingArguments, train_features: Optional[Features] = None,
+                 eval_examples: Optional[Sequence[Example]] = None, eval_features: Optional[Features] = None):
+        self.model = model
+        self.args = args
+        self.train_features = train_features
+        self.eval_examples = eval_examples
+        self.eval_features = eval_features
+        self.output_dir = Path(args.output_dir)
+        self.state = TrainerState()
+        self.history: list[dict] = []  # every record written to the log by this process
+        self.last_eval: Optional[tuple[int, dict, dict]] = None  # (step, metrics, predictions)
+
+    # ---- the loop --------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: Optional[PathLike] = None) -> dict[str, Any]:
+        """Train to the planned number of steps (from a checkpoint: resume_from_checkpoint, or args'); returns
+        train_seconds, train_steps, train_sequences and train_sequences_per_second, counted over the whole run
+        (a resumed run includes its earlier segments)."""
+        args, model, features = self.args, self.model, self.train_features
+        if features is None:
+            raise TrainingError("Trainer.train needs train_features")
+        prepare_output_dir(self.output_dir)
+        _remove_stale_temporaries(self.output_dir)
+        plan = TrainPlan.from_args(len(features), args)
+        fingerprint = features_fingerprint(features)
+        checkpoint = self._resolve_resume(resume_from_checkpoint)
+        if checkpoint is not None:
+            self.state = self._load_checkpoint(checkpoint, plan, fingerprint)
+            logger.info("resuming from %s at step %d (epoch %d, micro-batch %d)", checkpoint,
+                        self.state.global_step, self.state.epoch, self.state.position)
+        else:
+            self.state = TrainerState(data_seed=args.seed, data_rng_state=data_rng_state(args.seed, 0),
+                                      n_features=plan.n_features, features_sha256=fingerprint,
+                                      per_device_train_batch_size=plan.batch_size,
+                                      gradient_accumulation_steps=plan.accumulation)
+        state = self.state
+        state.total_steps = plan.total_steps
+        write_json_atomic(self.output_dir / TRAINING_ARGS_NAME, args.to_dict())
+        log = JsonlLog(self.output_dir / LOG_NAME, keep_until_step=state.global_step if checkpoint else None)
+        logger.info("training: %d features, %d steps (%d per epoch, %d warmup), batch %d x %d accumulation",
+                    plan.n_features, plan.total_steps, plan.steps_per_epoch, plan.warmup_steps, plan.batch_size,
+                    plan.accumulation)
+        bar = _progress(plan.total_steps, "finetune", args.disable_tqdm, "step", initial=state.global_step)
+        order, order_epoch = None, None
+        window_t0, window_seqs = time.perf_counter(), 0
+        session_t0, session_eval_seconds = time.perf_counter(), 0.0
+        train_seconds_before = state.train_seconds
+        try:
+            while state.global_step < plan.total_steps:
+                if order_epoch != state.epoch:
+                    order, order_epoch = epoch_order(state.data_rng_state, plan.n_features), state.epoch
+                lr = linear_schedule(state.global_step, plan.total_steps, plan.warmup_steps, args.learning_rate)
+                micro = range(state.position, min(state.position + plan.accumulation, plan.micro_batches_per_epoch))
+                model.zero_grad()
+                loss_sum, seqs = 0.0, 0
+                for m in micro:
+                    rows = order[m * plan.batch_size:(m + 1) * plan.batch_size]
+                    loss_sum += float(model.forward_backward(features.batch(rows), loss_scale=1.0 / len(micro)))
+                    seqs += len(rows)
+                grad_norm = float(model.optimizer_step(
+                    lr, weight_decay=args.weight_decay,
+                    max_grad_norm=args.max_grad_norm,
+                    beta1=args.adam_beta1, beta2=args.adam_beta2, eps=args.adam_epsilon))
+                loss = loss_sum / len(micro)
+
+                state.global_step += 1
+                state.optimizer_steps = int(model.step)
+                state.position = micro.stop
+                if state.position >= plan.micro_batches_per_epoch:
+                    state.epoch += 1
+                    state.position = 0
+                    state.data_rng_state = data_rng_state(state.data_seed, state.epoch)
+                state.sequences += seqs
+                state.log_loss_sum += loss
+                state.log_steps += 1
+                window_seqs += seqs
+                now = time.perf_counter()
+                state.train_seconds = train_seconds_before + (now - session_t0 - session_eval_seconds)
+                seq_per_s = window_seqs / max(now - window_t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", seq_s=f"{seq_per_s:.1f}", refresh=False)
+
+                last = state.global_step == plan.total_steps
+                if state.global_step % args.logging_steps == 0 or last:
+                    record = {"step": state.global_step, "epoch": record_epoch(state, plan),
+                              "loss": state.log_loss_sum / state.log_steps, "lr": lr, "grad_norm": grad_norm,
+                              "seq_per_s": seq_per_s, "elapsed": state.train_seconds}
+                    self._log(log, record, bar)
+                    state.log_loss_sum, state.log_steps = 0.0, 0
+                    window_t0, window_seqs = time.perf_counter(), 0
+                if args.eval_steps and state.global_step % args.eval_steps == 0 and self.eval_features is not None:
+                    t_eval = time.perf_counter()
+                    metrics, predictions = self.evaluate()
+                    self.last_eval = (state.global_step, metrics, predictions)
+                    self._log(log, {"step": state.global_step, "epoch": record_epoch(state, plan),
+                                    **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()}}, bar)
+                    session_eval_seconds += time.perf_counter() - t_eval
+                    window_t0 = time.perf_counter()
+                if args.save_steps and (state.global_step % args.save_steps == 0):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        return {"train_seconds": state.train_seconds, "train_steps": state.global_step,
+                "train_sequences": state.sequences,
+                "train_sequences_per_second": state.sequences / max(state.train_seconds, 1e-9)}
+
+    def _log(self, log: JsonlLog, record: dict, bar) -> None:
+        log.write(record)
+        self.history.append(record)
+        if bar.disable:
+            logger.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    # ---- evaluation ------------------------------------------------------------------------------------
+
+    def evaluate(self) -> tuple[dict[str, Any], dict[str, str]]:
+        if self.eval_features is None or self.eval_examples is None:
+            raise TrainingError("Trainer.evaluate needs eval_examples and eval_features")
+        return evaluate_model(self.model, self.eval_examples, self.eval_features, self.args)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """output_dir/checkpoint-<step>, complete or absent: built in a hidden temporary folder, then renamed.
+
+        A crash before the rename leaves the earlier checkpoints as they were (the temporary folder is
+        removed here on errors, and at the next start after a hard kill). Then the oldest checkpoints beyond
+        save_total_limit are deleted.
+        """
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        final = self.output_dir / name
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.output_dir))
+        try:
+            self.model.save_pretrained(tmp)
+            self.model.save_training_state(tmp / TRAINING_STATE_NAME)
+            write_json_atomic(tmp / TRAINER_STATE_NAME, self.state.to_dict())
+            _fsync_dir(tmp)
+            if final.exists():  # same step saved by an earlier, interrupted run: swap it out
+                old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=self.output_dir))
+                os.replace(final, old / name)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.output_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._rotate_checkpoints()
+        return final
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        for old in list_checkpoints(self.output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _resolve_resume(self, resume: Optional[PathLike]) -> Optional[Path]:
+        checkpoint = resolve_resume(self.output_dir, self.args.resume_from_checkpoint if resume is None else resume,
+                                    self.args.overwrite_output_dir)
+        if checkpoint is None:
+            for old in list_checkpoints(self.output_dir):  # --overwrite_output_dir: a new run, no stale mixing
+                shutil.rmtree(old, ignore_errors=True)
+        return checkpoint
+
+    def _load_checkpoint(self, checkpoint: Path, plan: TrainPlan, fingerprint: str) -> TrainerState:
+        source = checkpoint / TRAINER_STATE_NAME
+        try:
+            raw = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TrainingError(f"{source}: unreadable trainer state ({e})") from None
+        state = TrainerState.from_dict(raw, str(source))
+        same = {"training features": (state.n_features, plan.n_features),
+                "training features (content)": (state.features_sha256, fingerprint),
+                "--per_device_train_batch_size": (state.per_device_train_batch_size, plan.batch_size),
+                "--gradient_accumulation_steps": (state.gradient_accumulation_steps, plan.accumulation),
+                "--seed": (state.data_seed, self.args.seed)}
+        for what, (saved, now) in same.items():
+            if saved != now:
+                raise TrainingError(f"cannot resume from {checkpoint}: it was trained with other {what} "
+                                    f"({_short(saved)} there, {_short(now)} now)")
+        if state.total_steps != plan.total_steps:
+            logger.warning("resuming a run planned for %d steps with a plan of %d: the learning rate schedule "
+                           "changes from here on", state.total_steps, plan.total_steps)
+        self.model.load_training_state(checkpoint / TRAINING_STATE_NAME)
+        if int(self.model.step) != state.optimizer_steps:
+            raise TrainingError(f"{checkpoint}: {TRAINING_STATE_NAME} is at optimizer step {self.model.step} but "
+                                f"{TRAINER_STATE_NAME} says {state.optimizer_steps}")
+        return state
+
+
+def record_epoch(state: TrainerState, plan: TrainPlan) -> float:
+    return state.epoch + state.position / plan.micro_batches_per_epoch
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return s[:12] + "..." if len(s) > 16 else s
+
+
+# =============================================================================================================
+# The main job
+# =============================================================================================================
+
+
+def select_examples(examples: list[Example], features: Features, n: Optional[int]
+                    ) -> tuple[list[Example], Features]:
+    """The first n examples and their features (run_qa.py's --max_*_samples); all when n is None."""
+    if n is None or n >= len(examples):
+        return examples, features
+    return examples[:n], features.select(np.flatnonzero(features.example_index < n))
+
+
+def load_split(path: PathLike, tokenizer, args: TrainingArguments, n: Optional[int]
+               ) -> tuple[list[Example], Features]:
+    """Validated examples and (cached) max_length-padded features of a SQuAD file, cut to the first n."""
+    examples, features = load_features(
+        path, tokenizer, max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
+        max_query_length=args.max_query_length, cache_dir=args.cache_dir,
+        progress=None if args.disable_tqdm is None else not args.disable_tqdm)
+    return select_examples(examples, features, n)
+
+
+def load_model(name_or_path: PathLike, args: TrainingArguments):
+    """BertQA.from_pretrained, after a cheap check that the folder (or packaged name) has config and weights."""
+    from .checkpoint import resolve_model
+
+    resolve_model(name_or_path)  # FileNotFoundError naming what is missing, before the engine is involved
+    from .model import BertQA, check_device
+
+    try:
+        check_device(args.device)
+    except RuntimeError as e:  # e.g. a build without the CUDA backend
+        raise TrainingError(f"--device {args.device}: {e}") from None
+    return BertQA.from_pretrained(name_or_path, device=args.device, seed=args.seed)
+
+
+def write_results(output_dir: Path, metrics: dict, predictions: dict[str, str]) -> None:
+    write_json_atomic(output_dir / EVAL_RESULTS_NAME, metrics)
+    write_json_atomic(output_dir / PREDICTIONS_NAME, predictions, indent=None)
+
+
+def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file: Optional[PathLike],
+             args: TrainingArguments, model=None) -> dict[str, Any]:
+    """Fine-tune, save the model into args.output_dir, evaluate; returns what eval_results.json holds.
+
+    Input files are checked before the model is loaded, so a bad file fails fast. model: an already loaded
+    model (default: BertQA.from_pretrained(model_name_or_path)).
+    """
+    args.validate("finetune")
+    output_dir = prepare_output_dir(args.output_dir)
+    # Everything that can be checked cheaply is checked before the model loads and features are built.
+    resolve_resume(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    load_squad(train_file)  # load_split reads it again (cheap next to training)
+    if validation_file is not None:
+        load_squad(validation_file)
+    if model is None:
+        model = load_model(model_name_or_path, args)
+    train_examples, train_features = load_split(train_file, model.tokenizer, args, args.max_train_samples)
+    eval_examples = eval_features = None
+    if validation_file is not None:
+        eval_examples, eval_features = load_split(validation_file, model.tokenizer, args, args.max_eval_samples)
+    trainer = Trainer(model, args, train_features, eval_examples, eval_features)
+    train_metrics = trainer.train()
+    model.save_pretrained(output_dir)
+    results: dict[str, Any] = {"model_name_or_path": str(model_name_or_path), **train_metrics}
+    if eval_features is not None:
+        if trainer.last_eval is not None and trainer.last_eval[0] == trainer.state.global_step:
+            _, metrics, predictions = trainer.last_eval
+        else:
+            metrics, predictions = trainer.evaluate()
+        results = {**metrics, **results}
+        write_results(output_dir, results, predictions)
+        logger.info("eval: exact_match %.2f f1 %.2f (%d questions, %.1f s)", metrics["exact_match"],
+                    metrics["f1"], metrics["eval_examples"], metrics["eval_seconds"])
+    else:
+        write_json_atomic(output_dir / EVAL_RESULTS_NAME, results)
+    return results
+
+
+def evaluate_checkpoint(model_name_or_path: PathLike, validation_file: PathLike, args: TrainingArguments,
+                        model=None) -> dict[str, Any]:
+    """Evaluate a saved model on a SQuAD file; writes eval_results.json and predictions.json into output_dir."""
+    args.validate("evaluate")
+    output_dir = prepare_output_dir(args.output_dir)
+    load_squad(validation_file)
+    if model is None:
+        model = load_model(model_name_or_path, args)
+    examples, features = load_split(validation_file, model.tokenizer, args, args.max_eval_samples)
+    metrics, predictions = evaluate_model(model, examples, features, args)
+    results = {**metrics, "model_name_or_path": str(model_name_or_path)}
+    write_results(output_dir, results, predictions)
+    return results

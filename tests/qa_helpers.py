@@ -1,0 +1,161 @@
+"""Helpers for the trainer and CLI tests: a tiny random BERT on disk, small SQuAD files, synthetic features,
+and FakeQAModel, a test double with BertQA's training API (no engine) for the trainer's bookkeeping tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bertqa import checkpoint as ck
+from bertqa.config import BertConfig
+from bertqa.squad import Features
+from bertqa.tokenization import BertQATokenizer
+
+
+def engine_available() -> bool:
+    try:
+        from bertqa.model import BertQA  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_tiny_model(folder: Path, vocab_file: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
+                    heads: int = 2) -> Path:
+    """A random BERT (hidden 32, 2 layers, 2 heads, the shared 30522-token vocabulary) without a QA head,
+    saved in the Hugging Face layout: config.json + model.safetensors + tokenizer files."""
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, max_position_embeddings=512)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in ck.expected_shapes(config).items():
+        if name.startswith("qa_outputs"):
+            continue
+        if name.endswith("LayerNorm.weight"):
+            tensors[name] = np.ones(shape, np.float32)
+        elif name.endswith("bias"):
+            tensors[name] = np.zeros(shape, np.float32)
+        else:
+            tensors[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    config.save(folder)
+    ck.save_state_dict(tensors, folder)
+    BertQATokenizer.from_vocab(vocab_file).save_pretrained(folder)
+    return folder
+
+
+def write_squad_subset(source: Path, target: Path, n_questions: int, skip: int = 0) -> Path:
+    """The questions skip..skip+n_questions-1 of a SQuAD file (in file order), as a valid SQuAD file."""
+    data = json.loads(Path(source).read_text(encoding="utf-8"))
+    out, seen = [], 0
+    for article in data["data"]:
+        paragraphs = []
+        for p in article["paragraphs"]:
+            qas = []
+            for qa in p["qas"]:
+                if skip <= seen < skip + n_questions:
+                    qas.append(qa)
+                seen += 1
+            if qas:
+                paragraphs.append({"context": p["context"], "qas": qas})
+        if paragraphs:
+            out.append({"title": article.get("title", ""), "paragraphs": paragraphs})
+    target.write_text(json.dumps({"version": data.get("version", "1.1"), "data": out}), encoding="utf-8")
+    return target
+
+
+def synthetic_features(n: int = 37, width: int = 48, seed: int = 0) -> Features:
+    """n rows of random length; column 1 holds 2000 + the row's index, so a batch says which rows it took."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, width + 1, n)
+    lengths[0] = width
+    ids = np.zeros((n, width), np.int32)
+    mask = np.zeros((n, width), np.int8)
+    types = np.zeros((n, width), np.int8)
+    offsets = np.full((n, width, 2), -1, np.int32)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = rng.integers(1000, 30000, length)
+        ids[i, 0], ids[i, 1], ids[i, length - 1] = 101, 2000 + i, 102
+        mask[i, :length] = 1
+        types[i, 3:length] = 1
+        offsets[i, 3:length - 1, 0] = np.arange(length - 4) * 2
+        offsets[i, 3:length - 1, 1] = np.arange(length - 4) * 2 + 1
+    starts = rng.integers(3, 5, n).astype(np.int32)
+    return Features(input_ids=ids, token_type_ids=types, attention_mask=mask, offsets=offsets,
+                    token_is_max_context=offsets[..., 0] >= 0, start_positions=starts, end_positions=starts + 1,
+                    example_index=np.arange(n, dtype=np.int32),
+                    example_ids=np.array([f"q{i}" for i in range(n)], dtype=str))
+
+
+def batch_rows(batch: dict) -> list[int]:
+    """Row indices of a batch of synthetic_features."""
+    return [int(v) - 2000 for v in batch["input_ids"][:, 1]]
+
+
+class FakeQAModel:
+    """TEST DOUBLE for bertqa.model.BertQA's training API; no network, no engine.
+
+    Its "loss" is a deterministic function of the batch's token ids, of 4 float64 weights and of a "dropout"
+    draw keyed by (seed, rng_step), like the real engine's; optimizer_step is SGD with momentum, global-norm
+    clipping and decoupled weight decay. It records every call, so tests can see what the trainer did.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.step = 0
+        self.rng_step = 0
+        self.w = np.linspace(-1.0, 1.0, 4)
+        self.grad = np.zeros(4)
+        self.momentum = np.zeros(4)
+        self.tokenizer = None
+        self.batches: list[dict] = []
+        self.loss_scales: list[float] = []
+        self.lrs: list[float] = []
+        self.optimizer_kwargs: list[dict] = []
+
+    def zero_grad(self):
+        self.grad[:] = 0.0
+
+    def forward_backward(self, batch, loss_scale=1.0):
+        mask = batch["attention_mask"]
+        x = float(np.mean((batch["input_ids"].astype(np.int64) * mask).sum(axis=1) % 101) / 101.0)
+        noise = np.random.default_rng([self.seed, self.rng_step]).random()
+        loss = x * (1.0 + float(self.w @ self.w)) + 0.01 * noise
+        self.grad += loss_scale * 2.0 * x * self.w
+        self.rng_step += 1
+        self.batches.append(batch)
+        self.loss_scales.append(loss_scale)
+        return loss
+
+    def optimizer_step(self, lr, weight_decay=0.01, max_grad_norm=1.0, beta1=0.9, beta2=0.999, eps=1e-8):
+        norm = float(np.sqrt(self.grad @ self.grad))
+        clip = min(1.0, max_grad_norm / (norm + 1e-6))
+        self.momentum = beta1 * self.momentum + self.grad * clip
+        self.w = self.w - lr * (self.momentum + weight_decay * self.w)
+        self.step += 1
+        self.lrs.append(lr)
+        self.optimizer_kwargs.append(dict(weight_decay=weight_decay, max_grad_norm=max_grad_norm, beta1=beta1,
+                                          beta2=beta2, eps=eps))
+        return norm
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Logits that peak at columns 3 (start) and 4 (end), plus a little of the token id."""
+        t = np.arange(input_ids.shape[1])
+        start = np.where(t == 3, 5.0, 0.0) + 1e-6 * input_ids
+        end = np.where(t == 4, 5.0, 0.0) + 1e-6 * input_ids
+        return start.astype(np.float32), end.astype(np.float32)
+
+    def save_pretrained(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        np.save(folder / "fake_weights.npy", self.w)
+
+    def save_training_state(self, path):
+        with open(path, "wb") as f:
+            np.savez(f, w=self.w, momentum=self.momentum, step=self.step, rng_step=self.rng_step, seed=self.seed)
+
+    def load_training_state(self, path):
+        with np.load(path) as z:
+            self.w, self.momentum = z["w"].copy(), z["momentum"].copy()
+            self.step, self.rng_step, self.seed = int(z["step"]), int(z["rng_step"]), int(z["seed"])
