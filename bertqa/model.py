@@ -25,7 +25,7 @@ import numpy as np
 from . import checkpoint
 from ._core import _C
 from .config import BertConfig
-from .tokenization import BertQATokenizer
+from .tokenization import BertQATokenizer, TokenizerFilesError
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,11 @@ class BertQA:
         """
         check_device(device)
         folder, config, tensors = checkpoint.load_pretrained(name_or_path)
-        tokenizer = BertQATokenizer.from_pretrained(folder)
+        try:
+            tokenizer = BertQATokenizer.from_pretrained(folder)
+        except TokenizerFilesError as e:   # weights alone still run on token ids
+            logger.warning("%s: no tokenizer (%s); the model works on token ids only", folder, e)
+            tokenizer = None
         if tensors.missing:
             logger.info("%s has no %s: initialised from seed %d", folder, ", ".join(tensors.missing), seed)
         model = cls(config, tensors, tokenizer=tokenizer, seed=seed, device=device)

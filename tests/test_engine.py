@@ -351,3 +351,22 @@ def test_concurrent_forward_calls_are_serialised(rng):
     for s, e in results:
         np.testing.assert_array_equal(s, want[0])
         np.testing.assert_array_equal(e, want[1])
+
+
+def test_torch_bin_checkpoint_runs_like_a_float64_numpy_bert(rng):
+    """tests/fixtures/tiny_bert: a pytorch_model.bin written by torch (float16 / bfloat16 / strided tensors),
+    loaded without torch; the engine's logits match an independent float64 NumPy BERT on the same weights."""
+    from test_checkpoint import _numpy_bert_qa
+
+    model = BertQA.from_pretrained(FIXTURES / "tiny_bert")
+    assert model.tokenizer is None   # weights only: the model still runs on token ids
+    B, T = 3, 13
+    ids = rng.integers(1, model.config.vocab_size, (B, T))
+    types = (np.arange(T) >= 5).astype(np.int64)[None].repeat(B, 0)
+    mask = np.ones((B, T), np.int64)
+    mask[1, 9:] = 0
+    start, end = model.forward(ids, mask, types)
+    ref_start, ref_end, _ = _numpy_bert_qa(model.state_dict(), model.config, ids, types, mask)
+    real = mask == 1
+    np.testing.assert_allclose(start[real], ref_start[real], atol=1e-5)
+    np.testing.assert_allclose(end[real], ref_end[real], atol=1e-5)
