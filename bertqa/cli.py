@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--context", help="the text to find the answer in")
     group.add_argument("--context_file", help="a UTF-8 text file holding the context")
-    p.add_argument("--json", action="store_true", help="print {answer, probability, nbest} as JSON")
-    p.add_argument("--top_k", type=int, default=5, help="n-best answers shown with --json (default: 5)")
+    p.add_argument("--json", action="store_true",
+                   help="print {answer, score, start, end, nbest} as JSON (context[start:end] == answer)")
+    p.add_argument("--top_k", type=int, default=5, help="n-best answers listed with --json (default: 5)")
     add_training_flags(p, "predict")
     p.set_defaults(func=_predict)
 
@@ -152,7 +153,8 @@ def _evaluate(ns: argparse.Namespace) -> int:
 
 
 def _predict(ns: argparse.Namespace) -> int:
-    from .train import answer_question, load_model
+    from .inference import QAPipeline
+    from .train import load_model
 
     args = training_args(ns, "predict")
     if ns.top_k < 1:
@@ -164,12 +166,18 @@ def _predict(ns: argparse.Namespace) -> int:
     if not context.strip():
         raise TrainingError("the context is empty" if ns.context is None else "--context is empty")
     model = load_model(ns.model_name_or_path, args)
-    result = answer_question(model, ns.question, context, args)
+    # The serving pipeline: the same windows as training, spans pooled over them, offsets into the context.
+    try:
+        pipeline = QAPipeline(model, max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
+                              max_query_length=args.max_query_length, max_answer_length=args.max_answer_length,
+                              n_best_size=args.n_best_size)
+    except ValueError as e:  # the window arithmetic, once max_seq_length is capped at the model's positions
+        raise TrainingError(str(e)) from None
+    nbest = pipeline(ns.question.strip(), context, top_k=ns.top_k)
     if ns.json:
-        result["nbest"] = result["nbest"][:ns.top_k]
-        print(json.dumps(result, ensure_ascii=False))
+        print(json.dumps({**nbest[0], "nbest": nbest}, ensure_ascii=False))
     else:
-        print(result["answer"])
+        print(nbest[0]["answer"])
     return 0
 
 

@@ -332,27 +332,6 @@ def predict_features(model, features: Features, batch_size: int = 64,
     return start, end
 
 
-def answer_question(model, question: str, context: str, args: TrainingArguments) -> dict[str, Any]:
-    """The answer to one question about one context: {"answer", "probability", "nbest"}.
-
-    Long contexts are cut into the same windows as in training; the answer is the best span over all of them.
-    """
-    from .squad import build_features, predict_example
-
-    if not question.strip():
-        raise TrainingError("the question is empty")
-    if not context.strip():
-        raise TrainingError("the context is empty")
-    example = Example(id="0", title="", question=question.strip(), context=context, answers=(), answer_starts=())
-    features = build_features([example], model.tokenizer, max_seq_length=args.max_seq_length,
-                              doc_stride=args.doc_stride, max_query_length=args.max_query_length, progress=False)
-    start, end = predict_features(model, features, args.per_device_eval_batch_size)
-    pred = predict_example(example, features, range(len(features)), start, end, n_best_size=args.n_best_size,
-                           max_answer_length=args.max_answer_length)
-    probability = pred.nbest[0]["probability"] if pred.nbest else 0.0
-    return {"answer": pred.text, "probability": probability, "nbest": pred.nbest}
-
-
 def examples_dataset(examples: Sequence[Example]) -> dict:
     """The official SQuAD dict of these examples (one paragraph each), for bertqa.squad.evaluate."""
     qas = []

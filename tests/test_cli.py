@@ -259,7 +259,9 @@ def test_finetune_tiny_model_end_to_end(shared_data_dir, squad_subsets, tmp_path
                             "--context", context, "--json", "--top_k", "3")
     assert code == 0, err
     answer = json.loads(stdout)
-    assert answer["answer"] in context and 0 < answer["probability"] <= 1 and len(answer["nbest"]) <= 3
+    assert answer["answer"] and context[answer["start"]:answer["end"]] == answer["answer"]
+    assert 0 < answer["score"] <= 1 and 1 <= len(answer["nbest"]) <= 3
+    assert answer["nbest"][0] == {k: answer[k] for k in ("answer", "score", "start", "end")}
     code, stdout, err = run(capsys, "predict", "--model_name_or_path", out, "--question", "Where is the tower?",
                             "--context", context)
     assert code == 0 and stdout.strip() == answer["answer"].strip()
