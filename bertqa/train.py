@@ -745,10 +745,16 @@ def load_split(path: PathLike, tokenizer, args: TrainingArguments, n: Optional[i
 
 
 def load_model(name_or_path: PathLike, args: TrainingArguments):
-    """BertQA.from_pretrained, after a cheap check that the folder (or packaged name) has config and weights."""
+    """BertQA.from_pretrained, after cheap checks that the folder (or packaged name) has config, weights and
+    tokenizer files (questions and contexts need the tokenizer)."""
     from .checkpoint import resolve_model
 
-    resolve_model(name_or_path)  # FileNotFoundError naming what is missing, before the engine is involved
+    from .tokenization import VOCAB_FILES
+
+    folder = resolve_model(name_or_path)  # FileNotFoundError naming what is missing, before the engine starts
+    if not any((folder / name).is_file() for name in VOCAB_FILES):
+        raise TrainingError(f"{folder}: model folder is missing its tokenizer ({' or '.join(VOCAB_FILES)}); "
+                            f"copy it from the checkpoint the model was trained from")
     from .model import BertQA, check_device
 
     try:

@@ -113,6 +113,17 @@ def test_model_folder_missing_files(tmp_path, capsys):
     assert_user_error(code, err, "predict", "no such model folder")
 
 
+def test_model_folder_without_tokenizer(tmp_path, capsys, data_dir):
+    train = squad_file(tmp_path / "t.json")
+    folder = make_tiny_model(tmp_path / "model", data_dir / "vocab" / "bert-base-uncased-vocab.txt")
+    for name in ("vocab.txt", "tokenizer.json"):
+        (folder / name).unlink()
+    code, _, err = run(capsys, *finetune_argv(tmp_path, train, folder))
+    assert_user_error(code, err, "finetune", str(folder), "missing its tokenizer (tokenizer.json or vocab.txt)")
+    code, _, err = run(capsys, "predict", "--model_name_or_path", folder, "--question", "q?", "--context", "c")
+    assert_user_error(code, err, "predict", "missing its tokenizer")
+
+
 def test_output_dir_not_writable(tmp_path, capsys):
     train = squad_file(tmp_path / "t.json")
     blocker = tmp_path / "a_file"
