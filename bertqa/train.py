@@ -624,8 +624,11 @@ class Trainer:
     def _log(self, log: JsonlLog, record: dict, bar) -> None:
         log.write(record)
         self.history.append(record)
+        line = " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
         if bar.disable:
-            logger.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+            logger.info(line)
+        else:
+            bar.write(line)  # above the bar, which stays at the bottom
 
     # ---- evaluation ------------------------------------------------------------------------------------
 
