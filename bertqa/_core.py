@@ -7,6 +7,13 @@ loader then satisfies the extension's dependency on it by its soname.
 import ctypes
 import os
 
+# OpenMP threads that wait for work sleep instead of spinning, unless the user chose otherwise. Spinning wins
+# a few microseconds per parallel region on an idle machine, but as soon as another busy process shares the
+# cores (a second server worker, a data loader, a notebook kernel) spinning threads steal the time slices the
+# working threads need, and a forward pass gets up to 10x slower (measured: BENCHMARKS.md). libgomp reads
+# this once, when the extension below loads it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _preload_blas():
     try:

@@ -1,0 +1,146 @@
+"""Engine benchmark: a whole training step (forward + backward + AdamW) and eval-mode inference at BERT shapes,
+bertqa's C engine next to PyTorch on the same CPU cores (transformers' BertForQuestionAnswering when it is
+importable), with the model FLOP rate and its share of the machine's measured sgemm peak.
+
+    python bench/engine.py                       # MiniLM-L6 and BERT-base shapes, random weights
+    python bench/engine.py --quick               # fewer repeats, smaller batches
+    /work/refenv/bin/python bench/engine.py      # with torch + transformers for the comparison column
+                                                 # (the checkout importable: PYTHONPATH=.)
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from bertqa import checkpoint, ops
+from bertqa.config import BertConfig
+from bertqa.model import BertQA
+
+try:
+    import torch
+    import transformers
+except ImportError:  # the comparison column is left out
+    torch = transformers = None
+
+SHAPES = {
+    "MiniLM-L6 (H384, L6)": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "BERT-base (H768, L12)": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                  intermediate_size=3072),
+}
+
+
+def config_for(shape):
+    return BertConfig.from_dict(dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+                                     hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                                     layer_norm_eps=1e-12, initializer_range=0.02, **shape))
+
+
+def model_flops(config, B, T, train):
+    """Matrix-product FLOPs of one forward (x3 for forward + backward): 2 * (weights used per token) per token,
+    plus attention's two T x T products."""
+    C, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_token = 2 * L * (4 * C * C + 2 * C * I) + 2 * 2 * C
+    fwd = B * T * per_token + L * 4 * B * T * T * C
+    return 3 * fwd if train else fwd
+
+
+def timed(fn, reps):
+    fn()  # warm-up: arena allocation, page faults, thread start-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def batch_for(rng, config, B, T):
+    ids = rng.integers(1000, config.vocab_size, (B, T))
+    mask = np.ones((B, T), np.int64)
+    types = np.zeros((B, T), np.int64)
+    types[:, 24:] = 1
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                start_positions=rng.integers(24, T, B), end_positions=rng.integers(24, T, B))
+
+
+def bench_bertqa(config, batch, train, reps):
+    model = BertQA(config, seed=0)
+    if train:
+        return timed(lambda: model.train_step(batch, lr=1e-5), reps)
+    return timed(lambda: model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]), reps)
+
+
+def bench_torch(config, batch, train, reps):
+    hf_config = transformers.BertConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
+    model = transformers.BertForQuestionAnswering(hf_config)
+    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    if train:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+
+        def step():
+            opt.zero_grad()
+            model(**tb).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        return timed(step, reps)
+    model.eval()
+    inputs = {k: tb[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def infer():
+        with torch.inference_mode():
+            model(**inputs)
+
+    return timed(infer, reps)
+
+
+def sgemm_peak(n=2048, reps=3):
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    c = np.empty((n, n), np.float32)
+    ours = 2.0 * n**3 / timed(lambda: ops._C.sgemm(a, a, c), reps) / 1e9
+    theirs = 2.0 * n**3 / timed(lambda: np.matmul(a, a.T, out=c), reps) / 1e9
+    return max(ours, theirs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seq", type=int, default=384)
+    args = ap.parse_args()
+    reps = 2 if args.quick else 3
+    T = args.seq
+    if torch is not None:
+        torch.manual_seed(0)
+    info = ops.runtime_info()
+    print(f"# {os.cpu_count()} CPUs, {info['omp_threads']} threads, {info['blas_config']}; "
+          + (f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}"
+             if torch else "torch not installed: no comparison column"))
+    peak = sgemm_peak()
+    print(f"# sgemm peak on these cores: {peak:.1f} GFLOP/s\n")
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, shape in SHAPES.items():
+        config = config_for(shape)
+        small = "MiniLM" in name
+        cases = [("train step", True, (16 if small else 4) // (2 if args.quick else 1)),
+                 ("inference", False, 1), ("inference", False, (64 if small else 16) // (4 if args.quick else 1))]
+        for what, train, B in cases:
+            batch = batch_for(rng, config, B, T)
+            t = bench_bertqa(config, batch, train, reps)
+            tt = bench_torch(config, batch, train, reps) if torch is not None else None
+            gf = model_flops(config, B, T, train) / t / 1e9
+            rows.append((name, what, B, B / t, gf, 100 * gf / peak, (B / tt) if tt else None, (tt / t) if tt else None))
+            print(f"  {name} {what} B={B}: {B / t:.2f} seq/s" + (f" (torch {B / tt:.2f})" if tt else ""),
+                  file=sys.stderr)
+    print(f"| model | work | B x T | bertqa seq/s | bertqa GFLOP/s | % of sgemm peak | PyTorch seq/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, what, B, sps, gf, pct, tsps, ratio in rows:
+        print(f"| {name} | {what} | {B} x {T} | {sps:.2f} | {gf:.1f} | {pct:.0f}% | "
+              + (f"{tsps:.2f} | {ratio:.2f}x |" if tsps else "- | - |"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
