@@ -132,7 +132,11 @@ class QAPipeline:
     # ---- step 2: the engine --------------------------------------------------------------------------------
 
     def logits(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
-        """(start, end) float32 [N, T] from the model, batch_size windows per call, each batch trimmed."""
+        """(start, end) float32 [N, T] from the model, batch_size windows per call, each batch trimmed.
+
+        Positions past a row's last token read -inf, so that padding never takes one of the n-best start/end
+        slots and the answer does not depend on how the rows were batched (utils_qa.py lets padding compete).
+        """
         n, width = prepared.features.input_ids.shape
         start = np.full((n, width), -np.inf, dtype=np.float32)
         end = np.full((n, width), -np.inf, dtype=np.float32)
@@ -143,6 +147,9 @@ class QAPipeline:
                                       token_type_ids=batch["token_type_ids"])
             w = min(np.shape(s)[1], width)
             start[idx, :w], end[idx, :w] = np.asarray(s)[:, :w], np.asarray(e)[:, :w]
+        padding = prepared.features.attention_mask == 0
+        start[padding] = -np.inf
+        end[padding] = -np.inf
         return start, end
 
     # ---- step 3: spans -------------------------------------------------------------------------------------

