@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", help="benchmark name, e.g. 'ops' for bench/ops.py")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=_bench)
+
+    from .packaging import add_package_parser
+    from .serve import add_serve_parser
+
+    add_serve_parser(sub)  # bertqa serve [--model-dir DIR|model.tar.gz]: the SageMaker endpoint
+    add_package_parser(sub)  # bertqa package --model-dir DIR --output model.tar.gz
     parser.commands = dict(sub.choices)  # name -> sub-parser, to report unknown flags as that command's
     return parser
 

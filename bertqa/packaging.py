@@ -193,7 +193,7 @@ def package_command(args: argparse.Namespace) -> int:
     try:
         out = package_model(args.model_dir, args.output)
     except PackageError as e:
-        print(f"bertqa package: {e}", file=sys.stderr)
+        print(f"bertqa package: error: {e}", file=sys.stderr)
         return 2
     with tarfile.open(out) as tar:
         names = tar.getnames()

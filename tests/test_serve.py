@@ -29,16 +29,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-uvicorn = pytest.importorskip("uvicorn")
-pytest.importorskip("starlette")
+import uvicorn
 
-from bertqa import serve  # noqa: E402
-from bertqa.checkpoint import expected_shapes, save_state_dict  # noqa: E402
-from bertqa.config import BertConfig  # noqa: E402
-from bertqa.inference import QAPipeline  # noqa: E402
-from bertqa.packaging import ModelDir, PackageError, extract_archive, package_model  # noqa: E402
-from bertqa.serve import RequestError, ServeConfig, parse_request  # noqa: E402
-from bertqa.tokenization import BertQATokenizer  # noqa: E402
+from bertqa import cli, serve
+from bertqa.checkpoint import expected_shapes, save_state_dict
+from bertqa.config import BertConfig
+from bertqa.inference import QAPipeline
+from bertqa.packaging import ModelDir, PackageError, extract_archive, package_model
+from bertqa.serve import RequestError, ServeConfig, parse_request
+from bertqa.tokenization import BertQATokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the a an is in of and to what where who when which city capital france paris eiffel tower river seine "
@@ -356,6 +355,22 @@ def test_package_puts_model_files_at_the_top_atomically(tmp_path, tiny_model_dir
     (holder / "model.tar.gz").write_bytes(out.read_bytes())
     with ModelDir(holder) as m:
         assert (m.folder / "vocab.txt").is_file()
+
+
+def test_cli_package_and_serve_errors(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "model.tar.gz"
+    assert cli.main(["package", "--model-dir", str(tiny_model_dir), "--output", str(out)]) == 0
+    assert "config.json" in capsys.readouterr().out
+    with tarfile.open(out) as tar:
+        assert "model.safetensors" in tar.getnames()
+    assert cli.main(["package", "--model-dir", str(tmp_path / "nope"), "--output", str(out)]) == 2
+    assert "bertqa package: error:" in capsys.readouterr().err
+    env_bad = {"SAGEMAKER_BIND_TO_PORT": "eighty"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env_bad.items():
+            mp.setenv(k, v)
+        assert cli.main(["serve", "--model-dir", str(out)]) == 2
+    assert "SAGEMAKER_BIND_TO_PORT" in capsys.readouterr().err
 
 
 def test_package_and_unpack_refuse_bad_input(tmp_path, tiny_model_dir):
@@ -760,7 +775,7 @@ def test_cli_serve_with_two_workers_from_environment(tmp_path, tiny_model_dir):
     port = free_port()
     env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
            "BERTQA_MAX_SEQ_LENGTH": "64", "BERTQA_DOC_STRIDE": "16", "BERTQA_MAX_QUERY_LENGTH": "16"}
-    proc = subprocess.Popen([sys.executable, "-m", "bertqa.serve", "--model-dir", str(archive), "--host",
+    proc = subprocess.Popen([sys.executable, "-m", "bertqa", "serve", "--model-dir", str(archive), "--host",
                              "127.0.0.1", "--no-access-log"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
