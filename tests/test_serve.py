@@ -373,6 +373,20 @@ def test_cli_package_and_serve_errors(tmp_path, tiny_model_dir, capsys):
     assert "SAGEMAKER_BIND_TO_PORT" in capsys.readouterr().err
 
 
+def test_dockerfile_runs_bertqa_serve_and_copies_what_exists():
+    """The image cannot be built here (no Docker engine); check what can be: its entry point and its inputs."""
+    lines = [x.strip() for x in (REPO / "Dockerfile").read_text().splitlines() if x.strip() and x[0] != "#"]
+    assert 'ENTRYPOINT ["python3", "-m", "bertqa"]' in lines and 'CMD ["serve"]' in lines
+    assert "EXPOSE 8080" in lines
+    for line in lines:
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (REPO / src).exists(), src
+    parser = cli.build_parser()
+    assert parser.parse_args(["serve"]).model_dir is None  # -> ServeConfig default /opt/ml/model
+    assert ServeConfig.from_env({}).model_dir == "/opt/ml/model"
+
+
 def test_package_and_unpack_refuse_bad_input(tmp_path, tiny_model_dir):
     with pytest.raises(PackageError, match="config.json"):
         package_model(tmp_path, tmp_path / "m.tar.gz")
