@@ -62,7 +62,7 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
     int status = BQ_OK;
 #pragma omp parallel
     {
-        /* this thread's scratch: dP [T,T], and dropout(att) [T,T] when dropout is on */
+        /* this thread's scratch: dP [T,T], and the dropout mask [T,T] when dropout is on */
         float *dp = malloc((dropout_p > 0.0f ? 2 : 1) * TT * sizeof(float));
         if (!dp) {
 #pragma omp atomic write
@@ -75,16 +75,19 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
             const long off = b * s.sb + h * s.sh;
             const float *a = att + bh * TT;   /* [T,T] pre-dropout probabilities */
             const float *p = a;               /* what multiplied v in the forward */
-            const uint64_t base = head_offset(b, h, NH, TT);
+            float *mk = dp + TT;              /* the head's dropout mask (keep / (1 - p)), made once */
             if (dropout_p > 0.0f) {
-                bq_dropout_slice(dp + TT, a, TT, dropout_p, seed, step, tensor_id, base);
-                p = dp + TT;
+                bq_dropout_mask(mk, TT, dropout_p, seed, step, tensor_id, head_offset(b, h, NH, TT));
+                float *pd = dp;               /* dropout(att) in dp until dp is needed */
+                for (long i = 0; i < TT; i++) pd[i] = a[i] * mk[i];
+                p = pd;
             }
             /* dv += p^T dout */
             bq_sgemm1(1, 0, T, HS, T, 1.0f, p, T, dout + off, ld, 1.0f, dv + off, ld);
             /* dp = dout v^T, then through the dropout mask */
             bq_sgemm1(0, 1, T, T, HS, 1.0f, dout + off, ld, v + off, ld, 0.0f, dp, T);
-            if (dropout_p > 0.0f) bq_dropout_slice(dp, dp, TT, dropout_p, seed, step, tensor_id, base);
+            if (dropout_p > 0.0f)
+                for (long i = 0; i < TT; i++) dp[i] *= mk[i];
             /* softmax backward with the 1/sqrt(HS) of the scores folded in: dS = scale * a (dp - <dp, a>) */
             for (int i = 0; i < T; i++) {
                 const float *ar = a + (long)i * T;

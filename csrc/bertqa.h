@@ -57,6 +57,11 @@ void dropout_forward(float *out, const float *inp, size_t N, float p, uint64_t s
 /* out[i] = inp[i] * keep(first + i) / (1 - p), i < n: elements first .. first+n-1 of a larger tensor. */
 void bq_dropout_slice(float *out, const float *inp, size_t n, float p, uint64_t seed, uint32_t step,
                       uint32_t tensor_id, uint64_t first);
+/* mask[i] = keep(first + i) / (1 - p): the scaled mask itself, to apply to several tensors. */
+void bq_dropout_mask(float *mask, size_t n, float p, uint64_t seed, uint32_t step, uint32_t tensor_id,
+                     uint64_t first);
+/* u[i] = the uniform of element first + i (what dropout compares with p). */
+void bq_uniform_fill(float *u, size_t n, uint64_t seed, uint32_t step, uint32_t tensor_id, uint64_t first);
 /* dinp += dout * keep / (1 - p), keep regenerated from (seed, step, tensor_id). [N] */
 void dropout_backward(float *dinp, const float *dout, size_t N, float p, uint64_t seed, uint32_t step,
                       uint32_t tensor_id);

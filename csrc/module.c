@@ -584,7 +584,7 @@ static PyObject *py_uniform(PyObject *self, PyObject *args, PyObject *kw) {
     if (!u) return NULL;
     float *p = F(u);
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) p[i] = bq_uniform(seed, step, tid, offset + (uint64_t)i);
+    bq_uniform_fill(p, (size_t)n, seed, step, tid, offset);
     Py_END_ALLOW_THREADS
     return (PyObject *)u;
 }

@@ -3,7 +3,11 @@
  * A dropout mask is a pure function of (seed, step, tensor_id, element index), so backward regenerates it
  * instead of storing it, any thread can produce any element, and the CUDA backend reproduces it bit for bit.
  */
+#include <limits.h>
 #include "bertqa.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define PHILOX_M0 0xD2511F53u
 #define PHILOX_M1 0xCD9E8D57u
@@ -46,46 +50,114 @@ float bq_uniform(uint64_t seed, uint32_t step, uint32_t tensor_id, uint64_t idx)
     return u[idx % 4];
 }
 
-/* y[i] (+)= x[i] * keep(first + i) / (1 - p) for i in [0, n): a slice of a tensor's element numbering, one
- * Philox call per 4 elements (the slice need not start on a multiple of 4). y may alias x. */
+#ifdef __AVX2__
+/* (lo, hi) 32-bit halves of a * M for eight 32-bit lanes at once. */
+static inline void mulhilo8(__m256i a, __m256i M, __m256i *lo, __m256i *hi) {
+    __m256i even = _mm256_mul_epu32(a, M);                        /* lanes 0,2,4,6 as 64-bit products */
+    __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), M);  /* lanes 1,3,5,7 */
+    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+/* The uniforms of elements 4*block .. 4*block+31 (eight Philox blocks at once), in element order. */
+static inline void uniform32(float u[32], uint64_t seed, uint32_t step, uint32_t tensor_id, uint64_t block) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)block), lane);
+    /* the high word of the block counter, with the carry out of the low word per lane */
+    __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32((int)(uint32_t)block), _mm256_set1_epi32(INT32_MIN)),
+                                       _mm256_xor_si256(c0, _mm256_set1_epi32(INT32_MIN)));
+    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32((int)(uint32_t)(block >> 32)), carry);
+    __m256i c2 = _mm256_set1_epi32((int)tensor_id), c3 = _mm256_set1_epi32((int)step);
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    const __m256i M0 = _mm256_set1_epi32((int)PHILOX_M0), M1 = _mm256_set1_epi32((int)PHILOX_M1);
+    for (int r = 0; r < 10; r++) {
+        __m256i lo0, hi0, lo1, hi1;
+        mulhilo8(c0, M0, &lo0, &hi0);
+        mulhilo8(c2, M1, &lo1, &hi1);
+        c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)k0));
+        c1 = lo1;
+        c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)k1));
+        c3 = lo0;
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+    }
+    const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f);
+    float w[4][8];
+    __m256i words[4] = {c0, c1, c2, c3};
+    for (int j = 0; j < 4; j++)
+        _mm256_storeu_ps(w[j], _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(words[j], 8)), scale));
+    for (int b = 0; b < 8; b++)
+        for (int j = 0; j < 4; j++) u[4 * b + j] = w[j][b];
+}
+#endif
+
+enum { APPLY, ACCUMULATE, MASK, UNIFORM };
+
+static inline void emit(float *y, const float *x, size_t i, float u, float p, float scale, int mode) {
+    float keep = u >= p ? scale : 0.0f;
+    switch (mode) {
+    case APPLY: y[i] = x[i] * keep; break;
+    case ACCUMULATE: y[i] += x[i] * keep; break;
+    case MASK: y[i] = keep; break;
+    default: y[i] = u; break;
+    }
+}
+
+/* Over i in [0, n), a slice of a tensor's element numbering starting at `first`: APPLY y = x * keep / (1 - p),
+ * ACCUMULATE y += x * keep / (1 - p), MASK y = keep / (1 - p), UNIFORM y = the uniform itself. One Philox call
+ * per 4 elements (8 at once with AVX2); the slice need not start on a multiple of 4. y may alias x. */
 static void dropout_slice(float *y, const float *x, size_t n, float p, uint64_t seed, uint32_t step,
-                          uint32_t tensor_id, uint64_t first, int accumulate) {
+                          uint32_t tensor_id, uint64_t first, int mode) {
     const float scale = 1.0f / (1.0f - p);
     size_t i = 0;
     while (i < n) {
         const uint64_t idx = first + i;
+#ifdef __AVX2__
+        if (idx % 4 == 0 && n - i >= 32) {   /* whole groups of 32 elements */
+            float u[32];
+            uniform32(u, seed, step, tensor_id, idx / 4);
+            for (int j = 0; j < 32; j++, i++) emit(y, x, i, u[j], p, scale, mode);
+            continue;
+        }
+#endif
         float u[4];
         uniform4(u, seed, step, tensor_id, idx / 4);
-        for (unsigned lane = (unsigned)(idx % 4); lane < 4 && i < n; lane++, i++) {
-            float val = u[lane] >= p ? x[i] * scale : 0.0f;
-            if (accumulate) y[i] += val; else y[i] = val;
-        }
+        for (unsigned lane = (unsigned)(idx % 4); lane < 4 && i < n; lane++, i++) emit(y, x, i, u[lane], p, scale, mode);
     }
 }
 
 void bq_dropout_slice(float *out, const float *inp, size_t n, float p, uint64_t seed, uint32_t step,
                       uint32_t tensor_id, uint64_t first) {
-    dropout_slice(out, inp, n, p, seed, step, tensor_id, first, 0);
+    dropout_slice(out, inp, n, p, seed, step, tensor_id, first, APPLY);
+}
+
+void bq_dropout_mask(float *mask, size_t n, float p, uint64_t seed, uint32_t step, uint32_t tensor_id,
+                     uint64_t first) {
+    dropout_slice(mask, NULL, n, p, seed, step, tensor_id, first, MASK);
+}
+
+void bq_uniform_fill(float *u, size_t n, uint64_t seed, uint32_t step, uint32_t tensor_id, uint64_t first) {
+    dropout_slice(u, NULL, n, 0.0f, seed, step, tensor_id, first, UNIFORM);
 }
 
 /* Whole tensors: threads take 4096-element slices. */
 static void dropout_apply(float *y, const float *x, size_t N, float p, uint64_t seed, uint32_t step,
-                          uint32_t tensor_id, int accumulate) {
+                          uint32_t tensor_id, int mode) {
     const size_t S = 4096;
     const long nslices = (long)((N + S - 1) / S);
 #pragma omp parallel for schedule(static) if (N > 32768)
     for (long sl = 0; sl < nslices; sl++) {
         size_t a = (size_t)sl * S, n = N - a < S ? N - a : S;
-        dropout_slice(y + a, x + a, n, p, seed, step, tensor_id, a, accumulate);
+        dropout_slice(y + a, x + a, n, p, seed, step, tensor_id, a, mode);
     }
 }
 
 void dropout_forward(float *out, const float *inp, size_t N, float p, uint64_t seed, uint32_t step,
                      uint32_t tensor_id) {
-    dropout_apply(out, inp, N, p, seed, step, tensor_id, 0);
+    dropout_apply(out, inp, N, p, seed, step, tensor_id, APPLY);
 }
 
 void dropout_backward(float *dinp, const float *dout, size_t N, float p, uint64_t seed, uint32_t step,
                       uint32_t tensor_id) {
-    dropout_apply(dinp, dout, N, p, seed, step, tensor_id, 1);
+    dropout_apply(dinp, dout, N, p, seed, step, tensor_id, ACCUMULATE);
 }

@@ -21,12 +21,17 @@ def test_philox_known_answers(counter, key, expected):
     assert ref.philox4x32(counter, key) == expected
 
 
-def test_uniform_matches_reference_keying(rng):
+@pytest.mark.parametrize("offset,n", [
+    (0, 11),                       # a short run: the one-block-at-a-time path
+    (5, 200),                      # unaligned start, then the 8-blocks-at-once path, then a tail
+    (2**33 + 5, 300),              # element indices past 2^32: the counter's second word
+    (4 * (2**32 - 3) - 1, 200),    # blocks crossing 2^32 inside one 8-block group: the carry between words
+])
+def test_uniform_matches_reference_keying(rng, offset, n):
     seed = int(rng.integers(2**64, dtype=np.uint64))
     step, tid = int(rng.integers(2**32)), int(rng.integers(2**32))
-    offset = 2**33 + 5                  # element indices past 2^32 use the counter's second word
-    u = _C.uniform(11, seed, step, tid, offset)
-    want = [ref.uniform(offset + i, seed, step, tid) for i in range(11)]
+    u = _C.uniform(n, seed, step, tid, offset)
+    want = [ref.uniform(offset + i, seed, step, tid) for i in range(n)]
     np.testing.assert_array_equal(u, np.array(want, np.float32))
 
 
