@@ -23,8 +23,9 @@ application/jsonlines (also application/x-jsonlines, application/jsonl, applicat
 line, one result per line back; this is what SageMaker batch transform sends with SplitType=Line.
 The response has the request's type unless Accept asks for the other one.
 
-Contexts longer than one window are cut into the same doc-stride windows as training; the answer is the best
-span over all windows (bertqa.inference). "score" is the answer's probability among the n-best spans.
+Contexts longer than one window are cut into the same doc-stride windows as training, and questions are cut to
+max_query_length tokens as in training; the answer is the best span over all windows (bertqa.inference).
+"score" is the answer's probability among the n-best spans.
 
 Dynamic batching: every request's windows go through one queue; a batcher task takes the oldest and gathers
 more, up to max_batch_size windows or until max_wait_ms after the oldest arrived, and runs them in a single
@@ -52,7 +53,8 @@ Configuration (command-line flags override the environment):
 
 Errors are JSON, {"error": "<what is wrong>", "status": <code>}: 400 malformed JSON, bad UTF-8, a missing,
 empty or wrongly typed field; 404/405 unknown route or method; 406 an Accept we cannot produce; 413 body,
-questions or windows over the limits above; 415 another content type; 503 model not loaded yet or queue full;
+questions or windows over the limits above; 415 another content type or a compressed body; 503 model not
+loaded yet or queue full;
 504 over the timeout. A client that disconnects has its queued windows dropped. SIGTERM/SIGINT: the server
 stops accepting connections, finishes the requests in flight, then exits.
 """
@@ -859,6 +861,9 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
             if not service.loaded:
                 raise RequestError(503, f"model failed to load: {service.load_error}" if service.load_error
                                    else "model is loading; retry when GET /ping answers 200", {"Retry-After": "5"})
+            encoding = request.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise RequestError(415, f"unsupported Content-Encoding {encoding!r}: send the body uncompressed")
             fmt = request_format(request.headers.get("content-type"))
             out_fmt = response_format(request.headers.get("accept"), fmt)
             body = await _read_body(request, config.max_payload_bytes)

@@ -488,6 +488,7 @@ def test_bad_requests_get_json_errors_and_never_5xx(scripted_server):
     check_error(post(port, {"question": "q"}), 400, "context")
     check_error(post(port, {"question": ["q"], "context": "c"}), 400, "'question' must be a string")
     check_error(post(port, b"a,b", "text/csv"), 415, "text/csv")
+    check_error(post(port, b"\x1f\x8b", headers={"Content-Encoding": "gzip"}), 415, "Content-Encoding")
     check_error(post(port, {"question": "q", "context": "c"}, headers={"Accept": "text/csv"}), 406, "Accept")
     check_error(post(port, {"questions": ["q"] * 51, "context": "c"}), 413, "51 questions")
     huge = " ".join(["the city"] * 2000)  # ~4000 tokens: more than 40 windows of 64
@@ -534,10 +535,11 @@ def test_dynamic_batching_gathers_concurrent_requests(tmp_path):
         assert all(b <= 16 for b in sizes)
         stats = json.loads(request(srv.port, "GET", "/stats")[2])
         assert stats["windows"] == 12 and stats["engine_calls"] == len(sizes)
-        # A lone request waits for company at most max_wait_ms (plus the 50 ms engine call).
+        # A lone request waits for company at most max_wait_ms (20 ms; the engine call takes 50 ms); the bound
+        # is loose because the test machine may be busy.
         t0 = time.perf_counter()
         ask(srv.port, {"question": "q", "context": CONTEXT})
-        assert time.perf_counter() - t0 < 0.05 + 0.02 + 0.25
+        assert time.perf_counter() - t0 < 1.0
         # A request with more windows than max_batch_size is split over several engine calls.
         engine.shapes.clear()
         ask(srv.port, {"questions": ["q"] * 20, "context": CONTEXT})
@@ -592,11 +594,11 @@ def test_load_failure_and_engine_failure_are_reported_not_fatal(tmp_path):
 
 
 def test_timeout_and_full_queue(tmp_path):
-    engine = ScriptedEngine(tmp_path, delay=0.4)
-    config = ServeConfig(timeout_s=0.2, max_batch_size=4, max_windows=4, max_queue=8, batching=False, **SMALL)
+    engine = ScriptedEngine(tmp_path, delay=1.0)
+    config = ServeConfig(timeout_s=0.3, max_batch_size=4, max_windows=4, max_queue=8, batching=False, **SMALL)
     with ServerThread(config, lambda: engine) as srv:
         check_error(post(srv.port, {"question": "q", "context": CONTEXT}), 504, "SAGEMAKER_MODEL_SERVER_TIMEOUT")
-        time.sleep(0.5)
+        time.sleep(1.0)
         body = {"questions": ["q"] * 4, "context": CONTEXT}  # 4 windows each; 8 fit in the queue
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             results = list(pool.map(lambda _: post(srv.port, body), range(6)))
@@ -648,8 +650,11 @@ def test_sigterm_finishes_requests_in_flight_then_exits(tmp_path):
         wait_ping(port, proc)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(post, port, {"question": "q", "context": CONTEXT})
-            time.sleep(0.3)  # the request is in the engine (1 s)
-            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while json.loads(request(port, "GET", "/stats")[2])["inflight_requests"] == 0:  # wait until in flight
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)  # while the engine (1 s per call) works on it
             status, _, body = pending.result(timeout=30)
         assert status == 200 and json.loads(body)["answer"] == "Paris"
         assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
