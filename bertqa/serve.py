@@ -28,13 +28,15 @@ max_query_length tokens as in training; the answer is the best span over all win
 "score" is the answer's probability among the n-best spans.
 
 Dynamic batching: every request's windows go through one queue; a batcher task takes the oldest and gathers
-more, up to max_batch_size windows or until max_wait_ms after the oldest arrived, and runs them in a single
+more, up to max_batch_size windows: those already queued, and, while other requests are still being received
+or tokenized, those that arrive until max_wait_ms after the oldest was queued (a lone request never waits;
+under load windows pile up while the engine works and the next batch takes them). It runs them in a single
 engine thread (the engine releases the GIL; one call at a time because its OpenMP pool already uses every core).
 Windows are sorted by length and cut into the engine calls that cost least (a fixed cost per call plus rows x
 padded width; DynamicBatcher.group_rows): on a CPU padding costs as much as text, so one call padded to the
-longest window can waste more than batching gains. A window's logits do not depend on what it was batched with (padding is masked out and the
-positions past its last token read -inf). Tokenizing, span decoding and JSON run in a small thread pool, so the
-event loop never waits on them.
+longest window can waste more than batching gains. A window's logits do not depend on what it was batched with
+(padding is masked out, and positions past its last token read -inf). Tokenizing, span decoding and JSON run in
+a small thread pool, so the event loop never waits on them.
 
 Configuration (command-line flags override the environment):
     SAGEMAKER_BIND_TO_PORT         port (8080)
@@ -43,20 +45,21 @@ Configuration (command-line flags override the environment):
     SAGEMAKER_MAX_PAYLOAD_IN_MB    largest request body (6) -> 413 past it
     BERTQA_MAX_BATCH_SIZE          windows per engine call (16); the engine is warmed up at this many windows of
                                    max_seq_length tokens before /ping answers 200, so its memory is allocated once
-    BERTQA_MAX_WAIT_MS             how long the oldest queued request waits for others (5); BERTQA_BATCHING=0 off
+    BERTQA_MAX_WAIT_MS             how long a batch may wait for requests on their way (5); BERTQA_BATCHING=0 off
     BERTQA_MAX_QUESTIONS           questions per request (1024) -> 413 past it
     BERTQA_MAX_WINDOWS             windows per request (512) -> 413 past it (a 384-token window per ~1 KB of text)
     BERTQA_MAX_QUEUE               windows waiting in the queue, all requests (2048) -> 503 + Retry-After past it
     BERTQA_MAX_SEQ_LENGTH, BERTQA_DOC_STRIDE, BERTQA_MAX_QUERY_LENGTH, BERTQA_MAX_ANSWER_LENGTH,
     BERTQA_N_BEST_SIZE             windowing and decoding (384, 128, 64, 30, 20: the training defaults)
+    BERTQA_MODEL_DIR               model folder or archive when --model-dir is not given (/opt/ml/model)
     BERTQA_DEVICE                  cpu or cuda (cpu)
+    BERTQA_NUM_THREADS             engine threads per worker (cores / workers)
 
 Errors are JSON, {"error": "<what is wrong>", "status": <code>}: 400 malformed JSON, bad UTF-8, a missing,
 empty or wrongly typed field; 404/405 unknown route or method; 406 an Accept we cannot produce; 413 body,
 questions or windows over the limits above; 415 another content type or a compressed body; 503 model not
-loaded yet or queue full;
-504 over the timeout. A client that disconnects has its queued windows dropped. SIGTERM/SIGINT: the server
-stops accepting connections, finishes the requests in flight, then exits.
+loaded yet or queue full; 504 over the timeout. A client that disconnects has its queued windows dropped.
+SIGTERM/SIGINT: the server stops accepting connections, finishes the requests in flight, then exits.
 """
 from __future__ import annotations
 
@@ -465,14 +468,17 @@ _STOP = object()
 class DynamicBatcher:
     """Gathers the windows of concurrent requests into engine calls of at most max_batch_size windows.
 
-    The oldest waiting chunk opens a batch; chunks that arrive before max_wait_ms has passed since it was
-    queued (or are already queued) join while they fit. With enabled=False every chunk is its own engine call.
-    `forward(input_ids, attention_mask, token_type_ids)` runs in one dedicated thread.
+    The oldest waiting chunk opens a batch; chunks already queued join while they fit, and while
+    `others_coming()` says more requests are on their way (being received or tokenized), the batch waits for
+    them until max_wait_ms after the oldest chunk was queued. A lone request therefore never waits, and under
+    load the engine is never idle while windows are queued. With enabled=False every chunk is its own engine
+    call. `forward(input_ids, attention_mask, token_type_ids)` runs in one dedicated thread.
     """
 
     def __init__(self, forward: Callable, max_batch_size: int = 16, max_wait_ms: float = 5.0, enabled: bool = True,
                  max_queue: int = 2048, pad_token_id: int = 0, pad_to_multiple_of: int = 8,
-                 call_overhead_tokens: int = CALL_OVERHEAD_TOKENS):
+                 call_overhead_tokens: int = CALL_OVERHEAD_TOKENS,
+                 others_coming: Callable[[], bool] = lambda: True):
         self.forward = forward
         self.max_batch_size = int(max_batch_size)
         self.max_wait = float(max_wait_ms) / 1000.0
@@ -481,6 +487,7 @@ class DynamicBatcher:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.call_overhead_tokens = int(call_overhead_tokens)
+        self.others_coming = others_coming
         self.queued = 0  # windows waiting (not yet in an engine call)
         self.calls = 0
         self.windows = 0
@@ -576,7 +583,7 @@ class DynamicBatcher:
             if self.enabled:
                 deadline = first.enqueued + self.max_wait
                 while rows < self.max_batch_size:
-                    item = await self._next(deadline - loop.time())
+                    item = await self._next(deadline - loop.time() if self.others_coming() else 0.0)
                     if item is None:
                         break
                     if item is _STOP:
@@ -705,7 +712,8 @@ class QAService:
         self.load_error: Optional[str] = None
         self.on_load_error: Optional[Callable[[], None]] = None
         self.cpu = ThreadPoolExecutor(2, thread_name_prefix="bertqa-cpu")
-        self.inflight = 0
+        self.inflight = 0  # requests between their headers and their answer
+        self.on_the_way = 0  # requests being received or tokenized: their windows are not queued yet
 
     @property
     def loaded(self) -> bool:
@@ -726,7 +734,8 @@ class QAService:
             return
         c = self.config
         batcher = DynamicBatcher(model.forward, c.max_batch_size, c.max_wait_ms, c.batching, c.max_queue,
-                                 pad_token_id=model.tokenizer.pad_token_id)
+                                 pad_token_id=model.tokenizer.pad_token_id,
+                                 others_coming=lambda: self.on_the_way > 0)
         batcher.start()
         self.pipeline, self.batcher = pipeline, batcher
         log.info("model loaded from %s in %.1f s; max_seq_length %d, batching %s (max %d windows, %.1f ms)",
@@ -761,9 +770,12 @@ class QAService:
 
     # ---- one request ---------------------------------------------------------------------------------------
 
-    async def answer(self, body: bytes, fmt: str, out_fmt: str) -> tuple[bytes, str]:
+    async def answer(self, body: bytes, fmt: str, out_fmt: str, arrival: "_Arrival") -> tuple[bytes, str]:
         loop = asyncio.get_running_loop()
-        parsed, prepared = await loop.run_in_executor(self.cpu, self._prepare, body, fmt)
+        try:
+            parsed, prepared = await loop.run_in_executor(self.cpu, self._prepare, body, fmt)
+        finally:
+            arrival.done()  # from here on its windows are queued (below, with no await in between) or it failed
         input_ids, attention_mask, token_type_ids = prepared.model_inputs()
         try:
             start, end = await self.batcher.run(input_ids, attention_mask, token_type_ids)
@@ -788,6 +800,20 @@ class QAService:
                 answers.append(self.pipeline.decode_one(prepared, k, start, end, r.top_k or 1, r.max_answer_length))
                 k += 1
         return render_results(parsed, answers, out_fmt)
+
+
+class _Arrival:
+    """Counts a request in service.on_the_way from its headers until its windows are queued (or it fails)."""
+
+    def __init__(self, service: QAService):
+        self.service = service
+        self.active = True
+        service.on_the_way += 1
+
+    def done(self) -> None:
+        if self.active:
+            self.active = False
+            self.service.on_the_way -= 1
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None):
@@ -857,10 +883,17 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
         return _error(503, "model is loading")
 
     async def invocations(request: Request) -> Response:
+        if not service.loaded:
+            return _error(503, f"model failed to load: {service.load_error}" if service.load_error
+                          else "model is loading; retry when GET /ping answers 200", {"Retry-After": "5"})
+        arrival = _Arrival(service)
         try:
-            if not service.loaded:
-                raise RequestError(503, f"model failed to load: {service.load_error}" if service.load_error
-                                   else "model is loading; retry when GET /ping answers 200", {"Retry-After": "5"})
+            return await _invocation(request, arrival)
+        finally:
+            arrival.done()
+
+    async def _invocation(request: Request, arrival: _Arrival) -> Response:
+        try:
             encoding = request.headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("", "identity"):
                 raise RequestError(415, f"unsupported Content-Encoding {encoding!r}: send the body uncompressed")
@@ -873,7 +906,7 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
             log.info("client disconnected while sending the request")
             return Response(status_code=400)
         service.inflight += 1
-        work = asyncio.ensure_future(service.answer(body, fmt, out_fmt))
+        work = asyncio.ensure_future(service.answer(body, fmt, out_fmt, arrival))
         watch = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait({work, watch}, timeout=config.timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -1135,7 +1168,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None,
                    help="windows per engine call (16)")
     p.add_argument("--max-wait-ms", dest="max_wait_ms", type=float, default=None,
-                   help="how long a request waits for others to batch with (5)")
+                   help="how long a batch may wait for requests being received or tokenized (5)")
     p.add_argument("--no-batching", dest="batching", action="store_const", const=False, default=None,
                    help="one engine call per request")
     for flag, help_text in (("max_seq_length", "384"), ("doc_stride", "128"), ("max_query_length", "64"),

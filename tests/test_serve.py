@@ -524,7 +524,7 @@ def test_client_disconnects_do_not_hurt_the_server(scripted_server):
 
 def test_dynamic_batching_gathers_concurrent_requests(tmp_path):
     engine = ScriptedEngine(tmp_path, delay=0.05)
-    config = ServeConfig(max_batch_size=16, max_wait_ms=20, **SMALL)
+    config = ServeConfig(max_batch_size=16, max_wait_ms=2000, **SMALL)
     with ServerThread(config, lambda: engine) as srv:
         engine.shapes.clear()
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
@@ -535,8 +535,8 @@ def test_dynamic_batching_gathers_concurrent_requests(tmp_path):
         assert all(b <= 16 for b in sizes)
         stats = json.loads(request(srv.port, "GET", "/stats")[2])
         assert stats["windows"] == 12 and stats["engine_calls"] == len(sizes)
-        # A lone request waits for company at most max_wait_ms (20 ms; the engine call takes 50 ms); the bound
-        # is loose because the test machine may be busy.
+        # A lone request does not wait for company (max_wait_ms is 2 s; the engine call takes 50 ms): the batch
+        # only waits while other requests are being received or tokenized.
         t0 = time.perf_counter()
         ask(srv.port, {"question": "q", "context": CONTEXT})
         assert time.perf_counter() - t0 < 1.0
