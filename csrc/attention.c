@@ -23,9 +23,11 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
     int status = BQ_OK;
 #pragma omp parallel
     {
-        float *dropped = NULL;   /* this thread's [T,T] scratch for dropout(att) */
+        /* this thread's [T,T] scratch: dropout(att) when dropout is on; the probabilities themselves when the
+         * caller keeps none (att == NULL: inference, nothing to differentiate) */
+        float *scratch = NULL;
         int ok = 1;
-        if (dropout_p > 0.0f && !(dropped = malloc(TT * sizeof(float)))) ok = 0;
+        if ((dropout_p > 0.0f || !att) && !(scratch = malloc(TT * sizeof(float)))) ok = 0;
         if (!ok) {
 #pragma omp atomic write
             status = BQ_ERR_NOMEM;
@@ -35,20 +37,20 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
             if (!ok) continue;
             const int b = bh / NH, h = bh % NH;
             const long off = b * s.sb + h * s.sh;
-            float *a = att + bh * TT;   /* [T,T] */
+            float *a = att ? att + bh * TT : scratch;   /* [T,T] */
             /* a = scale * q k^T */
             bq_sgemm1(0, 1, T, T, HS, scale, q + off, ld, k + off, ld, 0.0f, a, T);
             const float *mk = mask ? mask + (long)b * T : NULL;
             for (int i = 0; i < T; i++) bq_softmax_row(a + (long)i * T, mk, T);
             const float *p = a;
-            if (dropped) {
-                bq_dropout_slice(dropped, a, TT, dropout_p, seed, step, tensor_id, head_offset(b, h, NH, TT));
-                p = dropped;
+            if (dropout_p > 0.0f) {   /* in place when the probabilities are not kept */
+                bq_dropout_slice(scratch, a, TT, dropout_p, seed, step, tensor_id, head_offset(b, h, NH, TT));
+                p = scratch;
             }
             /* out = p v */
             bq_sgemm1(0, 0, T, HS, T, 1.0f, p, T, v + off, ld, 0.0f, out + off, ld);
         }
-        free(dropped);
+        free(scratch);
     }
     return status;
 }

@@ -113,7 +113,8 @@ typedef struct {
 
 /* att[b,h] = softmax(q k^T / sqrt(HS) + (1 - mask[b]) * -10000)   [B,NH,T,T], stored for backward
  * out[b,h] = dropout(att[b,h]) @ v                                  (dropout keyed by tensor_id)
- * mask [B,T] of 0/1 (1 = real token) or NULL. dropout_p = 0 disables dropout.
+ * mask [B,T] of 0/1 (1 = real token) or NULL. dropout_p = 0 disables dropout. att may be NULL when no backward
+ * follows: each thread then works in one [T,T] block of its own instead of B*NH of them.
  * Returns BQ_ERR_NOMEM if a thread's [T,T] dropout scratch cannot be allocated. */
 int attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                       const float *mask, bq_attn_shape s, float dropout_p, uint64_t seed, uint32_t step,

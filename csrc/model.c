@@ -107,9 +107,15 @@ static size_t layout(bq_model *m, int B, int T, int train, float *ptr) {
     const int sets = train ? c->L : 1;
     for (int l = 0; l < sets; l++) {
         bq_layer_acts *a = &m->acts[l];
-        TAKE(a->q, N * C); TAKE(a->k, N * C); TAKE(a->v, N * C); TAKE(a->att, A); TAKE(a->ctx, N * C);
+        TAKE(a->q, N * C); TAKE(a->k, N * C); TAKE(a->v, N * C); TAKE(a->ctx, N * C);
         TAKE(a->res1, N * C); TAKE(a->mean1, N); TAKE(a->rstd1, N); TAKE(a->h1, N * C);
-        TAKE(a->fc, N * I); TAKE(a->gelu, N * I);
+        TAKE(a->fc, N * I);
+        if (train) {   /* what only backward needs: the probabilities, and the GELU input beside its output */
+            TAKE(a->att, A); TAKE(a->gelu, N * I);
+        } else if (ptr) {
+            a->att = NULL;
+            a->gelu = a->fc;
+        }
         TAKE(a->res2, N * C); TAKE(a->mean2, N); TAKE(a->rstd2, N);
         if (train) TAKE(a->out, N * C);
     }

@@ -38,7 +38,8 @@ typedef struct {
     float *qaw, *qab;
 } bq_params;
 
-/* Activations of one layer for one (B, T). In eval mode all layers share one set. */
+/* Activations of one layer for one (B, T). In eval mode all layers share one set, with no probabilities
+ * (att = NULL) and GELU in place (gelu = fc). */
 typedef struct {
     float *q, *k, *v;        /* [N,C] each, heads side by side ([B,T,NH,HS]) */
     float *att;              /* [B,NH,T,T] softmax probabilities (before dropout) */
