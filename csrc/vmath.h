@@ -80,6 +80,42 @@ static inline float bq_hmax8(__m256 v) {
 }
 #endif
 
+/* erf(z) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7 in exact arithmetic, ~3e-7 in float):
+ * erf(|z|) = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p |z|). *e gets exp(-z^2),
+ * which GELU's derivative needs too. */
+#define BQ_ERF_P 0.3275911f
+#define BQ_ERF_A1 0.254829592f
+#define BQ_ERF_A2 (-0.284496736f)
+#define BQ_ERF_A3 1.421413741f
+#define BQ_ERF_A4 (-1.453152027f)
+#define BQ_ERF_A5 1.061405429f
+
+static inline float bq_erff(float z, float *e) {
+    float a = fabsf(z);
+    float t = 1.0f / (1.0f + BQ_ERF_P * a);
+    float poly = t * (BQ_ERF_A1 + t * (BQ_ERF_A2 + t * (BQ_ERF_A3 + t * (BQ_ERF_A4 + t * BQ_ERF_A5))));
+    *e = bq_expf(-z * z);
+    float r = 1.0f - poly * *e;
+    return z < 0.0f ? -r : r;
+}
+
+#ifdef __AVX2__
+static inline __m256 bq_erff8(__m256 z, __m256 *e) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 a = _mm256_andnot_ps(sign, z);
+    __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_mul_ps(_mm256_set1_ps(BQ_ERF_P), a)));
+    __m256 poly = _mm256_set1_ps(BQ_ERF_A5);
+    poly = _mm256_add_ps(_mm256_mul_ps(poly, t), _mm256_set1_ps(BQ_ERF_A4));
+    poly = _mm256_add_ps(_mm256_mul_ps(poly, t), _mm256_set1_ps(BQ_ERF_A3));
+    poly = _mm256_add_ps(_mm256_mul_ps(poly, t), _mm256_set1_ps(BQ_ERF_A2));
+    poly = _mm256_add_ps(_mm256_mul_ps(poly, t), _mm256_set1_ps(BQ_ERF_A1));
+    poly = _mm256_mul_ps(poly, t);
+    *e = bq_expf8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, z)));
+    __m256 r = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_mul_ps(poly, *e));
+    return _mm256_or_ps(r, _mm256_and_ps(sign, z));   /* erf is odd: copy z's sign */
+}
+#endif
+
 /* row[0..T) = softmax(row + (1 - mk) * -10000) in place; mk [T] of 0/1, or NULL. */
 static inline void bq_softmax_row(float *row, const float *mk, int T) {
     int j = 0;

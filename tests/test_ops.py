@@ -56,9 +56,9 @@ def test_gelu(rng, shape):
 
 
 def test_gelu_is_erf_form_not_tanh():
-    # at x = -3 the tanh approximation differs from the exact erf form by ~1.6e-4 (relative ~4%)
+    # at x = -3 the tanh approximation differs from the exact erf form by 4.1e-4 (10%); ours is within 1e-6
     x = np.array([-3.0], np.float32)
-    assert abs(ops.gelu(x)[0] - ref.gelu(x)[0]) < 1e-7
+    assert abs(ops.gelu(x)[0] - ref.gelu(x)[0]) < 1e-6
 
 
 @pytest.mark.parametrize("shape", ROW_SHAPES)
