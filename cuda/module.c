@@ -1,0 +1,1082 @@
+/* bertqa._cuda: the CUDA backend as a Python module (CPython + NumPy C API), separate from bertqa._C so that
+ * `import bertqa` and the CPU engine never need the CUDA libraries; bertqa.cuda imports it on first use.
+ *
+ *   device_count() -> (n, reason)       usable GPUs (compute capability >= 8.0), and why none when n == 0
+ *   device_info(dev) -> dict            name, capability, memory, multiprocessors
+ *   versions() -> (runtime, driver)
+ *   Engine(config, params, training=False, precision="bf16", device=0)
+ *                                       the GPU engine (cuda/model.cu), same methods as bertqa._C.Engine plus
+ *                                       enable_training, zero_grad, download, upload, synchronize
+ *   <kernel>(...)                       the kernels one by one on preallocated host arrays (bertqa.cuda.ops wraps
+ *                                       them with shapes); outputs are written in place
+ *
+ * Failures raise: MemoryError (device or host memory), ValueError (bad arguments, ids out of range),
+ * RuntimeError (a CUDA/cuBLAS error or no usable device), each with the backend's message (the failing call,
+ * the CUDA error string and file:line).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pythread.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <string.h>
+
+#include "bertqa_cuda.h"
+
+#define F(a) ((float *)PyArray_DATA(a))
+#define FN(a) ((a) ? (float *)PyArray_DATA(a) : NULL)
+#define I64(a) ((const int64_t *)PyArray_DATA(a))
+#define I64N(a) ((a) ? (const int64_t *)PyArray_DATA(a) : NULL)
+
+static PyObject *raise_status(int st, const char *what) {
+    const char *msg = bq_cuda_last_error();
+    PyObject *type = st == BQ_ERR_NOMEM ? PyExc_MemoryError
+                     : (st == BQ_ERR_ARG || st == BQ_ERR_INDEX) ? PyExc_ValueError
+                                                                : PyExc_RuntimeError;
+    return PyErr_Format(type, "%s: %s%s%s", what, bq_cuda_status_string(st), msg && *msg ? ": " : "", msg ? msg : "");
+}
+
+static int parse_precision(const char *s, int *out) {
+    if (!strcmp(s, "fp32") || !strcmp(s, "float32")) *out = BQ_FP32;
+    else if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16")) *out = BQ_BF16;
+    else {
+        PyErr_Format(PyExc_ValueError, "precision must be 'fp32' or 'bf16', got '%s'", s);
+        return 0;
+    }
+    return 1;
+}
+
+/* ---- argument checks ----------------------------------------------------------------------------------- */
+
+/* A borrowed float32 C-contiguous array of exactly n elements (writeable when out); None gives NULL when optional. */
+static int f32_exact(PyObject *obj, const char *name, size_t n, int out, int optional, PyArrayObject **res) {
+    *res = NULL;
+    if (obj == Py_None && optional) return 1;
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of float32, got %s", name, Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != NPY_FLOAT32) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype float32, got %s", name, PyArray_DESCR(a)->typeobj->tp_name);
+        return 0;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous, aligned and in native byte order", name);
+        return 0;
+    }
+    if (out && !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be writeable", name);
+        return 0;
+    }
+    if ((size_t)PyArray_SIZE(a) != n) {
+        PyErr_Format(PyExc_ValueError, "%s must have %zu elements, got %zd", name, n, (Py_ssize_t)PyArray_SIZE(a));
+        return 0;
+    }
+    *res = a;
+    return 1;
+}
+
+/* A new reference: int64 C-contiguous copy/view of an integer array of exactly n elements (None -> NULL when
+ * optional). */
+static int ids_exact(PyObject *obj, const char *name, size_t n, int optional, PyArrayObject **res) {
+    *res = NULL;
+    if (obj == Py_None && optional) return 1;
+    if (!PyArray_Check(obj) || !PyArray_ISINTEGER((PyArrayObject *)obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of integers (int64 or int32)", name);
+        return 0;
+    }
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(obj, NPY_INT64, 0, 0,
+                                                        NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+    if (!a) return 0;
+    if ((size_t)PyArray_SIZE(a) != n) {
+        PyErr_Format(PyExc_ValueError, "%s must have %zu elements, got %zd", name, n, (Py_ssize_t)PyArray_SIZE(a));
+        Py_DECREF(a);
+        return 0;
+    }
+    *res = a;
+    return 1;
+}
+
+/* The token batch of an Engine call: ids [B,T] (int), types [B,T] or None, mask [B,T] 0/1 or None. */
+typedef struct {
+    PyArrayObject *ids, *types, *mask;
+    int B, T;
+} batch_args;
+
+static void batch_release(batch_args *b) {
+    Py_XDECREF(b->ids);
+    Py_XDECREF(b->types);
+    Py_XDECREF(b->mask);
+}
+
+static int batch_parse(batch_args *b, PyObject *io, PyObject *to, PyObject *mo, const bq_config *c) {
+    memset(b, 0, sizeof *b);
+    if (!PyArray_Check(io) || PyArray_NDIM((PyArrayObject *)io) != 2) {
+        PyErr_SetString(PyExc_ValueError, "input_ids must be a 2-D numpy.ndarray [B, T] of integers");
+        return 0;
+    }
+    const npy_intp B = PyArray_DIM((PyArrayObject *)io, 0), T = PyArray_DIM((PyArrayObject *)io, 1);
+    if (B < 1 || T < 1 || B * T > (1L << 30)) {
+        PyErr_Format(PyExc_ValueError, "input_ids has shape (%zd, %zd): need 1 <= B, T", (Py_ssize_t)B, (Py_ssize_t)T);
+        return 0;
+    }
+    if (T > c->P) {
+        PyErr_Format(PyExc_ValueError, "input_ids has %zd tokens per row, more than max_position_embeddings (%d)",
+                     (Py_ssize_t)T, c->P);
+        return 0;
+    }
+    b->B = (int)B;
+    b->T = (int)T;
+    if (!ids_exact(io, "input_ids", (size_t)(B * T), 0, &b->ids)) return 0;
+    if (to != Py_None) {
+        if (!PyArray_Check(to) || PyArray_NDIM((PyArrayObject *)to) != 2 ||
+            PyArray_DIM((PyArrayObject *)to, 0) != B || PyArray_DIM((PyArrayObject *)to, 1) != T) {
+            PyErr_Format(PyExc_ValueError, "token_type_ids must be a [B, T] = [%zd, %zd] integer array", (Py_ssize_t)B,
+                         (Py_ssize_t)T);
+            return 0;
+        }
+        if (!ids_exact(to, "token_type_ids", (size_t)(B * T), 0, &b->types)) return 0;
+    }
+    const int64_t *ids = I64(b->ids);
+    for (npy_intp i = 0; i < B * T; i++) {
+        if (ids[i] < 0 || ids[i] >= c->V) {
+            PyErr_Format(PyExc_ValueError, "input_ids holds %lld at flat index %zd, outside [0, vocab_size=%d)",
+                         (long long)ids[i], (Py_ssize_t)i, c->V);
+            return 0;
+        }
+        if (b->types && (I64(b->types)[i] < 0 || I64(b->types)[i] >= c->NT)) {
+            PyErr_Format(PyExc_ValueError, "token_type_ids holds %lld at flat index %zd, outside [0, type_vocab_size=%d)",
+                         (long long)I64(b->types)[i], (Py_ssize_t)i, c->NT);
+            return 0;
+        }
+    }
+    if (mo != Py_None) {
+        if (!PyArray_Check(mo) || PyArray_NDIM((PyArrayObject *)mo) != 2 || PyArray_DIM((PyArrayObject *)mo, 0) != B ||
+            PyArray_DIM((PyArrayObject *)mo, 1) != T) {
+            PyErr_Format(PyExc_ValueError, "attention_mask must be a [B, T] = [%zd, %zd] array of 0/1", (Py_ssize_t)B,
+                         (Py_ssize_t)T);
+            return 0;
+        }
+        b->mask = (PyArrayObject *)PyArray_FROMANY(mo, NPY_FLOAT32, 2, 2,
+                                                   NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+        if (!b->mask) return 0;
+        const float *p = F(b->mask);
+        for (npy_intp i = 0; i < B * T; i++)
+            if (p[i] != 0.0f && p[i] != 1.0f) {
+                PyErr_Format(PyExc_ValueError, "attention_mask must hold only 0 and 1, found %g at flat index %zd",
+                             (double)p[i], (Py_ssize_t)i);
+                return 0;
+            }
+    }
+    return 1;
+}
+
+/* ---- Engine ---------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    bq_cuda_model *model;
+    bq_config cfg;
+    PyThread_type_lock lock;
+    int device;
+} Engine;
+
+static void engine_dealloc(Engine *self) {
+    if (self->model) bq_cuda_model_free(self->model);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static void lock_engine(Engine *self) {
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static int config_int(PyObject *cfg, const char *key, int *out) {
+    PyObject *v = PyDict_GetItemString(cfg, key);
+    if (!v) {
+        PyErr_Format(PyExc_ValueError, "config is missing %s", key);
+        return 0;
+    }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return 0;
+    if (x < 1 || x > (1L << 30)) {
+        PyErr_Format(PyExc_ValueError, "config %s must be a positive integer, got %ld", key, x);
+        return 0;
+    }
+    *out = (int)x;
+    return 1;
+}
+
+static int config_float(PyObject *cfg, const char *key, float *out, double lo, double hi) {
+    PyObject *v = PyDict_GetItemString(cfg, key);
+    if (!v) {
+        PyErr_Format(PyExc_ValueError, "config is missing %s", key);
+        return 0;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) return 0;
+    if (!isfinite(x) || x < lo || x >= hi) {
+        PyErr_Format(PyExc_ValueError, "config %s must be in [%g, %g), got %g", key, lo, hi, x);
+        return 0;
+    }
+    *out = (float)x;
+    return 1;
+}
+
+static int ready(Engine *self) {
+    if (!self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"config", "params", "training", "precision", "device", NULL};
+    PyObject *cfg, *po;
+    int training = 0, device = 0, precision;
+    const char *prec = "bf16";
+    if (self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|psi:Engine", kwlist, &PyDict_Type, &cfg, &po, &training, &prec,
+                                     &device))
+        return -1;
+    if (!parse_precision(prec, &precision)) return -1;
+    bq_config c;
+    if (!config_int(cfg, "vocab_size", &c.V) || !config_int(cfg, "max_position_embeddings", &c.P) ||
+        !config_int(cfg, "type_vocab_size", &c.NT) || !config_int(cfg, "hidden_size", &c.C) ||
+        !config_int(cfg, "num_hidden_layers", &c.L) || !config_int(cfg, "num_attention_heads", &c.NH) ||
+        !config_int(cfg, "intermediate_size", &c.FF) || !config_float(cfg, "layer_norm_eps", &c.eps, 0.0, 1.0) ||
+        !config_float(cfg, "hidden_dropout_prob", &c.hidden_dropout, 0.0, 1.0) ||
+        !config_float(cfg, "attention_probs_dropout_prob", &c.attn_dropout, 0.0, 1.0))
+        return -1;
+    PyObject *pad = PyDict_GetItemString(cfg, "pad_token_id");
+    c.pad_id = -1;
+    if (pad && pad != Py_None && (c.pad_id = PyLong_AsLongLong(pad)) == -1 && PyErr_Occurred()) return -1;
+    if (c.C % c.NH) {
+        PyErr_Format(PyExc_ValueError, "hidden_size %d is not a multiple of num_attention_heads %d", c.C, c.NH);
+        return -1;
+    }
+    /* the parameter count, from the same table as the engine */
+    size_t n = (size_t)c.V * c.C + (size_t)c.P * c.C + (size_t)c.NT * c.C + 2 * (size_t)c.C + 2 * (size_t)c.C + 2 +
+               (size_t)c.L * (4 * ((size_t)c.C * c.C + c.C) + 2 * (size_t)c.FF * c.C + c.FF + c.C + 4 * (size_t)c.C);
+    PyArrayObject *params;
+    if (!f32_exact(po, "params", n, 0, 0, &params)) return -1;
+    if (!(self->lock = PyThread_allocate_lock())) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int st;
+    bq_cuda_model *m = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_cuda_model_init(&m, &c, F(params), precision, training, device);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_status(st, "Engine");
+        return -1;
+    }
+    if (bq_cuda_model_nparams(m) != n) {   /* the two tables must agree */
+        bq_cuda_model_free(m);
+        PyErr_SetString(PyExc_RuntimeError, "bertqa internal error: CUDA engine parameter count mismatch");
+        return -1;
+    }
+    self->model = m;
+    self->cfg = c;
+    self->device = device;
+    return 0;
+}
+
+static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", NULL};
+    PyObject *io, *to = Py_None, *mo = Py_None, *result = NULL;
+    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "O|OO:forward", kwlist, &io, &to, &mo)) return NULL;
+    batch_args b;
+    PyArrayObject *start = NULL, *end = NULL;
+    if (!batch_parse(&b, io, to, mo, &self->cfg)) goto done;
+    npy_intp dims[2] = {b.B, b.T};
+    if (!(start = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)) ||
+        !(end = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)))
+        goto done;
+    int st;
+    lock_engine(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), b.B, b.T, 0, 0, 0, F(start), F(end));
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st) { raise_status(st, "Engine.forward"); goto done; }
+    result = Py_BuildValue("(OO)", start, end);
+done:
+    batch_release(&b);
+    Py_XDECREF(start);
+    Py_XDECREF(end);
+    return result;
+}
+
+static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
+                             "seed", "step", "loss_scale", NULL};
+    PyObject *io, *to, *mo, *spo, *epo, *result = NULL;
+    unsigned long long seed = 0;
+    unsigned int step = 0;
+    double loss_scale = 1.0;
+    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KId:forward_backward", kwlist, &io, &to, &mo,
+                                                     &spo, &epo, &seed, &step, &loss_scale))
+        return NULL;
+    if (!bq_cuda_model_training(self->model)) {
+        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
+        return NULL;
+    }
+    if (!isfinite(loss_scale) || loss_scale < 0 || loss_scale > 1e30) {
+        PyErr_Format(PyExc_ValueError, "loss_scale must be in [0, 1e30], got %g", loss_scale);
+        return NULL;
+    }
+    batch_args b;
+    PyArrayObject *sp = NULL, *ep = NULL;
+    if (!batch_parse(&b, io, to, mo, &self->cfg) || !ids_exact(spo, "start_positions", b.B, 0, &sp) ||
+        !ids_exact(epo, "end_positions", b.B, 0, &ep))
+        goto done;
+    int st;
+    float loss = 0.0f;
+    lock_engine(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), b.B, b.T, 1, seed, step, NULL, NULL);
+    if (!st)
+        st = bq_cuda_backward(self->model, I64(b.ids), I64N(b.types), I64(sp), I64(ep), seed, step, (float)loss_scale,
+                              &loss);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st) { raise_status(st, "Engine.forward_backward"); goto done; }
+    result = PyFloat_FromDouble(loss);
+done:
+    batch_release(&b);
+    Py_XDECREF(sp);
+    Py_XDECREF(ep);
+    return result;
+}
+
+static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm", NULL};
+    PyObject *dobj;
+    int step;
+    double lr, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.0, max_norm = 1.0;
+    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "Oid|ddddd:adamw_step", kwlist, &dobj, &step, &lr, &b1,
+                                                     &b2, &eps, &wd, &max_norm))
+        return NULL;
+    const int nt = bq_cuda_model_ntensors(self->model);
+    if (!PyArray_Check(dobj) ||
+        (PyArray_TYPE((PyArrayObject *)dobj) != NPY_UINT8 && PyArray_TYPE((PyArrayObject *)dobj) != NPY_BOOL) ||
+        PyArray_NDIM((PyArrayObject *)dobj) != 1 || PyArray_DIM((PyArrayObject *)dobj, 0) != nt ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)dobj)) {
+        PyErr_Format(PyExc_TypeError, "decay must be a contiguous uint8/bool array of %d flags (one per tensor)", nt);
+        return NULL;
+    }
+    if (step < 1) return PyErr_Format(PyExc_ValueError, "step counts from 1, got %d", step);
+    if (!isfinite(lr) || lr < 0 || !(b1 >= 0 && b1 < 1) || !(b2 >= 0 && b2 < 1) || !(eps > 0 && eps <= 1) ||
+        !isfinite(wd) || wd < 0 || !isfinite(max_norm) || max_norm < 0)
+        return PyErr_Format(PyExc_ValueError, "bad AdamW hyperparameters (lr=%g beta1=%g beta2=%g eps=%g wd=%g "
+                            "max_grad_norm=%g)", lr, b1, b2, eps, wd, max_norm);
+    if (!bq_cuda_model_training(self->model)) {
+        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
+        return NULL;
+    }
+    double norm = 0.0;
+    int st;
+    lock_engine(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_cuda_adamw_step(self->model, (const uint8_t *)PyArray_DATA((PyArrayObject *)dobj), (float)lr, (float)b1,
+                            (float)b2, (float)eps, (float)wd, (float)max_norm, step, &norm);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st) return raise_status(st, "Engine.adamw_step");
+    return PyFloat_FromDouble(norm);
+}
+
+typedef int (*model_fn)(bq_cuda_model *);
+
+static PyObject *engine_call0(Engine *self, model_fn fn, const char *what) {
+    if (!ready(self)) return NULL;
+    int st;
+    lock_engine(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = fn(self->model);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st) return raise_status(st, what);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_enable_training(Engine *self, PyObject *noargs) {
+    return engine_call0(self, bq_cuda_model_enable_training, "Engine.enable_training");
+}
+static PyObject *engine_zero_grad(Engine *self, PyObject *noargs) {
+    return engine_call0(self, bq_cuda_model_zero_grad, "Engine.zero_grad");
+}
+static PyObject *engine_release_arena(Engine *self, PyObject *noargs) {
+    return engine_call0(self, bq_cuda_model_release_arena, "Engine.release_arena");
+}
+static PyObject *engine_synchronize(Engine *self, PyObject *noargs) {
+    return engine_call0(self, bq_cuda_model_synchronize, "Engine.synchronize");
+}
+
+static int buffer_number(const char *name) {
+    if (!strcmp(name, "params")) return BQ_BUF_PARAMS;
+    if (!strcmp(name, "grads")) return BQ_BUF_GRADS;
+    if (!strcmp(name, "m")) return BQ_BUF_M;
+    if (!strcmp(name, "v")) return BQ_BUF_V;
+    PyErr_Format(PyExc_ValueError, "buffer must be 'params', 'grads', 'm' or 'v', got '%s'", name);
+    return -1;
+}
+
+static PyObject *engine_copy(Engine *self, PyObject *args, int to_device) {
+    const char *name;
+    PyObject *ao;
+    if (!ready(self) || !PyArg_ParseTuple(args, "sO", &name, &ao)) return NULL;
+    const int which = buffer_number(name);
+    PyArrayObject *a;
+    if (which < 0 || !f32_exact(ao, to_device ? "array" : "out", bq_cuda_model_nparams(self->model), !to_device, 0, &a))
+        return NULL;
+    int st;
+    lock_engine(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = to_device ? bq_cuda_model_upload(self->model, which, F(a)) : bq_cuda_model_download(self->model, which, F(a));
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st) return raise_status(st, to_device ? "Engine.upload" : "Engine.download");
+    Py_RETURN_NONE;
+}
+static PyObject *engine_download(Engine *self, PyObject *args) { return engine_copy(self, args, 0); }
+static PyObject *engine_upload(Engine *self, PyObject *args) { return engine_copy(self, args, 1); }
+
+static PyObject *engine_tensor_sizes(Engine *self, PyObject *noargs) {
+    if (!ready(self)) return NULL;
+    const int nt = bq_cuda_model_ntensors(self->model);
+    const size_t *off = bq_cuda_model_offsets(self->model);
+    PyObject *list = PyList_New(nt);
+    if (!list) return NULL;
+    for (int i = 0; i < nt; i++) {
+        PyObject *n = PyLong_FromSize_t(off[i + 1] - off[i]);
+        if (!n) { Py_DECREF(list); return NULL; }
+        PyList_SET_ITEM(list, i, n);
+    }
+    return list;
+}
+
+static PyObject *engine_arena_bytes(Engine *self, PyObject *noargs) {
+    if (!ready(self)) return NULL;
+    return PyLong_FromSize_t(bq_cuda_model_arena_bytes(self->model));
+}
+
+static PyObject *engine_get_precision(Engine *self, void *closure) {
+    if (!ready(self)) return NULL;
+    return PyUnicode_FromString(bq_cuda_model_precision(self->model) == BQ_BF16 ? "bf16" : "fp32");
+}
+static PyObject *engine_get_training(Engine *self, void *closure) {
+    if (!ready(self)) return NULL;
+    return PyBool_FromLong(bq_cuda_model_training(self->model));
+}
+static PyObject *engine_get_device(Engine *self, void *closure) { return PyLong_FromLong(self->device); }
+static PyObject *engine_get_gemm_stats(Engine *self, void *closure) {
+    if (!ready(self)) return NULL;
+    long lt, fb;
+    bq_cuda_model_gemm_stats(self->model, &lt, &fb);
+    return Py_BuildValue("{s:l,s:l}", "cublaslt", lt, "cublas_fallback", fb);
+}
+
+static PyGetSetDef engine_getset[] = {
+    {"precision", (getter)engine_get_precision, NULL, "'fp32' or 'bf16'", NULL},
+    {"training", (getter)engine_get_training, NULL, "whether gradients and Adam state are allocated", NULL},
+    {"device", (getter)engine_get_device, NULL, "CUDA device number", NULL},
+    {"gemm_stats", (getter)engine_get_gemm_stats, NULL,
+     "matrix products so far through cuBLASLt and through the cuBLAS fallback", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef engine_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(input_ids, token_type_ids=None, attention_mask=None)\n--\n\n"
+     "Eval-mode forward on the GPU: int [B,T] ids -> (start_logits, end_logits), float32 [B,T] host arrays."},
+    {"forward_backward", (PyCFunction)(void (*)(void))engine_forward_backward, METH_VARARGS | METH_KEYWORDS,
+     "forward_backward(input_ids, token_type_ids, attention_mask, start_positions, end_positions, seed=0, step=0, "
+     "loss_scale=1.0)\n--\n\n"
+     "Train-mode forward (dropout keyed by seed, step as on the CPU) and backward; gradients ADD into the device "
+     "gradient buffer (times loss_scale). Returns the loss."},
+    {"adamw_step", (PyCFunction)(void (*)(void))engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
+     "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)\n--\n\n"
+     "Global-norm clipping and one AdamW step on the device. Returns the gradient norm before clipping; a "
+     "non-finite norm leaves everything unchanged."},
+    {"enable_training", (PyCFunction)engine_enable_training, METH_NOARGS,
+     "enable_training()\n--\n\nAllocate (zeroed) gradients and Adam state on the device."},
+    {"zero_grad", (PyCFunction)engine_zero_grad, METH_NOARGS, "zero_grad()\n--\n\nZero the device gradients."},
+    {"download", (PyCFunction)engine_download, METH_VARARGS,
+     "download(buffer, out)\n--\n\nCopy 'params', 'grads', 'm' or 'v' from the device into the float32 array out."},
+    {"upload", (PyCFunction)engine_upload, METH_VARARGS,
+     "upload(buffer, array)\n--\n\nCopy a float32 host array into 'params', 'grads', 'm' or 'v' on the device."},
+    {"synchronize", (PyCFunction)engine_synchronize, METH_NOARGS,
+     "synchronize()\n--\n\nWait for the engine's queued GPU work (surfaces an asynchronous error)."},
+    {"tensor_sizes", (PyCFunction)engine_tensor_sizes, METH_NOARGS,
+     "tensor_sizes()\n--\n\nElement counts of the parameter tensors in buffer order."},
+    {"arena_bytes", (PyCFunction)engine_arena_bytes, METH_NOARGS,
+     "arena_bytes()\n--\n\nBytes of the device activation arena now allocated."},
+    {"release_arena", (PyCFunction)engine_release_arena, METH_NOARGS,
+     "release_arena()\n--\n\nFree the device activation arena (it is reallocated on the next call)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "bertqa._cuda.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_dealloc = (destructor)engine_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Engine(config, params, training=False, precision='bf16', device=0)\n--\n\n"
+              "BERT for question answering on a GPU; params (float32, the flat host buffer) are copied to the device.",
+    .tp_methods = engine_methods,
+    .tp_getset = engine_getset,
+    .tp_init = (initproc)engine_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---- devices ------------------------------------------------------------------------------------------------ */
+
+static PyObject *py_device_count(PyObject *self, PyObject *noargs) {
+    char reason[512];
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    n = bq_cuda_device_count(reason, sizeof reason);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(is)", n, reason);
+}
+
+static PyObject *py_device_info(PyObject *self, PyObject *args) {
+    int dev = 0, major, minor, sms;
+    size_t mem;
+    char name[256];
+    if (!PyArg_ParseTuple(args, "|i", &dev)) return NULL;
+    int st = bq_cuda_device_info(dev, name, sizeof name, &major, &minor, &mem, &sms);
+    if (st) return raise_status(st, "device_info");
+    return Py_BuildValue("{s:s,s:(ii),s:K,s:i}", "name", name, "capability", major, minor, "total_memory",
+                         (unsigned long long)mem, "multiprocessors", sms);
+}
+
+static PyObject *py_versions(PyObject *self, PyObject *noargs) {
+    int rt, drv;
+    bq_cuda_versions(&rt, &drv);
+    return Py_BuildValue("(ii)", rt, drv);
+}
+
+/* ---- kernels one by one -------------------------------------------------------------------------------------- */
+/* Arguments are positional; sizes come first-class from the caller (bertqa.cuda.ops), every array is checked
+ * against them. */
+
+#define CHECK_F(obj, name, n, out, opt, var) if (!f32_exact(obj, name, n, out, opt, &var)) goto done
+#define CHECK_I(obj, name, n, opt, var) if (!ids_exact(obj, name, n, opt, &var)) goto done
+#define RUN(call, what)                          \
+    do {                                         \
+        int st_;                                 \
+        Py_BEGIN_ALLOW_THREADS                   \
+        st_ = (call);                            \
+        Py_END_ALLOW_THREADS                     \
+        if (st_) { raise_status(st_, what); goto done; } \
+    } while (0)
+
+static PyObject *py_uniform(PyObject *self, PyObject *args) {
+    PyObject *uo, *result = NULL;
+    unsigned long long seed, first = 0;
+    unsigned int step, site;
+    PyArrayObject *u;
+    if (!PyArg_ParseTuple(args, "OKII|K:uniform", &uo, &seed, &step, &site, &first)) return NULL;
+    if (!PyArray_Check(uo)) return PyErr_Format(PyExc_TypeError, "u must be a float32 numpy.ndarray");
+    CHECK_F(uo, "u", (size_t)PyArray_SIZE((PyArrayObject *)uo), 1, 0, u);
+    RUN(bq_cuda_uniform(F(u), (size_t)PyArray_SIZE(u), seed, step, site, first), "uniform");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+static PyObject *py_dropout(PyObject *self, PyObject *args) {
+    PyObject *oo, *io, *result = NULL;
+    float p;
+    unsigned long long seed;
+    unsigned int step, site;
+    const char *prec;
+    int precision;
+    PyArrayObject *out, *inp;
+    if (!PyArg_ParseTuple(args, "OOfKIIs:dropout", &oo, &io, &p, &seed, &step, &site, &prec) ||
+        !parse_precision(prec, &precision))
+        return NULL;
+    if (!PyArray_Check(io)) return PyErr_Format(PyExc_TypeError, "x must be a float32 numpy.ndarray");
+    const size_t n = (size_t)PyArray_SIZE((PyArrayObject *)io);
+    CHECK_F(io, "x", n, 0, 0, inp);
+    CHECK_F(oo, "out", n, 1, 0, out);
+    RUN(bq_cuda_dropout(F(out), F(inp), n, p, seed, step, site, precision), "dropout");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+/* residual_layernorm(res, out, mean, rstd, x|None, y, w, b, N, C, eps, p, seed, step, site, precision) */
+static PyObject *py_residual_layernorm(PyObject *self, PyObject *args) {
+    PyObject *ro, *oo, *mo, *so, *xo, *yo, *wo, *bo, *result = NULL;
+    int N, C, precision;
+    float eps, p;
+    unsigned long long seed;
+    unsigned int step, site;
+    const char *prec;
+    PyArrayObject *res, *out, *mean, *rstd, *x, *y, *w, *b;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOiiffKIIs:residual_layernorm", &ro, &oo, &mo, &so, &xo, &yo, &wo, &bo, &N, &C,
+                          &eps, &p, &seed, &step, &site, &prec) ||
+        !parse_precision(prec, &precision))
+        return NULL;
+    const size_t NC = (size_t)N * C;
+    CHECK_F(ro, "res", NC, 1, 0, res);
+    CHECK_F(oo, "out", NC, 1, 0, out);
+    CHECK_F(mo, "mean", N, 1, 0, mean);
+    CHECK_F(so, "rstd", N, 1, 0, rstd);
+    CHECK_F(xo, "x", NC, 0, 1, x);
+    CHECK_F(yo, "y", NC, 0, 0, y);
+    CHECK_F(wo, "weight", C, 0, 0, w);
+    CHECK_F(bo, "bias", C, 0, 0, b);
+    RUN(bq_cuda_residual_layernorm(F(res), F(out), F(mean), F(rstd), FN(x), F(y), F(w), F(b), N, C, eps, p, seed, step,
+                                   site, precision),
+        "residual_layernorm");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+/* layernorm_backward(dinp, branch|None, dw|None, db|None, dout, inp, w, mean, rstd, N, C, p_in, in_site, p_out,
+ *                    out_site, seed, step, precision) */
+static PyObject *py_layernorm_backward(PyObject *self, PyObject *args) {
+    PyObject *dio, *bro, *dwo, *dbo, *doo, *io, *wo, *mo, *so, *result = NULL;
+    int N, C, precision;
+    float p_in, p_out;
+    unsigned int in_site, out_site, step;
+    unsigned long long seed;
+    const char *prec;
+    PyArrayObject *dinp, *branch, *dw, *db, *dout, *inp, *w, *mean, *rstd;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOiifIfIKIs:layernorm_backward", &dio, &bro, &dwo, &dbo, &doo, &io, &wo, &mo,
+                          &so, &N, &C, &p_in, &in_site, &p_out, &out_site, &seed, &step, &prec) ||
+        !parse_precision(prec, &precision))
+        return NULL;
+    const size_t NC = (size_t)N * C;
+    CHECK_F(dio, "dinp", NC, 1, 0, dinp);
+    CHECK_F(bro, "branch", NC, 1, 1, branch);
+    CHECK_F(dwo, "dweight", C, 1, 1, dw);
+    CHECK_F(dbo, "dbias", C, 1, 1, db);
+    CHECK_F(doo, "dout", NC, 0, 0, dout);
+    CHECK_F(io, "inp", NC, 0, 0, inp);
+    CHECK_F(wo, "weight", C, 0, 0, w);
+    CHECK_F(mo, "mean", N, 0, 0, mean);
+    CHECK_F(so, "rstd", N, 0, 0, rstd);
+    RUN(bq_cuda_layernorm_backward(F(dinp), FN(branch), FN(dw), FN(db), F(dout), F(inp), F(w), F(mean), F(rstd), N, C,
+                                   p_in, in_site, p_out, out_site, seed, step, precision),
+        "layernorm_backward");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+/* embedding_layernorm(emb, out, mean, rstd, ids, types|None, wte, wpe, wtt, lnw, lnb, B, T, C, V, P, NT, eps, p,
+ *                     seed, step, precision) */
+static PyObject *py_embedding_layernorm(PyObject *self, PyObject *args) {
+    PyObject *eo, *oo, *mo, *so, *io, *to, *weo, *wpo, *wto, *lwo, *lbo, *result = NULL;
+    int B, T, C, V, P, NT, precision;
+    float eps, p;
+    unsigned long long seed;
+    unsigned int step;
+    const char *prec;
+    PyArrayObject *emb, *out, *mean, *rstd, *ids = NULL, *types = NULL, *wte, *wpe, *wtt, *lnw, *lnb;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOiiiiiiffKIs:embedding_layernorm", &eo, &oo, &mo, &so, &io, &to, &weo, &wpo,
+                          &wto, &lwo, &lbo, &B, &T, &C, &V, &P, &NT, &eps, &p, &seed, &step, &prec) ||
+        !parse_precision(prec, &precision))
+        return NULL;
+    const size_t N = (size_t)B * T, NC = N * C;
+    CHECK_F(eo, "emb", NC, 1, 0, emb);
+    CHECK_F(oo, "out", NC, 1, 0, out);
+    CHECK_F(mo, "mean", N, 1, 0, mean);
+    CHECK_F(so, "rstd", N, 1, 0, rstd);
+    CHECK_I(io, "input_ids", N, 0, ids);
+    CHECK_I(to, "token_type_ids", N, 1, types);
+    CHECK_F(weo, "word_embeddings", (size_t)V * C, 0, 0, wte);
+    CHECK_F(wpo, "position_embeddings", (size_t)P * C, 0, 0, wpe);
+    CHECK_F(wto, "token_type_embeddings", (size_t)NT * C, 0, 0, wtt);
+    CHECK_F(lwo, "weight", C, 0, 0, lnw);
+    CHECK_F(lbo, "bias", C, 0, 0, lnb);
+    RUN(bq_cuda_embedding_layernorm(F(emb), F(out), F(mean), F(rstd), I64(ids), I64N(types), F(wte), F(wpe), F(wtt),
+                                    F(lnw), F(lnb), B, T, C, V, P, NT, eps, p, seed, step, precision),
+        "embedding_layernorm");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(ids);
+    Py_XDECREF(types);
+    return result;
+}
+
+/* embedding_backward(dwte, dwpe, dwtt, dout, ids, types|None, B, T, C, V, P, NT, pad_id, precision) */
+static PyObject *py_embedding_backward(PyObject *self, PyObject *args) {
+    PyObject *a0, *a1, *a2, *doo, *io, *to, *result = NULL;
+    int B, T, C, V, P, NT, precision;
+    long long pad;
+    const char *prec;
+    PyArrayObject *dwte, *dwpe, *dwtt, *dout, *ids = NULL, *types = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOiiiiiiLs:embedding_backward", &a0, &a1, &a2, &doo, &io, &to, &B, &T, &C, &V, &P,
+                          &NT, &pad, &prec) ||
+        !parse_precision(prec, &precision))
+        return NULL;
+    const size_t N = (size_t)B * T;
+    CHECK_F(a0, "dword", (size_t)V * C, 1, 0, dwte);
+    CHECK_F(a1, "dposition", (size_t)P * C, 1, 0, dwpe);
+    CHECK_F(a2, "dtype", (size_t)NT * C, 1, 0, dwtt);
+    CHECK_F(doo, "dout", N * C, 0, 0, dout);
+    CHECK_I(io, "input_ids", N, 0, ids);
+    CHECK_I(to, "token_type_ids", N, 1, types);
+    RUN(bq_cuda_embedding_backward(F(dwte), F(dwpe), F(dwtt), F(dout), I64(ids), I64N(types), B, T, C, V, P, NT, pad,
+                                   precision),
+        "embedding_backward");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(ids);
+    Py_XDECREF(types);
+    return result;
+}
+
+/* gelu(out, x, precision); gelu_backward(dinp, x, dout, precision) */
+static PyObject *py_gelu(PyObject *self, PyObject *args) {
+    PyObject *oo, *io, *result = NULL;
+    const char *prec;
+    int precision;
+    PyArrayObject *out, *inp;
+    if (!PyArg_ParseTuple(args, "OOs:gelu", &oo, &io, &prec) || !parse_precision(prec, &precision)) return NULL;
+    if (!PyArray_Check(io)) return PyErr_Format(PyExc_TypeError, "x must be a float32 numpy.ndarray");
+    const size_t n = (size_t)PyArray_SIZE((PyArrayObject *)io);
+    CHECK_F(io, "x", n, 0, 0, inp);
+    CHECK_F(oo, "out", n, 1, 0, out);
+    RUN(bq_cuda_gelu(F(out), F(inp), n, precision), "gelu");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+static PyObject *py_gelu_backward(PyObject *self, PyObject *args) {
+    PyObject *oo, *io, *go, *result = NULL;
+    const char *prec;
+    int precision;
+    PyArrayObject *dinp, *inp, *dout;
+    if (!PyArg_ParseTuple(args, "OOOs:gelu_backward", &oo, &io, &go, &prec) || !parse_precision(prec, &precision))
+        return NULL;
+    if (!PyArray_Check(io)) return PyErr_Format(PyExc_TypeError, "x must be a float32 numpy.ndarray");
+    const size_t n = (size_t)PyArray_SIZE((PyArrayObject *)io);
+    CHECK_F(io, "x", n, 0, 0, inp);
+    CHECK_F(go, "dout", n, 0, 0, dout);
+    CHECK_F(oo, "dinp", n, 1, 0, dinp);
+    RUN(bq_cuda_gelu_backward(F(dinp), F(inp), F(dout), n, precision), "gelu_backward");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+/* linear(out, x, w, b|None, N, IN, OUT, precision) */
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    PyObject *oo, *xo, *wo, *bo, *result = NULL;
+    int N, IN, OUT, precision;
+    const char *prec;
+    PyArrayObject *out, *x, *w, *b;
+    if (!PyArg_ParseTuple(args, "OOOOiiis:linear", &oo, &xo, &wo, &bo, &N, &IN, &OUT, &prec) ||
+        !parse_precision(prec, &precision))
+        return NULL;
+    CHECK_F(oo, "out", (size_t)N * OUT, 1, 0, out);
+    CHECK_F(xo, "x", (size_t)N * IN, 0, 0, x);
+    CHECK_F(wo, "weight", (size_t)OUT * IN, 0, 0, w);
+    CHECK_F(bo, "bias", OUT, 0, 1, b);
+    RUN(bq_cuda_linear(F(out), F(x), F(w), FN(b), N, IN, OUT, precision), "linear");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+/* linear_backward(dinp|None, dw|None, db|None, dout, x, w, N, IN, OUT, precision) */
+static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
+    PyObject *dio, *dwo, *dbo, *doo, *xo, *wo, *result = NULL;
+    int N, IN, OUT, precision;
+    const char *prec;
+    PyArrayObject *dinp, *dw, *db, *dout, *x, *w;
+    if (!PyArg_ParseTuple(args, "OOOOOOiiis:linear_backward", &dio, &dwo, &dbo, &doo, &xo, &wo, &N, &IN, &OUT, &prec) ||
+        !parse_precision(prec, &precision))
+        return NULL;
+    CHECK_F(dio, "dinp", (size_t)N * IN, 1, 1, dinp);
+    CHECK_F(dwo, "dweight", (size_t)OUT * IN, 1, 1, dw);
+    CHECK_F(dbo, "dbias", OUT, 1, 1, db);
+    CHECK_F(doo, "dout", (size_t)N * OUT, 0, 0, dout);
+    CHECK_F(xo, "x", (size_t)N * IN, 0, 0, x);
+    CHECK_F(wo, "weight", (size_t)OUT * IN, 0, 0, w);
+    RUN(bq_cuda_linear_backward(FN(dinp), FN(dw), FN(db), F(dout), F(x), F(w), N, IN, OUT, precision),
+        "linear_backward");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+/* attention(out, att, q, k, v, mask|None, B, NH, T, HS, p, seed, step, site, precision) */
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    PyObject *oo, *ao, *qo, *ko, *vo, *mo, *result = NULL;
+    int B, NH, T, HS, precision;
+    float p;
+    unsigned long long seed;
+    unsigned int step, site;
+    const char *prec;
+    PyArrayObject *out, *att, *q, *k, *v, *mask;
+    if (!PyArg_ParseTuple(args, "OOOOOOiiiifKIIs:attention", &oo, &ao, &qo, &ko, &vo, &mo, &B, &NH, &T, &HS, &p, &seed,
+                          &step, &site, &prec) ||
+        !parse_precision(prec, &precision))
+        return NULL;
+    const size_t NC = (size_t)B * T * NH * HS, A = (size_t)B * NH * T * T;
+    CHECK_F(oo, "out", NC, 1, 0, out);
+    CHECK_F(ao, "att", A, 1, 0, att);
+    CHECK_F(qo, "q", NC, 0, 0, q);
+    CHECK_F(ko, "k", NC, 0, 0, k);
+    CHECK_F(vo, "v", NC, 0, 0, v);
+    CHECK_F(mo, "mask", (size_t)B * T, 0, 1, mask);
+    RUN(bq_cuda_attention(F(out), F(att), F(q), F(k), F(v), FN(mask), B, NH, T, HS, p, seed, step, site, precision),
+        "attention");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+/* attention_backward(dq, dk, dv, dout, att, q, k, v, B, NH, T, HS, p, seed, step, site, precision) */
+static PyObject *py_attention_backward(PyObject *self, PyObject *args) {
+    PyObject *a0, *a1, *a2, *doo, *ao, *qo, *ko, *vo, *result = NULL;
+    int B, NH, T, HS, precision;
+    float p;
+    unsigned long long seed;
+    unsigned int step, site;
+    const char *prec;
+    PyArrayObject *dq, *dk, *dv, *dout, *att, *q, *k, *v;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOiiiifKIIs:attention_backward", &a0, &a1, &a2, &doo, &ao, &qo, &ko, &vo, &B,
+                          &NH, &T, &HS, &p, &seed, &step, &site, &prec) ||
+        !parse_precision(prec, &precision))
+        return NULL;
+    const size_t NC = (size_t)B * T * NH * HS, A = (size_t)B * NH * T * T;
+    CHECK_F(a0, "dq", NC, 1, 0, dq);
+    CHECK_F(a1, "dk", NC, 1, 0, dk);
+    CHECK_F(a2, "dv", NC, 1, 0, dv);
+    CHECK_F(doo, "dout", NC, 0, 0, dout);
+    CHECK_F(ao, "att", A, 0, 0, att);
+    CHECK_F(qo, "q", NC, 0, 0, q);
+    CHECK_F(ko, "k", NC, 0, 0, k);
+    CHECK_F(vo, "v", NC, 0, 0, v);
+    RUN(bq_cuda_attention_backward(F(dq), F(dk), F(dv), F(dout), F(att), F(q), F(k), F(v), B, NH, T, HS, p, seed, step,
+                                   site, precision),
+        "attention_backward");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+/* span_loss(dstart, dend, start, end, start_pos, end_pos, B, T, grad_scale) -> loss */
+static PyObject *py_span_loss(PyObject *self, PyObject *args) {
+    PyObject *dso, *deo, *so, *eo, *spo, *epo, *result = NULL;
+    int B, T;
+    float scale, loss = 0.0f;
+    PyArrayObject *ds, *de, *s, *e, *sp = NULL, *ep = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOiif:span_loss", &dso, &deo, &so, &eo, &spo, &epo, &B, &T, &scale)) return NULL;
+    const size_t N = (size_t)B * T;
+    CHECK_F(dso, "dstart", N, 1, 0, ds);
+    CHECK_F(deo, "dend", N, 1, 0, de);
+    CHECK_F(so, "start_logits", N, 0, 0, s);
+    CHECK_F(eo, "end_logits", N, 0, 0, e);
+    CHECK_I(spo, "start_positions", B, 0, sp);
+    CHECK_I(epo, "end_positions", B, 0, ep);
+    RUN(bq_cuda_span_loss(&loss, F(ds), F(de), F(s), F(e), I64(sp), I64(ep), B, T, scale), "span_loss");
+    result = PyFloat_FromDouble(loss);
+done:
+    Py_XDECREF(sp);
+    Py_XDECREF(ep);
+    return result;
+}
+
+/* adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale), in place */
+static PyObject *py_adamw(PyObject *self, PyObject *args) {
+    PyObject *po, *go, *mo, *vo, *result = NULL;
+    float lr, b1, b2, eps, wd, scale;
+    int step;
+    PyArrayObject *p, *g, *m, *v;
+    if (!PyArg_ParseTuple(args, "OOOOfffffif:adamw", &po, &go, &mo, &vo, &lr, &b1, &b2, &eps, &wd, &step, &scale))
+        return NULL;
+    if (!PyArray_Check(po)) return PyErr_Format(PyExc_TypeError, "param must be a float32 numpy.ndarray");
+    const size_t n = (size_t)PyArray_SIZE((PyArrayObject *)po);
+    CHECK_F(po, "param", n, 1, 0, p);
+    CHECK_F(go, "grad", n, 0, 0, g);
+    CHECK_F(mo, "m", n, 1, 0, m);
+    CHECK_F(vo, "v", n, 1, 0, v);
+    RUN(bq_cuda_adamw(F(p), F(g), F(m), F(v), n, lr, b1, b2, eps, wd, step, scale), "adamw");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    return result;
+}
+
+static PyObject *py_sum_squares(PyObject *self, PyObject *args) {
+    PyObject *go, *result = NULL;
+    PyArrayObject *g;
+    double out = 0.0;
+    if (!PyArg_ParseTuple(args, "O:sum_squares", &go)) return NULL;
+    if (!PyArray_Check(go)) return PyErr_Format(PyExc_TypeError, "g must be a float32 numpy.ndarray");
+    CHECK_F(go, "g", (size_t)PyArray_SIZE((PyArrayObject *)go), 0, 0, g);
+    RUN(bq_cuda_sum_squares(&out, F(g), (size_t)PyArray_SIZE(g)), "sum_squares");
+    result = PyFloat_FromDouble(out);
+done:
+    return result;
+}
+
+/* ---- host builds of device logic: testable without a GPU ---------------------------------------------------- */
+
+static PyObject *py_host_uniform(PyObject *self, PyObject *args) {
+    PyObject *uo;
+    unsigned long long seed, first = 0;
+    unsigned int step, site;
+    PyArrayObject *u;
+    if (!PyArg_ParseTuple(args, "OKII|K:host_uniform", &uo, &seed, &step, &site, &first)) return NULL;
+    if (!PyArray_Check(uo)) return PyErr_Format(PyExc_TypeError, "u must be a float32 numpy.ndarray");
+    if (!f32_exact(uo, "u", (size_t)PyArray_SIZE((PyArrayObject *)uo), 1, 0, &u)) return NULL;
+    bq_cuda_host_uniform(F(u), (size_t)PyArray_SIZE(u), seed, step, site, first);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_host_dropout_rows(PyObject *self, PyObject *args) {
+    PyObject *oo, *xo;
+    int rows, cols;
+    float p;
+    unsigned long long seed, first = 0;
+    unsigned int step, site;
+    PyArrayObject *out, *x;
+    if (!PyArg_ParseTuple(args, "OOiifKII|K:host_dropout_rows", &oo, &xo, &rows, &cols, &p, &seed, &step, &site,
+                          &first))
+        return NULL;
+    if (rows < 1 || cols < 1) return PyErr_Format(PyExc_ValueError, "rows and cols must be positive");
+    if (!f32_exact(oo, "out", (size_t)rows * cols, 1, 0, &out) || !f32_exact(xo, "x", (size_t)rows * cols, 0, 0, &x))
+        return NULL;
+    bq_cuda_host_dropout_rows(F(out), F(x), rows, cols, p, seed, step, site, first);
+    Py_RETURN_NONE;
+}
+
+/* group_ids(ids int32 [N], vocab_size, pad_id) -> (uniq, start, tok) int32 arrays */
+static PyObject *py_group_ids(PyObject *self, PyObject *args) {
+    PyObject *io, *result = NULL;
+    int V;
+    long long pad;
+    if (!PyArg_ParseTuple(args, "OiL:group_ids", &io, &V, &pad)) return NULL;
+    PyArrayObject *ids = (PyArrayObject *)PyArray_FROMANY(io, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!ids) return NULL;
+    const npy_intp N = PyArray_DIM(ids, 0);
+    const int *p = (const int *)PyArray_DATA(ids);
+    int *count = NULL;
+    PyArrayObject *uniq = NULL, *start = NULL, *tok = NULL;
+    for (npy_intp i = 0; i < N; i++)
+        if (p[i] < 0 || p[i] >= V) {
+            PyErr_Format(PyExc_ValueError, "id %d outside [0, %d)", p[i], V);
+            goto done;
+        }
+    npy_intp dn[1] = {N}, ds[1] = {N + 1};
+    count = (int *)PyMem_Calloc(V, sizeof(int));
+    if (!count) { PyErr_NoMemory(); goto done; }
+    if (!(uniq = (PyArrayObject *)PyArray_EMPTY(1, dn, NPY_INT32, 0)) ||
+        !(start = (PyArrayObject *)PyArray_EMPTY(1, ds, NPY_INT32, 0)) ||
+        !(tok = (PyArrayObject *)PyArray_EMPTY(1, dn, NPY_INT32, 0)))
+        goto done;
+    const int U = bq_cuda_group_ids(p, (int)N, pad, count, (int *)PyArray_DATA(uniq), (int *)PyArray_DATA(start),
+                                    (int *)PyArray_DATA(tok));
+    const int total = ((int *)PyArray_DATA(start))[U];
+    result = Py_BuildValue("(NNN)", PySequence_GetSlice((PyObject *)uniq, 0, U),
+                           PySequence_GetSlice((PyObject *)start, 0, U + 1),
+                           PySequence_GetSlice((PyObject *)tok, 0, total));
+done:
+    PyMem_Free(count);
+    Py_DECREF(ids);
+    Py_XDECREF(uniq);
+    Py_XDECREF(start);
+    Py_XDECREF(tok);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"device_count", py_device_count, METH_NOARGS,
+     "device_count() -> (n, reason)\n\nUsable CUDA devices (compute capability >= 8.0); reason says why n is 0."},
+    {"device_info", py_device_info, METH_VARARGS, "device_info(dev=0) -> dict of name, capability, memory, SMs."},
+    {"versions", py_versions, METH_NOARGS, "versions() -> (cuda_runtime, cuda_driver), e.g. 13000 for 13.0."},
+    {"uniform", py_uniform, METH_VARARGS, "uniform(u, seed, step, tensor_id, first=0): Philox uniforms into u."},
+    {"dropout", py_dropout, METH_VARARGS, "dropout(out, x, p, seed, step, tensor_id, precision)"},
+    {"residual_layernorm", py_residual_layernorm, METH_VARARGS,
+     "residual_layernorm(res, out, mean, rstd, x, y, w, b, N, C, eps, p, seed, step, site, precision)"},
+    {"layernorm_backward", py_layernorm_backward, METH_VARARGS,
+     "layernorm_backward(dinp, branch, dw, db, dout, inp, w, mean, rstd, N, C, p_in, in_site, p_out, out_site, "
+     "seed, step, precision)"},
+    {"embedding_layernorm", py_embedding_layernorm, METH_VARARGS,
+     "embedding_layernorm(emb, out, mean, rstd, ids, types, wte, wpe, wtt, lnw, lnb, B, T, C, V, P, NT, eps, p, seed, "
+     "step, precision)"},
+    {"embedding_backward", py_embedding_backward, METH_VARARGS,
+     "embedding_backward(dwte, dwpe, dwtt, dout, ids, types, B, T, C, V, P, NT, pad_id, precision)"},
+    {"gelu", py_gelu, METH_VARARGS, "gelu(out, x, precision)"},
+    {"gelu_backward", py_gelu_backward, METH_VARARGS, "gelu_backward(dinp, x, dout, precision)"},
+    {"linear", py_linear, METH_VARARGS, "linear(out, x, w, b, N, IN, OUT, precision)"},
+    {"linear_backward", py_linear_backward, METH_VARARGS,
+     "linear_backward(dinp, dw, db, dout, x, w, N, IN, OUT, precision)"},
+    {"attention", py_attention, METH_VARARGS,
+     "attention(out, att, q, k, v, mask, B, NH, T, HS, p, seed, step, site, precision)"},
+    {"attention_backward", py_attention_backward, METH_VARARGS,
+     "attention_backward(dq, dk, dv, dout, att, q, k, v, B, NH, T, HS, p, seed, step, site, precision)"},
+    {"span_loss", py_span_loss, METH_VARARGS,
+     "span_loss(dstart, dend, start, end, start_pos, end_pos, B, T, grad_scale) -> loss"},
+    {"adamw", py_adamw, METH_VARARGS, "adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale)"},
+    {"sum_squares", py_sum_squares, METH_VARARGS, "sum_squares(g) -> float (double accumulation)"},
+    {"host_uniform", py_host_uniform, METH_VARARGS,
+     "host_uniform(u, seed, step, tensor_id, first=0): the kernels' Philox code run on the host (no GPU needed)."},
+    {"host_dropout_rows", py_host_dropout_rows, METH_VARARGS,
+     "host_dropout_rows(out, x, rows, cols, p, seed, step, tensor_id, first=0): the kernels' per-row quad walk "
+     "run on the host (no GPU needed)."},
+    {"group_ids", py_group_ids, METH_VARARGS,
+     "group_ids(ids, vocab_size, pad_id) -> (uniq, start, tok): the engine's grouping of token ids for the "
+     "embedding scatter (host code)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "bertqa._cuda",
+    "bertqa's CUDA backend: the GPU engine and its kernels (see bertqa.cuda).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__cuda(void) {
+    import_array();
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    if (PyType_Ready(&EngineType) < 0) goto fail;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        goto fail;
+    }
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}
