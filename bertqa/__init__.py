@@ -2,6 +2,16 @@
 
 Submodules:
     bertqa.ops   the C kernels one by one, on NumPy float32 arrays (layernorm, GELU, attention, AdamW, ...)
+    bertqa.cuda  the CUDA backend: whether it can run here, device information, the GPU kernels one by one
 """
 
 __version__ = "0.1.0"
+
+
+def cuda_available() -> bool:
+    """Whether ``device="cuda"`` can be used: bertqa was built with its CUDA backend and a GPU of compute capability
+    8.0 or newer is visible. The CUDA extension is imported on the first call, not by ``import bertqa``;
+    ``bertqa.cuda.unavailable_reason()`` says why not."""
+    from .cuda import available
+
+    return available()

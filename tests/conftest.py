@@ -32,3 +32,8 @@ def shared_data_dir():
     if not DATA_DIR.is_dir():
         pytest.skip(f"shared data not found at {DATA_DIR} (set BERTQA_DATA_DIR)")
     return DATA_DIR
+
+
+def pytest_configure(config):
+    # GPU tests (tests/test_cuda.py): skipped with the reason where no CUDA GPU is usable; `pytest -m cuda` runs them
+    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU of compute capability 8.0+ (skipped otherwise)")

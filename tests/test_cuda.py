@@ -1,0 +1,488 @@
+"""The CUDA backend (bertqa.cuda, bertqa._cuda; cuda/*.cu) against the CPU kernels and the CPU engine.
+
+Tests marked `cuda` need a GPU (compute capability 8.0+) and skip with the reason otherwise; run them alone with
+`pytest -m cuda`. The others check what a machine without a GPU can: the package imports and the CPU engine works
+with the CUDA extension built, and asking for device="cuda" fails with a clear error.
+
+Tolerances: fp32 mode, kernels 1e-5 and the whole engine 1e-4 relative (max |gpu - cpu| / max |cpu|), the
+difference being summation order only; bf16 mode 2e-2. Dropout masks agree bit for bit (the Philox keying is the
+CPU's), so the comparisons run with dropout on.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bertqa
+from bertqa import checkpoint, ops
+from bertqa import cuda as bcuda
+from bertqa.config import BertConfig
+from bertqa.model import BertQA, check_device
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_REASON = bcuda.unavailable_reason()
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"no usable CUDA GPU: {GPU_REASON}")
+gpu = [pytest.mark.cuda, needs_gpu]
+
+TOL = {"fp32": 1e-5, "bf16": 2e-2}
+ENGINE_TOL = {"fp32": 1e-4, "bf16": 2e-2}
+PRECISIONS = ["fp32", "bf16"]
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.abs(want).max()
+    return np.abs(got - want).max() / (scale if scale > 0 else 1.0)
+
+
+def f32(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# ---- without a GPU -----------------------------------------------------------------------------------------
+
+def toolkit_present():
+    if os.environ.get("BERTQA_NO_CUDA", "").strip() not in ("", "0"):
+        return False
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    return any(h and (Path(h) / "bin" / "nvcc").is_file() for h in homes) or shutil.which("nvcc") is not None
+
+
+def test_import_bertqa_does_not_load_the_cuda_extension():
+    code = ("import sys, bertqa, bertqa.model, bertqa.ops; "
+            "assert 'bertqa._cuda' not in sys.modules, 'imported eagerly'; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+@pytest.mark.skipif(not toolkit_present(), reason="no CUDA toolkit here: bertqa._cuda is not built")
+def test_cuda_extension_is_built_and_imports_without_a_gpu(rng):
+    import bertqa._cuda as ext   # a toolkit was found at install time, so the build must have made it
+    n, reason = ext.device_count()
+    assert (n > 0) == (reason == "")
+    runtime, driver = ext.versions()
+    assert runtime >= 12000
+    # the CPU engine keeps working with the extension loaded
+    config = tiny_config()
+    model = random_model(config, rng)
+    start, end = model.forward(*batch_inputs(tiny_batch(rng)))
+    assert np.isfinite(start).all() and start.shape == (2, 37)
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="a GPU is usable here")
+def test_cuda_without_gpu_is_a_clear_error():
+    assert bertqa.cuda_available() is False
+    assert bcuda.unavailable_reason()
+    with pytest.raises(RuntimeError, match="device='cuda': no CUDA backend usable here"):
+        BertQA(tiny_config(), device="cuda")
+    with pytest.raises(RuntimeError, match="no CUDA backend usable here"):
+        check_device("cuda:0")
+    with pytest.raises(RuntimeError, match="no CUDA backend usable here"):
+        bcuda.gelu(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="device must be"):
+        check_device("cuda:x")
+
+
+needs_extension = pytest.mark.skipif(bcuda._import() is None, reason="bertqa._cuda is not built (no CUDA toolkit)")
+
+
+@needs_extension
+@pytest.mark.parametrize("first", [0, 3, 2**33 + 1])
+def test_host_build_of_the_kernel_rng_is_the_cpu_rng(first):
+    """The kernels' Philox code, compiled for the host, against csrc/rng.c (no GPU needed)."""
+    for seed, step, tid in [(0, 0, 0), (2**63 + 12345, 7, 38), (42, 2**32 - 1, 5)]:
+        u = np.empty(1001, np.float32)
+        bcuda._import().host_uniform(u, seed, step, tid, first)
+        np.testing.assert_array_equal(u, bertqa._core._C.uniform(1001, seed, step, tid, first))
+
+
+@needs_extension
+@pytest.mark.parametrize("rows,cols,first", [(3, 37, 0), (2, 36, 5), (4, 385, 2), (7, 1, 3), (1, 4099, 1)])
+def test_host_build_of_the_kernel_row_walk_is_cpu_dropout(rng, rows, cols, first):
+    """for_row_quads (how every fused kernel draws its row's dropout mask, a Philox quad per lane) against
+    dropout_forward over the same element numbering."""
+    x = f32(rng, rows, cols)
+    out = np.empty_like(x)
+    bcuda._import().host_dropout_rows(out, x, rows, cols, 0.3, 99, 4, 6, first)
+    padded = np.concatenate([np.zeros(first, np.float32), x.ravel()])
+    want = ops.dropout(padded, 0.3, 99, step=4, tensor_id=6)[first:].reshape(rows, cols)
+    np.testing.assert_array_equal(out, want)
+
+
+@needs_extension
+def test_group_ids_for_the_embedding_scatter(rng):
+    ids = rng.integers(0, 9, 200).astype(np.int32)
+    uniq, start, tok = bcuda._import().group_ids(ids, 9, 0)
+    assert 0 not in uniq and len(set(uniq.tolist())) == len(uniq)
+    assert list(uniq) == [i for i in dict.fromkeys(ids.tolist()) if i != 0]   # order of first appearance
+    for g, u in enumerate(uniq):
+        np.testing.assert_array_equal(tok[start[g]:start[g + 1]], np.flatnonzero(ids == u))
+    uniq, start, tok = bcuda._import().group_ids(np.zeros(5, np.int32), 9, 0)   # all padding
+    assert len(uniq) == 0 and list(start) == [0] and len(tok) == 0
+
+
+def test_precision_argument_is_checked():
+    with pytest.raises(ValueError, match="fp32 only"):
+        BertQA(tiny_config(), precision="bf16")
+    assert BertQA(tiny_config()).precision == "fp32"
+
+
+# ---- helpers shared with the GPU tests ---------------------------------------------------------------------
+
+def tiny_config(**overrides):
+    """Awkward sizes: hidden 36, 3 heads of 12, intermediate 50, T not a multiple of anything."""
+    cfg = dict(vocab_size=53, hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=50,
+               max_position_embeddings=40, type_vocab_size=2, hidden_act="gelu", hidden_dropout_prob=0.1,
+               attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, initializer_range=0.5, pad_token_id=0)
+    cfg.update(overrides)
+    return BertConfig.from_dict(cfg)
+
+
+def tiny_batch(rng, B=2, T=37, V=53):
+    ids = rng.integers(1, V, (B, T))
+    ids[:, 0] = 2                                      # a repeated id across rows
+    mask = np.ones((B, T), np.int64)
+    mask[0, T - 9:] = 0
+    ids[mask == 0] = 0                                 # [PAD]: its row gets no gradient
+    types = np.zeros((B, T), np.int64)
+    types[:, T // 3:] = 1
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                start_positions=np.array([5, T - 2, 1, 3])[:B], end_positions=np.array([7, T, 2, 40])[:B])
+
+
+def batch_inputs(batch):
+    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
+def random_model(config, rng, device="cpu", precision=None, scale=0.5, seed=None):
+    tensors = {name: (rng.standard_normal(shape) * scale).astype(np.float32)
+               for name, shape in checkpoint.expected_shapes(config).items()}
+    return BertQA(config, tensors, seed=int(rng.integers(2**31)) if seed is None else seed, device=device,
+                  precision=precision)
+
+
+def twin(cpu_model, precision):
+    """The same parameters and dropout seed on the GPU."""
+    return BertQA(cpu_model.config, cpu_model.state_dict(), seed=cpu_model.seed, device="cuda", precision=precision)
+
+
+# ---- kernels, one by one ------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("n,first", [(1, 0), (4097, 0), (1237, 3), (10, 2**33 + 1)])
+def test_uniform_is_the_cpu_rng(n, first):
+    for seed, step, tid in [(0, 0, 0), (2**63 + 12345, 7, 38), (42, 2**32 - 1, 5)]:
+        np.testing.assert_array_equal(bcuda.uniform(n, seed, step, tid, first),
+                                      bertqa._core._C.uniform(n, seed, step, tid, first))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_dropout_masks_agree_bit_for_bit(rng, precision):
+    x = f32(rng, 3, 1001)
+    got = bcuda.dropout(x, 0.1, 1234, step=9, tensor_id=4, precision=precision)
+    want = ops.dropout(x, 0.1, 1234, step=9, tensor_id=4)
+    np.testing.assert_array_equal(got == 0, want == 0)
+    if precision == "fp32":
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert rel_err(got, want) < TOL[precision]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("N,C", [(1, 7), (37, 36), (130, 385)])
+def test_residual_layernorm_forward(rng, precision, N, C):
+    x, y = f32(rng, N, C), f32(rng, N, C, scale=3.0)
+    w, b = f32(rng, C), f32(rng, C)
+    res, out, mean, rstd = bcuda.residual_layernorm(x, y, w, b, 1e-12, p=0.1, seed=5, step=2, site=8,
+                                                    precision=precision)
+    want_res = x + ops.dropout(y, 0.1, 5, step=2, tensor_id=8)
+    assert rel_err(res, want_res) < TOL[precision]
+    assert rel_err(out, ops.layernorm(want_res, w, b, 1e-12)) < TOL[precision] * 4
+    assert rel_err(mean, want_res.mean(-1)) < TOL[precision] * 4
+    # no residual, no dropout: plain LayerNorm
+    _, out2, _, _ = bcuda.residual_layernorm(None, y, w, b, 1e-5, precision=precision)
+    assert rel_err(out2, ops.layernorm(y, w, b, 1e-5)) < TOL[precision] * 4
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("N,C", [(1, 7), (37, 36), (300, 385)])
+def test_layernorm_backward(rng, precision, N, C):
+    x, dy = f32(rng, N, C, scale=2.0), f32(rng, N, C)
+    w, b = f32(rng, C), f32(rng, C)
+    _, _, mean, rstd = bcuda.residual_layernorm(None, x, w, b, 1e-12)   # fp32 statistics for both
+    dx, branch, dw, db = bcuda.layernorm_backward(dy, x, w, mean, rstd, p_out=0.1, out_site=3, seed=11, step=1,
+                                                  precision=precision, branch=True)
+    want_dx, want_dw, want_db = ops.layernorm_backward(dy, x, w, 1e-12)
+    tol = TOL[precision] * (1 if precision == "bf16" else 10)
+    assert rel_err(dx, want_dx) < tol
+    assert rel_err(dw, want_dw) < tol and rel_err(db, want_db) < tol
+    assert rel_err(branch, ops.dropout_backward(want_dx, 0.1, 11, step=1, tensor_id=3)) < tol
+    # dropout on the incoming gradient (the embedding LayerNorm's order)
+    dx2, _, dw2, _ = bcuda.layernorm_backward(dy, x, w, mean, rstd, p_in=0.1, in_site=0, seed=11, step=1,
+                                              precision=precision)
+    want2 = ops.layernorm_backward(ops.dropout_backward(dy, 0.1, 11, step=1, tensor_id=0), x, w, 1e-12)
+    assert rel_err(dx2, want2[0]) < tol and rel_err(dw2, want2[1]) < tol
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_embedding_layernorm_and_backward(rng, precision):
+    B, T, C, V, P, NT = 3, 29, 36, 41, 40, 2
+    ids = rng.integers(0, V, (B, T))
+    ids[:, :3] = 5                       # repeated ids
+    ids[2, 20:] = 0                      # padding
+    types = rng.integers(0, NT, (B, T))
+    wte, wpe, wtt = f32(rng, V, C), f32(rng, P, C), f32(rng, NT, C)
+    w, b = f32(rng, C), f32(rng, C)
+    emb, out, mean, rstd = bcuda.embedding_layernorm(ids, types, wte, wpe, wtt, w, b, 1e-12, p=0.1, seed=3, step=4,
+                                                     precision=precision)
+    want_emb = ops.embedding(ids, types, wte, wpe, wtt)
+    want_out = ops.dropout(ops.layernorm(want_emb, w, b, 1e-12), 0.1, 3, step=4, tensor_id=0)
+    assert rel_err(emb, want_emb) < TOL[precision]
+    assert rel_err(out, want_out) < TOL[precision] * 4
+    np.testing.assert_array_equal(out == 0, want_out == 0)
+    dout = f32(rng, B, T, C)
+    for t in (types, None):
+        got = bcuda.embedding_backward(dout, ids, t, V, P, NT, padding_idx=0, precision=precision)
+        want = ops.embedding_backward(dout, ids, t, V, P, NT, padding_idx=0)
+        for g, w_ in zip(got, want):
+            assert rel_err(g, w_) < TOL[precision]
+        assert not got[0][0].any()       # the [PAD] row
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_gelu(rng, precision):
+    x, dy = f32(rng, 5, 1003, scale=3.0), f32(rng, 5, 1003)
+    assert rel_err(bcuda.gelu(x, precision), ops.gelu(x)) < TOL[precision]
+    assert rel_err(bcuda.gelu_backward(dy, x, precision), ops.gelu_backward(dy, x)) < TOL[precision] * 2
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("N,IN,OUT", [(37, 36, 50), (1, 7, 3), (512, 128, 96), (37, 50, 2)])
+def test_linear(rng, precision, N, IN, OUT):
+    x, w, b, dy = f32(rng, N, IN), f32(rng, OUT, IN), f32(rng, OUT), f32(rng, N, OUT)
+    assert rel_err(bcuda.linear(x, w, b, precision), ops.linear(x, w, b)) < TOL[precision]
+    assert rel_err(bcuda.linear(x, w, None, precision), ops.linear(x, w)) < TOL[precision]
+    for got, want in zip(bcuda.linear_backward(dy, x, w, precision), ops.linear_backward(dy, x, w)):
+        assert rel_err(got, want) < TOL[precision]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("B,NH,T,HS", [(2, 3, 37, 12), (1, 1, 1, 8), (2, 4, 130, 16)])
+def test_attention(rng, precision, B, NH, T, HS):
+    q, k, v, dout = (f32(rng, B, T, NH, HS) for _ in range(4))
+    mask = np.ones((B, T), np.float32)
+    mask[0, T - T // 4:] = 0
+    heads = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1, 3))   # [B,T,NH,HS] -> [B,NH,T,HS]  # noqa: E731
+    for p in (0.0, 0.1):
+        out, att = bcuda.attention(q, k, v, mask, p, seed=7, step=3, tensor_id=4, precision=precision)
+        want = ops.attention(heads(q), heads(k), heads(v), mask, p, seed=7, step=3, tensor_id=4)
+        assert rel_err(heads(out), want) < TOL[precision] * 4
+        np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-5 if precision == "fp32" else 2e-2)
+        got = bcuda.attention_backward(dout, att, q, k, v, p, seed=7, step=3, tensor_id=4, precision=precision)
+        wants = ops.attention_backward(heads(dout), heads(q), heads(k), heads(v), mask, p, seed=7, step=3, tensor_id=4)
+        for g, w_ in zip(got, wants):
+            assert rel_err(heads(g), w_) < TOL[precision] * 10
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_span_loss(rng):
+    B, T = 5, 37
+    s, e = f32(rng, B, T, scale=3.0), f32(rng, B, T, scale=3.0)
+    sp, ep = np.array([0, 36, -4, 37, 100]), np.array([3, 37, 5, 2, 37])   # clamped and ignored rows
+    loss, ds, de = bcuda.span_loss(s, e, sp, ep)
+    want_loss, want_ds, want_de = ops.span_loss(s, e, sp, ep)
+    assert abs(loss - want_loss) < 1e-6 * max(1.0, abs(want_loss))
+    assert rel_err(ds, want_ds) < 1e-6 and rel_err(de, want_de) < 1e-6
+    loss, ds, de = bcuda.span_loss(s, e, np.full(B, T), np.full(B, T))   # every row ignored
+    assert loss == 0.0 and not ds.any() and not de.any()
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_adamw_and_sum_squares(rng):
+    n = 3 * 4096 + 17
+    p, g, m, v = f32(rng, n), f32(rng, n), f32(rng, n, scale=0.1), np.abs(f32(rng, n, scale=0.1))
+    p2, m2, v2 = p.copy(), m.copy(), v.copy()
+    bcuda.adamw(p, g, m, v, 3, 1e-3, weight_decay=0.01, grad_scale=0.5)
+    ops.adamw(p2, g, m2, v2, 3, 1e-3, weight_decay=0.01, grad_scale=0.5)
+    assert rel_err(p, p2) < 1e-6 and rel_err(m, m2) < 1e-6 and rel_err(v, v2) < 1e-6
+    want = float(np.sum(g.astype(np.float64) ** 2))
+    got = bcuda.sum_squares(g)
+    assert abs(got - want) < 1e-9 * want
+    assert bcuda.sum_squares(g) == got   # deterministic
+
+
+# ---- the engine --------------------------------------------------------------------------------------------
+
+def tensor_errors(gpu_model, cpu_model, grads=False):
+    errs = {}
+    for name in cpu_model.layout:
+        want = cpu_model.gradient(name) if grads else cpu_model.tensor(name)
+        got = gpu_model.gradient(name) if grads else gpu_model.tensor(name)
+        if name == "qa_outputs.bias" and grads:
+            errs[name] = float(np.abs(got - want).max())   # round-off around 0: a bias shared by all positions
+        else:
+            errs[name] = rel_err(got, want)
+    return errs
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_engine_logits_and_gradients_match_the_cpu_engine(rng, precision):
+    # every tensor random; bf16 with weights of a trained model's size (0.1), fp32 with larger ones too
+    cpu = random_model(tiny_config(), rng, scale=0.3 if precision == "fp32" else 0.1)
+    dev = twin(cpu, precision)
+    assert dev.device == "cuda" and dev.precision == precision
+    batch = tiny_batch(rng)
+    start, end = dev.forward(*batch_inputs(batch))
+    want_start, want_end = cpu.forward(*batch_inputs(batch))
+    assert rel_err(start, want_start) < ENGINE_TOL[precision]
+    assert rel_err(end, want_end) < ENGINE_TOL[precision]
+    for model in (cpu, dev):
+        model.zero_grad()
+        model.rng_step = 5
+    loss = dev.forward_backward(batch)   # dropout on: the masks are the CPU's
+    want_loss = cpu.forward_backward(batch)
+    assert abs(loss - want_loss) < ENGINE_TOL[precision] * max(1.0, abs(want_loss))
+    errs = tensor_errors(dev, cpu, grads=True)
+    bad = {k: v for k, v in errs.items() if v > (1e-6 if k == "qa_outputs.bias" and precision == "fp32" else
+                                                  1e-3 if k == "qa_outputs.bias" else ENGINE_TOL[precision])}
+    assert not bad, bad
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_engine_at_an_aligned_shape_uses_cublaslt(rng):
+    """MiniLM-like widths (hidden 384, 12 heads, T=128): the cuBLASLt path with its bias epilogue, in fp32."""
+    config = tiny_config(vocab_size=1000, hidden_size=384, num_attention_heads=12, intermediate_size=1536,
+                         max_position_embeddings=128, num_hidden_layers=2)
+    cpu = random_model(config, rng, scale=0.05)
+    dev = twin(cpu, "fp32")
+    batch = tiny_batch(rng, B=4, T=128, V=1000)
+    start, _ = dev.forward(*batch_inputs(batch))
+    assert rel_err(start, cpu.forward(*batch_inputs(batch))[0]) < ENGINE_TOL["fp32"]
+    for model in (cpu, dev):
+        model.zero_grad()
+    assert abs(dev.forward_backward(batch) - cpu.forward_backward(batch)) < 1e-4
+    errs = tensor_errors(dev, cpu, grads=True)
+    errs.pop("qa_outputs.bias")
+    assert max(errs.values()) < ENGINE_TOL["fp32"], max(errs.items(), key=lambda kv: kv[1])
+    stats = dev._engine.gemm_stats
+    assert stats["cublaslt"] > 0, stats
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_twenty_step_loss_curve_matches_the_cpu_engine(rng, precision):
+    cpu = random_model(tiny_config(initializer_range=0.02), rng, scale=0.1)
+    dev = twin(cpu, precision)
+    batch = tiny_batch(rng)
+    want = [cpu.train_step(batch, lr=1e-3) for _ in range(20)]
+    got = [dev.train_step(batch, lr=1e-3) for _ in range(20)]
+    got, want = np.array(got), np.array(want)
+    tol = 1e-3 if precision == "fp32" else 5e-2
+    assert np.abs(got - want).max() < tol * np.abs(want).max(), np.c_[got, want]
+    assert dev.step == cpu.step == 20
+    assert max(tensor_errors(dev, cpu).values()) < (1e-3 if precision == "fp32" else 5e-2)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_same_seed_twice_is_bit_identical(rng, precision):
+    state = int(rng.integers(2**31))
+    runs = []
+    for _ in range(2):
+        r = np.random.default_rng(state)
+        model = random_model(tiny_config(), r, device="cuda", precision=precision, scale=0.1)
+        batch = tiny_batch(r)
+        losses = [model.train_step(batch, lr=1e-3) for _ in range(5)]
+        runs.append((losses, model.state_dict()["bert.encoder.layer.1.output.dense.weight"].copy()))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert len(set(runs[0][0])) == 5
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_host_device_copies_and_training_state(rng, tmp_path):
+    cpu = random_model(tiny_config(), rng, scale=0.1)
+    dev = twin(cpu, "fp32")
+    batch = tiny_batch(rng)
+    dev.train_step(batch, lr=1e-3)
+    # a write through a tensor view reaches the device before the next call
+    dev.tensor("qa_outputs.bias")[...] = [3.0, -1.0]
+    start, end = dev.forward(*batch_inputs(batch))
+    dev.tensor("qa_outputs.bias")[...] = [0.0, 0.0]
+    start0, end0 = dev.forward(*batch_inputs(batch))
+    np.testing.assert_allclose(start - start0, 3.0, atol=1e-4)
+    np.testing.assert_allclose(end - end0, -1.0, atol=1e-4)
+    # training state: save on the GPU model, load into a fresh one, continue identically
+    dev.save_training_state(tmp_path / "state.npz")
+    other = twin(cpu, "fp32")
+    other.load_training_state(tmp_path / "state.npz")
+    assert other.step == dev.step and other.rng_step == dev.rng_step
+    assert dev.train_step(batch, lr=1e-3) == other.train_step(batch, lr=1e-3)
+    # save_pretrained writes the device parameters
+    dev.save_pretrained(tmp_path / "model")
+    back = BertQA.from_pretrained(tmp_path / "model")
+    np.testing.assert_array_equal(back.tensor("qa_outputs.weight"), dev.tensor("qa_outputs.weight"))
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_nonfinite_gradient_skips_the_step(rng):
+    dev = random_model(tiny_config(), rng, device="cuda", precision="fp32", scale=0.1)
+    batch = tiny_batch(rng)
+    dev.zero_grad()
+    dev.forward_backward(batch)
+    before, after = dev.params.copy(), np.empty_like(dev.params)
+    dev._pull("grads")
+    dev.grads[7] = np.nan
+    dev._engine.upload("grads", dev.grads)
+    norm = dev.optimizer_step(1e-2)
+    assert not np.isfinite(norm) and dev.step == 0
+    dev._engine.download("params", after)
+    np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_errors_name_the_cause(rng):
+    dev = random_model(tiny_config(), rng, device="cuda", precision="bf16", scale=0.1)
+    ids = np.ones((2, 5), np.int64)
+    with pytest.raises(ValueError, match="input_ids holds 53"):
+        dev.forward(ids * 53)
+    with pytest.raises(ValueError, match="more than max_position_embeddings"):
+        dev.forward(np.ones((1, 41), np.int64))
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+        dev.forward(ids, attention_mask=ids * 2)
+    # a device allocation that cannot succeed: the message names cudaMalloc, the error and file:line
+    big = random_model(tiny_config(max_position_embeddings=512), rng, device="cuda", precision="fp32", scale=0.1)
+    with pytest.raises(MemoryError, match=r"cudaMalloc\(.*bytes\) failed: out of memory .* at cuda/model\.cu:\d+"):
+        big.forward(np.ones((40000, 512), np.int64))
+    # and the engine still works afterwards
+    start, _ = big.forward(ids)
+    assert np.isfinite(start).all()
