@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The one device check of bertqa's CUDA backend, for a lent GPU machine (no network there):
+#   build the package in place -> GPU tests (tests/test_cuda.py) -> benchmark table vs PyTorch (bench/gpu_bench.py)
+#   -> compute-sanitizer memcheck of a small training step (bench/gpu_memcheck.py)
+# Every stage has a time limit cut to fit BERTQA_CHECK_BUDGET seconds in all (default 540), so a slow stage still
+# leaves the others their say, and each prints as it goes. Logs, the benchmark JSON and a summary go to $OUT
+# (set by the device tool; default /tmp/bertqa_gpu_check).
+#
+#   here, once:        bash bench/gpu_check.sh --fetch     # scipy-openblas32 wheel for the machine's Python into .whl/
+#   on the GPU:        bash bench/gpu_check.sh             # with .whl carried along
+#   code-path check:   bash bench/gpu_check.sh --dry-run   # on a machine without a GPU: each stage runs what it can
+#
+# Needs there: python3 with numpy, torch, transformers, pytest, tokenizers, safetensors (the device image has them),
+# nvcc and compute-sanitizer. bertqa's CPU core needs OpenBLAS from the scipy-openblas32 wheel, which the image
+# lacks: the wheel travels in .whl/ and is installed with pip --no-index.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+WHL_DIR=.whl
+
+if [ "${1:-}" = "--fetch" ]; then
+    # the wheel is pure (py3-none manylinux): any Python 3 on x86-64 takes it
+    mkdir -p "$WHL_DIR"
+    grep -qx "/$WHL_DIR/" .git/info/exclude 2>/dev/null || echo "/$WHL_DIR/" >> .git/info/exclude
+    exec $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$WHL_DIR" "scipy-openblas32>=0.3.30"
+fi
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+
+OUT=${OUT:-/tmp/bertqa_gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+BUDGET=${BERTQA_CHECK_BUDGET:-540}
+T0=$(date +%s)
+SUMMARY=()
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+
+# stage NAME LIMIT CMD...: runs CMD with min(LIMIT, what is left of the budget - 10 s), output to screen and log
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$(( BUDGET - $(elapsed) - 10 ))
+    if [ "$left" -lt 15 ]; then
+        echo "=== [$name] skipped: out of time budget"
+        SUMMARY+=("$name: skipped (time budget)")
+        return 124
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== [$name] start at $(elapsed)s, limit ${limit}s: $*"
+    timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    local rc=$?
+    sleep 0.2   # let tee finish
+    local verdict="ok"
+    [ "$rc" -ne 0 ] && verdict="FAILED rc=$rc"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict="TIMED OUT after ${limit}s"
+    echo "=== [$name] $verdict at $(elapsed)s"
+    SUMMARY+=("$name: $verdict ($(elapsed)s)")
+    return $rc
+}
+
+finish() {
+    {
+        echo
+        echo "==== bertqa gpu_check summary ($(elapsed)s) ===="
+        for line in "${SUMMARY[@]}"; do echo "  $line"; done
+    } | tee "$OUT/summary.txt"
+}
+trap finish EXIT
+
+# ---- environment --------------------------------------------------------------------------------------------
+stage env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true;
+    nvcc --version 2>&1 | tail -2 || true; command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer;
+    $PY -c 'import sys, numpy; print(sys.version.split()[0], \"numpy\", numpy.__version__)';
+    $PY -c 'import torch, transformers; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__)' 2>&1 | tail -1;
+    nproc; free -g | head -2"
+
+# ---- OpenBLAS wheel for the CPU core (the reference every GPU test compares with) ---------------------------------
+if ! $PY -c "import scipy_openblas32" 2>/dev/null; then
+    if ls "$WHL_DIR"/scipy_openblas32-*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/bertqa_site \
+            "$WHL_DIR"/scipy_openblas32-*.whl && export PYTHONPATH=/tmp/bertqa_site${PYTHONPATH:+:$PYTHONPATH}
+        SUMMARY+=("deps: scipy-openblas32 installed from $WHL_DIR")
+    else
+        echo "scipy_openblas32 is missing and no wheel in $WHL_DIR: run 'bash bench/gpu_check.sh --fetch' on a machine" \
+             "with network first and carry $WHL_DIR" >&2
+        SUMMARY+=("deps: scipy-openblas32 MISSING (no wheel in $WHL_DIR)")
+    fi
+fi
+
+# ---- build (nvcc runs one job per core) --------------------------------------------------------------------------
+if ! stage build 300 "$PY" setup.py build_ext --inplace; then
+    echo "build failed: nothing to test" >&2
+    exit 1
+fi
+stage import 30 "$PY" -c "import bertqa, bertqa.cuda as c; print('cuda_available:', bertqa.cuda_available(),
+    c.unavailable_reason() or c.device_info())"
+
+# ---- GPU tests ---------------------------------------------------------------------------------------------------
+stage tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider --durations=8 tests/test_cuda.py
+
+# ---- benchmark table ------------------------------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+    stage bench 120 "$PY" bench/gpu_bench.py --tiny --cpu --json "$OUT/bench.json"
+else
+    stage bench 300 "$PY" bench/gpu_bench.py --json "$OUT/bench.json"
+fi
+
+# ---- compute-sanitizer memcheck of a small training step -----------------------------------------------------------
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$SAN" ]; then
+    stage memcheck 200 "$SAN" --tool memcheck --error-exitcode 99 --print-limit 30 "$PY" bench/gpu_memcheck.py
+else
+    echo "compute-sanitizer not found"
+    SUMMARY+=("memcheck: compute-sanitizer not found")
+fi
