@@ -206,6 +206,48 @@ def merge(runs: list[dict]) -> dict:
     return out
 
 
+def mean_window_tokens(model: str, kinds: dict) -> dict[str, float]:
+    """Mean tokens per window ([CLS] question [SEP] context [SEP], at most 384) of each request kind."""
+    from bertqa.checkpoint import resolve_model
+    from bertqa.tokenization import BertQATokenizer
+
+    tok = BertQATokenizer.from_pretrained(resolve_model(model))
+    out = {}
+    for kind, (bodies, _) in kinds.items():
+        records = [json.loads(b) for b in bodies[:500]]
+        out[kind] = float(np.mean([min(384, len(tok.tokenize(r["question"])[:64]) + len(tok.tokenize(r["context"])) + 3)
+                                   for r in records]))
+    return out
+
+
+def engine_scaling(model: str, lengths=(32, 64, 128, 192, 384), batch: int = 8, reps: int = 5) -> list[dict]:
+    """The engine alone, in this process: windows/s at batch 1 and at `batch` for several window lengths
+    (medians of reps alternating runs). How much dynamic batching can gain is bounded by this ratio."""
+    from bertqa.model import BertQA
+
+    m = BertQA.from_pretrained(model)
+    rng = np.random.default_rng(0)
+    m.forward(np.full((16, 384), 100, dtype=np.int32))
+    rows = []
+    for T in lengths:
+        one = rng.integers(1000, 2000, (1, T)).astype(np.int32)
+        many = rng.integers(1000, 2000, (batch, T)).astype(np.int32)
+        t1, tb = [], []
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(batch):
+                m.forward(one)
+            t1.append((time.perf_counter() - t) / batch)
+            t = time.perf_counter()
+            m.forward(many)
+            tb.append(time.perf_counter() - t)
+        rows.append({"T": T, "one": 1 / float(np.median(t1)), "many": batch / float(np.median(tb))})
+        print(f"engine T={T}: {rows[-1]['one']:.1f} windows/s at batch 1, {rows[-1]['many']:.1f} at batch {batch}",
+              flush=True)
+    del m
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="all-MiniLM-L6-v2")
@@ -219,9 +261,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
     ap.add_argument("--rss-requests", type=int, default=10000, help="0: skip the memory phase")
     ap.add_argument("--output", default=None, help="also write the Markdown report here")
+    ap.add_argument("--no-engine-scaling", dest="engine_scaling", action="store_false",
+                    help="skip the in-process engine measurement (batch 1 vs 8)")
     args = ap.parse_args()
 
+    scaling = engine_scaling(args.model) if args.engine_scaling else None
+
     kinds = {k: payloads(k) for k in args.payload}
+    window_tokens = mean_window_tokens(args.model, kinds)
     servers = {b: Server(args.model, b, args.max_batch_size, args.max_wait_ms, args.threads) for b in (True, False)}
     cells: dict[tuple[str, bool, int], list[dict]] = {}
     memory = None
@@ -265,11 +312,13 @@ def main() -> None:
         f"with keep-alive connections, {args.duration:g} s per cell x {args.repeats} rounds (QPS over all rounds, "
         f"latency percentiles averaged over rounds). Batching on: at most {args.max_batch_size} windows per batch, "
         f"max wait {args.max_wait_ms:g} ms, a batch's windows cut into engine calls by length "
-        f"(DynamicBatcher.group_rows); off: one engine call per request. \"engine batch\" = windows per engine call (GET /stats).",
+        f"(DynamicBatcher.group_rows); off: one engine call per request. \"engine batch\" = windows per engine "
+        f"call (GET /stats).",
     ]
     for kind, (_, source) in kinds.items():
-        lines += ["", f"Requests \"{kind}\": {source}.", "",
-                  "| clients | batching | QPS | p50 ms | p95 ms | p99 ms | p99/p50 | errors | engine batch | QPS on/off |",
+        lines += ["", f"Requests \"{kind}\": {source}; {window_tokens[kind]:.0f} tokens per window on average.", "",
+                  "| clients | batching | QPS | p50 ms | p95 ms | p99 ms | p99/p50 | errors | engine batch "
+                  "| QPS on/off |",
                   "| ---: | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for c in args.concurrency:
             for b in (True, False):
@@ -278,6 +327,11 @@ def main() -> None:
                 lines.append(f"| {c} | {'on' if b else 'off'} | {r['qps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | "
                              f"{r['p99']:.0f} | {r['p99'] / r['p50']:.2f} | {r['errors']} | {r['batch']:.2f} | "
                              f"{ratio} |")
+    if scaling:
+        lines += ["", "The engine alone (in-process, no server): windows per second at batch 1 and batch 8, per window "
+                      "length; dynamic batching cannot raise throughput by more than this ratio.", "",
+                  "| window tokens | batch 1 | batch 8 | ratio |", "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['T']} | {r['one']:.1f} | {r['many']:.1f} | {r['many'] / r['one']:.2f}x |" for r in scaling]
     if memory is not None:
         rss_c, rss_warm, rss_100, rss_n, errors, qps = memory
         lines += ["", f"Resident memory of the batching server ({args.payload[0]} requests, concurrency {rss_c}): "

@@ -931,6 +931,8 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
                 work.cancel()
 
     async def execution_parameters(request: Request) -> Response:
+        # Batch transform sends MULTI_RECORD requests (many lines each, enough to fill engine batches); two at a
+        # time per worker keep its engine busy while the other one is being parsed or answered.
         return JSONResponse({
             "MaxConcurrentTransforms": 2 * config.workers,
             "BatchStrategy": "MULTI_RECORD",
