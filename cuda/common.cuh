@@ -32,11 +32,16 @@ int bq_cuda_fail_cublas(cublasStatus_t s, const char *call, const char *file, in
         cublasStatus_t s_ = (call);                                                        \
         if (s_ != CUBLAS_STATUS_SUCCESS) return bq_cuda_fail_cublas(s_, #call, __FILE__, __LINE__); \
     } while (0)
+/* BERTQA_CUDA_SYNC=1 in the environment: wait for every kernel right after its launch, so an error inside a kernel
+ * is reported with that kernel's name (slow; for debugging). */
+int bq_cuda_sync_each_launch(void);
 /* After a <<<...>>> launch: a bad configuration shows up here, a fault inside the kernel at the next sync. */
 #define LAUNCH_CHECK(kernel_name)                                                                   \
     do {                                                                                            \
         cudaError_t e_ = cudaGetLastError();                                                        \
         if (e_ != cudaSuccess) return bq_cuda_fail_cuda(e_, "launch of " kernel_name, __FILE__, __LINE__); \
+        if (bq_cuda_sync_each_launch() && (e_ = cudaDeviceSynchronize()) != cudaSuccess)            \
+            return bq_cuda_fail_cuda(e_, "kernel " kernel_name " (BERTQA_CUDA_SYNC=1)", __FILE__, __LINE__); \
     } while (0)
 #define TRY(x)                     \
     do {                           \

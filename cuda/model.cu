@@ -75,7 +75,7 @@ struct bq_cuda_model {
     float *mask;
     int has_types, has_mask;
     /* host staging */
-    int *h_ids, *h_types, *h_uniq, *h_start, *h_tok, *h_count;
+    int *h_ids, *h_types, *h_pos, *h_uniq, *h_start, *h_tok, *h_count;
     size_t h_cap;
 };
 
@@ -139,6 +139,7 @@ extern "C" void bq_cuda_model_free(bq_cuda_model *m) {
     free(m->host_decay);
     free(m->h_ids);
     free(m->h_types);
+    free(m->h_pos);
     free(m->h_uniq);
     free(m->h_start);
     free(m->h_tok);
@@ -195,7 +196,8 @@ static int init(bq_cuda_model *m, const bq_config *c, const float *host_params, 
     m->gemm_ready = 1;
     TRY(DALLOC(m->params, m->nparams * sizeof(float)));
     if (precision == BQ_BF16) TRY(DALLOC(m->params_bf16, m->nparams * sizeof(bf16)));
-    CUDA_TRY(cudaMemcpy(m->params, host_params, m->nparams * sizeof(float), cudaMemcpyHostToDevice));
+    /* every copy goes on the engine's stream: a non-blocking stream does not wait for the legacy default stream */
+    CUDA_TRY(cudaMemcpyAsync(m->params, host_params, m->nparams * sizeof(float), cudaMemcpyHostToDevice, m->stream));
     TRY(refresh_bf16(m));
 
     /* AdamW blocks: each tensor cut into BQ_ADAM_CHUNK pieces, so a block knows its tensor's weight decay */
@@ -221,9 +223,12 @@ static int init(bq_cuda_model *m, const bq_config *c, const float *host_params, 
         if (!st) st = DALLOC(m->norm_partials, sizeof(double) * BQ_NORM_BLOCKS);
         if (!st) st = DALLOC(m->norm, sizeof(double));
         cudaError_t e = cudaSuccess;
-        if (!st) e = cudaMemcpy(m->adam_start, hs, sizeof(long long) * nb, cudaMemcpyHostToDevice);
-        if (!st && e == cudaSuccess) e = cudaMemcpy(m->adam_len, hl, sizeof(int) * nb, cudaMemcpyHostToDevice);
-        if (!st && e == cudaSuccess) e = cudaMemcpy(m->adam_tensor, ht, sizeof(int) * nb, cudaMemcpyHostToDevice);
+        if (!st) e = cudaMemcpyAsync(m->adam_start, hs, sizeof(long long) * nb, cudaMemcpyHostToDevice, m->stream);
+        if (!st && e == cudaSuccess)
+            e = cudaMemcpyAsync(m->adam_len, hl, sizeof(int) * nb, cudaMemcpyHostToDevice, m->stream);
+        if (!st && e == cudaSuccess)
+            e = cudaMemcpyAsync(m->adam_tensor, ht, sizeof(int) * nb, cudaMemcpyHostToDevice, m->stream);
+        if (!st && e == cudaSuccess) e = cudaStreamSynchronize(m->stream);   /* before the host tables are freed */
         if (!st && e != cudaSuccess) st = bq_cuda_fail_cuda(e, "cudaMemcpy(AdamW block table)", __FILE__, __LINE__);
     }
     free(hs);
@@ -371,14 +376,15 @@ static int prepare_arena(bq_cuda_model *m, int B, int T, int train) {
     /* host staging for the batch */
     const size_t N = (size_t)B * T;
     if (N > m->h_cap || !m->h_count) {
-        free(m->h_ids); free(m->h_types); free(m->h_uniq); free(m->h_start); free(m->h_tok);
+        free(m->h_ids); free(m->h_types); free(m->h_pos); free(m->h_uniq); free(m->h_start); free(m->h_tok);
         m->h_ids = (int *)malloc(N * sizeof(int));
         m->h_types = (int *)malloc(N * sizeof(int));
+        m->h_pos = (int *)malloc(2 * N * sizeof(int));   /* 2B <= 2N */
         m->h_uniq = (int *)malloc(N * sizeof(int));
         m->h_start = (int *)malloc((N + 1) * sizeof(int));
         m->h_tok = (int *)malloc(N * sizeof(int));
         if (!m->h_count) m->h_count = (int *)calloc(m->cfg.V, sizeof(int));
-        if (!m->h_ids || !m->h_types || !m->h_uniq || !m->h_start || !m->h_tok || !m->h_count) {
+        if (!m->h_ids || !m->h_types || !m->h_pos || !m->h_uniq || !m->h_start || !m->h_tok || !m->h_count) {
             m->h_cap = 0;
             return bq_cuda_fail(BQ_ERR_NOMEM, "out of host memory for the batch staging");
         }
@@ -569,9 +575,7 @@ extern "C" int bq_cuda_backward(bq_cuda_model *m, const int64_t *ids, const int6
     TRY(select_device(m));
     const int B = m->B, T = m->T;
     /* positions clamped to [0, T] (T = ignored), as Hugging Face */
-    int *pos = (int *)malloc(2 * (size_t)B * sizeof(int));
-    if (!pos) return bq_cuda_fail(BQ_ERR_NOMEM, "out of host memory");
-    int nv[2] = {0, 0};
+    int *pos = m->h_pos, nv[2] = {0, 0};
     for (int w = 0; w < 2; w++)
         for (int b = 0; b < B; b++) {
             const int64_t p = (w ? end_pos : start_pos)[b];
@@ -579,9 +583,7 @@ extern "C" int bq_cuda_backward(bq_cuda_model *m, const int64_t *ids, const int6
             pos[w * B + b] = q;
             nv[w] += q != T;
         }
-    cudaError_t e = cudaMemcpyAsync(m->pos, pos, 2 * (size_t)B * sizeof(int), cudaMemcpyHostToDevice, m->stream);
-    free(pos);
-    if (e != cudaSuccess) return bq_cuda_fail_cuda(e, "cudaMemcpyAsync(positions)", __FILE__, __LINE__);
+    CUDA_TRY(cudaMemcpyAsync(m->pos, pos, 2 * (size_t)B * sizeof(int), cudaMemcpyHostToDevice, m->stream));
     const float half = 0.5f * loss_scale;   /* csrc/span_loss.c: scale 0.5f * grad_scale, then / n_valid in double */
     const double gs0 = nv[0] ? (double)half / nv[0] : 0.0, gs1 = nv[1] ? (double)half / nv[1] : 0.0;
     bq_id_groups groups;
@@ -590,7 +592,7 @@ extern "C" int bq_cuda_backward(bq_cuda_model *m, const int64_t *ids, const int6
                                 : backward_impl<float>(m, seed, step, gs0, gs1, groups));
     double *rl = (double *)malloc(2 * (size_t)B * sizeof(double));
     if (!rl) return bq_cuda_fail(BQ_ERR_NOMEM, "out of host memory");
-    e = cudaMemcpyAsync(rl, m->rowloss, 2 * (size_t)B * sizeof(double), cudaMemcpyDeviceToHost, m->stream);
+    cudaError_t e = cudaMemcpyAsync(rl, m->rowloss, 2 * (size_t)B * sizeof(double), cudaMemcpyDeviceToHost, m->stream);
     if (e == cudaSuccess) e = cudaStreamSynchronize(m->stream);
     if (e != cudaSuccess) {
         free(rl);

@@ -1,6 +1,7 @@
 /* Error messages and device queries of the CUDA backend. */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.cuh"
@@ -39,6 +40,15 @@ int bq_cuda_fail_cuda(cudaError_t e, const char *call, const char *file, int lin
 int bq_cuda_fail_cublas(cublasStatus_t s, const char *call, const char *file, int line) {
     return bq_cuda_fail(s == CUBLAS_STATUS_ALLOC_FAILED ? BQ_ERR_NOMEM : BQ_ERR_CUBLAS, "%s failed: %s (%s) at %s:%d",
                         call, cublasGetStatusString(s), cublasGetStatusName(s), file, line);
+}
+
+int bq_cuda_sync_each_launch(void) {
+    static int flag = -1;   /* read once; a benign race: every thread computes the same value */
+    if (flag < 0) {
+        const char *v = getenv("BERTQA_CUDA_SYNC");
+        flag = v && *v && strcmp(v, "0") != 0;
+    }
+    return flag;
 }
 
 extern "C" void bq_cuda_versions(int *runtime, int *driver) {
