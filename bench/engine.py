@@ -1,14 +1,19 @@
 """Engine benchmark: a whole training step (forward + backward + AdamW) and eval-mode inference at BERT shapes,
 bertqa's C engine next to PyTorch on the same CPU cores (transformers' BertForQuestionAnswering when it is
-importable), with the model FLOP rate and its share of the machine's measured sgemm peak.
+importable), with the model FLOP rate, its share of the machine's measured sgemm peak, and peak RSS.
 
-    python bench/engine.py                       # MiniLM-L6 and BERT-base shapes, random weights
-    python bench/engine.py --quick               # fewer repeats, smaller batches
-    /work/refenv/bin/python bench/engine.py      # with torch + transformers for the comparison column
-                                                 # (the checkout importable: PYTHONPATH=.)
+    python bench/engine.py                       # MiniLM-L6 and BERT-base shapes, T=384, random weights
+    python bench/engine.py --quick               # fewer repeats
+    PYTHONPATH=. /work/refenv/bin/python bench/engine.py   # where torch + transformers live elsewhere
+
+Each case runs in a fresh process (so its peak RSS is its own, and one framework's allocator state does not
+colour the other's); ratios are taken within the one run.
 """
 import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
 import time
 
@@ -105,15 +110,42 @@ def sgemm_peak(n=2048, reps=3):
     return max(ours, theirs)
 
 
+# (shape, work, batch) as the issue asks: training at B=8; inference at B=1 and B=8; BERT-base training at a
+# smaller batch so the PyTorch side finishes in minutes on two cores.
+CASES = [("MiniLM-L6 (H384, L6)", "train step", 8), ("MiniLM-L6 (H384, L6)", "inference", 1),
+         ("MiniLM-L6 (H384, L6)", "inference", 8), ("BERT-base (H768, L12)", "train step", 2),
+         ("BERT-base (H768, L12)", "inference", 1), ("BERT-base (H768, L12)", "inference", 8)]
+
+
+def run_case(framework, index, T, reps):
+    """One case in this process: prints {"seconds": median step time, "max_rss_mb": peak RSS}."""
+    name, what, B = CASES[index]
+    config = config_for(SHAPES[name])
+    batch = batch_for(np.random.default_rng(0), config, B, T)
+    fn = bench_bertqa if framework == "bertqa" else bench_torch
+    if framework == "torch":
+        torch.manual_seed(0)
+    t = fn(config, batch, what == "train step", reps)
+    print(json.dumps({"seconds": t, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def in_child(framework, index, T, reps):
+    out = subprocess.run([sys.executable, __file__, "--case", framework, str(index), "--seq", str(T), "--reps",
+                          str(reps)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seq", type=int, default=384)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--case", nargs=2, metavar=("FRAMEWORK", "INDEX"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    reps = 2 if args.quick else 3
+    reps = args.reps or (2 if args.quick else 3)
     T = args.seq
-    if torch is not None:
-        torch.manual_seed(0)
+    if args.case:
+        return run_case(args.case[0], int(args.case[1]), T, reps)
     info = ops.runtime_info()
     print(f"# {os.cpu_count()} CPUs, {info['omp_threads']} threads, {info['blas_config']}; "
           + (f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}"
@@ -121,25 +153,21 @@ def main():
     peak = sgemm_peak()
     print(f"# sgemm peak on these cores: {peak:.1f} GFLOP/s\n")
     rows = []
-    rng = np.random.default_rng(0)
-    for name, shape in SHAPES.items():
-        config = config_for(shape)
-        small = "MiniLM" in name
-        cases = [("train step", True, (16 if small else 4) // (2 if args.quick else 1)),
-                 ("inference", False, 1), ("inference", False, (64 if small else 16) // (4 if args.quick else 1))]
-        for what, train, B in cases:
-            batch = batch_for(rng, config, B, T)
-            t = bench_bertqa(config, batch, train, reps)
-            tt = bench_torch(config, batch, train, reps) if torch is not None else None
-            gf = model_flops(config, B, T, train) / t / 1e9
-            rows.append((name, what, B, B / t, gf, 100 * gf / peak, (B / tt) if tt else None, (tt / t) if tt else None))
-            print(f"  {name} {what} B={B}: {B / t:.2f} seq/s" + (f" (torch {B / tt:.2f})" if tt else ""),
-                  file=sys.stderr)
-    print(f"| model | work | B x T | bertqa seq/s | bertqa GFLOP/s | % of sgemm peak | PyTorch seq/s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, what, B, sps, gf, pct, tsps, ratio in rows:
-        print(f"| {name} | {what} | {B} x {T} | {sps:.2f} | {gf:.1f} | {pct:.0f}% | "
-              + (f"{tsps:.2f} | {ratio:.2f}x |" if tsps else "- | - |"))
+    for i, (name, what, B) in enumerate(CASES):
+        config = config_for(SHAPES[name])
+        ours = in_child("bertqa", i, T, reps)
+        theirs = in_child("torch", i, T, reps) if torch is not None else None
+        t, tt = ours["seconds"], theirs["seconds"] if theirs else None
+        gf = model_flops(config, B, T, what == "train step") / t / 1e9
+        rows.append((name, what, B, B / t, gf, 100 * gf / peak, ours["max_rss_mb"], (B / tt) if tt else None,
+                     (tt / t) if tt else None, theirs["max_rss_mb"] if theirs else None))
+        print(f"  {name} {what} B={B}: {B / t:.2f} seq/s" + (f" (torch {B / tt:.2f})" if tt else ""), file=sys.stderr)
+    print("| model | work | B x T | bertqa seq/s | GFLOP/s | % of sgemm peak | peak RSS | PyTorch seq/s | "
+          "PyTorch peak RSS | bertqa speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, what, B, sps, gf, pct, rss, tsps, ratio, trss in rows:
+        print(f"| {name} | {what} | {B} x {T} | {sps:.2f} | {gf:.1f} | {pct:.0f}% | {rss:.0f} MB | "
+              + (f"{tsps:.2f} | {trss:.0f} MB | {ratio:.2f}x |" if tsps else "- | - | - |"))
 
 
 if __name__ == "__main__":
