@@ -13,7 +13,7 @@ Environment switches:
   BERTQA_DEBUG=1       -O0 -g
   BERTQA_NATIVE=1      -march=native (a binary for this machine only; the default runs on any x86-64 with AVX2)
   BERTQA_SYSTEM_BLAS=1 link the system's cblas/openblas instead of the scipy-openblas32 wheel
-  BERTQA_NO_CUDA=1     do not build bertqa._cuda even when a CUDA toolkit is found
+  BERTQA_NO_CUDA=1     do not build bertqa._cuda even when a CUDA toolkit is found (sanitizer builds never do)
   BERTQA_CUDA_ARCHS    GPU targets for nvcc, default "80;90" (each as machine code; PTX of the last one too)
 """
 import os
@@ -90,8 +90,10 @@ ext = Extension(
 # ---- the CUDA backend ------------------------------------------------------------------------------------------
 
 def cuda_home():
-    """The CUDA toolkit to build with, or None (then only the CPU package is built)."""
-    if env_flag("BERTQA_NO_CUDA"):
+    """The CUDA toolkit to build with, or None (then only the CPU package is built): also None without the cuda/
+    sources (a copy of the CPU core alone, as tests/sanitize.sh makes) and for sanitizer builds (BERTQA_SANITIZE
+    instruments the CPU core; the CUDA runtime does not run under ASan's default shadow layout)."""
+    if env_flag("BERTQA_NO_CUDA") or env_flag("BERTQA_SANITIZE") or not Path("cuda", "module.c").is_file():
         return None
     candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
