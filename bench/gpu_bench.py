@@ -104,10 +104,11 @@ def torch_runner(shape, B, T, train, device):
     cfg = BertConfig(**model_config(shape))
     try:
         model = BertForQuestionAnswering._from_config(cfg, attn_implementation="sdpa")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):   # older transformers: set it on the config
         cfg._attn_implementation = "sdpa"
         model = BertForQuestionAnswering(cfg)
     model.to(device)
+    print(f"    torch attention implementation: {getattr(model.config, '_attn_implementation', '?')}", flush=True)
     batch = {k: torch.from_numpy(v).to(device) for k, v in make_batch(B, T, cfg.vocab_size).items()}
     dtype = torch.bfloat16
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
@@ -181,14 +182,14 @@ def measure(system, row, device, peak, iters):
         t = timed(step, 3, n, sync)
         flops = forward_flops(shape, B, T) * (3 if train else 1)
         tflops = flops / t / 1e12
-        return dict(system=system, row=label, ms=t * 1e3, seq_per_s=B / t, tflops=tflops,
-                    mfu=tflops / peak if peak else float("nan"))
+        r = dict(system=system, row=label, ms=t * 1e3, seq_per_s=B / t, tflops=tflops,
+                 mfu=tflops / peak if peak else float("nan"))
+        if system == "bertqa" and hasattr(model._engine, "gemm_stats"):
+            r["gemm_calls"] = model._engine.gemm_stats   # how many products found a cuBLASLt algorithm
+        return r
     except Exception as e:   # noqa: BLE001 - report and go on with the next row
         traceback.print_exc()
         return dict(system=system, row=label, error=f"{type(e).__name__}: {e}"[:300])
-    finally:
-        del model
-        release()
 
 
 def fmt(r):
@@ -237,12 +238,14 @@ def main(argv=None):
     for row in rows:
         for system in systems:
             r = measure(system, row, device, peak, max(2, args.iters if not args.tiny else 3))
+            release()   # the model is gone with measure's frame: hand its memory back before the next one
             measured.append(r)
             if "error" in r:
                 print(f"  {system:7s} {row[0]}: {r['error']}", flush=True)
             else:
                 print(f"  {system:7s} {row[0]}: {r['seq_per_s']:.1f} seq/s, {r['ms']:.3f} ms, {r['tflops']:.1f} "
-                      f"TFLOP/s, MFU {100 * r['mfu']:.1f}%", flush=True)
+                      f"TFLOP/s, MFU {100 * r['mfu']:.1f}%{'  ' + str(r['gemm_calls']) if 'gemm_calls' in r else ''}",
+                      flush=True)
     results["rows"] = measured
 
     print()

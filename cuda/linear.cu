@@ -191,10 +191,17 @@ int bq_matmul(bq_gemm *g, bool transA, bool transB, int M, int N, int K, float a
     if (p->valid) {
         if (epilogue_bias)
             CUBLAS_TRY(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
-        CUBLAS_TRY(cublasLtMatmul(g->lt, p->desc, &alpha, B, p->la, A, p->lb, &beta, C, p->lc, C, p->lc, &p->algo,
-                                  g->workspace, g->workspace_bytes, g->stream));
-        g->lt_calls++;
-    } else {
+        const cublasStatus_t st = cublasLtMatmul(g->lt, p->desc, &alpha, B, p->la, A, p->lb, &beta, C, p->lc, C, p->lc,
+                                                 &p->algo, g->workspace, g->workspace_bytes, g->stream);
+        if (st == CUBLAS_STATUS_NOT_SUPPORTED) {
+            p->valid = 0;   /* the heuristic's pick refused at launch: this shape goes to cuBLAS from now on */
+        } else if (st != CUBLAS_STATUS_SUCCESS) {
+            return bq_cuda_fail_cublas(st, "cublasLtMatmul", __FILE__, __LINE__);
+        } else {
+            g->lt_calls++;
+        }
+    }
+    if (!p->valid) {
         const cublasOperation_t opa = transB ? CUBLAS_OP_T : CUBLAS_OP_N, opb = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
         CUBLAS_TRY(cublasGemmStridedBatchedEx(g->blas, opa, opb, N, M, K, &alpha, B, tb, ldb, sB, A, ta, lda, sA, &beta,
                                               C, tc, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
