@@ -21,7 +21,9 @@ WORKDIR /opt/bertqa
 COPY pyproject.toml setup.py README.md ./
 COPY csrc ./csrc
 COPY bertqa ./bertqa
-RUN pip install --no-cache-dir . uvicorn starlette \
+# No cuda/ folder: this is the CPU image (setup.py then builds bertqa._C only; uvicorn and starlette come as
+# dependencies of the package).
+RUN pip install --no-cache-dir . \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y
 
 ENV PYTHONUNBUFFERED=1
