@@ -21,7 +21,18 @@ def _preload_blas():
     except ImportError:  # built with BERTQA_SYSTEM_BLAS, or the rpath finds it
         return
     path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
-    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    # OpenBLAS runs single-threaded inside bertqa's OpenMP threads (csrc/threads.c); with this set while the
+    # library initialises it never starts the worker pool whose idle threads would poll beside ours. Other
+    # libraries loaded later see the user's own setting again.
+    saved = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    finally:
+        if saved is None:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = saved
 
 
 _preload_blas()
