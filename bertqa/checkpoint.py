@@ -22,12 +22,12 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_write
 from .config import BertConfig
 
 logger = logging.getLogger(__name__)
@@ -489,33 +489,9 @@ def save_state_dict(tensors: dict[str, np.ndarray], folder: str | os.PathLike) -
                                   f"expected float32")
         arrays[name] = np.ascontiguousarray(value)
     target = folder / SAFETENSORS_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_write(target) as tmp:
         save_file(arrays, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
     return target
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ====================================================================== finding a model

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ._atomic import atomic_write
 from typing import Any
 
 # Defaults are those of transformers.BertConfig (bert-base-uncased), so a config.json that omits a key
@@ -109,17 +110,8 @@ class BertConfig:
         d["architectures"] = ["BertForQuestionAnswering"]
         d["model_type"] = "bert"
         text = json.dumps(dict(sorted(d.items())), indent=2) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
         return path
 
     # ---------------------------------------------------------------- checking

@@ -22,13 +22,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
 
 from . import checkpoint
+from ._atomic import atomic_write
 from ._core import _C
 from .config import BertConfig
 from .tokenization import BertQATokenizer, TokenizerFilesError
@@ -305,17 +305,8 @@ class BertQA:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(version=TRAINING_STATE_VERSION, step=self.step, rng_step=self.rng_step, seed=self.seed,
                     num_parameters=self.num_parameters(), config=self.config.to_dict())
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, params=self.params, m=self.m, v=self.v, meta=np.array(json.dumps(meta)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, params=self.params, m=self.m, v=self.v, meta=np.array(json.dumps(meta)))
         return path
 
     def load_training_state(self, path: str | os.PathLike) -> None:

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+from ._atomic import atomic_write
 from .checkpoint import CONFIG_NAME, SAFETENSORS_NAME, TORCH_BIN_NAME, check_model_folder
 from .config import BertConfig
 
@@ -73,19 +74,9 @@ def package_model(model_dir: PathLike, output: PathLike) -> Path:
     if output.is_dir():
         output = output / "model.tar.gz"
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-                for path in files:
-                    tar.add(path, arcname=path.name, recursive=False, filter=_tar_filter)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(output) as tmp, tarfile.open(tmp, mode="w:gz") as tar:
+        for path in files:
+            tar.add(path, arcname=path.name, recursive=False, filter=_tar_filter)
     return output
 
 

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import string
-import tempfile
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ._atomic import atomic_write
 from .tokenization import BertQATokenizer
 
 PathLike = Union[str, os.PathLike]
@@ -251,15 +251,9 @@ class Features:
         """Write an .npz (compressed: padding is most of it), atomically: a reader never sees half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, features_format=np.int32(FEATURES_FORMAT),
-                                    **{fl.name: getattr(self, fl.name) for fl in fields(self)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, features_format=np.int32(FEATURES_FORMAT),
+                                **{fl.name: getattr(self, fl.name) for fl in fields(self)})
 
     @classmethod
     def load(cls, path: PathLike) -> "Features":

@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from ._atomic import atomic_write, fsync_dir
 from .squad import Example, Features, evaluate as squad_evaluate, load_features, load_squad, postprocess_predictions
 
 logger = logging.getLogger(__name__)
@@ -373,31 +374,10 @@ def evaluate_model(model, examples: Sequence[Example], features: Features, args:
 def write_json_atomic(path: PathLike, obj: Any, indent: Optional[int] = 2) -> Path:
     """Write JSON to a temporary file beside path, fsync it, rename it over path."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def prepare_output_dir(path: PathLike) -> Path:
@@ -482,10 +462,8 @@ class JsonlLog:
                     continue
                 if isinstance(record, dict) and record.get("step", 0) <= keep_until_step:
                     kept.append(line)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        with atomic_write(self.path) as tmp:
+            Path(tmp).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
@@ -653,7 +631,7 @@ class Trainer:
             self.model.save_pretrained(tmp)
             self.model.save_training_state(tmp / TRAINING_STATE_NAME)
             write_json_atomic(tmp / TRAINER_STATE_NAME, self.state.to_dict())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # same step saved by an earlier, interrupted run: swap it out
                 old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=self.output_dir))
                 os.replace(final, old / name)
@@ -661,7 +639,7 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _fsync_dir(self.output_dir)
+            fsync_dir(self.output_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
