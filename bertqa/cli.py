@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import warnings
 import sys
 import typing
 from pathlib import Path
@@ -245,8 +246,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # One plain line per warning (e.g. skipped training questions), like the errors, not Python's
+        # "file:line: Category: ..." with a source line.
+        print(f"bertqa {ns.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return ns.func(ns)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return ns.func(ns)
     except USER_ERRORS as e:
         print(f"bertqa {ns.command}: error: {_message(e)}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -45,6 +45,14 @@ class SquadFormatError(ValueError):
     """The input is not valid SQuAD JSON; the message names the file, the place and what is wrong."""
 
 
+class SquadAnswerWarning(UserWarning):
+    """Training questions were skipped because their answers do not match their contexts (load_squad with
+    on_bad_answer="warn"); the message gives the count and the first places."""
+
+
+BAD_ANSWER_POLICIES = ("raise", "warn", "ignore")
+
+
 @dataclass(frozen=True)
 class Example:
     """One question about one paragraph. `answers[k]` starts at character `answer_starts[k]` of `context`.
@@ -62,11 +70,18 @@ class Example:
     is_impossible: bool = False
 
 
-def load_squad(path_or_dict: Union[PathLike, Mapping[str, Any]]) -> list[Example]:
-    """Examples of a SQuAD v1.1 / v2.0 file (or its already parsed dict), checked field by field."""
+def load_squad(path_or_dict: Union[PathLike, Mapping[str, Any]], on_bad_answer: str = "raise") -> list[Example]:
+    """Examples of a SQuAD v1.1 / v2.0 file (or its already parsed dict), checked field by field.
+
+    on_bad_answer: what to do with an answer that does not fit its context (answer_start not matching the
+    text, outside the context, empty text, a missing or mistyped answer field). "raise" (the default, right
+    for evaluation data): SquadFormatError naming the file and place. "warn" (training data, as
+    `bertqa finetune` reads it): drop the bad answers, skip questions left with none, and warn once with a
+    SquadAnswerWarning giving the count and the first places. "ignore": the same, silently.
+    """
     if isinstance(path_or_dict, Mapping):
-        return parse_squad(path_or_dict, source="<dict>")
-    return parse_squad(read_squad_json(path_or_dict), source=str(path_or_dict))
+        return parse_squad(path_or_dict, source="<dict>", on_bad_answer=on_bad_answer)
+    return parse_squad(read_squad_json(path_or_dict), source=str(path_or_dict), on_bad_answer=on_bad_answer)
 
 
 def read_squad_json(path: PathLike) -> dict:
@@ -115,8 +130,14 @@ def _get(obj: Mapping, key: str, kind: type | tuple, where: str, source: str, re
     return value
 
 
-def parse_squad(data: Any, source: str = "<dict>") -> list[Example]:
-    """Validate a parsed SQuAD dict and flatten it into Examples (article order, then paragraph, question)."""
+def parse_squad(data: Any, source: str = "<dict>", on_bad_answer: str = "raise") -> list[Example]:
+    """Validate a parsed SQuAD dict and flatten it into Examples (article order, then paragraph, question).
+
+    on_bad_answer: see load_squad.
+    """
+    if on_bad_answer not in BAD_ANSWER_POLICIES:
+        raise ValueError(f"on_bad_answer should be one of {BAD_ANSWER_POLICIES}, got {on_bad_answer!r}")
+    bad: Optional[list[str]] = None if on_bad_answer == "raise" else []
     if not isinstance(data, Mapping):
         raise SquadFormatError(f"{source}: top level should be a JSON object with a 'data' list, "
                                f"got {_describe_type(data)}")
@@ -132,21 +153,32 @@ def parse_squad(data: Any, source: str = "<dict>") -> list[Example]:
             where += f" (title {title!r})"
         paragraphs = _get(article, "paragraphs", list, where, source)
         for p, paragraph in enumerate(paragraphs):
-            examples.extend(_parse_paragraph(paragraph, title, f"{where} paragraphs[{p}]", source, seen))
+            examples.extend(_parse_paragraph(paragraph, title, f"{where} paragraphs[{p}]", source, seen, bad))
+    if bad and on_bad_answer == "warn":
+        skipped = sum(1 for b in bad if b.startswith("skipped"))
+        shown = "; ".join(b.split(": ", 1)[1] for b in bad[:3])
+        warnings.warn(SquadAnswerWarning(
+            f"{source}: {len(bad)} answer(s) that do not fit their context dropped; {skipped} question(s) "
+            f"left with no answer skipped, {len(examples)} kept. First: {shown}"), stacklevel=3)
     return examples
 
 
-def _parse_paragraph(paragraph: Any, title: str, where: str, source: str, seen: dict[str, str]) -> list[Example]:
+def _parse_paragraph(paragraph: Any, title: str, where: str, source: str, seen: dict[str, str],
+                     bad: Optional[list[str]] = None) -> list[Example]:
     if not isinstance(paragraph, Mapping):
         raise SquadFormatError(f"{source}: {where}: paragraph should be an object, got {_describe_type(paragraph)}")
     context = _get(paragraph, "context", str, where, source)
     if not context.strip():
         raise SquadFormatError(f"{source}: {where}: empty context")
     qas = _get(paragraph, "qas", list, where, source)
-    return [_parse_question(qa, title, context, f"{where} qas[{q}]", source, seen) for q, qa in enumerate(qas)]
+    examples = (_parse_question(qa, title, context, f"{where} qas[{q}]", source, seen, bad)
+                for q, qa in enumerate(qas))
+    return [ex for ex in examples if ex is not None]
 
 
-def _parse_question(qa: Any, title: str, context: str, where: str, source: str, seen: dict[str, str]) -> Example:
+def _parse_question(qa: Any, title: str, context: str, where: str, source: str, seen: dict[str, str],
+                    bad: Optional[list[str]] = None) -> Optional[Example]:
+    """The question's Example; None when `bad` collects bad answers and none of its answers is usable."""
     if not isinstance(qa, Mapping):
         raise SquadFormatError(f"{source}: {where}: question should be an object, got {_describe_type(qa)}")
     qid = _get(qa, "id", str, where, source)
@@ -166,9 +198,18 @@ def _parse_question(qa: Any, title: str, context: str, where: str, source: str, 
         raise SquadFormatError(f"{source}: {where}: is_impossible is true but it has {len(answers)} answers")
     texts, starts = [], []
     for k, answer in enumerate(answers):
-        text, start = _parse_answer(answer, context, f"{where} answers[{k}]", source)
+        try:
+            text, start = _parse_answer(answer, context, f"{where} answers[{k}]", source)
+        except SquadFormatError as e:
+            if bad is None:
+                raise
+            bad.append("dropped: " + str(e).split(": ", 1)[1])  # the place and the problem, not the file
+            continue
         texts.append(text)
         starts.append(start)
+    if answers and not texts:  # every answer was bad: nothing to train on (an empty list would mean v2.0 "no answer")
+        bad[-1] = "skipped" + bad[-1][len("dropped"):]
+        return None
     return Example(qid, title, question, context, tuple(texts), tuple(starts), impossible)
 
 
@@ -454,13 +495,14 @@ def load_features(
     cache_dir: Optional[PathLike] = None,
     use_cache: bool = True,
     progress: Optional[bool] = None,
+    on_bad_answer: str = "raise",
 ) -> tuple[list[Example], Features]:
     """Examples and features of a SQuAD file, features cached as .npz under cache_dir (see default_cache_dir).
 
     The cache entry is keyed by the file's sha256, the tokenizer's fingerprint and the parameters, so an
     edited file or another vocabulary never reuses stale features.
     """
-    examples = load_squad(path)
+    examples = load_squad(path, on_bad_answer=on_bad_answer)
     params = dict(max_seq_length=max_seq_length, doc_stride=doc_stride, max_query_length=max_query_length,
                   padding=padding, pad_to_multiple_of=pad_to_multiple_of if padding == "longest" else None)
     build = lambda: build_features(examples, tokenizer, progress=progress, **params)  # noqa: E731

@@ -235,7 +235,7 @@ class TrainPlan:
     @classmethod
     def from_args(cls, n_features: int, args: TrainingArguments) -> "TrainPlan":
         if n_features < 1:
-            raise TrainingError("no training features: the training file has no questions")
+            raise TrainingError("no training features: the training file has no usable questions")
         bs, k = args.per_device_train_batch_size, args.gradient_accumulation_steps
         micro = -(-n_features // bs)
         steps_per_epoch = -(-micro // k)
@@ -715,13 +715,17 @@ def select_examples(examples: list[Example], features: Features, n: Optional[int
     return examples[:n], features.select(np.flatnonzero(features.example_index < n))
 
 
-def load_split(path: PathLike, tokenizer, args: TrainingArguments, n: Optional[int]
+def load_split(path: PathLike, tokenizer, args: TrainingArguments, n: Optional[int], on_bad_answer: str = "raise"
                ) -> tuple[list[Example], Features]:
-    """Validated examples and (cached) max_length-padded features of a SQuAD file, cut to the first n."""
+    """Validated examples and (cached) max_length-padded features of a SQuAD file, cut to the first n.
+
+    on_bad_answer: see squad.load_squad ("warn" for training data: skip and count questions whose answers do
+    not fit their contexts; "raise" for evaluation data).
+    """
     examples, features = load_features(
         path, tokenizer, max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
         max_query_length=args.max_query_length, cache_dir=args.cache_dir,
-        progress=None if args.disable_tqdm is None else not args.disable_tqdm)
+        progress=None if args.disable_tqdm is None else not args.disable_tqdm, on_bad_answer=on_bad_answer)
     return select_examples(examples, features, n)
 
 
@@ -761,12 +765,13 @@ def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file
     output_dir = prepare_output_dir(args.output_dir)
     # Everything that can be checked cheaply is checked before the model loads and features are built.
     resolve_resume(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-    load_squad(train_file)  # load_split reads it again (cheap next to training)
+    load_squad(train_file, on_bad_answer="ignore")  # load_split reads it again (and warns about bad answers)
     if validation_file is not None:
         load_squad(validation_file)
     if model is None:
         model = load_model(model_name_or_path, args)
-    train_examples, train_features = load_split(train_file, model.tokenizer, args, args.max_train_samples)
+    train_examples, train_features = load_split(train_file, model.tokenizer, args, args.max_train_samples,
+                                                 on_bad_answer="warn")
     eval_examples = eval_features = None
     if validation_file is not None:
         eval_examples, eval_features = load_split(validation_file, model.tokenizer, args, args.max_eval_samples)

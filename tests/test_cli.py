@@ -82,11 +82,20 @@ BAD_FILES = {
 @pytest.mark.parametrize("which", ["train", "validation"])
 def test_bad_data_files_are_one_line_errors(tmp_path, capsys, case, which):
     data, raw, needles = BAD_FILES[case]
+    if case == "answer_start mismatch" and which == "train":
+        # A bad training answer is skipped with a warning (test_bad_training_answer_is_skipped_with_a_warning);
+        # with nothing else left to train on, the run stops with a user error.
+        needles = ["no usable questions"]
     bad = squad_file(tmp_path / "bad.json", data or GOOD, raw)
     good = squad_file(tmp_path / "good.json")
     train, valid = (bad, good) if which == "train" else (good, bad)
     code, _, err = run(capsys, *finetune_argv(tmp_path, train), "--validation_file", valid)
-    assert_user_error(code, err, "finetune", str(bad), *needles)
+    if needles == ["no usable questions"]:
+        warning, err = err.strip().split("\n", 1)
+        assert warning.startswith(f"bertqa finetune: warning: {bad}: 1 answer(s)"), warning
+        assert_user_error(code, err, "finetune", *needles)
+    else:
+        assert_user_error(code, err, "finetune", str(bad), *needles)
 
 
 def test_evaluate_reports_bad_files_and_missing_files(tmp_path, capsys):
@@ -216,6 +225,27 @@ def test_python_dash_m_exit_status_and_stderr(tmp_path):
 
 
 # ---- end to end ------------------------------------------------------------------------------------------
+
+
+@needs_engine
+def test_bad_training_answer_is_skipped_with_a_warning(shared_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BERTQA_CACHE_DIR", str(tmp_path / "cache"))
+    data = json.loads(json.dumps(GOOD))
+    qas = data["data"][0]["paragraphs"][0]["qas"]
+    qas.append({"id": "q2", "question": "What sat on the mat?", "answers": [{"text": "cat", "answer_start": 4}]})
+    qas.append({"id": "q3", "question": "What did the cat do?", "answers": [{"text": "sat", "answer_start": 9}]})
+    train = squad_file(tmp_path / "train.json", data)
+    model = make_tiny_model(tmp_path / "tiny", shared_data_dir / "vocab" / "bert-base-uncased-vocab.txt")
+    code, _, err = run(capsys, *finetune_argv(tmp_path, train, model), "--max_seq_length", "32", "--doc_stride",
+                       "8", "--max_query_length", "16", "--max_steps", "1", "--disable_tqdm")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"bertqa finetune: warning: {train}: 1 answer(s) that do not fit their context dropped; 1 question(s) left "
+        f"with no answer skipped, 2 kept. First: data[0] (title 'T') paragraphs[0] qas[2] (id 'q3') answers[0]: "
+        f"answer text 'sat' does not match the context at answer_start 9, which reads 'at '"], err
+    results = json.loads((tmp_path / "out" / EVAL_RESULTS_NAME).read_text())
+    assert results["train_sequences"] == 2  # one step over the two good questions' windows
 
 
 @pytest.fixture(scope="module")

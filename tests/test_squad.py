@@ -1,6 +1,8 @@
 """bertqa.squad: reader errors, features on the real valid.json, post-processing, the official metric."""
 import json
+import re
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -177,6 +179,54 @@ def test_reader_errors_name_file_place_and_problem(tmp_path, case):
         load_squad(path)
     assert str(path) in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+BAD_ANSWER_CASES = [case for case in BAD_INPUTS if "start" in case or case == "empty_answer_text"]
+
+
+@pytest.mark.parametrize("case", BAD_ANSWER_CASES)
+def test_bad_training_answers_warn_and_skip(tmp_path, case):
+    """on_bad_answer="warn" (how finetune reads training data): the bad answer is dropped, a question left
+    with none is skipped, one warning gives the counts and the place; everything else is read as usual."""
+    from bertqa.squad import SquadAnswerWarning
+
+    content, pattern = BAD_INPUTS[case]
+    path = write(tmp_path, content)
+    good = {ex.id: ex for ex in load_squad(write(tmp_path, tiny_dataset(), "good.json"))}
+    with pytest.warns(SquadAnswerWarning) as record:
+        examples = load_squad(path, on_bad_answer="warn")
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert str(path) in message and re.search(pattern, message), message
+    bad_id = re.search(r"\(id '(q\d)'\)", message).group(1)
+    # q1 has two answers: dropping one keeps the question with the other; q2 and q3 have one each.
+    skipped = 0 if bad_id == "q1" else 1
+    assert f"1 answer(s) that do not fit their context dropped; {skipped} question(s)" in message
+    assert f"{len(good) - skipped} kept" in message
+    assert [ex.id for ex in examples] == [q for q in good if skipped == 0 or q != bad_id]
+    for ex in examples:
+        if ex.id != bad_id:
+            assert ex == good[ex.id]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_squad(path, on_bad_answer="ignore") == examples
+    with pytest.raises(SquadFormatError, match=pattern):
+        load_squad(path)  # the default, as for evaluation data
+
+
+def test_bad_answer_policy_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="on_bad_answer should be one of"):
+        load_squad(tiny_dataset(), on_bad_answer="skip")
+
+
+def test_many_bad_training_answers_are_counted(tmp_path):
+    data = tiny_dataset()
+    for qa in qa_of(data):
+        for answer in qa["answers"]:
+            answer["answer_start"] += 1
+    with pytest.warns(UserWarning, match=r"4 answer\(s\) .* dropped; 3 question\(s\) left with no answer "
+                                         r"skipped, 0 kept\. First: .*\(id 'q1'\) answers\[0\].*; .*answers\[1\]"):
+        assert load_squad(data, on_bad_answer="warn") == []
 
 
 def test_reader_error_for_missing_file(tmp_path):
