@@ -6,7 +6,8 @@
     # {"answer": "Paris", "score": 0.97, "start": 16, "end": 21}       context[start:end] == answer
 
 Routes (the SageMaker inference contract, plus a description and a page):
-    GET  /ping                   200 with an empty body once the model is loaded; 503 (JSON) before
+    GET  /ping                   200 with an empty body once the model is loaded; 503 (JSON) before (with
+                                 several workers, a worker accepts connections only once its model is loaded)
     POST /invocations            answers; application/json or application/jsonlines (see below)
     GET  /execution-parameters   MaxConcurrentTransforms, BatchStrategy, MaxPayloadInMB for batch transform
     GET  /openapi.json           OpenAPI 3.1 description of these routes
@@ -962,6 +963,12 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await service.startup()
+        if config.workers > 1:
+            # Worker processes share one listening socket, and uvicorn accepts on it only once the lifespan
+            # has started: a worker that waits here for its model takes no connection while loading, so a
+            # client that saw /ping say 200 (from a loaded worker) never meets a loading one. (One worker
+            # serves while it loads instead, so that /ping can answer 503 meanwhile, as SageMaker expects.)
+            await asyncio.shield(service._load_task)
         try:
             yield
         finally:
