@@ -46,6 +46,19 @@ def test_dropout_values_and_backward(rng):
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.37, 1 - 2**-20, 2**-24])
+def test_dropout_keeps_exactly_where_uniform_reaches_p(rng, p):
+    """Bit for bit: the vectorised mask (integer threshold on the Philox words) against uniform >= p in float32,
+    over sizes that end in the one-block path too."""
+    for n in (32, 4096 + 37, 3 * 4096 + 1):
+        x = rng.standard_normal(n).astype(np.float32)
+        seed, step, tid = int(rng.integers(2**63)), int(rng.integers(2**32)), int(rng.integers(2**32))
+        keep = _C.uniform(n, seed, step, tid) >= np.float32(p)
+        scale = np.float32(1) / (np.float32(1) - np.float32(p))
+        np.testing.assert_array_equal(ops.dropout(x, p, seed, step, tid), np.where(keep, x * scale, 0))
+        np.testing.assert_array_equal(ops.dropout_backward(x, p, seed, step, tid), np.where(keep, x * scale, 0))
+
+
 def test_dropout_deterministic_and_keyed(rng):
     x = np.ones(100_003, np.float32)   # odd size: the last Philox block is partial
     a = ops.dropout(x, 0.3, 42, 1, 0)
