@@ -70,11 +70,20 @@ def batch_for(rng, config, B, T):
                 start_positions=rng.integers(24, T, B), end_positions=rng.integers(24, T, B))
 
 
-def bench_bertqa(config, batch, train, reps):
+def bench_bertqa(config, batch, train, reps, breakdown=None):
+    """Median seconds per step; breakdown (a dict), when given, gets the engine's profile of one more step."""
     model = BertQA(config, seed=0)
     if train:
-        return timed(lambda: model.train_step(batch, lr=1e-5), reps)
-    return timed(lambda: model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]), reps)
+        step = lambda: model.train_step(batch, lr=1e-5)  # noqa: E731
+    else:
+        step = lambda: model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # noqa: E731
+    t = timed(step, reps)
+    if breakdown is not None:
+        model.profile(reset=True)
+        t0 = time.perf_counter()
+        step()
+        breakdown.update(model.profile(), total=time.perf_counter() - t0)
+    return t
 
 
 def bench_torch(config, batch, train, reps):
@@ -123,10 +132,14 @@ def run_case(framework, index, T, reps):
     config = config_for(SHAPES[name])
     batch = batch_for(np.random.default_rng(0), config, B, T)
     fn = bench_bertqa if framework == "bertqa" else bench_torch
+    breakdown = {}
     if framework == "torch":
         torch.manual_seed(0)
-    t = fn(config, batch, what == "train step", reps)
-    print(json.dumps({"seconds": t, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        t = fn(config, batch, what == "train step", reps)
+    else:
+        t = fn(config, batch, what == "train step", reps, breakdown)
+    print(json.dumps({"seconds": t, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "breakdown": breakdown}))
 
 
 def in_child(framework, index, T, reps):
@@ -160,14 +173,26 @@ def main():
         t, tt = ours["seconds"], theirs["seconds"] if theirs else None
         gf = model_flops(config, B, T, what == "train step") / t / 1e9
         rows.append((name, what, B, B / t, gf, 100 * gf / peak, ours["max_rss_mb"], (B / tt) if tt else None,
-                     (tt / t) if tt else None, theirs["max_rss_mb"] if theirs else None))
+                     (tt / t) if tt else None, theirs["max_rss_mb"] if theirs else None, ours.get("breakdown")))
         print(f"  {name} {what} B={B}: {B / t:.2f} seq/s" + (f" (torch {B / tt:.2f})" if tt else ""), file=sys.stderr)
     print("| model | work | B x T | bertqa seq/s | GFLOP/s | % of sgemm peak | peak RSS | PyTorch seq/s | "
           "PyTorch peak RSS | bertqa speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, what, B, sps, gf, pct, rss, tsps, ratio, trss in rows:
+    for name, what, B, sps, gf, pct, rss, tsps, ratio, trss, _ in rows:
         print(f"| {name} | {what} | {B} x {T} | {sps:.2f} | {gf:.1f} | {pct:.0f}% | {rss:.0f} MB | "
               + (f"{tsps:.2f} | {trss:.0f} MB | {ratio:.2f}x |" if tsps else "- | - | - |"))
+    # Where one training step's time goes (the engine's own profile, BertQA.profile), per case trained.
+    for name, what, B, *_, breakdown in rows:
+        if what != "train step" or not breakdown:
+            continue
+        total = breakdown.pop("total")
+        print(f"\n{name}, {what}, B={B}, T={T}: one step {1e3 * total:.0f} ms")
+        print("| work | ms | share |\n|---|---:|---:|")
+        for key, sec in sorted(breakdown.items(), key=lambda kv: -kv[1]):
+            if sec > 0:
+                print(f"| {key} | {1e3 * sec:.1f} | {100 * sec / total:.1f}% |")
+        rest = total - sum(breakdown.values())
+        print(f"| outside the engine (Python, gradient zeroing) | {1e3 * rest:.1f} | {100 * rest / total:.1f}% |")
 
 
 if __name__ == "__main__":

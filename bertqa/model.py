@@ -205,6 +205,17 @@ class BertQA:
     def num_parameters(self) -> int:
         return int(self.params.size)
 
+    def profile(self, reset: bool = False) -> dict[str, float]:
+        """Seconds the CPU engine spent per kind of work since it was made or last reset: forward.linear,
+        forward.attention, ..., backward.zero, adamw (wall time of each call, all threads together).
+
+        A cheap, always-on breakdown for finding where a step's time goes; reset=True zeroes it after reading.
+        """
+        fn = getattr(self._engine, "profile", None)
+        if fn is None:
+            raise NotImplementedError(f"profile: the {self.device} engine keeps no time breakdown")
+        return fn(reset=reset)
+
     # ---- inference ----------------------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):

@@ -298,6 +298,28 @@ static PyObject *engine_arena_bytes(Engine *self, PyObject *noargs) {
     return PyLong_FromSize_t(self->model.arena_floats * sizeof(float));
 }
 
+static PyObject *engine_profile(Engine *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"reset", NULL};
+    int reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p:profile", kwlist, &reset)) return NULL;
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    lock_engine(self);
+    for (int i = 0; i < BQ_PROF_N; i++) {
+        PyObject *v = PyFloat_FromDouble(self->model.prof[i]);
+        if (!v || PyDict_SetItemString(d, bq_prof_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            PyThread_release_lock(self->lock);
+            return NULL;
+        }
+        Py_DECREF(v);
+        if (reset) self->model.prof[i] = 0.0;
+    }
+    PyThread_release_lock(self->lock);
+    return d;
+}
+
 static PyObject *engine_release_arena(Engine *self, PyObject *noargs) {
     lock_engine(self);
     free(self->model.arena);
@@ -325,6 +347,9 @@ static PyMethodDef engine_methods[] = {
      "tensor_sizes()\n--\n\nElement counts of the parameter tensors in buffer order."},
     {"arena_bytes", (PyCFunction)engine_arena_bytes, METH_NOARGS,
      "arena_bytes()\n--\n\nBytes of the activation arena now allocated."},
+    {"profile", (PyCFunction)(void (*)(void))engine_profile, METH_VARARGS | METH_KEYWORDS,
+     "profile(reset=False)\n--\n\nSeconds spent per kind of work (forward.linear, backward.attention, adamw, ...) "
+     "since the engine was made or last reset; reset=True zeroes the counters after reading them."},
     {"release_arena", (PyCFunction)engine_release_arena, METH_NOARGS,
      "release_arena()\n--\n\nFree the activation arena (it is reallocated on the next call)."},
     {NULL, NULL, 0, NULL},

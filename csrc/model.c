@@ -17,6 +17,27 @@
 #include "bertqa.h"
 #include "model.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+static inline double now(void) { return omp_get_wtime(); }
+#else
+#include <time.h>
+static inline double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+#endif
+
+const char *const bq_prof_names[BQ_PROF_N] = {
+    "forward.embedding", "forward.linear", "forward.attention", "forward.layernorm", "forward.gelu",
+    "forward.dropout_residual", "forward.head",
+    "backward.loss_head", "backward.linear", "backward.attention", "backward.layernorm", "backward.gelu",
+    "backward.dropout_residual", "backward.embedding", "backward.zero", "adamw"};
+
+/* PROF(kind, statement): run the statement and add its wall time to m->prof[kind]. */
+#define PROF(kind, stmt) do { double t0_ = now(); stmt; m->prof[kind] += now() - t0_; } while (0)
+
 #define SITE_EMB 0u
 #define SITE_ATT(l) (1u + 3u * (unsigned)(l))
 #define SITE_AO(l) (2u + 3u * (unsigned)(l))
@@ -168,35 +189,44 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
     const float pd = train ? c->hidden_dropout : 0.0f, pa = train ? c->attn_dropout : 0.0f;
     int st = prepare_arena(m, B, T, train);
     if (st) return st;
-    st = embedding_forward(m->emb, ids, types, m->p.wte, m->p.wpe, m->p.wtt, B, T, C, c->V, c->P, c->NT);
+    PROF(BQ_PROF_FWD_EMBEDDING,
+         st = embedding_forward(m->emb, ids, types, m->p.wte, m->p.wpe, m->p.wtt, B, T, C, c->V, c->P, c->NT));
     if (st) return st;
-    layernorm_forward(m->h0, m->emb_mean, m->emb_rstd, m->emb, m->p.lnw, m->p.lnb, N, C, c->eps);
-    if (pd > 0.0f) dropout_forward(m->h0, m->h0, (size_t)N * C, pd, seed, step, SITE_EMB);
+    PROF(BQ_PROF_FWD_LAYERNORM,
+         layernorm_forward(m->h0, m->emb_mean, m->emb_rstd, m->emb, m->p.lnw, m->p.lnb, N, C, c->eps));
+    if (pd > 0.0f) PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, dropout_forward(m->h0, m->h0, (size_t)N * C, pd, seed, step, SITE_EMB));
     const bq_attn_shape s = {B, NH, T, HS, (long)T * C, HS, C};
     const float *x = m->h0;
     for (int l = 0; l < c->L; l++) {
         bq_layer_acts *a = &m->acts[l];
         const bq_layer_params *w = &m->p.layers[l];
-        linear_forward(a->q, x, w->qw, w->qb, N, C, C);
-        linear_forward(a->k, x, w->kw, w->kb, N, C, C);
-        linear_forward(a->v, x, w->vw, w->vb, N, C, C);
-        st = attention_forward(a->ctx, a->att, a->q, a->k, a->v, mask, s, pa, seed, step, SITE_ATT(l));
+        PROF(BQ_PROF_FWD_LINEAR, {
+            linear_forward(a->q, x, w->qw, w->qb, N, C, C);
+            linear_forward(a->k, x, w->kw, w->kb, N, C, C);
+            linear_forward(a->v, x, w->vw, w->vb, N, C, C);
+        });
+        PROF(BQ_PROF_FWD_ATTENTION,
+             st = attention_forward(a->ctx, a->att, a->q, a->k, a->v, mask, s, pa, seed, step, SITE_ATT(l)));
         if (st) return st;
-        linear_forward(a->res1, a->ctx, w->aow, w->aob, N, C, C);   /* attention output, then the residual */
-        residual(a->res1, x, a->res1, (size_t)N * C, pd, train, seed, step, SITE_AO(l));
-        layernorm_forward(a->h1, a->mean1, a->rstd1, a->res1, w->ln1w, w->ln1b, N, C, c->eps);
-        linear_forward(a->fc, a->h1, w->fcw, w->fcb, N, C, I);
-        gelu_forward(a->gelu, a->fc, (size_t)N * I);
-        linear_forward(a->res2, a->gelu, w->fc2w, w->fc2b, N, I, C);
-        residual(a->res2, a->h1, a->res2, (size_t)N * C, pd, train, seed, step, SITE_FFN(l));
-        layernorm_forward(a->out, a->mean2, a->rstd2, a->res2, w->ln2w, w->ln2b, N, C, c->eps);
+        PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->res1, a->ctx, w->aow, w->aob, N, C, C));   /* attention output */
+        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(a->res1, x, a->res1, (size_t)N * C, pd, train, seed, step, SITE_AO(l)));
+        PROF(BQ_PROF_FWD_LAYERNORM,
+             layernorm_forward(a->h1, a->mean1, a->rstd1, a->res1, w->ln1w, w->ln1b, N, C, c->eps));
+        PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->fc, a->h1, w->fcw, w->fcb, N, C, I));
+        PROF(BQ_PROF_FWD_GELU, gelu_forward(a->gelu, a->fc, (size_t)N * I));
+        PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->res2, a->gelu, w->fc2w, w->fc2b, N, I, C));
+        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(a->res2, a->h1, a->res2, (size_t)N * C, pd, train, seed, step, SITE_FFN(l)));
+        PROF(BQ_PROF_FWD_LAYERNORM,
+             layernorm_forward(a->out, a->mean2, a->rstd2, a->res2, w->ln2w, w->ln2b, N, C, c->eps));
         x = a->out;
     }
-    linear_forward(m->logits, x, m->p.qaw, m->p.qab, N, C, 2);   /* [N,2]: start and end interleaved */
-    for (long i = 0; i < N; i++) {
-        m->start_l[i] = m->logits[2 * i];
-        m->end_l[i] = m->logits[2 * i + 1];
-    }
+    PROF(BQ_PROF_FWD_HEAD, {
+        linear_forward(m->logits, x, m->p.qaw, m->p.qab, N, C, 2);   /* [N,2]: start and end interleaved */
+        for (long i = 0; i < N; i++) {
+            m->start_l[i] = m->logits[2 * i];
+            m->end_l[i] = m->logits[2 * i + 1];
+        }
+    });
     if (start) memcpy(start, m->start_l, (size_t)N * sizeof(float));
     if (end) memcpy(end, m->end_l, (size_t)N * sizeof(float));
     return BQ_OK;
@@ -232,14 +262,16 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int
 
     /* span loss -> dlogits [N,2], start and end interleaved as the head wrote them */
     float *dstart = m->dse, *dend = m->dse + N, *dlogits = m->dlogits;
-    *loss = span_loss(dstart, dend, m->start_l, m->end_l, start_pos, end_pos, B, T, loss_scale);
-    for (long i = 0; i < N; i++) {
-        dlogits[2 * i] = dstart[i];
-        dlogits[2 * i + 1] = dend[i];
-    }
     const float *x_last = m->acts[c->L - 1].out;
-    zero(dout, NC);
-    linear_backward(dout, m->g.qaw, m->g.qab, dlogits, x_last, m->p.qaw, N, C, 2);
+    PROF(BQ_PROF_BWD_LOSS_HEAD, {
+        *loss = span_loss(dstart, dend, m->start_l, m->end_l, start_pos, end_pos, B, T, loss_scale);
+        for (long i = 0; i < N; i++) {
+            dlogits[2 * i] = dstart[i];
+            dlogits[2 * i + 1] = dend[i];
+        }
+        zero(dout, NC);
+        linear_backward(dout, m->g.qaw, m->g.qab, dlogits, x_last, m->p.qaw, N, C, 2);
+    });
 
     for (int l = c->L - 1; l >= 0; l--) {
         bq_layer_acts *a = &m->acts[l];
@@ -247,47 +279,58 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int
         bq_layer_params *gw = &m->g.layers[l];
         const float *x = l ? m->acts[l - 1].out : m->h0;
         /* out = LN2(res2): dout -> dres */
-        zero(dres, NC);
-        layernorm_backward(dres, gw->ln2w, gw->ln2b, dout, a->res2, w->ln2w, a->mean2, a->rstd2, N, C);
+        PROF(BQ_PROF_BWD_ZERO, zero(dres, NC));
+        PROF(BQ_PROF_BWD_LAYERNORM,
+             layernorm_backward(dres, gw->ln2w, gw->ln2b, dout, a->res2, w->ln2w, a->mean2, a->rstd2, N, C));
         /* res2 = h1 + dropout(ffn): dh1 = dres (dout is free now), dffn = dropout'(dres) into dy */
-        residual_backward(dy, dres, NC, pd, seed, step, SITE_FFN(l));
+        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dy, dres, NC, pd, seed, step, SITE_FFN(l)));
         float *dh1 = dres;
-        zero(dgelu, NI);
-        linear_backward(dgelu, gw->fc2w, gw->fc2b, dy, a->gelu, w->fc2w, N, I, C);
-        zero(dfc, NI);
-        gelu_backward(dfc, a->fc, dgelu, NI);
-        linear_backward(dh1, gw->fcw, gw->fcb, dfc, a->h1, w->fcw, N, C, I);   /* dh1 += dfc W1 */
+        PROF(BQ_PROF_BWD_ZERO, zero(dgelu, NI));
+        PROF(BQ_PROF_BWD_LINEAR, linear_backward(dgelu, gw->fc2w, gw->fc2b, dy, a->gelu, w->fc2w, N, I, C));
+        PROF(BQ_PROF_BWD_ZERO, zero(dfc, NI));
+        PROF(BQ_PROF_BWD_GELU, gelu_backward(dfc, a->fc, dgelu, NI));
+        PROF(BQ_PROF_BWD_LINEAR, linear_backward(dh1, gw->fcw, gw->fcb, dfc, a->h1, w->fcw, N, C, I));   /* dh1 += dfc W1 */
         /* h1 = LN1(res1): dh1 -> dres1 (in dout) */
         float *dres1 = dout;
-        zero(dres1, NC);
-        layernorm_backward(dres1, gw->ln1w, gw->ln1b, dh1, a->res1, w->ln1w, a->mean1, a->rstd1, N, C);
+        PROF(BQ_PROF_BWD_ZERO, zero(dres1, NC));
+        PROF(BQ_PROF_BWD_LAYERNORM,
+             layernorm_backward(dres1, gw->ln1w, gw->ln1b, dh1, a->res1, w->ln1w, a->mean1, a->rstd1, N, C));
         /* res1 = x + dropout(ctx Wo^T + bo): dx = dres1 (stays in dout), dao = dropout'(dres1) into dy */
-        residual_backward(dy, dres1, NC, pd, seed, step, SITE_AO(l));
+        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dy, dres1, NC, pd, seed, step, SITE_AO(l)));
         float *dctx = dres;   /* dh1 is consumed */
-        zero(dctx, NC);
-        linear_backward(dctx, gw->aow, gw->aob, dy, a->ctx, w->aow, N, C, C);
-        zero(dq, NC);
-        zero(dk, NC);
-        zero(dv, NC);
-        st = attention_backward(dq, dk, dv, dctx, a->att, a->q, a->k, a->v, s, pa, seed, step, SITE_ATT(l));
+        PROF(BQ_PROF_BWD_ZERO, zero(dctx, NC));
+        PROF(BQ_PROF_BWD_LINEAR, linear_backward(dctx, gw->aow, gw->aob, dy, a->ctx, w->aow, N, C, C));
+        PROF(BQ_PROF_BWD_ZERO, {
+            zero(dq, NC);
+            zero(dk, NC);
+            zero(dv, NC);
+        });
+        PROF(BQ_PROF_BWD_ATTENTION,
+             st = attention_backward(dq, dk, dv, dctx, a->att, a->q, a->k, a->v, s, pa, seed, step, SITE_ATT(l)));
         if (st) return st;
         float *dx = dout;   /* already holds the residual path; the projections add to it */
-        linear_backward(dx, gw->qw, gw->qb, dq, x, w->qw, N, C, C);
-        linear_backward(dx, gw->kw, gw->kb, dk, x, w->kw, N, C, C);
-        linear_backward(dx, gw->vw, gw->vb, dv, x, w->vw, N, C, C);
+        PROF(BQ_PROF_BWD_LINEAR, {
+            linear_backward(dx, gw->qw, gw->qb, dq, x, w->qw, N, C, C);
+            linear_backward(dx, gw->kw, gw->kb, dk, x, w->kw, N, C, C);
+            linear_backward(dx, gw->vw, gw->vb, dv, x, w->vw, N, C, C);
+        });
     }
     /* h0 = dropout(LN(emb)) */
     float *dln = dy;
-    residual_backward(dln, dout, NC, pd, seed, step, SITE_EMB);
-    zero(dres, NC);
-    layernorm_backward(dres, m->g.lnw, m->g.lnb, dln, m->emb, m->p.lnw, m->emb_mean, m->emb_rstd, N, C);
-    return embedding_backward(m->g.wte, m->g.wpe, m->g.wtt, dres, ids, types, B, T, C, c->V, c->P, c->NT, c->pad_id);
+    PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dln, dout, NC, pd, seed, step, SITE_EMB));
+    PROF(BQ_PROF_BWD_ZERO, zero(dres, NC));
+    PROF(BQ_PROF_BWD_LAYERNORM,
+         layernorm_backward(dres, m->g.lnw, m->g.lnb, dln, m->emb, m->p.lnw, m->emb_mean, m->emb_rstd, N, C));
+    PROF(BQ_PROF_BWD_EMBEDDING,
+         st = embedding_backward(m->g.wte, m->g.wpe, m->g.wtt, dres, ids, types, B, T, C, c->V, c->P, c->NT, c->pad_id));
+    return st;
 }
 
 /* ---- optimizer -------------------------------------------------------------------------------- */
 
 double bq_adamw_step(bq_model *m, const uint8_t *decay, float lr, float beta1, float beta2, float eps,
                      float weight_decay, float max_norm, int step) {
+    const double t0 = now();
     const double norm = sqrt(sum_squares(m->grads, m->nparams));
     if (!isfinite(norm)) return norm;   /* a NaN/inf gradient: skip the step, the caller reports it */
     float scale = 1.0f;
@@ -300,5 +343,6 @@ double bq_adamw_step(bq_model *m, const uint8_t *decay, float lr, float beta1, f
         adamw_update(m->params + o, m->grads + o, m->m + o, m->v + o, n, lr, beta1, beta2, eps,
                      decay[t] ? weight_decay : 0.0f, step, scale);
     }
+    m->prof[BQ_PROF_ADAMW] += now() - t0;
     return norm;
 }

@@ -54,6 +54,15 @@ typedef struct {
     float *out;              /* [N,C] LayerNorm 2 output = the next layer's input */
 } bq_layer_acts;
 
+/* Seconds spent per kind of work since the last reset (bq_model.prof): a cheap, always-on breakdown. */
+enum {
+    BQ_PROF_FWD_EMBEDDING, BQ_PROF_FWD_LINEAR, BQ_PROF_FWD_ATTENTION, BQ_PROF_FWD_LAYERNORM, BQ_PROF_FWD_GELU,
+    BQ_PROF_FWD_DROPOUT_RESIDUAL, BQ_PROF_FWD_HEAD,
+    BQ_PROF_BWD_LOSS_HEAD, BQ_PROF_BWD_LINEAR, BQ_PROF_BWD_ATTENTION, BQ_PROF_BWD_LAYERNORM, BQ_PROF_BWD_GELU,
+    BQ_PROF_BWD_DROPOUT_RESIDUAL, BQ_PROF_BWD_EMBEDDING, BQ_PROF_BWD_ZERO, BQ_PROF_ADAMW, BQ_PROF_N
+};
+extern const char *const bq_prof_names[BQ_PROF_N];
+
 typedef struct bq_model {
     bq_config cfg;
     size_t nparams;
@@ -71,6 +80,7 @@ typedef struct bq_model {
     float *start_l, *end_l;                  /* [N] each, de-interleaved */
     float *dlogits, *dse;                    /* [N,2] and [2N]: span-loss gradients */
     float *d_buf[7];                         /* backward scratch: 6 of [N,C], 1 of [N,I] x 2 */
+    double prof[BQ_PROF_N];                  /* seconds per kind of work (see bq_prof_names) */
 } bq_model;
 
 /* Tensor sizes in table order; returns the count (BQ_NUM_TENSORS(L)). sizes may be NULL. */

@@ -1,6 +1,7 @@
 """The whole-model engine (bertqa.model.BertQA): parity with transformers on the real all-MiniLM-L6-v2 weights,
 a finite-difference check of its backward (dropout on) on a tiny model of awkward shapes, optimizer semantics,
 determinism, saving and reloading, and bad input."""
+import time
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,27 @@ def test_same_seed_same_loss_curve(rng):
         curves.append([model.train_step(batch, lr=1e-3) for _ in range(4)])
     assert curves[0] == curves[1]
     assert len(set(curves[0])) == 4   # dropout masks and parameters change every step
+
+
+def test_profile_accounts_each_kind_of_work(rng):
+    model = tiny_model(rng)
+    batch = tiny_batch(rng)
+    model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    p = model.profile(reset=True)
+    assert p["forward.linear"] > 0 and p["forward.attention"] > 0
+    assert all(p[k] == 0 for k in p if not k.startswith("forward.")), p
+    assert model.profile() == dict.fromkeys(p, 0.0)   # reset zeroed it
+    t0 = time.perf_counter()
+    model.train_step(batch, lr=1e-3)
+    wall = time.perf_counter() - t0
+    p = model.profile()
+    expected = {f"forward.{k}" for k in ("embedding", "linear", "attention", "layernorm", "gelu",
+                                         "dropout_residual", "head")}
+    expected |= {f"backward.{k}" for k in ("loss_head", "linear", "attention", "layernorm", "gelu",
+                                           "dropout_residual", "embedding", "zero")} | {"adamw"}
+    assert set(p) == expected
+    assert all(v > 0 for v in p.values()), p
+    assert sum(p.values()) <= wall   # parts of one step, timed inside it
 
 
 def test_repeated_steps_fit_one_batch(rng):
