@@ -5,14 +5,59 @@
  *   out = dropout(att) v                                          [T,HS]
  * Threads take whole heads: each head's [T,T] block stays in the core's cache from the first product through
  * the softmax to the second, and the products are single-threaded BLAS calls inside the thread.
+ *
+ * Padding at the end of a row (keys after the last real token, as batches padded to their longest row have) is
+ * skipped: those keys' probabilities are exp(score - 10000 - max) = exactly 0 in float, so the products run
+ * over the first L keys only (L = last real key + 1) and the rest of each probability row is set to 0. Backward
+ * finds L again from the probabilities themselves (trailing columns that are 0 in every row add exactly nothing
+ * to dq, dk and dv), so it needs no mask.
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "bertqa.h"
 #include "vmath.h"
 
 /* Element index of att[b,h,0,0] in the dropout RNG's numbering of the [B,NH,T,T] probabilities. */
 static inline uint64_t head_offset(int b, int h, int NH, long TT) { return ((uint64_t)b * NH + h) * (uint64_t)TT; }
+
+/* Keys of batch row b worth computing: up to the last real one (all T when every key is padding, where the
+ * softmax is uniform over all of them). */
+static inline int key_length(const float *mk, int T) {
+    if (!mk) return T;
+    int L = T;
+    while (L > 0 && mk[L - 1] == 0.0f) L--;
+    return L ? L : T;
+}
+
+/* The columns 0..L of a head's [T,T] probabilities that can be non-zero: 1 + the last non-zero column over all
+ * rows (at least 1). Rows are scanned from their end, so unpadded rows cost one read. */
+static inline int nonzero_columns(const float *a, int T) {
+    int L = 1;
+    for (int i = 0; i < T && L < T; i++) {
+        const float *r = a + (long)i * T;
+        int j = T;
+        while (j > L && r[j - 1] == 0.0f) j--;
+        if (j > L) L = j;
+    }
+    return L;
+}
+
+/* The dropout RNG over columns 0..L of every row of a [T,T] block (element numbering of the whole block). */
+static void dropout_rows(float *y, const float *x, int T, int L, float p, uint64_t seed, uint32_t step,
+                         uint32_t tensor_id, uint64_t first, int mask_only) {
+    const long TT = (long)T * T;
+    if (L == T) {
+        if (mask_only) bq_dropout_mask(y, TT, p, seed, step, tensor_id, first);
+        else bq_dropout_slice(y, x, TT, p, seed, step, tensor_id, first);
+        return;
+    }
+    for (int i = 0; i < T; i++) {
+        const long o = (long)i * T;
+        if (mask_only) bq_dropout_mask(y + o, L, p, seed, step, tensor_id, first + o);
+        else bq_dropout_slice(y + o, x + o, L, p, seed, step, tensor_id, first + o);
+    }
+}
 
 int attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                       const float *mask, bq_attn_shape s, float dropout_p, uint64_t seed, uint32_t step,
@@ -38,17 +83,21 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
             const int b = bh / NH, h = bh % NH;
             const long off = b * s.sb + h * s.sh;
             float *a = att ? att + bh * TT : scratch;   /* [T,T] */
-            /* a = scale * q k^T */
-            bq_sgemm1(0, 1, T, T, HS, scale, q + off, ld, k + off, ld, 0.0f, a, T);
             const float *mk = mask ? mask + (long)b * T : NULL;
-            for (int i = 0; i < T; i++) bq_softmax_row(a + (long)i * T, mk, T);
+            const int L = key_length(mk, T);
+            /* a[:, :L] = scale * q k[:L]^T */
+            bq_sgemm1(0, 1, T, L, HS, scale, q + off, ld, k + off, ld, 0.0f, a, T);
+            for (int i = 0; i < T; i++) {
+                bq_softmax_row(a + (long)i * T, mk, L);
+                if (L < T) memset(a + (long)i * T + L, 0, (size_t)(T - L) * sizeof(float));
+            }
             const float *p = a;
             if (dropout_p > 0.0f) {   /* in place when the probabilities are not kept */
-                bq_dropout_slice(scratch, a, TT, dropout_p, seed, step, tensor_id, head_offset(b, h, NH, TT));
+                dropout_rows(scratch, a, T, L, dropout_p, seed, step, tensor_id, head_offset(b, h, NH, TT), 0);
                 p = scratch;
             }
-            /* out = p v */
-            bq_sgemm1(0, 0, T, HS, T, 1.0f, p, T, v + off, ld, 0.0f, out + off, ld);
+            /* out = p[:, :L] v[:L] */
+            bq_sgemm1(0, 0, T, HS, L, 1.0f, p, T, v + off, ld, 0.0f, out + off, ld);
         }
         free(scratch);
     }
@@ -76,33 +125,36 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
             const int b = bh / NH, h = bh % NH;
             const long off = b * s.sb + h * s.sh;
             const float *a = att + bh * TT;   /* [T,T] pre-dropout probabilities */
+            const int L = nonzero_columns(a, T);   /* keys past L have probability 0: no gradient flows there */
             const float *p = a;               /* what multiplied v in the forward */
             float *mk = dp + TT;              /* the head's dropout mask (keep / (1 - p)), made once */
             if (dropout_p > 0.0f) {
-                bq_dropout_mask(mk, TT, dropout_p, seed, step, tensor_id, head_offset(b, h, NH, TT));
+                dropout_rows(mk, NULL, T, L, dropout_p, seed, step, tensor_id, head_offset(b, h, NH, TT), 1);
                 float *pd = dp;               /* dropout(att) in dp until dp is needed */
-                for (long i = 0; i < TT; i++) pd[i] = a[i] * mk[i];
+                for (int i = 0; i < T; i++)
+                    for (int j = 0; j < L; j++) pd[(long)i * T + j] = a[(long)i * T + j] * mk[(long)i * T + j];
                 p = pd;
             }
-            /* dv += p^T dout */
-            bq_sgemm1(1, 0, T, HS, T, 1.0f, p, T, dout + off, ld, 1.0f, dv + off, ld);
-            /* dp = dout v^T, then through the dropout mask */
-            bq_sgemm1(0, 1, T, T, HS, 1.0f, dout + off, ld, v + off, ld, 0.0f, dp, T);
+            /* dv[:L] += p[:, :L]^T dout */
+            bq_sgemm1(1, 0, L, HS, T, 1.0f, p, T, dout + off, ld, 1.0f, dv + off, ld);
+            /* dp[:, :L] = dout v[:L]^T, then through the dropout mask */
+            bq_sgemm1(0, 1, T, L, HS, 1.0f, dout + off, ld, v + off, ld, 0.0f, dp, T);
             if (dropout_p > 0.0f)
-                for (long i = 0; i < TT; i++) dp[i] *= mk[i];
+                for (int i = 0; i < T; i++)
+                    for (int j = 0; j < L; j++) dp[(long)i * T + j] *= mk[(long)i * T + j];
             /* softmax backward with the 1/sqrt(HS) of the scores folded in: dS = scale * a (dp - <dp, a>) */
             for (int i = 0; i < T; i++) {
                 const float *ar = a + (long)i * T;
                 float *g = dp + (long)i * T;
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int j = 0; j < T; j++) dot += g[j] * ar[j];
+                for (int j = 0; j < L; j++) dot += g[j] * ar[j];
 #pragma omp simd
-                for (int j = 0; j < T; j++) g[j] = scale * ar[j] * (g[j] - dot);
+                for (int j = 0; j < L; j++) g[j] = scale * ar[j] * (g[j] - dot);
             }
-            /* dq += dS k ; dk += dS^T q */
-            bq_sgemm1(0, 0, T, HS, T, 1.0f, dp, T, k + off, ld, 1.0f, dq + off, ld);
-            bq_sgemm1(1, 0, T, HS, T, 1.0f, dp, T, q + off, ld, 1.0f, dk + off, ld);
+            /* dq += dS[:, :L] k[:L] ; dk[:L] += dS[:, :L]^T q */
+            bq_sgemm1(0, 0, T, HS, L, 1.0f, dp, T, k + off, ld, 1.0f, dq + off, ld);
+            bq_sgemm1(1, 0, L, HS, T, 1.0f, dp, T, q + off, ld, 1.0f, dk + off, ld);
         }
         free(dp);
     }

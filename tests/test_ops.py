@@ -111,6 +111,27 @@ def test_attention_padding_is_ignored(rng):
     assert np.abs(ops.attention(q, k2, v2, mask) - out).max() < 1e-5
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_attention_masks_with_holes_and_all_padding_rows(rng, p):
+    """Trailing padding is skipped in the products (keys after the last real one, down to a single real key);
+    holes before it take the general path: all against float64. (A row that is all padding is left out: its
+    softmax adds -10000 to every score, which float32 resolves only to ~1e-3, in any implementation.)"""
+    B, NH, T, HS = 4, 3, 29, 7
+    q, k, v, dout = (f32(rng, B, NH, T, HS) for _ in range(4))
+    mask = np.ones((B, T), np.int64)
+    mask[0, 20:] = 0                     # trailing padding
+    mask[1, [2, 5, 11]] = 0              # holes, no trailing padding
+    mask[2, [0, 3]] = 0
+    mask[2, 17:] = 0                     # holes and trailing padding
+    mask[3, 1:] = 0                      # one real key
+    seed, step, tid = int(rng.integers(2**63)), 3, 5
+    keep = (ops._C.uniform(B * NH * T * T, seed, step, tid) >= p).reshape(B, NH, T, T) if p else None
+    assert_close(ops.attention(q, k, v, mask, p, seed, step, tid), ref.attention(q, k, v, mask, keep, p), 2e-5, "out")
+    grads = ops.attention_backward(dout, q, k, v, mask, p, seed, step, tid)
+    for got, want, name in zip(grads, ref.attention_backward(dout, q, k, v, mask, keep, p), ["dq", "dk", "dv"]):
+        assert_close(got, want, 5e-5, name)
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 37, 16), (2, 3, 13, 5)])
 def test_attention_dropout(rng, shape):
     B, NH, T, HS = shape
