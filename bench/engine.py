@@ -70,13 +70,17 @@ def batch_for(rng, config, B, T):
                 start_positions=rng.integers(24, T, B), end_positions=rng.integers(24, T, B))
 
 
+def engine_step(model, batch, train):
+    """One training step (forward + backward + AdamW) or one eval forward of `model` on `batch`, as a callable."""
+    if train:
+        return lambda: model.train_step(batch, lr=1e-5)
+    return lambda: model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+
+
 def bench_bertqa(config, batch, train, reps, breakdown=None):
     """Median seconds per step; breakdown (a dict), when given, gets the engine's profile of one more step."""
     model = BertQA(config, seed=0)
-    if train:
-        step = lambda: model.train_step(batch, lr=1e-5)  # noqa: E731
-    else:
-        step = lambda: model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # noqa: E731
+    step = engine_step(model, batch, train)
     t = timed(step, reps)
     if breakdown is not None:
         model.profile(reset=True)
@@ -136,10 +140,7 @@ def paired_share(config, batch, train, reps, flops, n=2048):
     (other tenants), so each engine step is timed between two n^3 sgemm products and its rate taken as a share
     of the faster of that pair; the median over reps pairs is the figure reported."""
     model = BertQA(config, seed=0)
-    if train:
-        step = lambda: model.train_step(batch, lr=1e-5)  # noqa: E731
-    else:
-        step = lambda: model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # noqa: E731
+    step = engine_step(model, batch, train)
     rng = np.random.default_rng(1)
     a = rng.standard_normal((n, n)).astype(np.float32)
     b = rng.standard_normal((n, n)).astype(np.float32)

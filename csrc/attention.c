@@ -89,7 +89,8 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
             bq_sgemm1(0, 1, T, L, HS, scale, q + off, ld, k + off, ld, 0.0f, a, T);
             for (int i = 0; i < T; i++) {
                 bq_softmax_row(a + (long)i * T, mk, L);
-                if (L < T) memset(a + (long)i * T + L, 0, (size_t)(T - L) * sizeof(float));
+                /* kept probabilities are whole rows (backward and the ops API read them); scratch needs only :L */
+                if (L < T && att) memset(a + (long)i * T + L, 0, (size_t)(T - L) * sizeof(float));
             }
             const float *p = a;
             if (dropout_p > 0.0f) {   /* in place when the probabilities are not kept */
