@@ -226,11 +226,19 @@ class BertQA:
             attention_mask: [B, T] of 0/1 (1 = real token), or None (all real).
             token_type_ids: [B, T] of 0/1 (0 = question, 1 = context), or None (all 0).
         Returns:
-            (start_logits, end_logits), float32 [B, T] each.
+            (start_logits, end_logits), float32 [B, T] each; -inf after each row's last real token (the CPU
+            engine does not compute padding at all; the GPU engine's padding logits are overwritten to match).
         """
         self._push()
-        return self._engine.forward(_as_ids(input_ids, "input_ids"), _as_ids(token_type_ids, "token_type_ids"),
-                                    attention_mask)
+        start, end = self._engine.forward(_as_ids(input_ids, "input_ids"), _as_ids(token_type_ids, "token_type_ids"),
+                                          attention_mask)
+        if self.device != "cpu" and attention_mask is not None:
+            mask = np.asarray(attention_mask) != 0
+            T = mask.shape[1]
+            last = T - np.argmax(mask[:, ::-1], axis=1)   # 1 + the last real position (T for an all-padding row)
+            tail = np.arange(T)[None] >= np.where(mask.any(axis=1), last, T)[:, None]
+            start[tail] = end[tail] = -np.inf
+        return start, end
 
     __call__ = forward
 

@@ -233,7 +233,8 @@ def clip_grad_norm(grads, max_norm):
 
 
 def set_num_threads(n):
-    """Threads for the kernels (OpenMP) and the matrix products (OpenBLAS)."""
+    """Threads for the kernels (OpenMP) and the matrix products (OpenBLAS), for calls from any thread of the
+    process (not only the calling one, as omp_set_num_threads would)."""
     _C.set_num_threads(n)
 
 

@@ -10,7 +10,7 @@ void adamw_update(float *param, const float *grad, float *m, float *v, size_t N,
     const float step_size = (float)(lr / bc1);
     const float bc2_sqrt = (float)sqrt(bc2);
     const float decay = 1.0f - lr * weight_decay;
-#pragma omp parallel for simd schedule(static) if (N > 65536)
+#pragma omp parallel for simd schedule(static) if (N > 65536) num_threads(bq_num_threads())
     for (long i = 0; i < (long)N; i++) {
         float g = grad[i] * grad_scale;
         float p = param[i] * decay;
@@ -24,12 +24,12 @@ void adamw_update(float *param, const float *grad, float *m, float *v, size_t N,
 
 double sum_squares(const float *g, size_t N) {
     double s = 0.0;
-#pragma omp parallel for simd schedule(static) reduction(+ : s) if (N > 65536)
+#pragma omp parallel for simd schedule(static) reduction(+ : s) if (N > 65536) num_threads(bq_num_threads())
     for (long i = 0; i < (long)N; i++) s += (double)g[i] * g[i];
     return s;
 }
 
 void scale_inplace(float *g, size_t N, float scale) {
-#pragma omp parallel for simd schedule(static) if (N > 65536)
+#pragma omp parallel for simd schedule(static) if (N > 65536) num_threads(bq_num_threads())
     for (long i = 0; i < (long)N; i++) g[i] *= scale;
 }

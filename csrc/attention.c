@@ -66,7 +66,7 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
     const long TT = (long)T * T;
     const float scale = 1.0f / sqrtf((float)HS);
     int status = BQ_OK;
-#pragma omp parallel
+#pragma omp parallel num_threads(bq_num_threads())
     {
         /* this thread's [T,T] scratch: dropout(att) when dropout is on; the probabilities themselves when the
          * caller keeps none (att == NULL: inference, nothing to differentiate) */
@@ -105,6 +105,36 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
     return status;
 }
 
+int attention_forward_packed(float *out, const float *q, const float *k, const float *v, const float *mask, int Tpad,
+                             const int *row_off, int B, int NH, int HS, int ld) {
+    int Tmax = 1;
+    for (int b = 0; b < B; b++)
+        if (row_off[b + 1] - row_off[b] > Tmax) Tmax = row_off[b + 1] - row_off[b];
+    const float scale = 1.0f / sqrtf((float)HS);
+    int status = BQ_OK;
+#pragma omp parallel num_threads(bq_num_threads())
+    {
+        float *a = malloc((size_t)Tmax * Tmax * sizeof(float));
+        if (!a) {
+#pragma omp atomic write
+            status = BQ_ERR_NOMEM;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int bh = 0; bh < B * NH; bh++) {
+            if (!a) continue;
+            const int b = bh / NH, h = bh % NH, T = row_off[b + 1] - row_off[b];
+            if (T <= 0) continue;
+            const long off = (long)row_off[b] * ld + (long)h * HS;
+            const float *mk = mask ? mask + (long)b * Tpad : NULL;
+            bq_sgemm1(0, 1, T, T, HS, scale, q + off, ld, k + off, ld, 0.0f, a, T);   /* a = scale q k^T */
+            for (int i = 0; i < T; i++) bq_softmax_row(a + (long)i * T, mk, T);
+            bq_sgemm1(0, 0, T, HS, T, 1.0f, a, T, v + off, ld, 0.0f, out + off, ld);     /* out = a v */
+        }
+        free(a);
+    }
+    return status;
+}
+
 int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                        const float *q, const float *k, const float *v, bq_attn_shape s, float dropout_p,
                        uint64_t seed, uint32_t step, uint32_t tensor_id) {
@@ -112,7 +142,7 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
     const long TT = (long)T * T;
     const float scale = 1.0f / sqrtf((float)HS);
     int status = BQ_OK;
-#pragma omp parallel
+#pragma omp parallel num_threads(bq_num_threads())
     {
         /* this thread's scratch: dP [T,T], and the dropout mask [T,T] when dropout is on */
         float *dp = malloc((dropout_p > 0.0f ? 2 : 1) * TT * sizeof(float));

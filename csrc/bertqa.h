@@ -30,10 +30,10 @@ typedef enum {
 const char *bq_status_string(int status);
 
 /* ---- threading / BLAS information (threads.c) ------------------------------------------------- */
-int bq_num_threads(void);            /* OpenMP threads our kernels use (honours OMP_NUM_THREADS) */
+int bq_num_threads(void);            /* threads of every parallel region: bq_set_num_threads, else OMP_NUM_THREADS/cores */
 int bq_blas_num_threads(void);       /* threads the BLAS spawns itself: 1 after bq_init_threads */
 void bq_init_threads(void);          /* once at load: the BLAS runs single-threaded inside our threads */
-void bq_set_num_threads(int n);      /* OpenMP threads for kernels and (through bq_sgemm) matrix products */
+void bq_set_num_threads(int n);      /* threads for kernels and (through bq_sgemm) matrix products, in every thread */
 const char *bq_blas_config(void);    /* BLAS build description, e.g. "OpenBLAS 0.3.34 DYNAMIC_ARCH Haswell" */
 const char *bq_blas_corename(void);  /* the kernel set the BLAS chose at run time */
 
@@ -119,6 +119,12 @@ typedef struct {
 int attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                       const float *mask, bq_attn_shape s, float dropout_p, uint64_t seed, uint32_t step,
                       uint32_t tensor_id);
+/* Inference on packed rows (no padding stored): row b's T_b = row_off[b+1] - row_off[b] tokens are rows
+ * row_off[b] .. row_off[b+1]-1 of q, k, v, out ([Ntok, ld] with head h in columns h*HS .. h*HS+HS-1); mask is
+ * the [B,Tpad] padding mask the rows came from (holes inside a row stay masked) or NULL. No dropout, nothing kept
+ * for backward. Returns BQ_ERR_NOMEM if a thread's [Tmax,Tmax] scratch cannot be allocated. */
+int attention_forward_packed(float *out, const float *q, const float *k, const float *v, const float *mask, int Tpad,
+                             const int *row_off, int B, int NH, int HS, int ld);
 /* dq, dk, dv += gradients; att is the forward's (pre-dropout) probabilities; the dropout mask is regenerated.
  * Each thread allocates one or two [T,T] scratch blocks (BQ_ERR_NOMEM if that fails). */
 int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,

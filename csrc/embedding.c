@@ -14,7 +14,7 @@ int embedding_forward(float *out, const int64_t *ids, const int64_t *types, cons
                       const float *wpe, const float *wtt, int B, int T, int C, int V, int P, int NT) {
     int st = check_ids(ids, types, B, T, V, P, NT);
     if (st != BQ_OK) return st;
-#pragma omp parallel for schedule(static) if ((long)B * T * C > 65536)
+#pragma omp parallel for schedule(static) if ((long)B * T * C > 65536) num_threads(bq_num_threads())
     for (long bt = 0; bt < (long)B * T; bt++) {
         const int t = (int)(bt % T);
         const float *w = wte + ids[bt] * C;          /* [C] */
@@ -33,7 +33,7 @@ int embedding_backward(float *dwte, float *dwpe, float *dwtt, const float *dout,
     /* Threads own disjoint channel ranges, so the scatter-add needs no atomics and sums in a fixed order. */
     const int CH = 64;
     const int nchunks = (C + CH - 1) / CH;
-#pragma omp parallel for schedule(static) if ((long)B * T * C > 65536)
+#pragma omp parallel for schedule(static) if ((long)B * T * C > 65536) num_threads(bq_num_threads())
     for (int chunk = 0; chunk < nchunks; chunk++) {
         const int c0 = chunk * CH, c1 = c0 + CH < C ? c0 + CH : C;
         for (long bt = 0; bt < (long)B * T; bt++) {

@@ -333,7 +333,8 @@ static PyObject *engine_release_arena(Engine *self, PyObject *noargs) {
 static PyMethodDef engine_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(input_ids, token_type_ids=None, attention_mask=None)\n--\n\n"
-     "Eval-mode forward: int [B,T] ids -> (start_logits, end_logits), float32 [B,T]."},
+     "Eval-mode forward: int [B,T] ids -> (start_logits, end_logits), float32 [B,T]; -inf after each row's last "
+     "real token (padding is not computed)."},
     {"forward_backward", (PyCFunction)(void (*)(void))engine_forward_backward, METH_VARARGS | METH_KEYWORDS,
      "forward_backward(input_ids, token_type_ids, attention_mask, start_positions, end_positions, seed=0, step=0, "
      "loss_scale=1.0)\n--\n\n"

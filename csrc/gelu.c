@@ -50,13 +50,13 @@ static void gelu_backward_range(float *dinp, const float *inp, const float *dout
 
 void gelu_forward(float *out, const float *inp, size_t N) {
     const long n = (long)N, tasks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) if (N > 32768)
+#pragma omp parallel for schedule(static) if (N > 32768) num_threads(bq_num_threads())
     for (long t = 0; t < tasks; t++) gelu_range(out, inp, t * CHUNK, t * CHUNK + CHUNK < n ? t * CHUNK + CHUNK : n);
 }
 
 void gelu_backward(float *dinp, const float *inp, const float *dout, size_t N) {
     const long n = (long)N, tasks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) if (N > 32768)
+#pragma omp parallel for schedule(static) if (N > 32768) num_threads(bq_num_threads())
     for (long t = 0; t < tasks; t++)
         gelu_backward_range(dinp, inp, dout, t * CHUNK, t * CHUNK + CHUNK < n ? t * CHUNK + CHUNK : n);
 }

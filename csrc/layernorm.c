@@ -4,7 +4,7 @@
 
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
                        const float *bias, int N, int C, float eps) {
-#pragma omp parallel for schedule(static) if ((long)N * C > 32768)
+#pragma omp parallel for schedule(static) if ((long)N * C > 32768) num_threads(bq_num_threads())
     for (long n = 0; n < N; n++) {
         const float *x = inp + n * C;   /* [C] */
         float *o = out + n * C;         /* [C] */
@@ -26,7 +26,7 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *
                         const float *weight, const float *mean, const float *rstd, int N, int C) {
     /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dout * weight,  xhat = (x - mean) * rstd */
     if (dinp) {
-#pragma omp parallel for schedule(static) if ((long)N * C > 32768)
+#pragma omp parallel for schedule(static) if ((long)N * C > 32768) num_threads(bq_num_threads())
         for (long n = 0; n < N; n++) {
             const float *x = inp + n * C, *dy = dout + n * C;
             float *dx = dinp + n * C;
@@ -48,7 +48,7 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *
     }
     if (dweight || dbias) {
         /* Threads own channel ranges: no atomics, a fixed summation order. */
-#pragma omp parallel for schedule(static) if ((long)N * C > 32768)
+#pragma omp parallel for schedule(static) if ((long)N * C > 32768) num_threads(bq_num_threads())
         for (int c0 = 0; c0 < C; c0 += 64) {
             const int c1 = c0 + 64 < C ? c0 + 64 : C;
             float aw[64] = {0}, ab[64] = {0};

@@ -6,7 +6,7 @@ void linear_forward(float *out, const float *inp, const float *weight, const flo
     /* Broadcast the bias into out, then let sgemm accumulate onto it (beta = 1): one pass over out. */
     float beta = 0.0f;
     if (bias) {
-#pragma omp parallel for schedule(static) if ((long)N * OUT > 65536)
+#pragma omp parallel for schedule(static) if ((long)N * OUT > 65536) num_threads(bq_num_threads())
         for (long n = 0; n < N; n++) {
             float *o = out + n * OUT;
             for (int j = 0; j < OUT; j++) o[j] = bias[j];
@@ -25,7 +25,7 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
         bq_sgemm(1, 0, OUT, IN, N, 1.0f, dout, OUT, inp, IN, 1.0f, dweight, IN);
     if (dbias) {
         /* Column sums; threads own column ranges so the order of the sum is fixed. */
-#pragma omp parallel for schedule(static) if ((long)N * OUT > 65536)
+#pragma omp parallel for schedule(static) if ((long)N * OUT > 65536) num_threads(bq_num_threads())
         for (int j0 = 0; j0 < OUT; j0 += 64) {
             const int j1 = j0 + 64 < OUT ? j0 + 64 : OUT;
             float acc[64] = {0};

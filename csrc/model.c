@@ -171,7 +171,7 @@ static int prepare_arena(bq_model *m, int B, int T, int train) {
 /* ---- forward ---------------------------------------------------------------------------------- */
 
 static void add3(float *out, const float *a, const float *b, size_t n) {
-#pragma omp parallel for simd schedule(static) if (n > 65536)
+#pragma omp parallel for simd schedule(static) if (n > 65536) num_threads(bq_num_threads())
     for (long i = 0; i < (long)n; i++) out[i] = a[i] + b[i];
 }
 
@@ -182,16 +182,58 @@ static void residual(float *out, const float *x, float *y, size_t n, float p, in
     add3(out, x, y, n);
 }
 
+/* Packed inference: the rows' lengths without their trailing padding (an all-padding row keeps all T, as
+ * attention treats it), as token offsets off[0..B]; returns the total number of tokens kept. */
+static long pack_rows(const float *mask, int B, int T, int *off) {
+    long n = 0;
+    off[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const float *mk = mask + (long)b * T;
+        int L = T;
+        while (L > 0 && mk[L - 1] == 0.0f) L--;
+        n += L ? L : T;
+        off[b + 1] = (int)n;
+    }
+    return n;
+}
+
 int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B, int T, int train,
                uint64_t seed, uint32_t step, float *start, float *end) {
     const bq_config *c = &m->cfg;
-    const int C = c->C, I = c->FF, NH = c->NH, HS = C / NH, N = B * T;
+    const int C = c->C, I = c->FF, NH = c->NH, HS = C / NH;
+    int N = B * T;
     const float pd = train ? c->hidden_dropout : 0.0f, pa = train ? c->attn_dropout : 0.0f;
-    int st = prepare_arena(m, B, T, train);
-    if (st) return st;
-    PROF(BQ_PROF_FWD_EMBEDDING,
-         st = embedding_forward(m->emb, ids, types, m->p.wte, m->p.wpe, m->p.wtt, B, T, C, c->V, c->P, c->NT));
-    if (st) return st;
+    /* Inference skips padding altogether: the rows are packed one after the other without their trailing
+     * padding, so every per-token kernel (the linear layers, LayerNorm, GELU) runs on real tokens only and
+     * attention runs per row on its own length. Training keeps the [B,T] layout (the dropout RNG numbers its
+     * elements by position in it). */
+    int *row_off = NULL;
+    if (!train && mask && N > 0) {
+        if (!(row_off = malloc(sizeof(int) * ((size_t)B + 1)))) return BQ_ERR_NOMEM;
+        const long kept = pack_rows(mask, B, T, row_off);
+        if (kept == N) {
+            free(row_off);
+            row_off = NULL;
+        } else {
+            N = (int)kept;
+        }
+    }
+    int st = row_off ? prepare_arena(m, 1, N, 0) : prepare_arena(m, B, T, train);
+    if (st) goto done;
+    if (!row_off) {
+        PROF(BQ_PROF_FWD_EMBEDDING,
+             st = embedding_forward(m->emb, ids, types, m->p.wte, m->p.wpe, m->p.wtt, B, T, C, c->V, c->P, c->NT));
+    } else if (T > c->P) {
+        st = BQ_ERR_INDEX;
+    } else {   /* each row's tokens at positions 0..T_b-1 */
+        PROF(BQ_PROF_FWD_EMBEDDING, {
+            for (int b = 0; b < B && !st; b++)
+                st = embedding_forward(m->emb + (long)row_off[b] * C, ids + (long)b * T, types ? types + (long)b * T : NULL,
+                                       m->p.wte, m->p.wpe, m->p.wtt, 1, row_off[b + 1] - row_off[b], C, c->V, c->P,
+                                       c->NT);
+        });
+    }
+    if (st) goto done;
     PROF(BQ_PROF_FWD_LAYERNORM,
          layernorm_forward(m->h0, m->emb_mean, m->emb_rstd, m->emb, m->p.lnw, m->p.lnb, N, C, c->eps));
     if (pd > 0.0f) PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, dropout_forward(m->h0, m->h0, (size_t)N * C, pd, seed, step, SITE_EMB));
@@ -206,8 +248,9 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
             linear_forward(a->v, x, w->vw, w->vb, N, C, C);
         });
         PROF(BQ_PROF_FWD_ATTENTION,
-             st = attention_forward(a->ctx, a->att, a->q, a->k, a->v, mask, s, pa, seed, step, SITE_ATT(l)));
-        if (st) return st;
+             st = row_off ? attention_forward_packed(a->ctx, a->q, a->k, a->v, mask, T, row_off, B, NH, HS, C)
+                          : attention_forward(a->ctx, a->att, a->q, a->k, a->v, mask, s, pa, seed, step, SITE_ATT(l)));
+        if (st) goto done;
         PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->res1, a->ctx, w->aow, w->aob, N, C, C));   /* attention output */
         PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(a->res1, x, a->res1, (size_t)N * C, pd, train, seed, step, SITE_AO(l)));
         PROF(BQ_PROF_FWD_LAYERNORM,
@@ -227,9 +270,22 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
             m->end_l[i] = m->logits[2 * i + 1];
         }
     });
-    if (start) memcpy(start, m->start_l, (size_t)N * sizeof(float));
-    if (end) memcpy(end, m->end_l, (size_t)N * sizeof(float));
-    return BQ_OK;
+    if (!row_off) {
+        if (start) memcpy(start, m->start_l, (size_t)N * sizeof(float));
+        if (end) memcpy(end, m->end_l, (size_t)N * sizeof(float));
+    } else {   /* back to [B,T]; the positions after a row's last real token were not computed: -inf */
+        for (int b = 0; b < B; b++) {
+            const int L = row_off[b + 1] - row_off[b];
+            for (int t = 0; t < T; t++) {
+                const long i = (long)b * T + t;
+                if (start) start[i] = t < L ? m->start_l[row_off[b] + t] : -INFINITY;
+                if (end) end[i] = t < L ? m->end_l[row_off[b] + t] : -INFINITY;
+            }
+        }
+    }
+done:
+    free(row_off);
+    return st;
 }
 
 /* ---- backward --------------------------------------------------------------------------------- */

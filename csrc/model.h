@@ -91,7 +91,9 @@ int bq_model_init(bq_model *m, const bq_config *cfg, float *params, float *grads
 void bq_model_free(bq_model *m);
 
 /* Eval or train forward. ids/types [B,T] (types may be NULL), mask [B,T] of 0/1 floats (NULL: all real).
- * Writes start/end [B,T] (either may be NULL). train = 1 applies dropout keyed by (seed, step) and keeps what backward needs. */
+ * Writes start/end [B,T] (either may be NULL). train = 1 applies dropout keyed by (seed, step) and keeps what backward needs.
+ * Eval computes no padding: the positions after each row's last real token are not run through the model and
+ * read -inf in start/end (an all-padding row is computed in full). */
 int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B, int T, int train,
                uint64_t seed, uint32_t step, float *start, float *end);
 /* After a train forward with the same arguments: span loss and backward; gradients ACCUMULATE into grads,

@@ -193,7 +193,7 @@ static void dropout_apply(float *y, const float *x, size_t N, float p, uint64_t 
                           uint32_t tensor_id, int mode) {
     const size_t S = 4096;
     const long nslices = (long)((N + S - 1) / S);
-#pragma omp parallel for schedule(static) if (N > 32768)
+#pragma omp parallel for schedule(static) if (N > 32768) num_threads(bq_num_threads())
     for (long sl = 0; sl < nslices; sl++) {
         size_t a = (size_t)sl * S, n = N - a < S ? N - a : S;
         dropout_slice(y + a, x + a, n, p, seed, step, tensor_id, a, mode);

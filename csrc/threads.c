@@ -15,9 +15,16 @@ const char *bq_status_string(int status) {
     }
 }
 
+/* The thread count set by bq_set_num_threads, for every thread of the process (0: not set). OpenMP's own
+ * setting (omp_set_num_threads) belongs to the calling thread only, so a count set from Python's main thread
+ * would not reach a server's engine thread or a notebook's worker thread; every parallel region here names
+ * bq_num_threads() instead. */
+static _Atomic int bq_threads_set = 0;
+
 int bq_num_threads(void) {
 #ifdef _OPENMP
-    return omp_get_max_threads();
+    int n = bq_threads_set;
+    return n > 0 ? n : omp_get_max_threads();
 #else
     return 1;
 #endif
@@ -32,6 +39,7 @@ void bq_init_threads(void) { BQ_OPENBLAS(set_num_threads)(1); }
 
 void bq_set_num_threads(int n) {
     if (n < 1) n = 1;
+    bq_threads_set = n;
 #ifdef _OPENMP
     omp_set_num_threads(n);
 #endif

@@ -49,8 +49,12 @@ def minilm(ref, dropout=True):
 def test_logits_match_transformers(ref):
     model = minilm(ref)
     start, end = model.forward(ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
-    assert np.abs(start - ref["start_logits"]).max() < 1e-4
-    assert np.abs(end - ref["end_logits"]).max() < 1e-4
+    real = ref["attention_mask"] == 1
+    assert not real.all(), "the fixture should hold a padded row"
+    assert np.abs(start - ref["start_logits"])[real].max() < 1e-4
+    assert np.abs(end - ref["end_logits"])[real].max() < 1e-4
+    # padding after a row's last real token is not computed: -inf, so it never wins a span
+    assert np.all(start[~real] == -np.inf) and np.all(end[~real] == -np.inf)
     # eval mode ignores dropout: the same call twice is bit-identical
     s2, _ = model.forward(ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
     np.testing.assert_array_equal(start, s2)
@@ -396,3 +400,42 @@ def test_torch_bin_checkpoint_runs_like_a_float64_numpy_bert(rng):
     real = mask == 1
     np.testing.assert_allclose(start[real], ref_start[real], atol=1e-5)
     np.testing.assert_allclose(end[real], ref_end[real], atol=1e-5)
+
+
+def test_inference_skips_padding_and_matches_float64(rng):
+    """Eval packs the rows without their trailing padding (each row its own length in attention; every other
+    kernel on real tokens only). Rows of very different lengths in one batch, a hole inside a row, a one-token row
+    and an all-padding row: real positions match a float64 NumPy BERT and the same rows run one at a time;
+    positions after a row's last real token read -inf."""
+    from test_checkpoint import _numpy_bert_qa
+
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)
+    model = BertQA(config, seed=int(rng.integers(2**31)))
+    B, T = 6, 31
+    lengths = [31, 17, 1, 23, 0, 9]
+    ids = rng.integers(1, config.vocab_size, (B, T))
+    types = (rng.random((B, T)) < 0.5).astype(np.int64)
+    mask = (np.arange(T)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    mask[3, 5:8] = 0   # a hole inside row 3: masked as a key, still computed as a query
+    start, end = model.forward(ids, mask, types)
+    for b, L in enumerate(lengths):
+        if L == 0:
+            continue
+        ref_s, ref_e, _ = _numpy_bert_qa(model.state_dict(), config, ids[b:b + 1, :L], types[b:b + 1, :L],
+                                         mask[b:b + 1, :L])
+        scale = max(1.0, np.abs(ref_s).max(), np.abs(ref_e).max())
+        assert np.abs(start[b, :L] - ref_s[0]).max() < 1e-4 * scale, f"row {b} start"
+        assert np.abs(end[b, :L] - ref_e[0]).max() < 1e-4 * scale, f"row {b} end"
+        alone_s, alone_e = model.forward(ids[b:b + 1, :L], mask[b:b + 1, :L], types[b:b + 1, :L])
+        np.testing.assert_allclose(start[b, :L], alone_s[0], atol=1e-4 * scale)
+        np.testing.assert_allclose(end[b, :L], alone_e[0], atol=1e-4 * scale)
+        assert np.all(start[b, L:] == -np.inf) and np.all(end[b, L:] == -np.inf), f"row {b} padding"
+    # an all-padding row is computed in full, as if every token were real (every key gets the same -10000, which
+    # leaves the scores only ~1e-3 accurate in float32, as in transformers)
+    full_s, full_e = model.forward(ids[4:5], np.ones((1, T), np.int64), types[4:5])
+    assert np.isfinite(start[4]).all()
+    np.testing.assert_allclose(start[4], full_s[0], atol=2e-3 * max(1.0, np.abs(full_s).max()))
+    np.testing.assert_allclose(end[4], full_e[0], atol=2e-3 * max(1.0, np.abs(full_e).max()))
+    # the same batch with no padding at all takes the [B,T] path: row 0 (full length) agrees with it
+    dense_s, _ = model.forward(ids, np.ones((B, T), np.int64), types)
+    np.testing.assert_allclose(start[0], dense_s[0], atol=1e-4 * max(1.0, np.abs(dense_s[0]).max()))

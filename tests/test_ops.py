@@ -1,6 +1,8 @@
 """Every kernel, forward and backward, against the float64 references in tests/reference.py, on fresh random
 inputs of awkward shapes (batch 1, odd T, hidden sizes that are not multiples of 16, head counts that do not
 divide 64). Tolerances are relative to the size of the reference values and stated per test."""
+import os
+
 import numpy as np
 import pytest
 
@@ -229,3 +231,37 @@ def test_global_norm_and_clip(rng):
     for g, b in zip(grads, before):
         assert_close(g, b * coef, 1e-6, "clipped")
     assert abs(ops.global_norm(grads) - 1.0) < 1e-5
+
+
+def test_set_num_threads_reaches_other_threads():
+    """set_num_threads from one thread limits the kernels run from any other (a server's engine thread, a
+    notebook's worker): OpenMP's own setting is per calling thread. Observed by the threads the process spawns:
+    a region of one thread starts no OpenMP workers, one of two does."""
+    import subprocess
+    import sys
+
+    script = r"""
+import os, threading, numpy as np
+from bertqa import ops
+def threads():
+    return len(os.listdir("/proc/self/task"))
+n = int(os.environ["N"])
+setter = threading.Thread(target=ops.set_num_threads, args=(n,))
+setter.start(); setter.join()
+x = np.ones((512, 1024), np.float32)
+seen = []
+def work():
+    before = threads()
+    seen.append(ops.runtime_info()["omp_threads"])
+    ops.gelu(x)
+    seen.append(threads() - before)
+worker = threading.Thread(target=work)
+worker.start(); worker.join()
+print(seen[0], seen[1])
+"""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs /proc/self/task (Linux) to count threads")
+    for n, spawned in ((1, 0), (2, 1)):
+        out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "N": str(n), "OMP_NUM_THREADS": "4"},
+                             capture_output=True, text=True, timeout=120, check=True).stdout.split()
+        assert [int(v) for v in out] == [n, spawned], f"set_num_threads({n}) in another thread: {out}"
