@@ -220,9 +220,9 @@ def mean_window_tokens(model: str, kinds: dict) -> dict[str, float]:
     return out
 
 
-def engine_scaling(model: str, lengths=(32, 64, 128, 192, 384), batch: int = 8, reps: int = 5) -> list[dict]:
-    """The engine alone, in this process: windows/s at batch 1 and at `batch` for several window lengths
-    (medians of reps alternating runs). How much dynamic batching can gain is bounded by this ratio."""
+def engine_scaling(model: str, lengths=(32, 64, 128, 192, 384), batches=(8, 16), reps: int = 5) -> list[dict]:
+    """The engine alone, in this process: windows/s at batch 1 and at each of `batches` for several window
+    lengths (medians of reps alternating runs). How much dynamic batching can gain is bounded by these ratios."""
     from bertqa.model import BertQA
 
     m = BertQA.from_pretrained(model)
@@ -231,19 +231,20 @@ def engine_scaling(model: str, lengths=(32, 64, 128, 192, 384), batch: int = 8, 
     rows = []
     for T in lengths:
         one = rng.integers(1000, 2000, (1, T)).astype(np.int32)
-        many = rng.integers(1000, 2000, (batch, T)).astype(np.int32)
-        t1, tb = [], []
+        t1, tb = [], {b: [] for b in batches}
         for _ in range(reps):
-            t = time.perf_counter()
-            for _ in range(batch):
-                m.forward(one)
-            t1.append((time.perf_counter() - t) / batch)
-            t = time.perf_counter()
-            m.forward(many)
-            tb.append(time.perf_counter() - t)
-        rows.append({"T": T, "one": 1 / float(np.median(t1)), "many": batch / float(np.median(tb))})
-        print(f"engine T={T}: {rows[-1]['one']:.1f} windows/s at batch 1, {rows[-1]['many']:.1f} at batch {batch}",
-              flush=True)
+            for b in batches:
+                many = rng.integers(1000, 2000, (b, T)).astype(np.int32)
+                t = time.perf_counter()
+                for _ in range(b):
+                    m.forward(one)
+                t1.append((time.perf_counter() - t) / b)
+                t = time.perf_counter()
+                m.forward(many)
+                tb[b].append(time.perf_counter() - t)
+        rows.append({"T": T, "one": 1 / float(np.median(t1)), **{b: b / float(np.median(tb[b])) for b in batches}})
+        print(f"engine T={T}: {rows[-1]['one']:.1f} windows/s at batch 1, "
+              + ", ".join(f"{rows[-1][b]:.1f} at batch {b}" for b in batches), flush=True)
     del m
     return rows
 
@@ -311,9 +312,8 @@ def main() -> None:
         f"one server process per mode, both loaded side by side and measured alternately; closed-loop clients "
         f"with keep-alive connections, {args.duration:g} s per cell x {args.repeats} rounds (QPS over all rounds, "
         f"latency percentiles averaged over rounds). Batching on: at most {args.max_batch_size} windows per batch, "
-        f"max wait {args.max_wait_ms:g} ms, a batch's windows cut into engine calls by length "
-        f"(DynamicBatcher.group_rows); off: one engine call per request. \"engine batch\" = windows per engine "
-        f"call (GET /stats).",
+        f"max wait {args.max_wait_ms:g} ms, one engine call per batch (the CPU engine packs the windows without "
+        f"padding); off: one engine call per request. \"engine batch\" = windows per engine call (GET /stats).",
     ]
     for kind, (_, source) in kinds.items():
         lines += ["", f"Requests \"{kind}\": {source}; {window_tokens[kind]:.0f} tokens per window on average.", "",
@@ -328,10 +328,13 @@ def main() -> None:
                              f"{r['p99']:.0f} | {r['p99'] / r['p50']:.2f} | {r['errors']} | {r['batch']:.2f} | "
                              f"{ratio} |")
     if scaling:
-        lines += ["", "The engine alone (in-process, no server): windows per second at batch 1 and batch 8, per window "
-                      "length; dynamic batching cannot raise throughput by more than this ratio.", "",
-                  "| window tokens | batch 1 | batch 8 | ratio |", "| ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['T']} | {r['one']:.1f} | {r['many']:.1f} | {r['many'] / r['one']:.2f}x |" for r in scaling]
+        bs = [k for k in scaling[0] if isinstance(k, int)]
+        lines += ["", "The engine alone (in-process, no server): windows per second at batch 1 and larger batches, per "
+                      "window length; dynamic batching cannot raise throughput by more than these ratios.", "",
+                  "| window tokens | batch 1 | " + " | ".join(f"batch {b} | ratio" for b in bs) + " |",
+                  "| ---: | ---: |" + " ---: | ---: |" * len(bs)]
+        lines += [f"| {r['T']} | {r['one']:.1f} | " + " | ".join(f"{r[b]:.1f} | {r[b] / r['one']:.2f}x" for b in bs)
+                  + " |" for r in scaling]
     if memory is not None:
         rss_c, rss_warm, rss_100, rss_n, errors, qps = memory
         lines += ["", f"Resident memory of the batching server ({args.payload[0]} requests, concurrency {rss_c}): "

@@ -242,6 +242,12 @@ class BertQA:
 
     __call__ = forward
 
+    @property
+    def skips_padding(self) -> bool:
+        """True when forward's cost does not grow with padding (the CPU engine packs the rows), so a caller may
+        batch rows of any lengths together."""
+        return self.device == "cpu"
+
     # ---- training -----------------------------------------------------------------------------------------
 
     def zero_grad(self):

@@ -28,16 +28,18 @@ Contexts longer than one window are cut into the same doc-stride windows as trai
 max_query_length tokens as in training; the answer is the best span over all windows (bertqa.inference).
 "score" is the answer's probability among the n-best spans.
 
-Dynamic batching: every request's windows go through one queue; a batcher task takes the oldest and gathers
-more, up to max_batch_size windows: those already queued, and, while other requests are still being received
-or tokenized, those that arrive until max_wait_ms after the oldest was queued (a lone request never waits;
-under load windows pile up while the engine works and the next batch takes them). It runs them in a single
+Dynamic batching: every request's windows go through one queue; when the engine is free a batcher task takes
+the oldest and gathers more, up to max_batch_size windows: those already queued, and, while other requests are
+still being received or tokenized and the batch holds fewer than FILL_TOKENS real tokens (past which the
+engine's rate per token no longer grows), those that arrive within max_wait_ms (counted from when the engine
+became free for this batch, or from when the oldest was queued if that is later). A lone request never waits;
+under load windows pile up while the engine works and the next batch takes them. It runs them in a single
 engine thread (the engine releases the GIL; one call at a time because its OpenMP pool already uses every core).
-Windows are sorted by length and cut into the engine calls that cost least (a fixed cost per call plus rows x
-padded width; DynamicBatcher.group_rows): on a CPU padding costs as much as text, so one call padded to the
-longest window can waste more than batching gains. A window's logits do not depend on what it was batched with
-(padding is masked out, and positions past its last token read -inf). Tokenizing, span decoding and JSON run in
-a small thread pool, so the event loop never waits on them.
+The CPU engine computes no padding (it packs the rows), so a batch is one engine call whatever its windows'
+lengths; for an engine that does compute padding (the GPU's), windows are sorted by length and cut into the
+calls that cost least (a fixed cost per call plus rows x padded width; DynamicBatcher.group_rows). A window's
+logits do not depend on what it was batched with (padding is masked out, and positions past its last token read
+-inf). Tokenizing, span decoding and JSON run in a small thread pool, so the event loop never waits on them.
 
 Configuration (command-line flags override the environment):
     SAGEMAKER_BIND_TO_PORT         port (8080)
@@ -448,15 +450,22 @@ class QueueFull(Exception):
 # calls is not sensitive to it within a factor of 2).
 CALL_OVERHEAD_TOKENS = 64
 
+# A batch stops waiting for more requests once it holds this many real tokens: the engine's rate per token
+# saturates there (all-MiniLM-L6-v2 on 2 cores: one 48-token window runs at ~60% of the tokens/s of eight, one
+# 176-token window at ~70-80%; past ~400-500 tokens per call the rate is flat), so waiting longer would only
+# idle the engine. Windows already queued still join, up to max_batch_size.
+FILL_TOKENS = 512
+
 
 class _Chunk:
     """Up to max_batch_size windows of one request, waiting for the engine."""
 
-    __slots__ = ("input_ids", "attention_mask", "token_type_ids", "future", "enqueued")
+    __slots__ = ("input_ids", "attention_mask", "token_type_ids", "future", "enqueued", "tokens")
 
     def __init__(self, input_ids, attention_mask, token_type_ids, future, enqueued):
         self.input_ids, self.attention_mask, self.token_type_ids = input_ids, attention_mask, token_type_ids
         self.future, self.enqueued = future, enqueued
+        self.tokens = int(np.count_nonzero(attention_mask))
 
     @property
     def n(self) -> int:
@@ -469,17 +478,20 @@ _STOP = object()
 class DynamicBatcher:
     """Gathers the windows of concurrent requests into engine calls of at most max_batch_size windows.
 
-    The oldest waiting chunk opens a batch; chunks already queued join while they fit, and while
-    `others_coming()` says more requests are on their way (being received or tokenized), the batch waits for
-    them until max_wait_ms after the oldest chunk was queued. A lone request therefore never waits, and under
-    load the engine is never idle while windows are queued. With enabled=False every chunk is its own engine
-    call. `forward(input_ids, attention_mask, token_type_ids)` runs in one dedicated thread.
+    When the engine is free, the oldest waiting chunk opens a batch; chunks already queued join while they fit,
+    and while `others_coming()` says more requests are on their way (being received or tokenized) and the batch
+    holds fewer than fill_tokens real tokens, the batch waits for them until max_wait_ms after the later of: the
+    oldest chunk was queued, the engine became free. A lone request therefore never waits, and a batch never
+    idles the engine for requests it does not need to run efficiently. With enabled=False every chunk is its
+    own engine call. `forward(input_ids, attention_mask, token_type_ids)` runs in one dedicated thread.
+    skips_padding: the engine computes no padding (the CPU engine packs the rows), so a batch is one call
+    whatever its rows' lengths; otherwise group_rows cuts it by length.
     """
 
     def __init__(self, forward: Callable, max_batch_size: int = 16, max_wait_ms: float = 5.0, enabled: bool = True,
                  max_queue: int = 2048, pad_token_id: int = 0, pad_to_multiple_of: int = 8,
-                 call_overhead_tokens: int = CALL_OVERHEAD_TOKENS,
-                 others_coming: Callable[[], bool] = lambda: True):
+                 call_overhead_tokens: int = CALL_OVERHEAD_TOKENS, skips_padding: bool = False,
+                 fill_tokens: int = FILL_TOKENS, others_coming: Callable[[], bool] = lambda: True):
         self.forward = forward
         self.max_batch_size = int(max_batch_size)
         self.max_wait = float(max_wait_ms) / 1000.0
@@ -488,6 +500,8 @@ class DynamicBatcher:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.call_overhead_tokens = int(call_overhead_tokens)
+        self.skips_padding = bool(skips_padding)
+        self.fill_tokens = int(fill_tokens)
         self.others_coming = others_coming
         self.queued = 0  # windows waiting (not yet in an engine call)
         self.calls = 0
@@ -580,11 +594,12 @@ class DynamicBatcher:
                 continue
             if self._drop_if_cancelled(first):
                 continue
-            batch, rows = [first], first.n
+            batch, rows, tokens = [first], first.n, first.tokens
             if self.enabled:
-                deadline = first.enqueued + self.max_wait
+                deadline = max(first.enqueued, loop.time()) + self.max_wait
                 while rows < self.max_batch_size:
-                    item = await self._next(deadline - loop.time() if self.others_coming() else 0.0)
+                    wait = tokens < self.fill_tokens and self.others_coming()
+                    item = await self._next(deadline - loop.time() if wait else 0.0)
                     if item is None:
                         break
                     if item is _STOP:
@@ -597,6 +612,7 @@ class DynamicBatcher:
                         break
                     batch.append(item)
                     rows += item.n
+                    tokens += item.tokens
             await self._execute(batch, rows)
 
     def _drop_if_cancelled(self, chunk: _Chunk) -> bool:
@@ -620,7 +636,8 @@ class DynamicBatcher:
             self.engine_seconds += time.perf_counter() - t0
 
     def group_rows(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Rows (indices into lengths) per engine call, the call of shortest rows first.
+        """Rows (indices into lengths) per engine call, the call of shortest rows first; all in one call when the
+        engine skips padding.
 
         A call costs about call_overhead_tokens + rows x width tokens of compute (width: its longest row rounded
         up to pad_to_multiple_of; padding is paid in full on a CPU). The rows sorted by length are cut into the
@@ -628,6 +645,8 @@ class DynamicBatcher:
         similar length share one call, and a batch of very different lengths runs as a few calls rather than one
         padded to the longest. The shortest call runs first so that its requests are answered soonest.
         """
+        if self.skips_padding:
+            return [list(range(len(lengths)))]
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         n = len(order)
         widths = [-(-max(lengths[i], 1) // self.pad_to_multiple_of) * self.pad_to_multiple_of for i in order]
@@ -736,6 +755,7 @@ class QAService:
         c = self.config
         batcher = DynamicBatcher(model.forward, c.max_batch_size, c.max_wait_ms, c.batching, c.max_queue,
                                  pad_token_id=model.tokenizer.pad_token_id,
+                                 skips_padding=bool(getattr(model, "skips_padding", False)),
                                  others_coming=lambda: self.on_the_way > 0)
         batcher.start()
         self.pipeline, self.batcher = pipeline, batcher

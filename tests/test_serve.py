@@ -324,6 +324,87 @@ def test_batch_rows_are_grouped_by_length_shortest_call_first():
     assert len(b.group_rows([30, 45, 60, 25])) == 1  # short rows: the per-call cost outweighs the padding
 
 
+def _window(n: int, width: int, fill: int):
+    """One request's inputs: one window of n real tokens (ids = fill) padded to width."""
+    ids = np.zeros((1, width), np.int32)
+    mask = np.zeros((1, width), np.int32)
+    ids[0, :n], mask[0, :n] = fill, 1
+    return ids, mask, np.zeros_like(ids)
+
+
+def _echo_engine(calls, delays=()):
+    """forward() that records each call's row lengths and returns the ids as start logits (so each request can
+    check it got its own rows back), sleeping delays[k] seconds on call k."""
+    def forward(ids, attention_mask, token_type_ids):
+        if len(calls) < len(delays):
+            time.sleep(delays[len(calls)])
+        calls.append(sorted(int(n) for n in attention_mask.sum(1)))
+        return ids.astype(np.float32), -ids.astype(np.float32)
+    return forward
+
+
+@pytest.mark.parametrize("skips_padding", [True, False])
+def test_batcher_makes_one_call_when_the_engine_skips_padding(skips_padding):
+    import asyncio
+
+    calls = []
+
+    async def main():
+        b = serve.DynamicBatcher(_echo_engine(calls), max_batch_size=8, max_wait_ms=0, pad_to_multiple_of=8,
+                                 skips_padding=skips_padding)
+        b.start()
+        lengths = [12, 300, 95]
+        outs = await asyncio.gather(*(b.run(*_window(n, 384, k + 1)) for k, n in enumerate(lengths)))
+        await b.stop()
+        for k, ((start, end), n) in enumerate(zip(outs, lengths)):
+            assert start.shape == (1, 384) and np.all(start[0, :n] == k + 1) and np.all(end[0, :n] == -(k + 1))
+            assert np.all(start[0, n:] == -np.inf)   # past the window's last token
+
+    asyncio.run(main())
+    # the CPU engine packs rows, so lengths 12, 95 and 300 share one call; an engine computing padding gets
+    # them cut by length (group_rows) instead of paying 3 x 304 tokens
+    assert calls == ([[12, 95, 300]] if skips_padding else [[12], [95], [300]])
+
+
+def test_batcher_wait_counts_from_when_the_engine_is_free_and_stops_at_fill_tokens():
+    """A request queued while the engine was busy still gets max_wait_ms of company once the engine is free
+    (its wait so far was for the engine, not for batching); a batch that already holds fill_tokens real tokens
+    does not wait at all."""
+    import asyncio
+
+    calls = []
+
+    async def main():
+        coming = [False]   # what the server would say: are other requests being received or tokenized?
+        b = serve.DynamicBatcher(_echo_engine(calls, delays=(0.4,)), max_batch_size=8, max_wait_ms=400,
+                                 pad_to_multiple_of=8, skips_padding=True, fill_tokens=100,
+                                 others_coming=lambda: coming[0])
+        b.start()
+        loop = asyncio.get_running_loop()
+
+        async def later(delay, n, fill):
+            await asyncio.sleep(delay)
+            return await b.run(*_window(n, 64, fill))
+
+        async def others_from(delay):
+            await asyncio.sleep(delay)
+            coming[0] = True
+
+        t0 = loop.time()
+        # 0 s: A runs alone (nobody else coming yet; the call takes 0.4 s); 0.1 s: B queues behind it; 0.6 s
+        # (0.2 s after the engine is free): C. Counted from B's arrival, B's wait would have ended at 0.5 s.
+        await asyncio.gather(later(0, 10, 1), others_from(0.05), later(0.1, 10, 2), later(0.6, 10, 3))
+        assert calls == [[10], [10, 10]]
+        # 150 real tokens >= fill_tokens: no waiting for company, although max_wait is 400 ms
+        t1 = loop.time()
+        await b.run(*_window(150, 160, 4))
+        assert loop.time() - t1 < 0.3 and calls[-1] == [150]
+        await b.stop()
+        return t1 - t0
+
+    assert asyncio.run(main()) < 1.5
+
+
 # ---- packaging ---------------------------------------------------------------------------------------------
 
 
