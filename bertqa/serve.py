@@ -964,6 +964,9 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
         body = {"loaded": service.loaded, "inflight_requests": service.inflight}
         if service.batcher is not None:
             body.update(service.batcher.stats())
+            if config.device == "cpu":
+                from . import ops
+                body["engine_threads"] = ops.runtime_info()["omp_threads"]
         return JSONResponse(body)
 
     async def openapi(request: Request) -> Response:
@@ -1085,7 +1088,7 @@ def openapi_spec(config: ServeConfig) -> dict[str, Any]:
                 "200": {"description": "MaxConcurrentTransforms, BatchStrategy, MaxPayloadInMB",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/stats": {"get": {"summary": "dynamic batching statistics", "responses": {
-                "200": {"description": "engine calls, windows, batch size histogram",
+                "200": {"description": "engine calls, windows, batch size histogram, engine threads (CPU)",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/openapi.json": {"get": {"summary": "this description", "responses": {
                 "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {}}}}}}},

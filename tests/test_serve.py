@@ -887,6 +887,9 @@ def test_cli_serve_with_two_workers_from_environment(tmp_path, tiny_model_dir):
         answers = [ask(port, {"question": "where?", "context": CONTEXT}) for _ in range(6)]
         assert all(a == answers[0] for a in answers)
         assert_answer(answers[0], CONTEXT)
+        # each worker's engine gets its share of the cores (set from the loading thread, used by the engine's)
+        stats = json.loads(request(port, "GET", "/stats")[2])
+        assert stats["engine_threads"] == max(1, (os.cpu_count() or 1) // 2), stats
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode in (0, -signal.SIGTERM) and b"Traceback" not in out, out.decode()[-2000:]
