@@ -21,15 +21,6 @@
 /* Element index of att[b,h,0,0] in the dropout RNG's numbering of the [B,NH,T,T] probabilities. */
 static inline uint64_t head_offset(int b, int h, int NH, long TT) { return ((uint64_t)b * NH + h) * (uint64_t)TT; }
 
-/* Keys of batch row b worth computing: up to the last real one (all T when every key is padding, where the
- * softmax is uniform over all of them). */
-static inline int key_length(const float *mk, int T) {
-    if (!mk) return T;
-    int L = T;
-    while (L > 0 && mk[L - 1] == 0.0f) L--;
-    return L ? L : T;
-}
-
 /* The columns 0..L of a head's [T,T] probabilities that can be non-zero: 1 + the last non-zero column over all
  * rows (at least 1). Rows are scanned from their end, so unpadded rows cost one read. */
 static inline int nonzero_columns(const float *a, int T) {
@@ -84,7 +75,7 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
             const long off = b * s.sb + h * s.sh;
             float *a = att ? att + bh * TT : scratch;   /* [T,T] */
             const float *mk = mask ? mask + (long)b * T : NULL;
-            const int L = key_length(mk, T);
+            const int L = mk ? bq_row_length(mk, T) : T;
             /* a[:, :L] = scale * q k[:L]^T */
             bq_sgemm1(0, 1, T, L, HS, scale, q + off, ld, k + off, ld, 0.0f, a, T);
             for (int i = 0; i < T; i++) {

@@ -111,6 +111,15 @@ typedef struct {
     long sb, sh, st;
 } bq_attn_shape;
 
+/* A padded row's length: up to its last real token (mask row of 0/1), or all T when every token is padding (an
+ * all-padding row is computed in full: every key gets the same -10000, so the softmax is uniform over them).
+ * What attention computes of a row's keys, and what packed inference keeps of it. */
+static inline int bq_row_length(const float *mask_row, int T) {
+    int L = T;
+    while (L > 0 && mask_row[L - 1] == 0.0f) L--;
+    return L ? L : T;
+}
+
 /* att[b,h] = softmax(q k^T / sqrt(HS) + (1 - mask[b]) * -10000)   [B,NH,T,T], stored for backward
  * out[b,h] = dropout(att[b,h]) @ v                                  (dropout keyed by tensor_id)
  * mask [B,T] of 0/1 (1 = real token) or NULL. dropout_p = 0 disables dropout. att may be NULL when no backward

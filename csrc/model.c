@@ -182,16 +182,13 @@ static void residual(float *out, const float *x, float *y, size_t n, float p, in
     add3(out, x, y, n);
 }
 
-/* Packed inference: the rows' lengths without their trailing padding (an all-padding row keeps all T, as
- * attention treats it), as token offsets off[0..B]; returns the total number of tokens kept. */
+/* Packed inference: each row's tokens up to its last real one (bq_row_length), as token offsets off[0..B];
+ * returns the total number of tokens kept. */
 static long pack_rows(const float *mask, int B, int T, int *off) {
     long n = 0;
     off[0] = 0;
     for (int b = 0; b < B; b++) {
-        const float *mk = mask + (long)b * T;
-        int L = T;
-        while (L > 0 && mk[L - 1] == 0.0f) L--;
-        n += L ? L : T;
+        n += bq_row_length(mask + (long)b * T, T);
         off[b + 1] = (int)n;
     }
     return n;
