@@ -3,7 +3,7 @@
  * for the masked softmax + dropout. Scores and dP stay fp32 in both precisions (the softmax sees fp32 logits).
  *
  *   S = q k^T / sqrt(HS)    (fp32)            att = softmax(S + (1 - mask) * -10000)     (stored, pre-dropout)
- *   out = dropout(att) v                      dropout element numbering: [B,NH,T,T] flat, as the CPU
+ *   out = dropout(att) v                      dropout numbering by window (drop_attn_base, common.cuh), as the CPU
  *
  * Backward regenerates dropout(att) from the stored att and the key; dS = scale * att * (g - <g, att>) with
  * g = dropout'(dP).
@@ -47,7 +47,8 @@ template <typename T> int merge_heads(cudaStream_t s, T *out, const T *inp, int 
 
 #define SM_WARPS 8
 
-/* One warp per row r of the [B*NH*T, T] scores; the row's first element is number r*T of the dropout numbering. */
+/* One warp per row r = (b*NH + h)*T + i of the [B*NH*T, T] scores; the row's dropout numbering starts at
+ * drop_attn_base(d, r, NH). */
 template <typename T>
 __global__ void softmax_forward_kernel(T *att, T *pdrop, const float *S, const float *mask, int rows, int NH, int T_,
                                        bq_drop d) {
@@ -64,7 +65,7 @@ __global__ void softmax_forward_kernel(T *att, T *pdrop, const float *S, const f
     for (int j = lane; j < T_; j += 32) sum += expf(s[j] + (mk ? (1.0f - mk[j]) * -10000.0f : 0.0f) - mx);
     const float inv = 1.0f / warp_sum(sum);
     const float scale = drop_scale(d);
-    for_row_quads(base, T_, lane, 32, d, [&](int j, bool keep) {
+    for_row_quads(drop_attn_base(d, r, NH), T_, lane, 32, d, [&](int j, bool keep) {
         const float e = expf(s[j] + (mk ? (1.0f - mk[j]) * -10000.0f : 0.0f) - mx);
         const T a = from_f<T>(e * inv);
         att[base + j] = a;
@@ -72,20 +73,35 @@ __global__ void softmax_forward_kernel(T *att, T *pdrop, const float *S, const f
     });
 }
 
-/* dS = scale * a * (g - sum_j g_j a_j), g = dropout'(dP) */
+/* pd = dropout(att): the forward's P regenerated, one warp per row as softmax_forward_kernel */
 template <typename T>
-__global__ void softmax_backward_kernel(T *dS, const T *att, const float *dP, int rows, int T_, float scale, bq_drop d) {
+__global__ void attn_dropout_kernel(T *pd, const T *att, int rows, int NH, int T_, bq_drop d) {
     const int lane = threadIdx.x % 32;
     const long long r = (long long)blockIdx.x * SM_WARPS + threadIdx.x / 32;
     if (r >= rows) return;
     const size_t base = (size_t)r * T_;
+    const float scale = drop_scale(d);
+    for_row_quads(drop_attn_base(d, r, NH), T_, lane, 32, d, [&](int j, bool keep) {
+        pd[base + j] = from_f<T>(keep ? to_f(att[base + j]) * scale : 0.0f);
+    });
+}
+
+/* dS = scale * a * (g - sum_j g_j a_j), g = dropout'(dP) */
+template <typename T>
+__global__ void softmax_backward_kernel(T *dS, const T *att, const float *dP, int rows, int NH, int T_, float scale,
+                                        bq_drop d) {
+    const int lane = threadIdx.x % 32;
+    const long long r = (long long)blockIdx.x * SM_WARPS + threadIdx.x / 32;
+    if (r >= rows) return;
+    const size_t base = (size_t)r * T_;
+    const uint64_t key = drop_attn_base(d, r, NH);
     const float ds = drop_scale(d);
     float dot = 0.0f;
-    for_row_quads(base, T_, lane, 32, d, [&](int j, bool keep) {
+    for_row_quads(key, T_, lane, 32, d, [&](int j, bool keep) {
         dot += (keep ? dP[base + j] * ds : 0.0f) * to_f(att[base + j]);
     });
     dot = warp_sum(dot);
-    for_row_quads(base, T_, lane, 32, d, [&](int j, bool keep) {
+    for_row_quads(key, T_, lane, 32, d, [&](int j, bool keep) {
         const float g = keep ? dP[base + j] * ds : 0.0f, a = to_f(att[base + j]);
         dS[base + j] = from_f<T>(scale * a * (g - dot));
     });
@@ -123,7 +139,8 @@ int attention_backward(bq_gemm *g, T *dq, T *dk, T *dv, const T *dctx, const T *
     TRY(split_heads<T>(g->stream, dctxh, dctx, B, T_, NH, HS));
     const T *P = att;   /* what multiplied v in the forward */
     if (d.p > 0.0f) {
-        TRY(launch_dropout<T>(g->stream, pd, att, (size_t)rows * T_, d, 0));
+        attn_dropout_kernel<T><<<ceil_div(rows, SM_WARPS), 32 * SM_WARPS, 0, g->stream>>>(pd, att, rows, NH, T_, d);
+        LAUNCH_CHECK("attn_dropout_kernel");
         P = pd;
     }
     /* dv[bh] = P^T @ dctx   [T,HS] */
@@ -132,8 +149,8 @@ int attention_backward(bq_gemm *g, T *dq, T *dk, T *dv, const T *dctx, const T *
     TRY(bq_matmul(g, false, true, T_, T_, HS, 1.0f, dctxh, t, HS, TH, vh, t, HS, TH, 0.0f, bufs.scores, CUDA_R_32F, T_, TT,
                   BH, nullptr));
     /* dS over P's buffer (the dv product above has consumed P: same stream) */
-    softmax_backward_kernel<T><<<ceil_div(rows, SM_WARPS), 32 * SM_WARPS, 0, g->stream>>>(pd, att, bufs.scores, rows, T_,
-                                                                                          scale, d);
+    softmax_backward_kernel<T><<<ceil_div(rows, SM_WARPS), 32 * SM_WARPS, 0, g->stream>>>(pd, att, bufs.scores, rows,
+                                                                                          NH, T_, scale, d);
     LAUNCH_CHECK("softmax_backward_kernel");
     /* dq[bh] = dS @ k ; dk[bh] = dS^T @ q */
     TRY(bq_matmul(g, false, false, T_, HS, T_, 1.0f, pd, t, T_, TT, kh, t, HS, TH, 0.0f, dqkh, t, HS, TH, BH, nullptr));

@@ -73,11 +73,16 @@ int bq_cuda_model_download(bq_cuda_model *m, int which, float *host);
 int bq_cuda_model_upload(bq_cuda_model *m, int which, const float *host);
 
 /* As bq_forward (csrc/model.h): host ids/types [B,T] (types may be NULL), mask [B,T] 0/1 (NULL: all real);
- * start/end [B,T] host outputs (either may be NULL: not copied back). BQ_ERR_INDEX for an id out of range. */
-int bq_cuda_forward(bq_cuda_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B, int T,
-                    int train, uint64_t seed, uint32_t step, float *start, float *end);
-/* As bq_backward: after a train forward with the same ids/types/seed/step. Gradients ACCUMULATE (times
- * loss_scale); *loss gets the unscaled loss. */
+ * start/end [B,T] host outputs (either may be NULL: not copied back). BQ_ERR_INDEX for an id out of range.
+ * window_ids [B] (NULL: row b is window b) key the dropout masks of a train forward: hidden element (b, t, c) is
+ * number (window_ids[b] * P + t) * C + c, attention element (b, h, i, j) ((window_ids[b] * NH + h) * P + i) * P + j
+ * (P = max_position_embeddings), so a window's mask depends neither on its row in the batch nor on T; BQ_ERR_ARG
+ * for a negative id (or one so large an index would pass 2^64). */
+int bq_cuda_forward(bq_cuda_model *m, const int64_t *ids, const int64_t *types, const float *mask,
+                    const int64_t *window_ids, int B, int T, int train, uint64_t seed, uint32_t step, float *start,
+                    float *end);
+/* As bq_backward: after a train forward with the same ids/types/seed/step (and the forward's window ids). Gradients
+ * ACCUMULATE (times loss_scale); *loss gets the unscaled loss. */
 int bq_cuda_backward(bq_cuda_model *m, const int64_t *ids, const int64_t *types, const int64_t *start_pos,
                      const int64_t *end_pos, uint64_t seed, uint32_t step, float loss_scale, float *loss);
 /* As bq_adamw_step: global norm (deterministic), clipping, AdamW over the flat buffer; *norm gets the norm before
@@ -152,6 +157,13 @@ void bq_cuda_host_uniform(float *u, size_t n, uint64_t seed, uint32_t step, uint
  * from `first`; must equal dropout_forward of csrc/rng.c. */
 void bq_cuda_host_dropout_rows(float *out, const float *x, int rows, int cols, float p, uint64_t seed, uint32_t step,
                                uint32_t tensor_id, uint64_t first);
+/* The same walk with the engine's window-keyed numbering (bq_drop in common.cuh): out = dropout(x) of a hidden
+ * state [B,T,C], element (b, t, c) numbered (win[b] * P + t) * C + c, and of attention probabilities [B,NH,T,T],
+ * element (b, h, i, j) numbered ((win[b] * NH + h) * P + i) * P + j. win [B] host memory, NULL: win[b] = b. */
+void bq_cuda_host_dropout_hidden(float *out, const float *x, int B, int T, int C, int P, const int64_t *win, float p,
+                                 uint64_t seed, uint32_t step, uint32_t site);
+void bq_cuda_host_dropout_attention(float *out, const float *x, int B, int NH, int T, int P, const int64_t *win,
+                                    float p, uint64_t seed, uint32_t step, uint32_t site);
 /* The engine's grouping of token ids for the deterministic embedding scatter (cuda/embedding.cu): uniq [U] ids in
  * order of first appearance, start [U+1], tok [start[U]] token indices ascending within a group; tokens equal to
  * pad_id are left out. count [V] must be zero on entry and is zero again on return. Returns U. */

@@ -79,13 +79,48 @@ __host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-/* key = seed; counter = (idx / 4 as 64 bits, tensor_id, step); element idx takes lane idx % 4; u = (r >> 8) / 2^24.
- * p == 0 means no dropout (and no RNG work). */
+/* One dropout site. Key = seed; counter = (idx / 4 as 64 bits, site, step); element idx takes lane idx % 4;
+ * u = (r >> 8) / 2^24; keep when u >= p. p == 0 means no dropout (and no RNG work).
+ *
+ * The element numbering idx is keyed by window, never by a row's place in the batch or the batch's padded width T, so
+ * a window gets the same mask in any micro-batch, on any rank (DESIGN.md, data parallel):
+ *   hidden state [B,T,C]:           idx(b, t, c)    = (win[b] * P + t) * C + c
+ *   attention probabilities [B,NH,T,T]: idx(b, h, i, j) = ((win[b] * NH + h) * P + i) * P + j
+ * win [B]: each batch row's window id (device memory in a kernel), NULL for win[b] = b; P >= T: the position stride
+ * (the engine's max_position_embeddings). With win NULL and P = T this is the flat numbering of the buffer
+ * (bertqa.ops.dropout's), what the one-kernel entry points use. Arithmetic in 64 bits (callers keep it in range). */
 struct bq_drop {
     float p;
     uint64_t seed;
     uint32_t step, site;
+    const int64_t *win;
+    int T, P;
 };
+
+/* A site with the flat numbering of a buffer of rows of T positions (win NULL, P = T). */
+static inline bq_drop drop_flat(float p, uint64_t seed, uint32_t step, uint32_t site, int T) {
+    return bq_drop{p, seed, step, site, nullptr, T, T};
+}
+
+__host__ __device__ __forceinline__ uint64_t drop_window(const bq_drop &d, uint64_t b) {
+    return d.win ? (uint64_t)d.win[b] : b;
+}
+
+/* RNG index of the first element of row n = b*T + t of a hidden-state tensor [B*T, C] (0 when p == 0: no numbering
+ * is needed, nothing is read). */
+__host__ __device__ __forceinline__ uint64_t drop_hidden_base(const bq_drop &d, long long n, int C) {
+    if (!(d.p > 0.0f)) return 0;
+    const uint64_t b = (uint64_t)n / (uint64_t)d.T, t = (uint64_t)n % (uint64_t)d.T;
+    return (drop_window(d, b) * (uint64_t)d.P + t) * (uint64_t)C;
+}
+
+/* RNG index of the first element of row r = (b*NH + h)*T + i of attention probabilities [B*NH*T, T]. */
+__host__ __device__ __forceinline__ uint64_t drop_attn_base(const bq_drop &d, long long r, int NH) {
+    if (!(d.p > 0.0f)) return 0;
+    const uint64_t T = (uint64_t)d.T, i = (uint64_t)r % T, bh = (uint64_t)r / T;
+    const uint64_t h = bh % (uint64_t)NH, b = bh / (uint64_t)NH;
+    return ((drop_window(d, b) * (uint64_t)NH + h) * (uint64_t)d.P + i) * (uint64_t)d.P;
+}
 
 __host__ __device__ __forceinline__ void philox_uniform4(float u[4], const bq_drop &d, uint64_t quad) {
     uint32_t c0 = (uint32_t)quad, c1 = (uint32_t)(quad >> 32), c2 = d.site, c3 = d.step;

@@ -29,7 +29,7 @@ __global__ void embedding_layernorm_kernel(T *emb, T *out, float *mean, float *r
     const float r = 1.0f / sqrtf(warp_sum(v) / C + eps);
     __syncwarp();
     const float scale = drop_scale(d);
-    for_row_quads(base, C, lane, 32, d, [&](int c, bool keep) {
+    for_row_quads(drop_hidden_base(d, n, C), C, lane, 32, d, [&](int c, bool keep) {
         const float y = (to_f(emb[base + c]) - m) * r * to_f(lnw[c]) + to_f(lnb[c]);
         out[base + c] = from_f<T>(keep ? y * scale : 0.0f);
     });

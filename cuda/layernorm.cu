@@ -1,9 +1,10 @@
 /* LayerNorm over the last dimension (torch semantics: biased variance, eps inside the sqrt), fused with the
  * residual add and dropout before it (forward) and with the dropout of the branch (backward).
  *
- * One warp per row; the row's dropout uniforms are drawn a Philox quad at a time (for_row_quads), numbered
- * n*C + c as the CPU numbers the [N,C] tensor. In bf16 mode the statistics are those of the stored (rounded)
- * residual, so backward sees exactly the normalisation the forward applied.
+ * One warp per row; the row's dropout uniforms are drawn a Philox quad at a time (for_row_quads), numbered by window
+ * (drop_hidden_base, common.cuh: (win[b] * P + t) * C + c for row n = b*T + t) as the CPU engine numbers them.
+ * In bf16 mode the statistics are those of the stored (rounded) residual, so backward sees exactly the
+ * normalisation the forward applied.
  */
 #include "kernels.cuh"
 
@@ -17,7 +18,7 @@ __global__ void residual_layernorm_kernel(T *res, T *out, float *mean, float *rs
     const size_t base = (size_t)n * C;
     const float scale = drop_scale(d);
     float s = 0.0f;
-    for_row_quads(base, C, lane, 32, d, [&](int c, bool keep) {
+    for_row_quads(drop_hidden_base(d, n, C), C, lane, 32, d, [&](int c, bool keep) {
         const float r = (x ? to_f(x[base + c]) : 0.0f) + (keep ? to_f(y[base + c]) * scale : 0.0f);
         const T rt = from_f<T>(r);
         res[base + c] = rt;
@@ -56,16 +57,17 @@ __global__ void layernorm_backward_kernel(T *dinp, T *branch, const T *dout, con
     const int lane = threadIdx.x % 32, n = blockIdx.x * LN_WARPS + threadIdx.x / 32;
     if (n >= N) return;
     const size_t base = (size_t)n * C;
+    const uint64_t key_in = drop_hidden_base(d_in, n, C);
     const float m = mean[n], r = rstd[n], sin = drop_scale(d_in);
     float sg = 0.0f, sgx = 0.0f;
-    for_row_quads(base, C, lane, 32, d_in, [&](int c, bool keep) {
+    for_row_quads(key_in, C, lane, 32, d_in, [&](int c, bool keep) {
         const float g = (keep ? to_f(dout[base + c]) * sin : 0.0f) * to_f(w[c]);
         sg += g;
         sgx += g * (to_f(inp[base + c]) - m) * r;
     });
     sg = warp_sum(sg) / C;
     sgx = warp_sum(sgx) / C;
-    for_row_quads(base, C, lane, 32, d_in, [&](int c, bool keep) {
+    for_row_quads(key_in, C, lane, 32, d_in, [&](int c, bool keep) {
         const float g = (keep ? to_f(dout[base + c]) * sin : 0.0f) * to_f(w[c]);
         const float xhat = (to_f(inp[base + c]) - m) * r;
         dinp[base + c] = from_f<T>(r * (g - sg - xhat * sgx));
@@ -73,7 +75,7 @@ __global__ void layernorm_backward_kernel(T *dinp, T *branch, const T *dout, con
     if (branch) {
         __syncwarp();
         const float so = drop_scale(d_out);
-        for_row_quads(base, C, lane, 32, d_out, [&](int c, bool keep) {
+        for_row_quads(drop_hidden_base(d_out, n, C), C, lane, 32, d_out, [&](int c, bool keep) {
             branch[base + c] = from_f<T>(keep ? to_f(dinp[base + c]) * so : 0.0f);
         });
     }
@@ -101,7 +103,7 @@ __global__ void layernorm_param_partial_kernel(float *pw, float *pb, const T *do
     if (c < C)
         for (int n = r0 + threadIdx.y; n < r1; n += 8) {
             const size_t i = (size_t)n * C + c;
-            const float g = drop_keep(d_in, i) ? to_f(dout[i]) * sin : 0.0f;
+            const float g = drop_keep(d_in, drop_hidden_base(d_in, n, C) + c) ? to_f(dout[i]) * sin : 0.0f;
             sw += g * (to_f(inp[i]) - mean[n]) * rstd[n];
             sb += g;
         }

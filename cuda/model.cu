@@ -8,7 +8,8 @@
  * Activations live in one arena laid out per (B, T, train), grown when a call needs more.
  *
  * One encoder layer, x [N,C], N = B*T (as model.c; dropout sites: 0 embeddings, 1+3l attention probabilities,
- * 2+3l attention output, 3+3l feed-forward output):
+ * 2+3l attention output, 3+3l feed-forward output; each site's elements numbered by the rows' window ids, see
+ * bq_drop in common.cuh):
  *   q,k,v = x W^T + b  (cuBLASLt, bias epilogue) -> split heads -> attention -> ctx
  *   res1 = x + dropout(ctx Wo^T + bo);  h1 = LN1(res1)          (one fused kernel)
  *   fc = h1 W1^T + b1;  gelu = GELU(fc)
@@ -72,8 +73,9 @@ struct bq_cuda_model {
     float *scores, *colsum_scratch;
     void *dout, *dres, *dy, *dgelu;
     int *ids, *types, *pos, *g_uniq, *g_start, *g_tok;
+    int64_t *win;      /* [B] window ids of the batch rows (dropout numbering), when has_win */
     float *mask;
-    int has_types, has_mask;
+    int has_types, has_mask, has_win;
     /* host staging */
     int *h_ids, *h_types, *h_pos, *h_uniq, *h_start, *h_tok, *h_count;
     size_t h_cap;
@@ -352,7 +354,7 @@ static size_t layout(bq_cuda_model *m, int B, int T, int train, char *base) {
     /* the batch */
     TAKE(m->ids, N * sizeof(int)); TAKE(m->types, N * sizeof(int)); TAKE(m->mask, N * f);
     TAKE(m->pos, 2 * (size_t)B * sizeof(int)); TAKE(m->g_uniq, N * sizeof(int)); TAKE(m->g_start, (N + 1) * sizeof(int));
-    TAKE(m->g_tok, N * sizeof(int));
+    TAKE(m->g_tok, N * sizeof(int)); TAKE(m->win, (size_t)B * sizeof(int64_t));
 #undef TAKE
     return k.used;
 }
@@ -395,7 +397,11 @@ static int prepare_arena(bq_cuda_model *m, int B, int T, int train) {
 
 /* ---- forward ----------------------------------------------------------------------------------------------- */
 
-static bq_drop drop(float p, uint64_t seed, uint32_t step, uint32_t site) { return bq_drop{p, seed, step, site}; }
+/* A dropout site of the batch laid out now: rows numbered by their window ids (row b itself without them), positions
+ * strided by max_position_embeddings, as csrc/model.c. */
+static bq_drop drop(const bq_cuda_model *m, float p, uint64_t seed, uint32_t step, uint32_t site) {
+    return bq_drop{p, seed, step, site, m->has_win ? m->win : nullptr, m->T, m->cfg.P};
+}
 
 template <typename T> static T *weights(bq_cuda_model *m, int idx) {
     T *base = m->precision == BQ_BF16 ? (T *)(void *)m->params_bf16 : (T *)(void *)m->params;
@@ -416,7 +422,7 @@ static int forward_impl(bq_cuda_model *m, int B, int T_, int train, uint64_t see
     TRY(embedding_layernorm_forward<T>(s, (T *)m->emb, (T *)m->h0, m->emb_mean, m->emb_rstd, m->ids,
                                        m->has_types ? m->types : nullptr, weights<T>(m, E_WTE), weights<T>(m, E_WPE),
                                        weights<T>(m, E_WTT), weights<T>(m, E_LNW), weights<T>(m, E_LNB), B, T_, C,
-                                       c->eps, drop(pd, seed, step, SITE_EMB)));
+                                       c->eps, drop(m, pd, seed, step, SITE_EMB)));
     const T *x = (const T *)m->h0;
     T *q = (T *)m->qkv, *k = q + NC, *v = k + NC, *y = (T *)m->ytmp;
     for (int l = 0; l < c->L; l++) {
@@ -429,15 +435,15 @@ static int forward_impl(bq_cuda_model *m, int B, int T_, int train, uint64_t see
         TRY(split_heads<T>(s, (T *)a->kh, k, B, T_, NH, HS));
         TRY(split_heads<T>(s, (T *)a->vh, v, B, T_, NH, HS));
         TRY(attention_forward<T>(g, (T *)a->ctx, (T *)a->att, (T *)a->qh, (T *)a->kh, (T *)a->vh, mask, B, NH, T_, HS,
-                                 drop(pa, seed, step, SITE_ATT(l)), bufs));
+                                 drop(m, pa, seed, step, SITE_ATT(l)), bufs));
         TRY(linear_forward<T>(g, y, (T *)a->ctx, W(AOW), W(AOB), N, C, C));
         TRY(residual_layernorm_forward<T>(s, (T *)a->res1, (T *)a->h1, a->mean1, a->rstd1, x, y, W(LN1W), W(LN1B), N, C,
-                                          c->eps, drop(pd, seed, step, SITE_AO(l))));
+                                          c->eps, drop(m, pd, seed, step, SITE_AO(l))));
         TRY(linear_forward<T>(g, (T *)a->fc, (T *)a->h1, W(FCW), W(FCB), N, C, I));
         TRY(gelu_forward<T>(s, (T *)a->gelu, (T *)a->fc, (size_t)N * I));
         TRY(linear_forward<T>(g, y, (T *)a->gelu, W(FC2W), W(FC2B), N, I, C));
         TRY(residual_layernorm_forward<T>(s, (T *)a->res2, (T *)a->out, a->mean2, a->rstd2, (T *)a->h1, y, W(LN2W),
-                                          W(LN2B), N, C, c->eps, drop(pd, seed, step, SITE_FFN(l))));
+                                          W(LN2B), N, C, c->eps, drop(m, pd, seed, step, SITE_FFN(l))));
 #undef W
         x = (const T *)a->out;
     }
@@ -459,9 +465,22 @@ static int check_batch(const bq_config *c, const int64_t *ids, const int64_t *ty
     return BQ_OK;
 }
 
-extern "C" int bq_cuda_forward(bq_cuda_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B,
-                               int T, int train, uint64_t seed, uint32_t step, float *start, float *end) {
+/* Window ids >= 0, small enough that no dropout index (bq_drop) passes 2^64. */
+static int check_windows(const bq_config *c, const int64_t *win, int B) {
+    const uint64_t P = (uint64_t)c->P, per_att = (uint64_t)c->NH * P * P, per_hid = P * (uint64_t)c->C;
+    const uint64_t limit = UINT64_MAX / (per_att > per_hid ? per_att : per_hid) - 1;
+    for (int b = 0; b < B; b++)
+        if (win[b] < 0 || (uint64_t)win[b] > limit)
+            return bq_cuda_fail(BQ_ERR_ARG, "window id %lld of batch row %d is outside [0, %llu]", (long long)win[b], b,
+                                (unsigned long long)limit);
+    return BQ_OK;
+}
+
+extern "C" int bq_cuda_forward(bq_cuda_model *m, const int64_t *ids, const int64_t *types, const float *mask,
+                               const int64_t *window_ids, int B, int T, int train, uint64_t seed, uint32_t step,
+                               float *start, float *end) {
     TRY(check_batch(&m->cfg, ids, types, B, T));
+    if (window_ids) TRY(check_windows(&m->cfg, window_ids, B));
     if (train && !m->training) return bq_cuda_fail(BQ_ERR_ARG, "train forward on an inference-only model");
     TRY(select_device(m));
     TRY(prepare_arena(m, B, T, train));
@@ -476,6 +495,9 @@ extern "C" int bq_cuda_forward(bq_cuda_model *m, const int64_t *ids, const int64
     }
     m->has_mask = mask != nullptr;
     if (mask) CUDA_TRY(cudaMemcpyAsync(m->mask, mask, N * sizeof(float), cudaMemcpyHostToDevice, m->stream));
+    m->has_win = window_ids != nullptr;   /* kept for the backward of this batch */
+    if (window_ids)
+        CUDA_TRY(cudaMemcpyAsync(m->win, window_ids, (size_t)B * sizeof(int64_t), cudaMemcpyHostToDevice, m->stream));
     TRY(m->precision == BQ_BF16 ? forward_impl<bf16>(m, B, T, train, seed, step)
                                 : forward_impl<float>(m, B, T, train, seed, step));
     if (start) CUDA_TRY(cudaMemcpyAsync(start, m->start_l, N * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
@@ -507,7 +529,7 @@ static int backward_impl(bq_cuda_model *m, uint64_t seed, uint32_t step, double 
     const int B = m->B, T_ = m->T, C = c->C, I = c->FF, NH = c->NH, HS = C / NH, N = B * T_, L = c->L;
     const size_t NC = (size_t)N * C;
     const float pd = c->hidden_dropout, pa = c->attn_dropout;
-    const bq_drop none = drop(0.0f, seed, step, 0);
+    const bq_drop none = drop(m, 0.0f, seed, step, 0);
     cudaStream_t s = m->stream;
     bq_gemm *g = &m->gemm;
     float *scratch = m->colsum_scratch;
@@ -528,7 +550,7 @@ static int backward_impl(bq_cuda_model *m, uint64_t seed, uint32_t step, double 
 #define G(i) grad(m, LT(l, i))
         /* out = LN2(res2), res2 = h1 + dropout(ffn): dres = d res2, dy = d ffn */
         TRY(layernorm_backward<T>(s, dres, dy, dout, (T *)a->res2, W(LN2W), a->mean2, a->rstd2, N, C, none,
-                                  drop(pd, seed, step, SITE_FFN(l))));
+                                  drop(m, pd, seed, step, SITE_FFN(l))));
         TRY(layernorm_param_grads<T>(s, G(LN2W), G(LN2B), dout, (T *)a->res2, a->mean2, a->rstd2, N, C, none, scratch));
         TRY(linear_backward_weight<T>(g, G(FC2W), dy, (T *)a->gelu, N, I, C));
         TRY(colsum_add<T>(s, G(FC2B), dy, N, C, nullptr, 0, scratch));
@@ -539,13 +561,13 @@ static int backward_impl(bq_cuda_model *m, uint64_t seed, uint32_t step, double 
         TRY(linear_backward_input<T>(g, dres, 1.0f, dgelu, W(FCW), N, C, I));   /* dres = d h1 */
         /* h1 = LN1(res1), res1 = x + dropout(ao): dout = d res1 (the residual part of dx), dy = d ao */
         TRY(layernorm_backward<T>(s, dout, dy, dres, (T *)a->res1, W(LN1W), a->mean1, a->rstd1, N, C, none,
-                                  drop(pd, seed, step, SITE_AO(l))));
+                                  drop(m, pd, seed, step, SITE_AO(l))));
         TRY(layernorm_param_grads<T>(s, G(LN1W), G(LN1B), dres, (T *)a->res1, a->mean1, a->rstd1, N, C, none, scratch));
         TRY(linear_backward_weight<T>(g, G(AOW), dy, (T *)a->ctx, N, C, C));
         TRY(colsum_add<T>(s, G(AOB), dy, N, C, nullptr, 0, scratch));
         TRY(linear_backward_input<T>(g, dres, 0.0f, dy, W(AOW), N, C, C));   /* dres = d ctx */
         TRY(attention_backward<T>(g, dq, dk, dv, dres, (T *)a->att, (T *)a->qh, (T *)a->kh, (T *)a->vh, B, NH, T_, HS,
-                                  drop(pa, seed, step, SITE_ATT(l)), bufs));
+                                  drop(m, pa, seed, step, SITE_ATT(l)), bufs));
         const int wi[3] = {QW, KW, VW};
         T *dqkv[3] = {dq, dk, dv};
         for (int j = 0; j < 3; j++) {
@@ -557,7 +579,7 @@ static int backward_impl(bq_cuda_model *m, uint64_t seed, uint32_t step, double 
 #undef G
     }
     /* h0 = dropout(LN(emb)): the dropout mask applies to the incoming gradient */
-    const bq_drop demb = drop(pd, seed, step, SITE_EMB);
+    const bq_drop demb = drop(m, pd, seed, step, SITE_EMB);
     TRY(layernorm_backward<T>(s, dres, nullptr, dout, (T *)m->emb, weights<T>(m, E_LNW), m->emb_mean, m->emb_rstd, N, C,
                               demb, none));
     TRY(layernorm_param_grads<T>(s, grad(m, E_LNW), grad(m, E_LNB), dout, (T *)m->emb, m->emb_mean, m->emb_rstd, N, C,

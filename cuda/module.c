@@ -309,7 +309,8 @@ static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
     int st;
     lock_engine(self);
     Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), b.B, b.T, 0, 0, 0, F(start), F(end));
+    st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), NULL, b.B, b.T, 0, 0, 0, F(start),
+                         F(end));
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) { raise_status(st, "Engine.forward"); goto done; }
@@ -321,15 +322,46 @@ done:
     return result;
 }
 
+/* window_ids: None, or B integers in [0, 2^40) (the CPU engine's range: every dropout index stays below 2^64 at
+ * BERT's sizes); a new reference in *res, NULL for None. */
+static int window_ids_parse(PyObject *obj, int B, PyArrayObject **res) {
+    *res = NULL;
+    if (obj == Py_None) return 1;
+    /* safe casting only: integers of any width that fit, not floats */
+    PyArrayObject *a =
+        (PyArrayObject *)PyArray_FROMANY(obj, NPY_INT64, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!a) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "window_ids must be None or a 1-D array of %d integers (int64), got %s", B,
+                     Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    if (PyArray_NDIM(a) != 1 || PyArray_DIM(a, 0) != B) {
+        PyErr_Format(PyExc_ValueError, "window_ids must be a 1-D array of %d integers (one per batch row), got %d-D "
+                     "with %zd elements", B, PyArray_NDIM(a), (Py_ssize_t)PyArray_SIZE(a));
+        Py_DECREF(a);
+        return 0;
+    }
+    for (int i = 0; i < B; i++)
+        if (I64(a)[i] < 0 || I64(a)[i] >= (1LL << 40)) {
+            PyErr_Format(PyExc_ValueError, "window_ids[%d] is %lld: a window id must be in [0, 2^40)", i,
+                         (long long)I64(a)[i]);
+            Py_DECREF(a);
+            return 0;
+        }
+    *res = a;
+    return 1;
+}
+
 static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
-                             "seed", "step", "loss_scale", NULL};
-    PyObject *io, *to, *mo, *spo, *epo, *result = NULL;
+                             "seed", "step", "loss_scale", "window_ids", NULL};
+    PyObject *io, *to, *mo, *spo, *epo, *wo = Py_None, *result = NULL;
     unsigned long long seed = 0;
     unsigned int step = 0;
     double loss_scale = 1.0;
-    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KId:forward_backward", kwlist, &io, &to, &mo,
-                                                     &spo, &epo, &seed, &step, &loss_scale))
+    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KIdO:forward_backward", kwlist, &io, &to, &mo,
+                                                     &spo, &epo, &seed, &step, &loss_scale, &wo))
         return NULL;
     if (!bq_cuda_model_training(self->model)) {
         PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
@@ -340,15 +372,16 @@ static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject 
         return NULL;
     }
     batch_args b;
-    PyArrayObject *sp = NULL, *ep = NULL;
+    PyArrayObject *sp = NULL, *ep = NULL, *win = NULL;
     if (!batch_parse(&b, io, to, mo, &self->cfg) || !ids_exact(spo, "start_positions", b.B, 0, &sp) ||
-        !ids_exact(epo, "end_positions", b.B, 0, &ep))
+        !ids_exact(epo, "end_positions", b.B, 0, &ep) || !window_ids_parse(wo, b.B, &win))
         goto done;
     int st;
     float loss = 0.0f;
     lock_engine(self);
     Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), b.B, b.T, 1, seed, step, NULL, NULL);
+    st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), I64N(win), b.B, b.T, 1, seed, step, NULL,
+                         NULL);
     if (!st)
         st = bq_cuda_backward(self->model, I64(b.ids), I64N(b.types), I64(sp), I64(ep), seed, step, (float)loss_scale,
                               &loss);
@@ -360,6 +393,7 @@ done:
     batch_release(&b);
     Py_XDECREF(sp);
     Py_XDECREF(ep);
+    Py_XDECREF(win);
     return result;
 }
 
@@ -506,9 +540,13 @@ static PyMethodDef engine_methods[] = {
      "Eval-mode forward on the GPU: int [B,T] ids -> (start_logits, end_logits), float32 [B,T] host arrays."},
     {"forward_backward", (PyCFunction)(void (*)(void))engine_forward_backward, METH_VARARGS | METH_KEYWORDS,
      "forward_backward(input_ids, token_type_ids, attention_mask, start_positions, end_positions, seed=0, step=0, "
-     "loss_scale=1.0)\n--\n\n"
+     "loss_scale=1.0, window_ids=None)\n--\n\n"
      "Train-mode forward (dropout keyed by seed, step as on the CPU) and backward; gradients ADD into the device "
-     "gradient buffer (times loss_scale). Returns the loss."},
+     "gradient buffer (times loss_scale). Returns the loss.\n\n"
+     "window_ids: int64 [B], each row's window id (>= 0; None: row b is window b). Dropout masks are numbered by "
+     "window, not by place in the batch: hidden element (b, t, c) is (window_ids[b] * P + t) * C + c, attention "
+     "element (b, h, i, j) ((window_ids[b] * NH + h) * P + i) * P + j, P = max_position_embeddings, as the CPU "
+     "engine."},
     {"adamw_step", (PyCFunction)(void (*)(void))engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
      "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)\n--\n\n"
      "Global-norm clipping and one AdamW step on the device. Returns the gradient norm before clipping; a "
@@ -980,6 +1018,34 @@ static PyObject *py_host_dropout_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* host_dropout_windows(out, x, B, NH, T, C, P, window_ids|None, p, seed, step, site): NH == 0 for a hidden state
+ * [B,T,C], else attention probabilities [B,NH,T,T] (C ignored). */
+static PyObject *py_host_dropout_windows(PyObject *self, PyObject *args) {
+    PyObject *oo, *xo, *wo, *result = NULL;
+    int B, NH, T, C, P;
+    float p;
+    unsigned long long seed;
+    unsigned int step, site;
+    PyArrayObject *out, *x, *win = NULL;
+    if (!PyArg_ParseTuple(args, "OOiiiiiOfKII:host_dropout_windows", &oo, &xo, &B, &NH, &T, &C, &P, &wo, &p, &seed,
+                          &step, &site))
+        return NULL;
+    if (B < 1 || NH < 0 || T < 1 || (!NH && C < 1) || P < T)
+        return PyErr_Format(PyExc_ValueError, "need B, T >= 1, NH >= 0, C >= 1 when NH == 0 and P >= T (got B=%d NH=%d "
+                            "T=%d C=%d P=%d)", B, NH, T, C, P);
+    const size_t n = NH ? (size_t)B * NH * T * T : (size_t)B * T * C;
+    if (!f32_exact(oo, "out", n, 1, 0, &out) || !f32_exact(xo, "x", n, 0, 0, &x) || !window_ids_parse(wo, B, &win))
+        return NULL;
+    if (NH)
+        bq_cuda_host_dropout_attention(F(out), F(x), B, NH, T, P, I64N(win), p, seed, step, site);
+    else
+        bq_cuda_host_dropout_hidden(F(out), F(x), B, T, C, P, I64N(win), p, seed, step, site);
+    result = Py_None;
+    Py_INCREF(result);
+    Py_XDECREF(win);
+    return result;
+}
+
 /* group_ids(ids int32 [N], vocab_size, pad_id) -> (uniq, start, tok) int32 arrays */
 static PyObject *py_group_ids(PyObject *self, PyObject *args) {
     PyObject *io, *result = NULL;
@@ -1054,6 +1120,10 @@ static PyMethodDef methods[] = {
     {"host_dropout_rows", py_host_dropout_rows, METH_VARARGS,
      "host_dropout_rows(out, x, rows, cols, p, seed, step, tensor_id, first=0): the kernels' per-row quad walk "
      "run on the host (no GPU needed)."},
+    {"host_dropout_windows", py_host_dropout_windows, METH_VARARGS,
+     "host_dropout_windows(out, x, B, NH, T, C, P, window_ids, p, seed, step, tensor_id): the fused kernels' row walk "
+     "with the engine's window-keyed numbering, on the host: NH == 0 for a hidden state [B,T,C] (element (b,t,c) "
+     "numbered (w[b]*P + t)*C + c), else attention probabilities [B,NH,T,T] (((w[b]*NH + h)*P + i)*P + j)."},
     {"group_ids", py_group_ids, METH_VARARGS,
      "group_ids(ids, vocab_size, pad_id) -> (uniq, start, tok): the engine's grouping of token ids for the "
      "embedding scatter (host code)."},

@@ -93,7 +93,9 @@ struct scope {
     }
 };
 
-bq_drop key(float p, uint64_t seed, uint32_t step, uint32_t site) { return bq_drop{p, seed, step, site}; }
+/* The one-kernel entry points number dropout elements flat over their buffer, as bertqa.ops does (rows of T
+ * positions, win NULL, P = T: see bq_drop). */
+bq_drop key(float p, uint64_t seed, uint32_t step, uint32_t site, int T) { return drop_flat(p, seed, step, site, T); }
 
 #define DISPATCH(precision, fn, ...) \
     ((precision) == BQ_BF16 ? fn<bf16>(__VA_ARGS__) : (precision) == BQ_FP32 ? fn<float>(__VA_ARGS__) \
@@ -106,7 +108,7 @@ int dropout_op(float *out, const float *inp, size_t N, float p, uint64_t seed, u
     T *x, *y;
     TRY(sc.up(&x, inp, N));
     TRY(sc.alloc(&y, N));
-    TRY(launch_dropout<T>(sc.s, y, x, N, key(p, seed, step, site), 0));
+    TRY(launch_dropout<T>(sc.s, y, x, N, key(p, seed, step, site, 1), 0));
     return sc.down(out, y, N);
 }
 
@@ -127,7 +129,8 @@ int residual_layernorm_op(float *res, float *out, float *mean, float *rstd, cons
     TRY(sc.alloc(&dout, NC));
     TRY(sc.alloc(&dm, N));
     TRY(sc.alloc(&dr, N));
-    TRY(residual_layernorm_forward<T>(sc.s, dres, dout, dm, dr, dx, dy, dw, db, N, C, eps, key(p, seed, step, site)));
+    TRY(residual_layernorm_forward<T>(sc.s, dres, dout, dm, dr, dx, dy, dw, db, N, C, eps,
+                                      key(p, seed, step, site, N)));
     TRY(sc.down(res, dres, NC));
     TRY(sc.down(out, dout, NC));
     TRY(sc.down_f32(mean, dm, N));
@@ -150,7 +153,7 @@ int layernorm_backward_op(float *dinp, float *branch, float *dw, float *db, cons
     TRY(sc.up_f32(&dr, rstd, N));
     TRY(sc.alloc(&dinpt, NC));
     if (branch) TRY(sc.alloc(&dbranch, NC));
-    const bq_drop din = key(p_in, seed, step, in_site), dout_k = key(p_out, seed, step, out_site);
+    const bq_drop din = key(p_in, seed, step, in_site, N), dout_k = key(p_out, seed, step, out_site, N);
     TRY(layernorm_backward<T>(sc.s, dinpt, dbranch, ddout, dx, dw_t, dm, dr, N, C, din, dout_k));
     TRY(sc.down(dinp, dinpt, NC));
     TRY(sc.down(branch, dbranch, NC));
@@ -202,7 +205,7 @@ int embedding_layernorm_op(float *emb, float *out, float *mean, float *rstd, con
     TRY(sc.alloc(&dm, N));
     TRY(sc.alloc(&dr, N));
     TRY(embedding_layernorm_forward<T>(sc.s, de, dout, dm, dr, di, dt, we, pe, te, lw, lb, B, T_, C, eps,
-                                       key(p, seed, step, 0)));
+                                       key(p, seed, step, 0, T_)));
     TRY(sc.down(emb, de, NC));
     TRY(sc.down(out, dout, NC));
     TRY(sc.down_f32(mean, dm, N));
@@ -334,7 +337,7 @@ int attention_op(float *out, float *att, const float *q, const float *k, const f
     TRY(split_heads<T>(sc.s, kh, dk, B, T_, NH, HS));
     TRY(split_heads<T>(sc.s, vh, dv, B, T_, NH, HS));
     const bq_attn_bufs bufs = {scores, pdrop, head};
-    TRY(attention_forward<T>(&sc.g, ctx, datt, qh, kh, vh, dmask, B, NH, T_, HS, key(p, seed, step, site), bufs));
+    TRY(attention_forward<T>(&sc.g, ctx, datt, qh, kh, vh, dmask, B, NH, T_, HS, key(p, seed, step, site, T_), bufs));
     TRY(sc.down(out, ctx, NC));
     return sc.down(att, datt, A);
 }
@@ -366,7 +369,8 @@ int attention_backward_op(float *dq, float *dk, float *dv, const float *dout, co
     TRY(split_heads<T>(sc.s, kh, tk, B, T_, NH, HS));
     TRY(split_heads<T>(sc.s, vh, tv, B, T_, NH, HS));
     const bq_attn_bufs bufs = {scores, pdrop, head};
-    TRY(attention_backward<T>(&sc.g, gq, gk, gv, dctx, datt, qh, kh, vh, B, NH, T_, HS, key(p, seed, step, site), bufs));
+    TRY(attention_backward<T>(&sc.g, gq, gk, gv, dctx, datt, qh, kh, vh, B, NH, T_, HS, key(p, seed, step, site, T_),
+                              bufs));
     TRY(sc.down(dq, gq, NC));
     TRY(sc.down(dk, gk, NC));
     return sc.down(dv, gv, NC);

@@ -92,6 +92,34 @@ extern "C" void bq_cuda_host_uniform(float *u, size_t n, uint64_t seed, uint32_t
     }
 }
 
+/* The engine's fused kernels' walk (one row per warp, for_row_quads over 32 lanes) with the window-keyed row bases. */
+extern "C" void bq_cuda_host_dropout_hidden(float *out, const float *x, int B, int T, int C, int P, const int64_t *win,
+                                            float p, uint64_t seed, uint32_t step, uint32_t site) {
+    const bq_drop d = {p, seed, step, site, win, T, P};
+    const float scale = drop_scale(d);
+    for (long long n = 0; n < (long long)B * T; n++) {
+        const size_t off = (size_t)n * C;
+        for (int lane = 0; lane < 32; lane++)
+            for_row_quads(drop_hidden_base(d, n, C), C, lane, 32, d, [&](int c, bool keep) {
+                out[off + c] = keep ? x[off + c] * scale : 0.0f;
+            });
+    }
+}
+
+extern "C" void bq_cuda_host_dropout_attention(float *out, const float *x, int B, int NH, int T, int P,
+                                               const int64_t *win, float p, uint64_t seed, uint32_t step,
+                                               uint32_t site) {
+    const bq_drop d = {p, seed, step, site, win, T, P};
+    const float scale = drop_scale(d);
+    for (long long r = 0; r < (long long)B * NH * T; r++) {
+        const size_t off = (size_t)r * T;
+        for (int lane = 0; lane < 32; lane++)
+            for_row_quads(drop_attn_base(d, r, NH), T, lane, 32, d, [&](int j, bool keep) {
+                out[off + j] = keep ? x[off + j] * scale : 0.0f;
+            });
+    }
+}
+
 extern "C" void bq_cuda_host_dropout_rows(float *out, const float *x, int rows, int cols, float p, uint64_t seed,
                                           uint32_t step, uint32_t tensor_id, uint64_t first) {
     const bq_drop d = {p, seed, step, tensor_id};

@@ -135,6 +135,69 @@ def test_host_build_of_the_kernel_row_walk_is_cpu_dropout(rng, rows, cols, first
     np.testing.assert_array_equal(out, want)
 
 
+def window_dropout_reference(x, p, seed, step, tensor_id, index):
+    """dropout(x) with element k drawing the uniform of RNG index index[k]: bertqa.ops.dropout of ones over the flat
+    numbering (0 or 1 / (1 - p) at each index), gathered at those indices, times x."""
+    keep_scale = ops.dropout(np.ones(int(index.max()) + 1, np.float32), p, seed, step=step, tensor_id=tensor_id)
+    return x * keep_scale[index]
+
+
+@needs_extension
+@pytest.mark.parametrize("B,T,C,P,win", [(3, 37, 37, 40, [5, 0, 2]), (2, 5, 3, 7, [1, 1]), (1, 1, 1, 1, [0]),
+                                         (4, 9, 36, 9, None), (2, 11, 7, 40, [6, 3])])
+def test_host_build_of_the_window_keyed_hidden_numbering(rng, B, T, C, P, win):
+    """The engine's hidden-state dropout numbering (drop_hidden_base + for_row_quads, host build) against NumPy
+    indices (window_ids[b] * P + t) * C + c and bertqa.ops.dropout's RNG: odd C, T < P, window ids not 0..B-1,
+    repeated window ids (same mask), None (row b is window b)."""
+    x = f32(rng, B, T, C)
+    out = np.empty_like(x)
+    bcuda._import().host_dropout_windows(out, x, B, 0, T, C, P, None if win is None else np.array(win), 0.3, 99, 4, 6)
+    w = np.arange(B) if win is None else np.array(win)
+    index = (w[:, None, None] * P + np.arange(T)[None, :, None]) * C + np.arange(C)[None, None, :]
+    np.testing.assert_array_equal(out, window_dropout_reference(x, 0.3, 99, 4, 6, index))
+    if win is not None and len(set(win)) < B:   # one window, one mask, wherever it sits in the batch
+        np.testing.assert_array_equal(out[0] == 0, out[1] == 0)
+
+
+@needs_extension
+@pytest.mark.parametrize("B,NH,T,P,win", [(2, 3, 37, 40, [7, 2]), (1, 1, 1, 3, [4]), (3, 2, 5, 5, None),
+                                          (2, 4, 13, 16, [0, 9])])
+def test_host_build_of_the_window_keyed_attention_numbering(rng, B, NH, T, P, win):
+    """The same for attention probabilities [B,NH,T,T]: index ((window_ids[b] * NH + h) * P + i) * P + j."""
+    x = f32(rng, B, NH, T, T)
+    out = np.empty_like(x)
+    bcuda._import().host_dropout_windows(out, x, B, NH, T, 0, P, None if win is None else win, 0.2, 5, 2**32 - 1, 4)
+    w = np.arange(B) if win is None else np.array(win)
+    b, h, i, j = np.meshgrid(np.arange(B), np.arange(NH), np.arange(T), np.arange(T), indexing="ij")
+    index = ((w[b] * NH + h) * P + i) * P + j
+    np.testing.assert_array_equal(out, window_dropout_reference(x, 0.2, 5, 2**32 - 1, 4, index))
+
+
+@needs_extension
+def test_host_window_numbering_is_independent_of_batch_place_and_width(rng):
+    """What the keying is for: a window's mask is the same in a batch of width 11 at row 1 as alone at width 7."""
+    C, P = 5, 16
+    x = f32(rng, 2, 11, C)
+    out = np.empty_like(x)
+    bcuda._import().host_dropout_windows(out, x, 2, 0, 11, C, P, np.array([3, 8]), 0.5, 1, 0, 2)
+    alone = np.empty((1, 7, C), np.float32)
+    bcuda._import().host_dropout_windows(alone, np.ascontiguousarray(x[1:, :7]), 1, 0, 7, C, P, [8], 0.5, 1, 0, 2)
+    np.testing.assert_array_equal(alone[0], out[1, :7])
+
+
+@needs_extension
+def test_host_window_ids_are_checked():
+    x = np.zeros((2, 3, 4), np.float32)
+    hook = bcuda._import().host_dropout_windows
+    for bad, match in [([1], "1-D array of 2 integers"), ([0, -1], r"window_ids\[1\] is -1"),
+                       ([0, 2**40], r"in \[0, 2\^40\)"), (np.array([0.5, 1.0]), "window_ids must be None or"),
+                       (np.zeros((2, 1), np.int64), "1-D array of 2")]:
+        with pytest.raises(ValueError, match=match):
+            hook(np.empty_like(x), x, 2, 0, 3, 4, 5, bad, 0.1, 0, 0, 0)
+    with pytest.raises(ValueError, match="P >= T"):
+        hook(np.empty_like(x), x, 2, 0, 3, 4, 2, None, 0.1, 0, 0, 0)
+
+
 @needs_extension
 def test_group_ids_for_the_embedding_scatter(rng):
     ids = rng.integers(0, 9, 200).astype(np.int32)
@@ -394,6 +457,55 @@ def test_engine_logits_and_gradients_match_the_cpu_engine(rng, precision):
     assert not bad, bad
     bias_err = np.abs(dev.gradient("qa_outputs.bias") - cpu.gradient("qa_outputs.bias")).max()
     assert bias_err < (1e-6 if precision == "fp32" else 1e-3)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_engine_window_ids_match_the_cpu_engine(rng, precision):
+    """Dropout masks keyed by window ids (not 0..B-1, one repeated) agree with the CPU engine's bit for bit: the
+    losses and gradients agree to the engine tolerance, with dropout on."""
+    cpu = random_model(tiny_config(), rng, scale=0.3 if precision == "fp32" else 0.1)
+    dev = twin(cpu, precision)
+    batch = tiny_batch(rng, B=3)
+    win = np.array([17, 4, 17])
+    err, tol = engine_err(precision), ENGINE_TOL[precision]
+    for model in (cpu, dev):
+        model.zero_grad()
+    loss = dev.forward_backward(batch, window_ids=win, rng_step=5)
+    want_loss = cpu.forward_backward(batch, window_ids=win, rng_step=5)
+    assert abs(loss - want_loss) < tol * max(1.0, abs(want_loss))
+    bad = {k: v for k, v in tensor_errors(dev, cpu, grads=True, err=err).items() if v > tol}
+    assert not bad, bad
+    # the ids change the masks: the default numbering (row b is window b) gives another loss
+    dev.zero_grad()
+    assert dev.forward_backward(batch, rng_step=5) != loss
+    with pytest.raises(ValueError, match="window_ids"):
+        dev._engine.forward_backward(*[batch[k] for k in ("input_ids", "token_type_ids", "attention_mask",
+                                                          "start_positions", "end_positions")],
+                                     window_ids=np.array([0, -1, 2]))
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_engine_split_batch_with_window_ids_is_the_whole_batch(rng):
+    """Data parallel in one process: the rows of a batch split in two halves (rows 0, 2 and 1, 3), each with its rows'
+    window ids and loss_scale 1/2, accumulate the gradient of the whole batch (what N ranks + an all-reduce do)."""
+    cpu = random_model(tiny_config(), rng, scale=0.1)
+    dev = twin(cpu, "fp32")
+    batch = tiny_batch(rng, B=4)
+    batch["end_positions"] = np.array([7, 30, 2, 11])   # every position inside: each half has 2 valid rows
+    dev.zero_grad()
+    whole_loss = dev.forward_backward(batch, rng_step=3)
+    whole = {name: dev.gradient(name).copy() for name in cpu.layout}
+    dev.zero_grad()
+    halves = []
+    for rows in ([0, 2], [1, 3]):
+        part = {k: v[rows] for k, v in batch.items()}
+        halves.append(dev.forward_backward(part, loss_scale=0.5, window_ids=np.array(rows), rng_step=3))
+    assert abs(np.mean(halves) - whole_loss) < 1e-5 * max(1.0, abs(whole_loss))
+    errs = {name: rel_err(dev.gradient(name), whole[name]) for name in cpu.layout if name != "qa_outputs.bias"}
+    assert max(errs.values()) < ENGINE_TOL["fp32"], max(errs.items(), key=lambda kv: kv[1])
 
 
 @pytest.mark.cuda
