@@ -258,13 +258,20 @@ class BertQA:
             self._engine.zero_grad()
             self._stale.add("grads")
 
-    def forward_backward(self, batch: Mapping[str, np.ndarray], loss_scale: float = 1.0) -> float:
-        """Train-mode forward (dropout as the config says, masks keyed by (seed, rng_step)) and backward.
+    def forward_backward(self, batch: Mapping[str, np.ndarray], loss_scale: float = 1.0,
+                         window_ids: Optional[np.ndarray] = None, rng_step: Optional[int] = None) -> float:
+        """Train-mode forward (dropout as the config says) and backward.
 
         Gradients ADD into the gradient buffer, times ``loss_scale`` (1 / accumulation steps for gradient
         accumulation). ``batch`` holds input_ids, attention_mask, token_type_ids [B, T] and start_positions,
         end_positions [B]; a position outside the sequence (>= T) is ignored, as in transformers.
         Returns the loss (unscaled).
+
+        Dropout masks are keyed by (seed, step, window, position, feature): ``window_ids`` (int [B], >= 0) names
+        each row's window (default 0..B-1) and ``rng_step`` the step (default: ``self.rng_step``, which then
+        advances by one, so repeated calls draw fresh masks). A window gets the same masks whatever batch it is
+        in, its place there and the batch's padded width: the trainer passes (epoch, index in the epoch's
+        order), so any split of a global batch over ranks, micro-batches or accumulation draws the same masks.
         """
         self._ensure_training_buffers()
         missing = [k for k in ("input_ids", "start_positions", "end_positions") if k not in batch]
@@ -274,7 +281,8 @@ class BertQA:
         loss = self._engine.forward_backward(
             _as_ids(batch["input_ids"], "input_ids"), _as_ids(batch.get("token_type_ids"), "token_type_ids"),
             batch.get("attention_mask"), batch["start_positions"], batch["end_positions"],
-            seed=self.seed, step=self.rng_step % 2**32, loss_scale=loss_scale)
+            seed=self.seed, step=(self.rng_step if rng_step is None else int(rng_step)) % 2**32,
+            loss_scale=loss_scale, window_ids=None if window_ids is None else _as_ids(window_ids, "window_ids"))
         if self.device != "cpu":
             self._stale.add("grads")
         self.rng_step += 1

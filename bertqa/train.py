@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ._atomic import atomic_write, fsync_dir
+from .distributed import Distributed, shard
 from .squad import Example, Features, evaluate as squad_evaluate, load_features, load_squad, postprocess_predictions
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ PREDICTIONS_NAME = "predictions.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Bumped when trainer_state.json changes meaning; a checkpoint of another format is not resumed.
-TRAINER_STATE_FORMAT = 1
+# 2: position counts windows (not micro-batches), world_size and global_batch_size recorded, dropout masks keyed
+#    by (epoch, window position).
+TRAINER_STATE_FORMAT = 2
 
 
 class TrainingError(ValueError):
@@ -218,10 +221,12 @@ def epoch_order(rng_state: dict, n: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """How many micro-batches and optimizer steps a run takes (transformers' Trainer arithmetic).
+    """How many windows, micro-batches and optimizer steps a run takes (transformers' Trainer arithmetic).
 
-    An epoch is ceil(N / batch) micro-batches (the last may be short); a step takes up to
-    gradient_accumulation_steps of them, and an epoch's leftover micro-batches make one last, shorter step.
+    A step takes the next global_batch = world_size x batch_size x accumulation windows of the epoch's order
+    (the epoch's last step takes what is left); each of its `accumulation` micro-batches takes the next
+    world_size x batch_size of them, split over the ranks. In one process that is ceil(N / batch) micro-batches
+    an epoch, the last possibly short, and an epoch's leftover micro-batches make one last, shorter step.
     """
 
     n_features: int
@@ -231,25 +236,45 @@ class TrainPlan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    world_size: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accumulation
 
     @classmethod
-    def from_args(cls, n_features: int, args: TrainingArguments) -> "TrainPlan":
+    def from_args(cls, n_features: int, args: TrainingArguments, world_size: int = 1) -> "TrainPlan":
         if n_features < 1:
             raise TrainingError("no training features: the training file has no usable questions")
         bs, k = args.per_device_train_batch_size, args.gradient_accumulation_steps
-        micro = -(-n_features // bs)
-        steps_per_epoch = -(-micro // k)
+        micro = -(-n_features // (world_size * bs))
+        steps_per_epoch = -(-n_features // (world_size * bs * k))   # = ceil(micro / k)
         total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
         warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(total * args.warmup_ratio)
-        return cls(n_features, bs, k, micro, steps_per_epoch, total, warmup)
+        return cls(n_features, bs, k, micro, steps_per_epoch, total, warmup, world_size)
+
+    def step_shares(self, lo: int, rank: int) -> list[slice]:
+        """The windows of the step that starts at position `lo` of the epoch's order which rank `rank` runs:
+        one slice of positions per micro-batch (possibly empty in an epoch's last step). Full micro-batches
+        give each rank batch_size consecutive windows; a short one is shared out as evenly as it goes."""
+        hi = min(lo + self.global_batch, self.n_features)
+        per_micro = self.world_size * self.batch_size
+        shares = []
+        for m_lo in range(lo, hi, per_micro):
+            m_hi = min(m_lo + per_micro, hi)
+            part = shard(m_hi - m_lo, self.world_size, rank)
+            shares.append(slice(m_lo + part.start, m_lo + part.stop))
+        return shares
 
 
 @dataclass
 class TrainerState:
     """Where a run stands, saved as trainer_state.json in each checkpoint.
 
-    epoch/position: the next micro-batch is number `position` of epoch `epoch`, whose order comes from
+    epoch/position: the next step starts at window `position` of epoch `epoch`'s order, which comes from
     data_rng_state. The log_* fields carry a logging window that a checkpoint cut in two.
+    global_batch_size = world_size x per_device_train_batch_size x gradient_accumulation_steps: a run resumes
+    with any split of the same global batch (the same run, up to the order of float sums).
     """
 
     global_step: int = 0
@@ -267,6 +292,8 @@ class TrainerState:
     features_sha256: str = ""
     per_device_train_batch_size: int = 0
     gradient_accumulation_steps: int = 0
+    world_size: int = 1
+    global_batch_size: int = 0
     format: int = TRAINER_STATE_FORMAT
 
     def to_dict(self) -> dict:
@@ -275,6 +302,11 @@ class TrainerState:
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "TrainerState":
         names = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(d.get("format"), int) and d["format"] < TRAINER_STATE_FORMAT:
+            raise TrainingError(f"{source}: written by an earlier bertqa (trainer state format {d['format']}, this "
+                                f"version reads {TRAINER_STATE_FORMAT}: data positions and dropout keys changed "
+                                f"meaning), so it cannot be resumed exactly; start the run afresh "
+                                f"(--overwrite_output_dir) or finish it with the bertqa that began it")
         missing = sorted(names - set(d))
         if missing or d.get("format") != TRAINER_STATE_FORMAT:
             raise TrainingError(f"{source}: not a trainer state of format {TRAINER_STATE_FORMAT} "
@@ -306,17 +338,32 @@ def _progress(total: int, desc: str, disable: Optional[bool], unit: str, initial
 
 
 def predict_features(model, features: Features, batch_size: int = 64,
-                     disable_tqdm: Optional[bool] = True) -> tuple[np.ndarray, np.ndarray]:
+                     disable_tqdm: Optional[bool] = True, dist: Optional[Distributed] = None
+                     ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """Start and end logits [N, T] float32 of every feature (model.forward, eval mode).
 
     Rows are batched longest first and each batch is trimmed to its longest row (a multiple of 8), so short
     windows cost little; logits at padding positions are -inf (they are never part of an answer).
+    With `dist` of several ranks each predicts every world_size-th row of that order (balanced shares) and rank
+    0 gathers them: it gets the logits, the other ranks (None, None).
     """
     n, width = len(features), features.seq_len
-    start = np.full((n, width), -np.inf, dtype=np.float32)
-    end = np.full((n, width), -np.inf, dtype=np.float32)
     lengths = features.attention_mask.sum(axis=1)
     order = np.argsort(-lengths, kind="stable")
+    if dist is not None and dist.enabled:
+        mine = order[dist.rank::dist.world_size]
+        start, end = predict_features(model, features.select(mine), batch_size,
+                                      disable_tqdm if dist.is_main else True)
+        parts = dist.gather_object((mine, start, end))
+        if not dist.is_main:
+            return None, None
+        start = np.full((n, width), -np.inf, dtype=np.float32)
+        end = np.full((n, width), -np.inf, dtype=np.float32)
+        for rows, s_, e_ in parts:
+            start[rows], end[rows] = s_, e_
+        return start, end
+    start = np.full((n, width), -np.inf, dtype=np.float32)
+    end = np.full((n, width), -np.inf, dtype=np.float32)
     bar = _progress(n, "predict", disable_tqdm, "seq")
     try:
         for lo in range(0, n, batch_size):
@@ -345,15 +392,29 @@ def examples_dataset(examples: Sequence[Example]) -> dict:
     return {"version": "1.1", "data": [{"title": "", "paragraphs": qas}]}
 
 
-def evaluate_model(model, examples: Sequence[Example], features: Features, args: TrainingArguments
-                   ) -> tuple[dict[str, Any], dict[str, str]]:
+def evaluate_model(model, examples: Sequence[Example], features: Features, args: TrainingArguments,
+                   dist: Optional[Distributed] = None) -> tuple[dict[str, Any], dict[str, str]]:
     """(metrics, predictions): official EM/F1 of the model's answers to `examples` and the answers by id.
 
     metrics holds exact_match, f1 (and the v2.0 breakdown when asked), eval_seconds, eval_sequences_per_second,
-    eval_examples and eval_features.
+    eval_examples and eval_features. With `dist` of several ranks the prediction is split over them; every rank
+    gets the metrics, rank 0 alone the predictions (the others an empty dict).
     """
+    if dist is not None and dist.enabled:
+        t0 = time.perf_counter()
+        start, end = predict_features(model, features, args.per_device_eval_batch_size, args.disable_tqdm, dist)
+        result = None
+        if dist.is_main:
+            metrics, predictions = _score(examples, features, start, end, args, t0)
+            result = (metrics, predictions)
+        metrics = dist.broadcast_object(None if result is None else result[0])
+        return metrics, (result[1] if result is not None else {})
     t0 = time.perf_counter()
     start, end = predict_features(model, features, args.per_device_eval_batch_size, args.disable_tqdm)
+    return _score(examples, features, start, end, args, t0)
+
+
+def _score(examples, features, start, end, args, t0) -> tuple[dict[str, Any], dict[str, str]]:
     predictions = postprocess_predictions(
         examples, features, start, end, n_best_size=args.n_best_size, max_answer_length=args.max_answer_length,
         version_2_with_negative=args.version_2_with_negative,
@@ -490,15 +551,28 @@ class Trainer:
         trainer = Trainer(model, args, train_features, eval_examples, eval_features)
         trainer.train()                      # or train(resume_from_checkpoint="latest" / a folder)
         metrics, predictions = trainer.evaluate()
+
+    Data parallel (`dist`, default bertqa.distributed.current(): a world of 1 unless the process was started by
+    mpirun): every rank holds the model and the same features; each step's global batch comes from the one
+    permutation of the epoch, each rank runs forward and backward on its share (TrainPlan.step_shares), the
+    gradient buffer is summed over the ranks once per step, and every rank takes the same AdamW step. The loss
+    of each share is weighted by its share of the step's windows, so the summed gradient is that of the mean
+    loss over the global batch; every share of a step is padded to the step's longest window, and dropout masks
+    are keyed by (epoch, the window's position in the epoch's order), so any split of a global batch over ranks
+    and micro-batches computes the same step as one process. Rank 0 alone writes the log and checkpoints.
     """
 
     def __init__(self, model, args: TrainingArguments, train_features: Optional[Features] = None,
-                 eval_examples: Optional[Sequence[Example]] = None, eval_features: Optional[Features] = None):
+                 eval_examples: Optional[Sequence[Example]] = None, eval_features: Optional[Features] = None,
+                 dist: Optional[Distributed] = None):
+        from . import distributed
+
         self.model = model
         self.args = args
         self.train_features = train_features
         self.eval_examples = eval_examples
         self.eval_features = eval_features
+        self.dist = dist or distributed.current() or Distributed()
         self.output_dir = Path(args.output_dir)
         self.state = TrainerState()
         self.history: list[dict] = []  # every record written to the log by this process
@@ -509,65 +583,98 @@ class Trainer:
     def train(self, resume_from_checkpoint: Optional[PathLike] = None) -> dict[str, Any]:
         """Train to the planned number of steps (from a checkpoint: resume_from_checkpoint, or args'); returns
         train_seconds, train_steps, train_sequences and train_sequences_per_second, counted over the whole run
-        (a resumed run includes its earlier segments)."""
-        args, model, features = self.args, self.model, self.train_features
+        (a resumed run includes its earlier segments; sequences are those of all ranks)."""
+        args, model, features, dist = self.args, self.model, self.train_features, self.dist
         if features is None:
             raise TrainingError("Trainer.train needs train_features")
-        prepare_output_dir(self.output_dir)
-        _remove_stale_temporaries(self.output_dir)
-        plan = TrainPlan.from_args(len(features), args)
+        main = dist.is_main
+        plan = TrainPlan.from_args(len(features), args, dist.world_size)
         fingerprint = features_fingerprint(features)
-        checkpoint = self._resolve_resume(resume_from_checkpoint)
+        dist.check_same("the training features (sha256 of their arrays)", fingerprint)
+        def prepare() -> Optional[str]:
+            prepare_output_dir(self.output_dir)
+            _remove_stale_temporaries(self.output_dir)
+            found = self._resolve_resume(resume_from_checkpoint)
+            return None if found is None else str(found)
+
+        checkpoint = dist.on_main(prepare)
         if checkpoint is not None:
-            self.state = self._load_checkpoint(checkpoint, plan, fingerprint)
-            logger.info("resuming from %s at step %d (epoch %d, micro-batch %d)", checkpoint,
-                        self.state.global_step, self.state.epoch, self.state.position)
+            # rank 0 reads the checkpoint and sends it: the other ranks need not see its filesystem
+            state_dict = dist.on_main(lambda: self._load_checkpoint(Path(checkpoint), plan, fingerprint).to_dict())
+            self.state = TrainerState.from_dict(state_dict, checkpoint)
+            self._broadcast_training_state()
+            if main:
+                logger.info("resuming from %s at step %d (epoch %d, window %d)", checkpoint,
+                            self.state.global_step, self.state.epoch, self.state.position)
         else:
             self.state = TrainerState(data_seed=args.seed, data_rng_state=data_rng_state(args.seed, 0),
                                       n_features=plan.n_features, features_sha256=fingerprint,
                                       per_device_train_batch_size=plan.batch_size,
-                                      gradient_accumulation_steps=plan.accumulation)
+                                      gradient_accumulation_steps=plan.accumulation, world_size=plan.world_size,
+                                      global_batch_size=plan.global_batch)
+            if dist.enabled:   # the same start everywhere, whatever each rank loaded
+                dist.broadcast_(model.params)
+                model.tensor(next(iter(model.layout)))   # cuda: the host parameters changed: upload them
         state = self.state
         state.total_steps = plan.total_steps
-        write_json_atomic(self.output_dir / TRAINING_ARGS_NAME, args.to_dict())
-        log = JsonlLog(self.output_dir / LOG_NAME, keep_until_step=state.global_step if checkpoint else None)
-        logger.info("training: %d features, %d steps (%d per epoch, %d warmup), batch %d x %d accumulation",
-                    plan.n_features, plan.total_steps, plan.steps_per_epoch, plan.warmup_steps, plan.batch_size,
-                    plan.accumulation)
-        bar = _progress(plan.total_steps, "finetune", args.disable_tqdm, "step", initial=state.global_step)
+        state.world_size, state.per_device_train_batch_size = plan.world_size, plan.batch_size
+        state.gradient_accumulation_steps = plan.accumulation
+        log = None
+        if main:
+            write_json_atomic(self.output_dir / TRAINING_ARGS_NAME, {**args.to_dict(), "world_size": dist.world_size})
+            log = JsonlLog(self.output_dir / LOG_NAME, keep_until_step=state.global_step if checkpoint else None)
+            logger.info("training: %d features, %d steps (%d per epoch, %d warmup), global batch %d = %d process%s "
+                        "x %d x %d accumulation", plan.n_features, plan.total_steps, plan.steps_per_epoch,
+                        plan.warmup_steps, plan.global_batch, plan.world_size, "es" if plan.world_size > 1 else "",
+                        plan.batch_size, plan.accumulation)
+        bar = _progress(plan.total_steps, "finetune", args.disable_tqdm if main else True, "step",
+                        initial=state.global_step)
         order, order_epoch = None, None
         window_t0, window_seqs = time.perf_counter(), 0
         session_t0, session_eval_seconds = time.perf_counter(), 0.0
         train_seconds_before = state.train_seconds
+        self.reduce_seconds = 0.0   # time in the gradient all-reduce (this rank), for the benchmark
         try:
             while state.global_step < plan.total_steps:
                 if order_epoch != state.epoch:
                     order, order_epoch = epoch_order(state.data_rng_state, plan.n_features), state.epoch
                 lr = linear_schedule(state.global_step, plan.total_steps, plan.warmup_steps, args.learning_rate)
-                micro = range(state.position, min(state.position + plan.accumulation, plan.micro_batches_per_epoch))
+                lo = state.position
+                hi = min(lo + plan.global_batch, plan.n_features)
+                n_step = hi - lo
+                width = features.batch_width(order[lo:hi])   # every share of the step padded alike
                 model.zero_grad()
-                loss_sum, seqs = 0.0, 0
-                for m in micro:
-                    rows = order[m * plan.batch_size:(m + 1) * plan.batch_size]
-                    loss_sum += float(model.forward_backward(features.batch(rows), loss_scale=1.0 / len(micro)))
-                    seqs += len(rows)
+                loss_sum = 0.0   # sum over this rank's windows of the loss (means times rows)
+                for share in plan.step_shares(lo, dist.rank):
+                    rows = order[share]
+                    if len(rows) == 0:
+                        continue
+                    loss = float(model.forward_backward(
+                        features.batch(rows, width=width), loss_scale=len(rows) / n_step,
+                        window_ids=np.arange(share.start, share.stop, dtype=np.int64), rng_step=state.epoch))
+                    loss_sum += loss * len(rows)
+                if dist.enabled:
+                    t_reduce = time.perf_counter()
+                    dist.reduce_gradients(model)
+                    loss_sum = float(dist.sum([loss_sum])[0])
+                    self.reduce_seconds += time.perf_counter() - t_reduce
                 grad_norm = float(model.optimizer_step(
                     lr, weight_decay=args.weight_decay,
                     max_grad_norm=args.max_grad_norm,
                     beta1=args.adam_beta1, beta2=args.adam_beta2, eps=args.adam_epsilon))
-                loss = loss_sum / len(micro)
+                loss = loss_sum / n_step
 
                 state.global_step += 1
                 state.optimizer_steps = int(model.step)
-                state.position = micro.stop
-                if state.position >= plan.micro_batches_per_epoch:
+                state.position = hi
+                if state.position >= plan.n_features:
                     state.epoch += 1
                     state.position = 0
                     state.data_rng_state = data_rng_state(state.data_seed, state.epoch)
-                state.sequences += seqs
+                state.sequences += n_step
                 state.log_loss_sum += loss
                 state.log_steps += 1
-                window_seqs += seqs
+                window_seqs += n_step
                 now = time.perf_counter()
                 state.train_seconds = train_seconds_before + (now - session_t0 - session_eval_seconds)
                 seq_per_s = window_seqs / max(now - window_t0, 1e-9)
@@ -590,16 +697,36 @@ class Trainer:
                                     **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()}}, bar)
                     session_eval_seconds += time.perf_counter() - t_eval
                     window_t0 = time.perf_counter()
-                if args.save_steps and (state.global_step % args.save_steps == 0):
+                if args.save_steps and (state.global_step % args.save_steps == 0) and main:
                     self.save_checkpoint()
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         return {"train_seconds": state.train_seconds, "train_steps": state.global_step,
                 "train_sequences": state.sequences,
                 "train_sequences_per_second": state.sequences / max(state.train_seconds, 1e-9)}
 
-    def _log(self, log: JsonlLog, record: dict, bar) -> None:
+    def _broadcast_training_state(self) -> None:
+        """Rank 0's parameters, Adam moments and counters to every rank (after rank 0 loaded a checkpoint)."""
+        dist, model = self.dist, self.model
+        if not dist.enabled:
+            return
+        model.zero_grad()   # makes the training buffers
+        for name in ("params", "m", "v"):
+            if model.device != "cpu":
+                model._pull(name)
+            dist.broadcast_(getattr(model, name))
+        model.step, model.rng_step = dist.broadcast_object((model.step, model.rng_step))
+        if model.device != "cpu":
+            for name in ("params", "m", "v"):
+                model._engine.upload(name, getattr(model, name))
+            model._stale.difference_update(("params", "m", "v"))
+            model._upload_params = False
+
+    def _log(self, log: Optional[JsonlLog], record: dict, bar) -> None:
+        if log is None:   # not the main rank
+            return
         log.write(record)
         self.history.append(record)
         line = " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
@@ -613,7 +740,7 @@ class Trainer:
     def evaluate(self) -> tuple[dict[str, Any], dict[str, str]]:
         if self.eval_features is None or self.eval_examples is None:
             raise TrainingError("Trainer.evaluate needs eval_examples and eval_features")
-        return evaluate_model(self.model, self.eval_examples, self.eval_features, self.args)
+        return evaluate_model(self.model, self.eval_examples, self.eval_features, self.args, self.dist)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
 
@@ -670,13 +797,24 @@ class Trainer:
         state = TrainerState.from_dict(raw, str(source))
         same = {"training features": (state.n_features, plan.n_features),
                 "training features (content)": (state.features_sha256, fingerprint),
-                "--per_device_train_batch_size": (state.per_device_train_batch_size, plan.batch_size),
-                "--gradient_accumulation_steps": (state.gradient_accumulation_steps, plan.accumulation),
                 "--seed": (state.data_seed, self.args.seed)}
         for what, (saved, now) in same.items():
             if saved != now:
                 raise TrainingError(f"cannot resume from {checkpoint}: it was trained with other {what} "
                                     f"({_short(saved)} there, {_short(now)} now)")
+        # Any split of the same global batch continues the same run (the step's windows, their dropout masks
+        # and the loss weights do not depend on the split); another global batch would not.
+        split = (state.world_size, state.per_device_train_batch_size, state.gradient_accumulation_steps)
+        if state.global_batch_size != plan.global_batch:
+            raise TrainingError(
+                f"cannot resume from {checkpoint}: it was trained with a global batch of {state.global_batch_size} "
+                f"windows ({split[0]} process(es) x --per_device_train_batch_size {split[1]} x "
+                f"--gradient_accumulation_steps {split[2]}), this run's is {plan.global_batch} ({plan.world_size} x "
+                f"{plan.batch_size} x {plan.accumulation}); resume with a split of the same global batch")
+        if split != (plan.world_size, plan.batch_size, plan.accumulation):
+            logger.info("resuming a run of %d x %d x %d with %d x %d x %d (processes x batch x accumulation): the "
+                        "same global batch of %d", *split, plan.world_size, plan.batch_size, plan.accumulation,
+                        plan.global_batch)
         if state.total_steps != plan.total_steps:
             logger.warning("resuming a run planned for %d steps with a plan of %d: the learning rate schedule "
                            "changes from here on", state.total_steps, plan.total_steps)
@@ -688,7 +826,7 @@ class Trainer:
 
 
 def record_epoch(state: TrainerState, plan: TrainPlan) -> float:
-    return state.epoch + state.position / plan.micro_batches_per_epoch
+    return state.epoch + state.position / plan.n_features
 
 
 def _fmt(v: Any) -> str:
@@ -729,7 +867,7 @@ def load_split(path: PathLike, tokenizer, args: TrainingArguments, n: Optional[i
     return select_examples(examples, features, n)
 
 
-def load_model(name_or_path: PathLike, args: TrainingArguments):
+def load_model(name_or_path: PathLike, args: TrainingArguments, device: Optional[str] = None):
     """BertQA.from_pretrained, after cheap checks that the folder (or packaged name) has config, weights and
     tokenizer files (questions and contexts need the tokenizer)."""
     from .checkpoint import resolve_model
@@ -742,11 +880,12 @@ def load_model(name_or_path: PathLike, args: TrainingArguments):
                             f"copy it from the checkpoint the model was trained from")
     from .model import BertQA, check_device
 
+    device = device or args.device
     try:
-        check_device(args.device)
+        check_device(device)
     except RuntimeError as e:  # e.g. a build without the CUDA backend
-        raise TrainingError(f"--device {args.device}: {e}") from None
-    return BertQA.from_pretrained(name_or_path, device=args.device, seed=args.seed)
+        raise TrainingError(f"--device {device}: {e}") from None
+    return BertQA.from_pretrained(name_or_path, device=device, seed=args.seed)
 
 
 def write_results(output_dir: Path, metrics: dict, predictions: dict[str, str]) -> None:
@@ -759,50 +898,71 @@ def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file
     """Fine-tune, save the model into args.output_dir, evaluate; returns what eval_results.json holds.
 
     Input files are checked before the model is loaded, so a bad file fails fast. model: an already loaded
-    model (default: BertQA.from_pretrained(model_name_or_path)).
+    model (default: BertQA.from_pretrained(model_name_or_path)). Started by mpirun (N processes) this is
+    data-parallel training (see Trainer); rank 0 alone writes into output_dir, and every rank returns the
+    results.
     """
+    from . import distributed
+
     args.validate("finetune")
-    output_dir = prepare_output_dir(args.output_dir)
+    dist = distributed.init(args.device)
     # Everything that can be checked cheaply is checked before the model loads and features are built.
-    resolve_resume(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    def check_output_dir() -> Path:
+        folder = prepare_output_dir(args.output_dir)
+        resolve_resume(folder, args.resume_from_checkpoint, args.overwrite_output_dir)
+        return folder
+
+    output_dir = dist.on_main(check_output_dir)
     load_squad(train_file, on_bad_answer="ignore")  # load_split reads it again (and warns about bad answers)
     if validation_file is not None:
         load_squad(validation_file)
     if model is None:
-        model = load_model(model_name_or_path, args)
+        model = load_model(model_name_or_path, args, device=dist.device)
+    if not dist.is_main:
+        args = dataclasses.replace(args, disable_tqdm=True)
     train_examples, train_features = load_split(train_file, model.tokenizer, args, args.max_train_samples,
-                                                 on_bad_answer="warn")
+                                                 on_bad_answer="warn" if dist.is_main else "ignore")
     eval_examples = eval_features = None
     if validation_file is not None:
         eval_examples, eval_features = load_split(validation_file, model.tokenizer, args, args.max_eval_samples)
-    trainer = Trainer(model, args, train_features, eval_examples, eval_features)
+    trainer = Trainer(model, args, train_features, eval_examples, eval_features, dist=dist)
     train_metrics = trainer.train()
-    model.save_pretrained(output_dir)
+    if dist.is_main:
+        model.save_pretrained(output_dir)
     results: dict[str, Any] = {"model_name_or_path": str(model_name_or_path), **train_metrics}
+    if dist.enabled:
+        results["world_size"] = dist.world_size
     if eval_features is not None:
         if trainer.last_eval is not None and trainer.last_eval[0] == trainer.state.global_step:
             _, metrics, predictions = trainer.last_eval
         else:
             metrics, predictions = trainer.evaluate()
         results = {**metrics, **results}
-        write_results(output_dir, results, predictions)
-        logger.info("eval: exact_match %.2f f1 %.2f (%d questions, %.1f s)", metrics["exact_match"],
-                    metrics["f1"], metrics["eval_examples"], metrics["eval_seconds"])
-    else:
+        if dist.is_main:
+            write_results(output_dir, results, predictions)
+            logger.info("eval: exact_match %.2f f1 %.2f (%d questions, %.1f s)", metrics["exact_match"],
+                        metrics["f1"], metrics["eval_examples"], metrics["eval_seconds"])
+    elif dist.is_main:
         write_json_atomic(output_dir / EVAL_RESULTS_NAME, results)
+    dist.barrier()   # the files are complete when any rank returns
     return results
 
 
 def evaluate_checkpoint(model_name_or_path: PathLike, validation_file: PathLike, args: TrainingArguments,
                         model=None) -> dict[str, Any]:
     """Evaluate a saved model on a SQuAD file; writes eval_results.json and predictions.json into output_dir."""
+    from . import distributed
+
     args.validate("evaluate")
-    output_dir = prepare_output_dir(args.output_dir)
+    dist = distributed.init(args.device)   # under mpirun: the prediction is split over the ranks
+    output_dir = dist.on_main(prepare_output_dir, args.output_dir)
     load_squad(validation_file)
     if model is None:
-        model = load_model(model_name_or_path, args)
+        model = load_model(model_name_or_path, args, device=dist.device)
     examples, features = load_split(validation_file, model.tokenizer, args, args.max_eval_samples)
-    metrics, predictions = evaluate_model(model, examples, features, args)
+    metrics, predictions = evaluate_model(model, examples, features, args, dist)
     results = {**metrics, "model_name_or_path": str(model_name_or_path)}
-    write_results(output_dir, results, predictions)
+    if dist.is_main:
+        write_results(output_dir, results, predictions)
+    dist.barrier()
     return results

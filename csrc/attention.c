@@ -18,8 +18,10 @@
 #include "bertqa.h"
 #include "vmath.h"
 
-/* Element index of att[b,h,0,0] in the dropout RNG's numbering of the [B,NH,T,T] probabilities. */
-static inline uint64_t head_offset(int b, int h, int NH, long TT) { return ((uint64_t)b * NH + h) * (uint64_t)TT; }
+/* Element index of att[b,h,0,0] in the dropout RNG's numbering of the probabilities (bq_rng: rows of P). */
+static inline uint64_t head_offset(bq_rng r, int b, int h, int NH) {
+    return (bq_rng_window(r, b) * NH + h) * (uint64_t)r.P * (uint64_t)r.P;
+}
 
 /* The columns 0..L of a head's [T,T] probabilities that can be non-zero: 1 + the last non-zero column over all
  * rows (at least 1). Rows are scanned from their end, so unpadded rows cost one read. */
@@ -34,25 +36,26 @@ static inline int nonzero_columns(const float *a, int T) {
     return L;
 }
 
-/* The dropout RNG over columns 0..L of every row of a [T,T] block (element numbering of the whole block). */
-static void dropout_rows(float *y, const float *x, int T, int L, float p, uint64_t seed, uint32_t step,
-                         uint32_t tensor_id, uint64_t first, int mask_only) {
+/* The dropout RNG over columns 0..L of every row of a [T,T] block whose element (i, j) is number
+ * first + i * P + j (P >= T: the numbering's row length). */
+static void dropout_rows(float *y, const float *x, int T, int L, float p, bq_rng r, uint32_t tensor_id,
+                         uint64_t first, int mask_only) {
     const long TT = (long)T * T;
-    if (L == T) {
-        if (mask_only) bq_dropout_mask(y, TT, p, seed, step, tensor_id, first);
-        else bq_dropout_slice(y, x, TT, p, seed, step, tensor_id, first);
+    if (L == T && r.P == T) {
+        if (mask_only) bq_dropout_mask(y, TT, p, r.seed, r.step, tensor_id, first);
+        else bq_dropout_slice(y, x, TT, p, r.seed, r.step, tensor_id, first);
         return;
     }
     for (int i = 0; i < T; i++) {
         const long o = (long)i * T;
-        if (mask_only) bq_dropout_mask(y + o, L, p, seed, step, tensor_id, first + o);
-        else bq_dropout_slice(y + o, x + o, L, p, seed, step, tensor_id, first + o);
+        const uint64_t f = first + (uint64_t)i * (uint64_t)r.P;
+        if (mask_only) bq_dropout_mask(y + o, L, p, r.seed, r.step, tensor_id, f);
+        else bq_dropout_slice(y + o, x + o, L, p, r.seed, r.step, tensor_id, f);
     }
 }
 
 int attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
-                      const float *mask, bq_attn_shape s, float dropout_p, uint64_t seed, uint32_t step,
-                      uint32_t tensor_id) {
+                      const float *mask, bq_attn_shape s, float dropout_p, bq_rng r, uint32_t tensor_id) {
     const int B = s.B, NH = s.NH, T = s.T, HS = s.HS, ld = (int)s.st;
     const long TT = (long)T * T;
     const float scale = 1.0f / sqrtf((float)HS);
@@ -85,7 +88,7 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
             }
             const float *p = a;
             if (dropout_p > 0.0f) {   /* in place when the probabilities are not kept */
-                dropout_rows(scratch, a, T, L, dropout_p, seed, step, tensor_id, head_offset(b, h, NH, TT), 0);
+                dropout_rows(scratch, a, T, L, dropout_p, r, tensor_id, head_offset(r, b, h, NH), 0);
                 p = scratch;
             }
             /* out = p[:, :L] v[:L] */
@@ -128,7 +131,7 @@ int attention_forward_packed(float *out, const float *q, const float *k, const f
 
 int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                        const float *q, const float *k, const float *v, bq_attn_shape s, float dropout_p,
-                       uint64_t seed, uint32_t step, uint32_t tensor_id) {
+                       bq_rng r, uint32_t tensor_id) {
     const int B = s.B, NH = s.NH, T = s.T, HS = s.HS, ld = (int)s.st;
     const long TT = (long)T * T;
     const float scale = 1.0f / sqrtf((float)HS);
@@ -151,7 +154,7 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
             const float *p = a;               /* what multiplied v in the forward */
             float *mk = dp + TT;              /* the head's dropout mask (keep / (1 - p)), made once */
             if (dropout_p > 0.0f) {
-                dropout_rows(mk, NULL, T, L, dropout_p, seed, step, tensor_id, head_offset(b, h, NH, TT), 1);
+                dropout_rows(mk, NULL, T, L, dropout_p, r, tensor_id, head_offset(r, b, h, NH), 1);
                 float *pd = dp;               /* dropout(att) in dp until dp is needed */
                 for (int i = 0; i < T; i++)
                     for (int j = 0; j < L; j++) pd[(long)i * T + j] = a[(long)i * T + j] * mk[(long)i * T + j];

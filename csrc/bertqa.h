@@ -66,6 +66,25 @@ void bq_uniform_fill(float *u, size_t n, uint64_t seed, uint32_t step, uint32_t 
 void dropout_backward(float *dinp, const float *dout, size_t N, float p, uint64_t seed, uint32_t step,
                       uint32_t tensor_id);
 
+/* Which random numbers a training step's dropout masks take. Element (b, t, c) of a [B,T,C] activation draws the
+ * uniform of index (w_b * P + t) * C + c, and element (b, h, i, j) of [B,NH,T,T] attention probabilities that of
+ * ((w_b * NH + h) * P + i) * P + j, with w_b = window[b] (window NULL: w_b = b) and P >= T. With the window ids
+ * of the rows and P = the model's positions, a mask is a function of (seed, step, window, position, feature):
+ * not of the batch the window sits in, its place there or the batch's padded width, which is what lets N
+ * data-parallel ranks x b windows draw the masks of one process x N*b windows. window NULL and P = T number the
+ * elements by plain position in the buffer (what the one-kernel ops API does). */
+typedef struct {
+    uint64_t seed;
+    uint32_t step;
+    const int64_t *window;   /* [B] or NULL */
+    long P;
+} bq_rng;
+static inline uint64_t bq_rng_window(bq_rng r, int b) { return r.window ? (uint64_t)r.window[b] : (uint64_t)b; }
+/* out = dropout(inp) over [B,T,C] numbered as bq_rng says (out may alias inp); _backward: dinp += dout * mask. */
+void dropout_rows_forward(float *out, const float *inp, int B, int T, int C, float p, bq_rng r, uint32_t tensor_id);
+void dropout_rows_backward(float *dinp, const float *dout, int B, int T, int C, float p, bq_rng r,
+                           uint32_t tensor_id);
+
 /* ---- embeddings (embedding.c) ----------------------------------------------------------------- */
 /* out[b,t,:] = wte[ids[b,t]] + wpe[t] + wtt[types[b,t]]   (types may be NULL: all 0)
  * ids, types [B,T]; wte [V,C]; wpe [P,C] with T <= P; wtt [NT,C]; out [B,T,C].
@@ -121,13 +140,12 @@ static inline int bq_row_length(const float *mask_row, int T) {
 }
 
 /* att[b,h] = softmax(q k^T / sqrt(HS) + (1 - mask[b]) * -10000)   [B,NH,T,T], stored for backward
- * out[b,h] = dropout(att[b,h]) @ v                                  (dropout keyed by tensor_id)
+ * out[b,h] = dropout(att[b,h]) @ v                       (dropout numbered as bq_rng says, keyed by tensor_id)
  * mask [B,T] of 0/1 (1 = real token) or NULL. dropout_p = 0 disables dropout. att may be NULL when no backward
  * follows: each thread then works in one [T,T] block of its own instead of B*NH of them.
  * Returns BQ_ERR_NOMEM if a thread's [T,T] dropout scratch cannot be allocated. */
 int attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
-                      const float *mask, bq_attn_shape s, float dropout_p, uint64_t seed, uint32_t step,
-                      uint32_t tensor_id);
+                      const float *mask, bq_attn_shape s, float dropout_p, bq_rng r, uint32_t tensor_id);
 /* Inference on packed rows (no padding stored): row b's T_b = row_off[b+1] - row_off[b] tokens are rows
  * row_off[b] .. row_off[b+1]-1 of q, k, v, out ([Ntok, ld] with head h in columns h*HS .. h*HS+HS-1); mask is
  * the [B,Tpad] padding mask the rows came from (holes inside a row stay masked) or NULL. No dropout, nothing kept
@@ -138,7 +156,7 @@ int attention_forward_packed(float *out, const float *q, const float *k, const f
  * Each thread allocates one or two [T,T] scratch blocks (BQ_ERR_NOMEM if that fails). */
 int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                        const float *q, const float *k, const float *v, bq_attn_shape s, float dropout_p,
-                       uint64_t seed, uint32_t step, uint32_t tensor_id);
+                       bq_rng r, uint32_t tensor_id);
 
 /* ---- span loss (span_loss.c) ------------------------------------------------------------------ */
 /* Hugging Face BertForQuestionAnswering: positions are clamped to [0, T]; a position equal to T is

@@ -200,7 +200,7 @@ static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
     lock_engine(self);
     Py_BEGIN_ALLOW_THREADS
     st = bq_forward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, b.B, b.T, 0,
-                    0, 0, F(start), F(end));
+                    0, 0, NULL, F(start), F(end));
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) { status_error(st, "Engine.forward"); goto done; }
@@ -214,30 +214,34 @@ done:
 
 static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
-                             "seed", "step", "loss_scale", NULL};
-    PyObject *io, *to, *mo, *spo, *epo, *result = NULL;
+                             "seed", "step", "loss_scale", "window_ids", NULL};
+    PyObject *io, *to, *mo, *spo, *epo, *wo = Py_None, *result = NULL;
     unsigned long long seed = 0;
     unsigned int step = 0;
     double loss_scale = 1.0;
     if (!check_ready(self, 1) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KId:forward_backward", kwlist, &io, &to, &mo, &spo, &epo, &seed,
-                                     &step, &loss_scale))
+        !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KIdO:forward_backward", kwlist, &io, &to, &mo, &spo, &epo, &seed,
+                                     &step, &loss_scale, &wo))
         return NULL;
     batch_args b;
-    PyArrayObject *sp = NULL, *ep = NULL;
+    PyArrayObject *sp = NULL, *ep = NULL, *win = NULL;
     if (!batch_parse(self, &b, io, to, mo) || !(sp = ids_arg(spo, "start_positions", 1)) ||
         !(ep = ids_arg(epo, "end_positions", 1)) || !dim_is(sp, "start_positions", 0, b.B, "batch size") ||
         !dim_is(ep, "end_positions", 0, b.B, "batch size") || !finite_in(loss_scale, "loss_scale", 0.0, 1e30, 0))
+        goto done;
+    /* window ids key the dropout masks (bq_rng); 2^40 keeps every RNG element index below 2^64 */
+    if (wo != Py_None && (!(win = ids_arg(wo, "window_ids", 1)) || !dim_is(win, "window_ids", 0, b.B, "batch size") ||
+                          !check_id_range(win, "window_ids", 1L << 40, "a window id")))
         goto done;
     int st;
     float loss = 0.0f;
     lock_engine(self);
     Py_BEGIN_ALLOW_THREADS
     st = bq_forward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, b.B, b.T, 1,
-                    seed, step, NULL, NULL);
+                    seed, step, win ? I64(win) : NULL, NULL, NULL);
     if (!st)
         st = bq_backward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, I64(sp), I64(ep), seed, step,
-                         (float)loss_scale, &loss);
+                         win ? I64(win) : NULL, (float)loss_scale, &loss);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) { status_error(st, "Engine.forward_backward"); goto done; }
@@ -246,6 +250,7 @@ done:
     batch_release(&b);
     Py_XDECREF(sp);
     Py_XDECREF(ep);
+    Py_XDECREF(win);
     return result;
 }
 
@@ -337,9 +342,10 @@ static PyMethodDef engine_methods[] = {
      "real token (padding is not computed)."},
     {"forward_backward", (PyCFunction)(void (*)(void))engine_forward_backward, METH_VARARGS | METH_KEYWORDS,
      "forward_backward(input_ids, token_type_ids, attention_mask, start_positions, end_positions, seed=0, step=0, "
-     "loss_scale=1.0)\n--\n\n"
-     "Train-mode forward (dropout keyed by seed, step) and backward; gradients ADD into grads (times loss_scale). "
-     "Returns the loss."},
+     "loss_scale=1.0, window_ids=None)\n--\n\n"
+     "Train-mode forward and backward; gradients ADD into grads (times loss_scale). Dropout masks are keyed by "
+     "(seed, step, window, position, feature): window_ids int [B] (default 0..B-1) names each row's window, so a "
+     "window draws the same masks in any batch. Returns the loss."},
     {"adamw_step", (PyCFunction)(void (*)(void))engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
      "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)\n--\n\n"
      "Global-norm clipping (max_grad_norm <= 0: none) and one AdamW step; decay[i] marks tensors with weight "

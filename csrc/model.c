@@ -176,10 +176,10 @@ static void add3(float *out, const float *a, const float *b, size_t n) {
 }
 
 /* out = x + dropout(y) (dropout in place on y first when training) */
-static void residual(float *out, const float *x, float *y, size_t n, float p, int train, uint64_t seed, uint32_t step,
+static void residual(float *out, const float *x, float *y, int B, int T, int C, float p, int train, bq_rng r,
                      uint32_t site) {
-    if (train && p > 0.0f) dropout_forward(y, y, n, p, seed, step, site);
-    add3(out, x, y, n);
+    if (train && p > 0.0f) dropout_rows_forward(y, y, B, T, C, p, r, site);
+    add3(out, x, y, (size_t)B * T * C);
 }
 
 /* Packed inference: each row's tokens up to its last real one (bq_row_length), as token offsets off[0..B];
@@ -195,8 +195,9 @@ static long pack_rows(const float *mask, int B, int T, int *off) {
 }
 
 int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B, int T, int train,
-               uint64_t seed, uint32_t step, float *start, float *end) {
+               uint64_t seed, uint32_t step, const int64_t *window, float *start, float *end) {
     const bq_config *c = &m->cfg;
+    const bq_rng r = {seed, step, window, c->P};
     const int C = c->C, I = c->FF, NH = c->NH, HS = C / NH;
     int N = B * T;
     const float pd = train ? c->hidden_dropout : 0.0f, pa = train ? c->attn_dropout : 0.0f;
@@ -233,8 +234,9 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
     if (st) goto done;
     PROF(BQ_PROF_FWD_LAYERNORM,
          layernorm_forward(m->h0, m->emb_mean, m->emb_rstd, m->emb, m->p.lnw, m->p.lnb, N, C, c->eps));
-    if (pd > 0.0f) PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, dropout_forward(m->h0, m->h0, (size_t)N * C, pd, seed, step, SITE_EMB));
+    if (pd > 0.0f) PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, dropout_rows_forward(m->h0, m->h0, B, T, C, pd, r, SITE_EMB));
     const bq_attn_shape s = {B, NH, T, HS, (long)T * C, HS, C};
+    const int RB = row_off ? 1 : B, RT = row_off ? N : T;   /* the [RB,RT,C] rows the arena holds */
     const float *x = m->h0;
     for (int l = 0; l < c->L; l++) {
         bq_layer_acts *a = &m->acts[l];
@@ -246,16 +248,16 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
         });
         PROF(BQ_PROF_FWD_ATTENTION,
              st = row_off ? attention_forward_packed(a->ctx, a->q, a->k, a->v, mask, T, row_off, B, NH, HS, C)
-                          : attention_forward(a->ctx, a->att, a->q, a->k, a->v, mask, s, pa, seed, step, SITE_ATT(l)));
+                          : attention_forward(a->ctx, a->att, a->q, a->k, a->v, mask, s, pa, r, SITE_ATT(l)));
         if (st) goto done;
         PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->res1, a->ctx, w->aow, w->aob, N, C, C));   /* attention output */
-        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(a->res1, x, a->res1, (size_t)N * C, pd, train, seed, step, SITE_AO(l)));
+        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(a->res1, x, a->res1, RB, RT, C, pd, train, r, SITE_AO(l)));
         PROF(BQ_PROF_FWD_LAYERNORM,
              layernorm_forward(a->h1, a->mean1, a->rstd1, a->res1, w->ln1w, w->ln1b, N, C, c->eps));
         PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->fc, a->h1, w->fcw, w->fcb, N, C, I));
         PROF(BQ_PROF_FWD_GELU, gelu_forward(a->gelu, a->fc, (size_t)N * I));
         PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->res2, a->gelu, w->fc2w, w->fc2b, N, I, C));
-        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(a->res2, a->h1, a->res2, (size_t)N * C, pd, train, seed, step, SITE_FFN(l)));
+        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(a->res2, a->h1, a->res2, RB, RT, C, pd, train, r, SITE_FFN(l)));
         PROF(BQ_PROF_FWD_LAYERNORM,
              layernorm_forward(a->out, a->mean2, a->rstd2, a->res2, w->ln2w, w->ln2b, N, C, c->eps));
         x = a->out;
@@ -290,19 +292,21 @@ done:
 static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
 
 /* dx (+)= d(x + dropout(y))/dx = dres;  dy = dropout_backward(dres) into a zeroed buffer */
-static void residual_backward(float *dy, const float *dres, size_t n, float p, uint64_t seed, uint32_t step,
-                              uint32_t site) {
+static void residual_backward(float *dy, const float *dres, int B, int T, int C, float p, bq_rng r, uint32_t site) {
+    const size_t n = (size_t)B * T * C;
     if (p > 0.0f) {
         zero(dy, n);
-        dropout_backward(dy, dres, n, p, seed, step, site);
+        dropout_rows_backward(dy, dres, B, T, C, p, r, site);
     } else {
         memcpy(dy, dres, n * sizeof(float));
     }
 }
 
 int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int64_t *start_pos,
-                const int64_t *end_pos, uint64_t seed, uint32_t step, float loss_scale, float *loss) {
+                const int64_t *end_pos, uint64_t seed, uint32_t step, const int64_t *window, float loss_scale,
+                float *loss) {
     const bq_config *c = &m->cfg;
+    const bq_rng r = {seed, step, window, c->P};
     if (!m->train || !m->grads) return BQ_ERR_ARG;
     const int B = m->B, T = m->T, C = c->C, I = c->FF, NH = c->NH, HS = C / NH, N = B * T;
     const size_t NC = (size_t)N * C, NI = (size_t)N * I;
@@ -336,7 +340,7 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int
         PROF(BQ_PROF_BWD_LAYERNORM,
              layernorm_backward(dres, gw->ln2w, gw->ln2b, dout, a->res2, w->ln2w, a->mean2, a->rstd2, N, C));
         /* res2 = h1 + dropout(ffn): dh1 = dres (dout is free now), dffn = dropout'(dres) into dy */
-        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dy, dres, NC, pd, seed, step, SITE_FFN(l)));
+        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dy, dres, B, T, C, pd, r, SITE_FFN(l)));
         float *dh1 = dres;
         PROF(BQ_PROF_BWD_ZERO, zero(dgelu, NI));
         PROF(BQ_PROF_BWD_LINEAR, linear_backward(dgelu, gw->fc2w, gw->fc2b, dy, a->gelu, w->fc2w, N, I, C));
@@ -349,7 +353,7 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int
         PROF(BQ_PROF_BWD_LAYERNORM,
              layernorm_backward(dres1, gw->ln1w, gw->ln1b, dh1, a->res1, w->ln1w, a->mean1, a->rstd1, N, C));
         /* res1 = x + dropout(ctx Wo^T + bo): dx = dres1 (stays in dout), dao = dropout'(dres1) into dy */
-        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dy, dres1, NC, pd, seed, step, SITE_AO(l)));
+        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dy, dres1, B, T, C, pd, r, SITE_AO(l)));
         float *dctx = dres;   /* dh1 is consumed */
         PROF(BQ_PROF_BWD_ZERO, zero(dctx, NC));
         PROF(BQ_PROF_BWD_LINEAR, linear_backward(dctx, gw->aow, gw->aob, dy, a->ctx, w->aow, N, C, C));
@@ -359,7 +363,7 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int
             zero(dv, NC);
         });
         PROF(BQ_PROF_BWD_ATTENTION,
-             st = attention_backward(dq, dk, dv, dctx, a->att, a->q, a->k, a->v, s, pa, seed, step, SITE_ATT(l)));
+             st = attention_backward(dq, dk, dv, dctx, a->att, a->q, a->k, a->v, s, pa, r, SITE_ATT(l)));
         if (st) return st;
         float *dx = dout;   /* already holds the residual path; the projections add to it */
         PROF(BQ_PROF_BWD_LINEAR, {
@@ -370,7 +374,7 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int
     }
     /* h0 = dropout(LN(emb)) */
     float *dln = dy;
-    PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dln, dout, NC, pd, seed, step, SITE_EMB));
+    PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dln, dout, B, T, C, pd, r, SITE_EMB));
     PROF(BQ_PROF_BWD_ZERO, zero(dres, NC));
     PROF(BQ_PROF_BWD_LAYERNORM,
          layernorm_backward(dres, m->g.lnw, m->g.lnb, dln, m->emb, m->p.lnw, m->emb_mean, m->emb_rstd, N, C));

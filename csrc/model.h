@@ -91,15 +91,18 @@ int bq_model_init(bq_model *m, const bq_config *cfg, float *params, float *grads
 void bq_model_free(bq_model *m);
 
 /* Eval or train forward. ids/types [B,T] (types may be NULL), mask [B,T] of 0/1 floats (NULL: all real).
- * Writes start/end [B,T] (either may be NULL). train = 1 applies dropout keyed by (seed, step) and keeps what backward needs.
+ * Writes start/end [B,T] (either may be NULL). train = 1 applies dropout and keeps what backward needs; its masks are
+ * keyed by (seed, step, window[b], position, feature) as bq_rng says with P = the model's positions (window NULL:
+ * row b is window b).
  * Eval computes no padding: the positions after each row's last real token are not run through the model and
  * read -inf in start/end (an all-padding row is computed in full). */
 int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B, int T, int train,
-               uint64_t seed, uint32_t step, float *start, float *end);
+               uint64_t seed, uint32_t step, const int64_t *window, float *start, float *end);
 /* After a train forward with the same arguments: span loss and backward; gradients ACCUMULATE into grads,
  * scaled by loss_scale. Returns BQ status; *loss gets the (unscaled) loss. */
 int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int64_t *start_pos,
-                const int64_t *end_pos, uint64_t seed, uint32_t step, float loss_scale, float *loss);
+                const int64_t *end_pos, uint64_t seed, uint32_t step, const int64_t *window, float loss_scale,
+                float *loss);
 /* Global gradient norm, clipping (max_norm <= 0: none) and one AdamW step over all tensors; decay[i] != 0 marks
  * the tensors that get weight decay. A non-finite norm skips the update. Returns the norm before clipping. */
 double bq_adamw_step(bq_model *m, const uint8_t *decay, float lr, float beta1, float beta2, float eps,

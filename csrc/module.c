@@ -339,6 +339,9 @@ typedef struct {
     unsigned int step, tensor_id;
 } attn_args;
 
+/* The ops API numbers dropout elements by plain position in the [B,NH,T,T] probabilities. */
+static bq_rng ops_rng(const attn_args *a) { return (bq_rng){a->seed, a->step, NULL, a->s.T}; }
+
 static int attn_parse(attn_args *a, PyObject *qo, PyObject *ko, PyObject *vo, PyObject *mo) {
     a->mask = NULL;
     if (!(a->q = f32_arg(qo, "q", 4, 4, 0)) || !(a->k = f32_arg(ko, "k", 4, 4, 0)) ||
@@ -381,7 +384,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kw) {
     if (!att) { PyErr_NoMemory(); goto done; }
     const float *mask = a.mask ? F(a.mask) : NULL;
     Py_BEGIN_ALLOW_THREADS
-    st = attention_forward(F(out), att, F(a.q), F(a.k), F(a.v), mask, a.s, (float)a.p, a.seed, a.step, a.tensor_id);
+    st = attention_forward(F(out), att, F(a.q), F(a.k), F(a.v), mask, a.s, (float)a.p, ops_rng(&a), a.tensor_id);
     Py_END_ALLOW_THREADS
     if (st) { status_error(st, "attention"); goto done; }
     result = (PyObject *)out;
@@ -415,10 +418,10 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *args, PyObject 
     if (!att) { PyErr_NoMemory(); goto done; }
     const float *mask = a.mask ? F(a.mask) : NULL;
     Py_BEGIN_ALLOW_THREADS
-    st = attention_forward(F(tmp), att, F(a.q), F(a.k), F(a.v), mask, a.s, (float)a.p, a.seed, a.step, a.tensor_id);
+    st = attention_forward(F(tmp), att, F(a.q), F(a.k), F(a.v), mask, a.s, (float)a.p, ops_rng(&a), a.tensor_id);
     if (!st)
-        st = attention_backward(F(dq), F(dk), F(dv), F(dout), att, F(a.q), F(a.k), F(a.v), a.s, (float)a.p, a.seed,
-                                a.step, a.tensor_id);
+        st = attention_backward(F(dq), F(dk), F(dv), F(dout), att, F(a.q), F(a.k), F(a.v), a.s, (float)a.p,
+                                ops_rng(&a), a.tensor_id);
     Py_END_ALLOW_THREADS
     if (st) { status_error(st, "attention_backward"); goto done; }
     result = Py_BuildValue("(OOO)", dq, dk, dv);

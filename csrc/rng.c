@@ -209,3 +209,27 @@ void dropout_backward(float *dinp, const float *dout, size_t N, float p, uint64_
                       uint32_t tensor_id) {
     dropout_apply(dinp, dout, N, p, seed, step, tensor_id, ACCUMULATE);
 }
+
+/* [B,T,C] with bq_rng numbering: each row's T*C elements are contiguous in the buffer and in the numbering
+ * (first = w_b * P * C), so rows are cut into 4096-element slices that the threads share. */
+static void dropout_rows_apply(float *y, const float *x, int B, int T, int C, float p, bq_rng r, uint32_t tensor_id,
+                               int mode) {
+    const size_t S = 4096, row = (size_t)T * C;
+    const long per_row = (long)((row + S - 1) / S), nslices = per_row * B;
+#pragma omp parallel for schedule(static) if (row * B > 32768) num_threads(bq_num_threads())
+    for (long sl = 0; sl < nslices; sl++) {
+        const int b = (int)(sl / per_row);
+        const size_t a = (size_t)(sl % per_row) * S, n = row - a < S ? row - a : S, o = (size_t)b * row + a;
+        dropout_slice(y + o, x + o, n, p, r.seed, r.step, tensor_id, bq_rng_window(r, b) * (uint64_t)r.P * C + a,
+                      mode);
+    }
+}
+
+void dropout_rows_forward(float *out, const float *inp, int B, int T, int C, float p, bq_rng r, uint32_t tensor_id) {
+    dropout_rows_apply(out, inp, B, T, C, p, r, tensor_id, APPLY);
+}
+
+void dropout_rows_backward(float *dinp, const float *dout, int B, int T, int C, float p, bq_rng r,
+                           uint32_t tensor_id) {
+    dropout_rows_apply(dinp, dout, B, T, C, p, r, tensor_id, ACCUMULATE);
+}

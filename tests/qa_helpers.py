@@ -96,7 +96,7 @@ class FakeQAModel:
     """TEST DOUBLE for bertqa.model.BertQA's training API; no network, no engine.
 
     Its "loss" is a deterministic function of the batch's token ids, of 4 float64 weights and of a "dropout"
-    draw keyed by (seed, rng_step), like the real engine's; optimizer_step is SGD with momentum, global-norm
+    draw per window keyed by (seed, rng_step or the step word given, window id), like the real engine's; optimizer_step is SGD with momentum, global-norm
     clipping and decoupled weight decay. It records every call, so tests can see what the trainer did.
     """
 
@@ -110,21 +110,25 @@ class FakeQAModel:
         self.tokenizer = None
         self.batches: list[dict] = []
         self.loss_scales: list[float] = []
+        self.window_ids: list[np.ndarray] = []
         self.lrs: list[float] = []
         self.optimizer_kwargs: list[dict] = []
 
     def zero_grad(self):
         self.grad[:] = 0.0
 
-    def forward_backward(self, batch, loss_scale=1.0):
+    def forward_backward(self, batch, loss_scale=1.0, window_ids=None, rng_step=None):
         mask = batch["attention_mask"]
-        x = float(np.mean((batch["input_ids"].astype(np.int64) * mask).sum(axis=1) % 101) / 101.0)
-        noise = np.random.default_rng([self.seed, self.rng_step]).random()
-        loss = x * (1.0 + float(self.w @ self.w)) + 0.01 * noise
-        self.grad += loss_scale * 2.0 * x * self.w
+        x = ((batch["input_ids"].astype(np.int64) * mask).sum(axis=1) % 101) / 101.0   # [B]
+        windows = np.arange(len(x)) if window_ids is None else np.asarray(window_ids)
+        key = self.rng_step if rng_step is None else rng_step
+        noise = np.array([np.random.default_rng([self.seed, key, int(w)]).random() for w in windows])
+        loss = float(np.mean(x * (1.0 + float(self.w @ self.w)) + 0.01 * noise))   # a mean over windows
+        self.grad += loss_scale * 2.0 * float(np.mean(x)) * self.w
         self.rng_step += 1
         self.batches.append(batch)
         self.loss_scales.append(loss_scale)
+        self.window_ids.append(windows)
         return loss
 
     def optimizer_step(self, lr, weight_decay=0.01, max_grad_norm=1.0, beta1=0.9, beta2=0.999, eps=1e-8):
