@@ -196,6 +196,44 @@ def test_dropout_masks_are_keyed_and_reproducible(rng):
     assert off.forward_backward(batch) == off.forward_backward(batch)
 
 
+def test_dropout_masks_follow_the_window_not_its_place_in_the_batch(rng):
+    """Rows in another order, with their window ids along, give the same loss and gradients; other window ids
+    (or another step word) give other masks."""
+    model = tiny_model(rng)
+    B, T = 5, 29
+    batch = tiny_batch(rng, B=2, T=T)
+    ids = rng.integers(1, 53, (B, T))
+    mask = np.ones((B, T), np.int64)
+    mask[1, 20:] = 0
+    mask[3, 11:] = 0
+    ids[mask == 0] = 0
+    batch = dict(input_ids=ids, attention_mask=mask, token_type_ids=(np.arange(T) >= 9).astype(np.int64)[None].repeat(B, 0),
+                 start_positions=rng.integers(0, 10, B), end_positions=rng.integers(10, 19, B))
+    windows = rng.choice(10_000, B, replace=False)
+
+    def run(rows, window_ids, step=7):
+        model.zero_grad()
+        loss = model.forward_backward({k: v[rows] for k, v in batch.items()}, window_ids=window_ids[rows],
+                                      rng_step=step)
+        return loss, model.grads.copy()
+
+    loss, grads = run(np.arange(B), windows)
+    perm = rng.permutation(B)
+    loss_p, grads_p = run(perm, windows)
+    assert loss_p == pytest.approx(loss, rel=1e-6)
+    assert np.abs(grads_p - grads).max() <= 1e-5 * np.abs(grads).max()
+    # the same batch, windows named otherwise, or another step: other masks, other loss
+    assert run(np.arange(B), windows + 1)[0] != pytest.approx(loss, rel=1e-6)
+    assert run(np.arange(B), windows, step=8)[0] != pytest.approx(loss, rel=1e-6)
+    # the default is window b for row b, at model.rng_step
+    model.rng_step = 7
+    model.zero_grad()
+    assert model.forward_backward(batch) == run(np.arange(B), np.arange(B))[0]
+    for bad, message in [(windows[:3], "window_ids"), (np.array([0, 1, -2, 3, 4]), "window_ids holds -2")]:
+        with pytest.raises(ValueError, match=message):
+            model.forward_backward(batch, window_ids=bad)
+
+
 def test_same_seed_same_loss_curve(rng):
     state = rng.integers(2**31)
     curves = []
