@@ -163,18 +163,28 @@ class BuildExt(build_ext):
         return [str(obj) for _, obj, _ in jobs]
 
 
+def nccl_include(home):
+    """A folder with nccl.h, for the types cuda/nccl.c takes from it (it links no NCCL): the toolkit's include, else
+    an nvidia-nccl wheel's on sys.path, else None (then nccl.c declares the few ABI-stable types itself)."""
+    for d in [Path(home) / "include"] + [Path(p) / "nvidia" / "nccl" / "include" for p in sys.path if p]:
+        if (d / "nccl.h").is_file():
+            return str(d)
+    return None
+
+
 def cuda_extension(home):
     lib = Path(home) / ("lib64" if (Path(home) / "lib64").is_dir() else "lib")
+    nccl_h = nccl_include(home)
     ext = Extension(
         "bertqa._cuda",
-        sources=["cuda/module.c"],
+        sources=["cuda/module.c", "cuda/nccl.c"],   # nccl.c dlopen()s libnccl at run time: no -lnccl
         depends=sorted(str(p) for p in list(Path("cuda").glob("*.cu")) + list(Path("cuda").glob("*.cuh")) +
                        list(Path("cuda").glob("*.h"))) + ["csrc/bertqa.h", "csrc/model.h"],
-        include_dirs=["cuda", "csrc", numpy.get_include()],
+        include_dirs=["cuda", "csrc", numpy.get_include(), str(Path(home) / "include")] + [nccl_h] * bool(nccl_h),
         library_dirs=[str(lib)],
         libraries=["cublasLt", "cublas", "cudart_static", "stdc++", "dl", "rt", "pthread", "m"],
         runtime_library_dirs=[str(lib)],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")] + [("BERTQA_HAVE_NCCL_H", "1")] * bool(nccl_h),
         extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                             "-Wno-missing-field-initializers"],
     )

@@ -8,6 +8,9 @@ The kernel functions below mirror :mod:`bertqa.ops` (same arguments, same semant
 Philox keying is shared) and take ``precision="fp32"`` or ``"bf16"`` (inputs rounded to bf16 on the GPU, every sum
 in fp32, results widened back to float32). They copy to and from the GPU on every call: they exist for tests and
 the lab, not for speed.
+
+For data-parallel training on GPUs, :class:`NcclComm` sums the engines' gradient buffers across ranks with NCCL,
+which is loaded at run time (:func:`nccl_version`, :func:`nccl_unique_id`): bertqa imports and runs without it.
 """
 from __future__ import annotations
 
@@ -223,3 +226,76 @@ def adamw(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_
 def sum_squares(g):
     """Sum of squares in double with the engine's deterministic reduction."""
     return load().sum_squares(_f32(g, "g"))
+
+
+# ---- NCCL: the data-parallel gradient all-reduce --------------------------------------------------------------
+# NCCL is loaded at run time (cuda/nccl.c), never linked: $BERTQA_NCCL_LIBRARY when set, else the nvidia-nccl-cu13
+# wheel's nvidia/nccl/lib/libnccl.so.2 on sys.path, else the loader's libnccl.so.2. These need the CUDA extension
+# but no GPU, except NcclComm.
+
+def _nccl_module():
+    mod = _import()
+    if mod is None:
+        raise RuntimeError(f"NCCL: this bertqa was built without its CUDA backend (import error: {_import_error})")
+    return mod
+
+
+def nccl_version() -> int:
+    """NCCL's version code (e.g. 22809 for 2.28.9); RuntimeError naming what was tried when NCCL is missing."""
+    return _nccl_module().nccl_version()
+
+
+def nccl_library() -> str:
+    """The libnccl.so.2 file in use."""
+    return _nccl_module().nccl_library()
+
+
+def nccl_unique_id() -> bytes:
+    """A new NCCL unique id (128 bytes): rank 0 makes it and sends it to every rank (e.g. mpi4py's comm.bcast)."""
+    return _nccl_module().nccl_unique_id()
+
+
+class NcclComm:
+    """One rank's NCCL communicator on a CUDA device, for summing gradients across data-parallel ranks.
+
+    Every rank calls ``NcclComm(unique_id, nranks, rank, device)`` with rank 0's :func:`nccl_unique_id`; it returns
+    once all ranks have joined. Bad arguments raise ValueError before NCCL or CUDA is touched; NCCL/CUDA failures
+    raise RuntimeError naming the call and NCCL's error string. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, unique_id: bytes, nranks: int, rank: int, device: int = 0):
+        self._comm = _nccl_module().NcclComm(unique_id, nranks, rank, device)
+
+    nranks = property(lambda self: self._comm.nranks)
+    rank = property(lambda self: self._comm.rank)
+    device = property(lambda self: self._comm.device)
+    closed = property(lambda self: self._comm.closed)
+
+    def allreduce_sum_grads(self, model, timeout: float = 0.0) -> None:
+        """Sum the device gradient buffer of ``model`` (a ``BertQA`` on device="cuda", or its ``bertqa._cuda.Engine``)
+        over the ranks, in place, float32, on the engine's stream; returns when the sum is complete (NCCL's
+        asynchronous errors are polled meanwhile). ``timeout`` > 0 seconds aborts the communicator past it. A sum,
+        not a mean: scale the loss (``loss_scale``) for the mean."""
+        engine = getattr(model, "_engine", model)
+        self._comm.allreduce_sum_grads(engine, timeout)
+        stale = getattr(model, "_stale", None)
+        if stale is not None:   # a BertQA's host copy of the gradients is out of date now
+            stale.add("grads")
+
+    def abort(self) -> None:
+        """Free the communicator without waiting for the other ranks (after an error)."""
+        self._comm.abort()
+
+    def close(self) -> None:
+        """Free the communicator (ncclCommDestroy). Idempotent."""
+        self._comm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False

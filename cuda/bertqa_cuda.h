@@ -32,6 +32,7 @@ extern "C" {
 #define BQ_ERR_CUDA 101     /* a CUDA runtime call or a kernel launch failed (message: bq_cuda_last_error) */
 #define BQ_ERR_CUBLAS 102   /* a cuBLAS / cuBLASLt call failed */
 #define BQ_ERR_DEVICE 103   /* no usable GPU (no driver, no device, compute capability below 8.0) */
+#define BQ_ERR_NCCL 104     /* NCCL could not be loaded, or an NCCL call failed */
 
 enum { BQ_FP32 = 0, BQ_BF16 = 1 };
 
@@ -39,6 +40,8 @@ enum { BQ_FP32 = 0, BQ_BF16 = 1 };
 const char *bq_cuda_last_error(void);
 /* A short name for a status: "out of memory", "CUDA error", ... */
 const char *bq_cuda_status_string(int status);
+/* Leaves a printf-formatted message for bq_cuda_last_error() and returns status (every failure path's last call). */
+int bq_cuda_fail(int status, const char *fmt, ...);
 
 /* ---- devices ----------------------------------------------------------------------------------- */
 /* Number of usable devices (compute capability >= 8.0), 0 with a message in *reason (buffer of n bytes) when
@@ -94,6 +97,42 @@ int bq_cuda_model_release_arena(bq_cuda_model *m);
 int bq_cuda_model_synchronize(bq_cuda_model *m);
 /* Matrix products so far that ran through cuBLASLt and through the cuBLAS fallback. */
 void bq_cuda_model_gemm_stats(const bq_cuda_model *m, long *lt_calls, long *fallback_calls);
+
+/* The device gradient buffer (fp32 [*n], the flat parameter layout) and the engine's stream (a cudaStream_t) and
+ * device, for a collective over it (BQ_ERR_ARG on an inference-only model). */
+int bq_cuda_model_grad_buffer(bq_cuda_model *m, float **grads, size_t *n, void **stream, int *dev);
+
+/* ---- NCCL, loaded at run time (cuda/nccl.c) ------------------------------------------------------- */
+/* bertqa._cuda never links libnccl: it builds, imports and runs without it, and loads libnccl.so.2 on first use:
+ * $BERTQA_NCCL_LIBRARY when set (that file and no other), else `wheel_lib` (the nvidia-nccl-cu13 wheel's
+ * nvidia/nccl/lib/libnccl.so.2 that the module finds on sys.path; may be NULL), else the loader's libnccl.so.2
+ * (LD_LIBRARY_PATH, this module's runpath = the CUDA toolkit's lib, the system's). A failure (BQ_ERR_NCCL) says what
+ * was tried and why each failed. Thread-safe; once loaded, later calls return at once. */
+int bq_nccl_load(const char *wheel_lib);
+/* The file loaded ("" before a successful bq_nccl_load). */
+const char *bq_nccl_library(void);
+/* NCCL's version code, e.g. 22809 for 2.28.9 (loads NCCL). */
+int bq_nccl_version(int *version);
+#define BQ_NCCL_ID_BYTES 128
+/* A new unique id (rank 0 makes it and sends it to the others, e.g. over MPI). Needs no GPU. */
+int bq_nccl_unique_id(unsigned char id[BQ_NCCL_ID_BYTES]);
+
+/* One rank's communicator, bound to CUDA device dev. */
+typedef struct bq_nccl_comm bq_nccl_comm;
+/* Collective over all nranks ranks (each calls it with the same id): blocks until every rank has joined. Arguments
+ * are checked (BQ_ERR_ARG) before NCCL or CUDA is touched. */
+int bq_nccl_comm_init(bq_nccl_comm **out, const unsigned char id[BQ_NCCL_ID_BYTES], int nranks, int rank, int dev);
+/* buf[i] = sum over ranks of buf[i], fp32 [n] in place on device dev, queued on `stream` (a cudaStream_t), then
+ * waited for while polling NCCL's asynchronous error, so a failed peer is an error rather than a hang. timeout_s > 0:
+ * past it, the communicator is aborted and BQ_ERR_NCCL returned. After any NCCL failure the communicator only takes
+ * abort / free. */
+int bq_nccl_allreduce_sum(bq_nccl_comm *c, float *buf, size_t n, void *stream, int dev, double timeout_s);
+/* ncclCommDestroy (waits for its pending work) or ncclCommAbort (does not); the communicator is then closed and
+ * later calls but free fail with BQ_ERR_ARG. Closing a closed one is BQ_OK. */
+int bq_nccl_comm_close(bq_nccl_comm *c, int abort);
+int bq_nccl_comm_closed(const bq_nccl_comm *c);
+/* Aborts if still open, frees. */
+void bq_nccl_comm_free(bq_nccl_comm *c);
 
 /* ---- kernels one by one, on host arrays (for tests and the lab) --------------------------------- */
 /* Each copies its inputs to the device, runs the CUDA kernel(s) in the given precision (BQ_BF16: inputs rounded

@@ -17,8 +17,7 @@
 typedef __nv_bfloat16 bf16;
 
 /* ---- errors ------------------------------------------------------------------------------------- */
-/* Formats the thread's message and returns status. */
-int bq_cuda_fail(int status, const char *fmt, ...);
+/* bq_cuda_fail (bertqa_cuda.h) formats the thread's message and returns status. */
 int bq_cuda_fail_cuda(cudaError_t e, const char *call, const char *file, int line);
 int bq_cuda_fail_cublas(cublasStatus_t s, const char *call, const char *file, int line);
 

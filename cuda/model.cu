@@ -291,6 +291,15 @@ extern "C" int bq_cuda_model_upload(bq_cuda_model *m, int which, const float *ho
     return BQ_OK;
 }
 
+extern "C" int bq_cuda_model_grad_buffer(bq_cuda_model *m, float **grads, size_t *n, void **stream, int *dev) {
+    if (!m->training) return bq_cuda_fail(BQ_ERR_ARG, "this model has no gradients (inference only)");
+    *grads = m->grads;
+    *n = m->nparams;
+    *stream = (void *)m->stream;
+    *dev = m->dev;
+    return BQ_OK;
+}
+
 extern "C" int bq_cuda_model_synchronize(bq_cuda_model *m) {
     TRY(select_device(m));
     CUDA_TRY(cudaStreamSynchronize(m->stream));

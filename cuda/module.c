@@ -7,6 +7,10 @@
  *   Engine(config, params, training=False, precision="bf16", device=0)
  *                                       the GPU engine (cuda/model.cu), same methods as bertqa._C.Engine plus
  *                                       enable_training, zero_grad, download, upload, synchronize
+ *   nccl_version(), nccl_library(), nccl_unique_id()
+ *   NcclComm(unique_id, nranks, rank, device=0)
+ *                                       NCCL (loaded at run time, cuda/nccl.c) for the data-parallel gradient sum:
+ *                                       .allreduce_sum_grads(engine, timeout=0.0), .close(), .abort()
  *   <kernel>(...)                       the kernels one by one on preallocated host arrays (bertqa.cuda.ops wraps
  *                                       them with shapes); outputs are written in place
  *
@@ -20,8 +24,11 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <structmember.h>
+
 #include <math.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "bertqa_cuda.h"
 
@@ -987,6 +994,215 @@ done:
     return result;
 }
 
+/* ---- NCCL (cuda/nccl.c: loaded at run time) ------------------------------------------------------------------ */
+
+/* Loads NCCL, offering the nvidia-nccl wheel's library when one is on sys.path. With the GIL held. */
+static int nccl_ready(void) {
+    char wheel[1024] = "";
+    PyObject *path = PySys_GetObject("path");   /* borrowed */
+    for (Py_ssize_t i = 0; path && PyList_Check(path) && i < PyList_GET_SIZE(path) && !wheel[0]; i++) {
+        PyObject *entry = PyList_GET_ITEM(path, i);
+        const char *dir = PyUnicode_Check(entry) ? PyUnicode_AsUTF8(entry) : NULL;
+        if (!dir) {
+            PyErr_Clear();
+            continue;
+        }
+        char candidate[1024];
+        if (snprintf(candidate, sizeof candidate, "%s/nvidia/nccl/lib/libnccl.so.2", *dir ? dir : ".") <
+                (int)sizeof candidate && access(candidate, R_OK) == 0)
+            snprintf(wheel, sizeof wheel, "%s", candidate);
+    }
+    int st = bq_nccl_load(wheel[0] ? wheel : NULL);
+    if (st) raise_status(st, "NCCL");
+    return st == BQ_OK;
+}
+
+static PyObject *py_nccl_version(PyObject *self, PyObject *noargs) {
+    int v = 0, st;
+    if (!nccl_ready()) return NULL;
+    if ((st = bq_nccl_version(&v))) return raise_status(st, "nccl_version");
+    return PyLong_FromLong(v);
+}
+
+static PyObject *py_nccl_library(PyObject *self, PyObject *noargs) {
+    if (!nccl_ready()) return NULL;
+    return PyUnicode_DecodeFSDefault(bq_nccl_library());
+}
+
+static PyObject *py_nccl_unique_id(PyObject *self, PyObject *noargs) {
+    unsigned char id[BQ_NCCL_ID_BYTES];
+    int st;
+    if (!nccl_ready()) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_nccl_unique_id(id);
+    Py_END_ALLOW_THREADS
+    if (st) return raise_status(st, "nccl_unique_id");
+    return PyBytes_FromStringAndSize((const char *)id, BQ_NCCL_ID_BYTES);
+}
+
+typedef struct {
+    PyObject_HEAD
+    bq_nccl_comm *comm;
+    int nranks, rank, device;
+} NcclComm;
+
+static void nccl_comm_dealloc(NcclComm *self) {
+    if (self->comm) {
+        Py_BEGIN_ALLOW_THREADS
+        bq_nccl_comm_free(self->comm);   /* aborts one still open: never waits on peers */
+        Py_END_ALLOW_THREADS
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int nccl_comm_init(NcclComm *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"unique_id", "nranks", "rank", "device", NULL};
+    Py_buffer id;
+    int nranks, rank, device = 0, st;
+    if (self->comm) {
+        PyErr_SetString(PyExc_RuntimeError, "NcclComm is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*ii|i:NcclComm", kwlist, &id, &nranks, &rank, &device)) return -1;
+    /* checked here, before NCCL or CUDA is touched */
+    if (id.len != BQ_NCCL_ID_BYTES) {
+        PyErr_Format(PyExc_ValueError, "unique_id must be the %d bytes of nccl_unique_id(), got %zd", BQ_NCCL_ID_BYTES,
+                     id.len);
+        PyBuffer_Release(&id);
+        return -1;
+    }
+    unsigned char uid[BQ_NCCL_ID_BYTES];
+    memcpy(uid, id.buf, BQ_NCCL_ID_BYTES);
+    PyBuffer_Release(&id);
+    if (nranks < 1 || rank < 0 || rank >= nranks || device < 0) {
+        PyErr_Format(PyExc_ValueError, "NcclComm needs nranks >= 1, 0 <= rank < nranks and device >= 0 (got nranks=%d, "
+                     "rank=%d, device=%d)", nranks, rank, device);
+        return -1;
+    }
+    if (!nccl_ready()) return -1;
+    bq_nccl_comm *c = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_nccl_comm_init(&c, uid, nranks, rank, device);   /* blocks until every rank joins */
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_status(st, "NcclComm");
+        return -1;
+    }
+    self->comm = c;
+    self->nranks = nranks;
+    self->rank = rank;
+    self->device = device;
+    return 0;
+}
+
+static int nccl_comm_open(NcclComm *self) {
+    if (!self->comm || bq_nccl_comm_closed(self->comm)) {
+        PyErr_SetString(PyExc_RuntimeError, "NcclComm is closed (or was never initialised)");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *nccl_comm_allreduce_sum_grads(NcclComm *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"engine", "timeout", NULL};
+    PyObject *eo;
+    double timeout = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|d:allreduce_sum_grads", kwlist, &eo, &timeout)) return NULL;
+    if (!PyObject_TypeCheck(eo, &EngineType))
+        return PyErr_Format(PyExc_TypeError, "engine must be a bertqa._cuda.Engine, got %s", Py_TYPE(eo)->tp_name);
+    if (!isfinite(timeout) || timeout < 0)
+        return PyErr_Format(PyExc_ValueError, "timeout must be >= 0 seconds (0: none), got %g", timeout);
+    Engine *engine = (Engine *)eo;
+    if (!ready(engine) || !nccl_comm_open(self)) return NULL;
+    float *grads;
+    size_t n;
+    void *stream;
+    int dev, st = bq_cuda_model_grad_buffer(engine->model, &grads, &n, &stream, &dev);
+    if (st) return raise_status(st, "NcclComm.allreduce_sum_grads");
+    lock_engine(engine);
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_nccl_allreduce_sum(self->comm, grads, n, stream, dev, timeout);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(engine->lock);
+    if (st) return raise_status(st, "NcclComm.allreduce_sum_grads");
+    Py_RETURN_NONE;
+}
+
+static PyObject *nccl_comm_close_impl(NcclComm *self, int abort) {
+    if (!self->comm) Py_RETURN_NONE;
+    int st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bq_nccl_comm_close(self->comm, abort);
+    Py_END_ALLOW_THREADS
+    if (st) return raise_status(st, abort ? "NcclComm.abort" : "NcclComm.close");
+    Py_RETURN_NONE;
+}
+static PyObject *nccl_comm_close(NcclComm *self, PyObject *noargs) { return nccl_comm_close_impl(self, 0); }
+static PyObject *nccl_comm_abort(NcclComm *self, PyObject *noargs) { return nccl_comm_close_impl(self, 1); }
+static PyObject *nccl_comm_enter(NcclComm *self, PyObject *noargs) {
+    Py_INCREF(self);
+    return (PyObject *)self;
+}
+static PyObject *nccl_comm_exit(NcclComm *self, PyObject *args) {
+    /* an exception inside the block: abort (peers may be gone); else a normal destroy */
+    const int failing = PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 0 && PyTuple_GET_ITEM(args, 0) != Py_None;
+    PyObject *r = nccl_comm_close_impl(self, failing);
+    if (!r) return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *nccl_comm_get_closed(NcclComm *self, void *closure) {
+    return PyBool_FromLong(!self->comm || bq_nccl_comm_closed(self->comm));
+}
+
+static PyMemberDef nccl_comm_members[] = {
+    {"nranks", T_INT, offsetof(NcclComm, nranks), READONLY, "number of ranks"},
+    {"rank", T_INT, offsetof(NcclComm, rank), READONLY, "this rank"},
+    {"device", T_INT, offsetof(NcclComm, device), READONLY, "CUDA device of this rank"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef nccl_comm_getset[] = {
+    {"closed", (getter)nccl_comm_get_closed, NULL, "whether close() or abort() was called (or a timeout aborted it)",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef nccl_comm_methods[] = {
+    {"allreduce_sum_grads", (PyCFunction)(void (*)(void))nccl_comm_allreduce_sum_grads, METH_VARARGS | METH_KEYWORDS,
+     "allreduce_sum_grads(engine, timeout=0.0)\n--\n\n"
+     "Sum the engine's device gradient buffer (float32, all parameters) over the ranks, in place, on the engine's "
+     "stream; returns when the sum is complete. NCCL's asynchronous error is polled while waiting, so a failed peer "
+     "raises RuntimeError instead of hanging; timeout > 0 seconds: past it the communicator is aborted and "
+     "RuntimeError raised. The engine must be on this communicator's device and have gradients."},
+    {"close", (PyCFunction)nccl_comm_close, METH_NOARGS,
+     "close()\n--\n\nncclCommDestroy: free the communicator (after its pending work). Idempotent."},
+    {"abort", (PyCFunction)nccl_comm_abort, METH_NOARGS,
+     "abort()\n--\n\nncclCommAbort: free the communicator without waiting for peers (after an error)."},
+    {"__enter__", (PyCFunction)nccl_comm_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)nccl_comm_exit, METH_VARARGS, "close() (abort() when the block raised)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject NcclCommType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "bertqa._cuda.NcclComm",
+    .tp_basicsize = sizeof(NcclComm),
+    .tp_dealloc = (destructor)nccl_comm_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "NcclComm(unique_id, nranks, rank, device=0)\n--\n\n"
+              "One rank's NCCL communicator on CUDA device `device`: every rank calls it with the same unique_id (the "
+              "128 bytes of nccl_unique_id() on rank 0, sent to the others, e.g. over MPI); it returns once all "
+              "nranks ranks have joined. Arguments are checked (ValueError) before NCCL or CUDA is touched; NCCL and "
+              "CUDA failures raise RuntimeError with NCCL's error string and the call. A communicator still open "
+              "when collected is aborted.",
+    .tp_methods = nccl_comm_methods,
+    .tp_members = nccl_comm_members,
+    .tp_getset = nccl_comm_getset,
+    .tp_init = (initproc)nccl_comm_init,
+    .tp_new = PyType_GenericNew,
+};
+
 /* ---- host builds of device logic: testable without a GPU ---------------------------------------------------- */
 
 static PyObject *py_host_uniform(PyObject *self, PyObject *args) {
@@ -1115,6 +1331,14 @@ static PyMethodDef methods[] = {
      "span_loss(dstart, dend, start, end, start_pos, end_pos, B, T, grad_scale) -> loss"},
     {"adamw", py_adamw, METH_VARARGS, "adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale)"},
     {"sum_squares", py_sum_squares, METH_VARARGS, "sum_squares(g) -> float (double accumulation)"},
+    {"nccl_version", py_nccl_version, METH_NOARGS,
+     "nccl_version() -> int\n\nNCCL's version code (e.g. 22809 for 2.28.9), loading NCCL on first use "
+     "($BERTQA_NCCL_LIBRARY, else the nvidia-nccl wheel on sys.path, else the loader's libnccl.so.2); RuntimeError "
+     "naming what was tried when there is none. Needs no GPU."},
+    {"nccl_library", py_nccl_library, METH_NOARGS, "nccl_library() -> str\n\nThe libnccl file loaded (loads it)."},
+    {"nccl_unique_id", py_nccl_unique_id, METH_NOARGS,
+     "nccl_unique_id() -> bytes\n\nA new NCCL unique id (128 bytes) for NcclComm: made on rank 0, sent to every "
+     "rank. Needs no GPU."},
     {"host_uniform", py_host_uniform, METH_VARARGS,
      "host_uniform(u, seed, step, tensor_id, first=0): the kernels' Philox code run on the host (no GPU needed)."},
     {"host_dropout_rows", py_host_dropout_rows, METH_VARARGS,
@@ -1143,6 +1367,12 @@ PyMODINIT_FUNC PyInit__cuda(void) {
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);
+        goto fail;
+    }
+    if (PyType_Ready(&NcclCommType) < 0) goto fail;
+    Py_INCREF(&NcclCommType);
+    if (PyModule_AddObject(m, "NcclComm", (PyObject *)&NcclCommType) < 0) {
+        Py_DECREF(&NcclCommType);
         goto fail;
     }
     return m;

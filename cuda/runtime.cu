@@ -19,11 +19,12 @@ extern "C" const char *bq_cuda_status_string(int status) {
     case BQ_ERR_CUDA: return "CUDA error";
     case BQ_ERR_CUBLAS: return "cuBLAS error";
     case BQ_ERR_DEVICE: return "no usable CUDA device";
+    case BQ_ERR_NCCL: return "NCCL error";
     default: return "unknown status";
     }
 }
 
-int bq_cuda_fail(int status, const char *fmt, ...) {
+extern "C" int bq_cuda_fail(int status, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(g_error, sizeof g_error, fmt, ap);

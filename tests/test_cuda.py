@@ -198,6 +198,115 @@ def test_host_window_ids_are_checked():
         hook(np.empty_like(x), x, 2, 0, 3, 4, 2, None, 0.1, 0, 0, 0)
 
 
+def run_python(code, **env):
+    """code in a fresh interpreter (NCCL is loaded once per process), with env added; (returncode, stdout, stderr)."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, **env}, timeout=120)
+    return r.returncode, r.stdout, r.stderr
+
+
+def nccl_reason():
+    """None when an NCCL library loads here (no GPU needed), else why not."""
+    try:
+        bcuda.nccl_version()
+        return None
+    except RuntimeError as e:
+        return str(e)
+
+
+@needs_extension
+def test_nccl_missing_library_is_a_clear_error():
+    """BERTQA_NCCL_LIBRARY names the file to load, and no other: a missing one is a RuntimeError naming it and the
+    loader's reason; argument checks still come first (ValueError); the package imports and the CPU engine runs."""
+    code = """if True:
+        import bertqa, bertqa.cuda as c
+        for call in (c.nccl_version, c.nccl_unique_id, lambda: c.NcclComm(bytes(128), 2, 1, 0)):
+            try:
+                call()
+                print("no error")
+            except RuntimeError as e:
+                print("RuntimeError", e)
+        try:
+            c.NcclComm(bytes(128), 2, 2, 0)
+        except ValueError as e:
+            print("ValueError", e)
+        print("ok")
+    """
+    rc, out, err = run_python(code, BERTQA_NCCL_LIBRARY="/nonexistent/dir/libnccl.so.2")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[-1] == "ok"
+    for line in lines[:3]:
+        assert line.startswith("RuntimeError NCCL: NCCL error: NCCL could not be loaded from "
+                               "BERTQA_NCCL_LIBRARY=/nonexistent/dir/libnccl.so.2"), line
+        assert "No such file" in line, line
+    assert lines[3].startswith("ValueError") and "rank=2" in lines[3], lines[3]
+
+
+@needs_extension
+def test_nccl_library_without_the_nccl_functions_is_named():
+    libm = next((p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6", "/lib64/libm.so.6")
+                 if Path(p).is_file()), None)
+    if libm is None:
+        pytest.skip("no libm.so.6 at a known path")
+    rc, out, err = run_python("import bertqa.cuda as c\ntry: c.nccl_version()\nexcept RuntimeError as e: print(e)",
+                              BERTQA_NCCL_LIBRARY=libm)
+    assert rc == 0, err
+    assert f"{libm} has no ncclGetVersion" in out, out
+
+
+@needs_extension
+def test_nccl_arguments_are_checked_before_nccl_or_cuda():
+    with pytest.raises(ValueError, match="unique_id must be the 128 bytes of nccl_unique_id"):
+        bcuda.NcclComm(b"x" * 127, 2, 0)
+    with pytest.raises(TypeError):
+        bcuda.NcclComm("not bytes" * 20, 2, 0)
+    for nranks, rank, device in [(2, 2, 0), (2, -1, 0), (0, 0, 0), (1, 0, -1)]:
+        with pytest.raises(ValueError, match=f"nranks={nranks}, rank={rank}, device={device}"):
+            bcuda.NcclComm(bytes(128), nranks, rank, device)
+
+
+@needs_extension
+def test_nccl_version_and_unique_id_need_no_gpu():
+    reason = nccl_reason()
+    if reason is not None:
+        pytest.skip(f"no NCCL library here: {reason}")
+    v = bcuda.nccl_version()
+    assert v >= 20400, v   # 2.4: ncclCommAbort, ncclCommGetAsyncError
+    assert Path(bcuda.nccl_library()).is_file()
+    a, b = bcuda.nccl_unique_id(), bcuda.nccl_unique_id()
+    assert isinstance(a, bytes) and len(a) == 128 and a != b
+    # the same library through BERTQA_NCCL_LIBRARY
+    rc, out, err = run_python("import bertqa.cuda as c; print(c.nccl_version(), c.nccl_library())",
+                              BERTQA_NCCL_LIBRARY=bcuda.nccl_library())
+    assert rc == 0 and out.split()[0] == str(v), err
+    if GPU_REASON is not None:   # a communicator needs a GPU: the error says why there is none
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            bcuda.NcclComm(a, 1, 0, 0)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_nccl_single_rank_allreduce_is_the_identity(rng):
+    """nranks = 1: the sum over one rank leaves the gradients as they are; errors name their cause."""
+    reason = nccl_reason()
+    if reason is not None:
+        pytest.skip(f"no NCCL library: {reason}")
+    dev = random_model(tiny_config(), rng, device="cuda", precision="fp32", scale=0.1)
+    dev.zero_grad()
+    dev.forward_backward(tiny_batch(rng))
+    before = dev.gradient("qa_outputs.weight").copy()
+    with bcuda.NcclComm(bcuda.nccl_unique_id(), 1, 0, 0) as comm:
+        assert (comm.nranks, comm.rank, comm.device, comm.closed) == (1, 0, 0, False)
+        comm.allreduce_sum_grads(dev, timeout=60)
+        np.testing.assert_array_equal(dev.gradient("qa_outputs.weight"), before)
+        with pytest.raises(TypeError, match="bertqa._cuda.Engine"):
+            comm.allreduce_sum_grads(object())
+    assert comm.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        comm.allreduce_sum_grads(dev)
+
+
 @needs_extension
 def test_group_ids_for_the_embedding_scatter(rng):
     ids = rng.integers(0, 9, 200).astype(np.int32)
