@@ -18,7 +18,7 @@ from conftest import DATA_DIR, REPO
 NOTEBOOK = REPO / "notebooks" / "bert_qa_lab.ipynb"
 SECTIONS = ["Setup and hardware check", "The data", "Tokens and windows", "The kernels", "The pretrained model",
             "Fine-tuning", "Evaluation", "Save in the Hugging Face format", "Deploy locally",
-            "Deploy to Amazon SageMaker", "Clean up"]
+            "Train on Amazon SageMaker", "Deploy to Amazon SageMaker", "Clean up"]
 EXERCISES = ["my_gelu", "my_layernorm", "my_span_loss", "my_best_span", "my_f1"]
 
 
@@ -72,7 +72,7 @@ def test_notebook_executes_in_small_mode(monkeypatch, tmp_path):
     monkeypatch.setenv("BERTQA_LAB_SOLUTIONS", "1")
     monkeypatch.setenv("BERTQA_DATA_DIR", str(DATA_DIR))
     monkeypatch.delenv("BERTQA_LAB_KEEP", raising=False)
-    for var in ("BERTQA_SAGEMAKER_IMAGE", "BERTQA_SAGEMAKER_ROLE"):  # never deploy to AWS from a test run
+    for var in ("BERTQA_SAGEMAKER_IMAGE", "BERTQA_SAGEMAKER_ROLE"):  # never train or deploy on AWS from a test run
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
 
@@ -105,6 +105,7 @@ def test_notebook_executes_in_small_mode(monkeypatch, tmp_path):
     assert re.search(r"server exited with status", everything)
     m = re.search(r"removed (\S+) \(", everything)
     assert m and not Path(m.group(1)).exists(), "the work folder was not cleaned up"
+    assert "SageMaker training skipped: missing" in everything
     assert "SageMaker deployment skipped: missing" in everything
 
 
@@ -128,7 +129,8 @@ def test_sagemaker_cell_against_mocked_aws(monkeypatch, tmp_path, capsys):
                      BERTQA_SAGEMAKER_IMAGE="123456789012.dkr.ecr.us-east-1.amazonaws.com/bertqa:latest",
                      BERTQA_SAGEMAKER_ROLE="arn:aws:iam::123456789012:role/SageMakerRole").items():
         monkeypatch.setenv(k, v)
-    cell = next(source(c) for c in load_json()["cells"] if "sagemaker_missing" in source(c))
+    monkeypatch.setenv("BERTQA_SAGEMAKER_SKIP_TRAINING", "1")  # the deploy step alone: it uploads the local archive
+    train_cell, cell = sagemaker_cells()
     archive = tmp_path / "model.tar.gz"
     (tmp_path / "config.json").write_text("{}")
     with tarfile.open(archive, "w:gz") as tar:
@@ -138,10 +140,90 @@ def test_sagemaker_cell_against_mocked_aws(monkeypatch, tmp_path, capsys):
         # moto answers invoke_endpoint with whatever body it is given here
         requests.post("http://motoapi.amazonaws.com/moto-api/static/sagemaker/endpoint-results",
                       json={"results": [{"Body": json.dumps(answer), "ContentType": "application/json"}]})
-        exec(cell, {"os": os, "time": time, "archive": archive, "context": "... Gustave Eiffel ..."})
+        namespace = {"os": os, "time": time, "archive": archive, "context": "... Gustave Eiffel ..."}
+        exec(train_cell, namespace)  # defines sagemaker_missing(); job_model_data None (skipped)
+        exec(cell, namespace)
         client = boto3.client("sagemaker")
         assert client.list_endpoints()["Endpoints"] == []
         assert client.list_endpoint_configs()["EndpointConfigs"] == []
         assert client.list_models()["Models"] == []
     out = capsys.readouterr().out
+    assert "SageMaker training skipped: BERTQA_SAGEMAKER_SKIP_TRAINING" in out and "uploaded s3://" in out
     assert "answers: {'answer': 'Gustave Eiffel'" in out and "endpoint and model deleted" in out
+
+
+def sagemaker_cells():
+    """(the "train on SageMaker" cell, the "deploy to SageMaker" cell)."""
+    cells = [source(c) for c in load_json()["cells"] if c["cell_type"] == "code"]
+    return next(c for c in cells if "Estimator(" in c), next(c for c in cells if "sm_model = Model(" in c)
+
+
+def test_sagemaker_training_then_deploy_against_mocked_aws(monkeypatch, tmp_path, capsys):
+    """The training cell's SDK v2 code against moto: channels uploaded to S3, an Estimator of 2 instances with the
+    MPI hyperparameters, checkpoints and metric definitions, fit; then the deploy cell deploys that job's model.
+
+    Needs the SageMaker SDK v2 and moto, like the test above (skipped without them), and bertqa importable.
+    """
+    sagemaker = pytest.importorskip("sagemaker", reason="the SageMaker SDK is not installed")
+    if not sagemaker.__version__.startswith("2."):
+        pytest.skip(f"the notebook's SageMaker cells use the SDK v2 API; found sagemaker {sagemaker.__version__}")
+    moto = pytest.importorskip("moto", reason="moto is not installed (pip install 'moto[s3,sagemaker,sts]')")
+    import time
+
+    import boto3
+    import requests
+
+    from bertqa.squad import load_squad
+    from bertqa.training_job import METRIC_DEFINITIONS
+
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/bertqa:latest"
+    for k, v in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                     BERTQA_SAGEMAKER_IMAGE=image,
+                     BERTQA_SAGEMAKER_ROLE="arn:aws:iam::123456789012:role/SageMakerRole").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("BERTQA_SAGEMAKER_SKIP_TRAINING", raising=False)
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "T", "paragraphs": [{
+        "context": "The cat sat on the mat.", "qas": [
+            {"id": f"q{i}", "question": "Where did the cat sit?", "answers": [{"text": "the mat", "answer_start": 15}]}
+            for i in range(3)]}]}]}))
+    examples = load_squad(squad)
+    train_cell, deploy_cell = sagemaker_cells()
+    namespace = {"os": os, "time": time, "json": json, "WORK": tmp_path / "work", "train_subset": examples,
+                 "eval_subset": examples[:2], "MAX_SEQ_LENGTH": 256, "DOC_STRIDE": 64, "EPOCHS": 1, "BATCH_SIZE": 8,
+                 "LEARNING_RATE": 1.5e-4, "SEED": 42, "archive": tmp_path / "unused.tar.gz", "context": "..."}
+    answer = {"answer": "the mat", "score": 0.9, "start": 15, "end": 22}
+    with moto.mock_aws():
+        requests.post("http://motoapi.amazonaws.com/moto-api/static/sagemaker/endpoint-results",
+                      json={"results": [{"Body": json.dumps(answer), "ContentType": "application/json"}]})
+        exec(train_cell, namespace)
+        client = boto3.client("sagemaker")
+        job = client.describe_training_job(TrainingJobName=client.list_training_jobs()["TrainingJobSummaries"][0]
+                                           ["TrainingJobName"])
+        assert job["AlgorithmSpecification"]["TrainingImage"] == image
+        assert (job["ResourceConfig"]["InstanceCount"], job["EnableManagedSpotTraining"]) == (2, True)
+        hp = job["HyperParameters"]
+        assert all(isinstance(v, str) for v in hp.values())
+        assert (hp["sagemaker_mpi_enabled"], hp["sagemaker_mpi_num_of_processes_per_host"]) == ("true", "1")
+        assert (hp["max_seq_length"], hp["per_device_train_batch_size"], hp["learning_rate"]) == ("256", "4", "0.00015")
+        assert job["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+        assert job["CheckpointConfig"]["S3Uri"].startswith("s3://")
+        s3 = boto3.client("s3")
+        for channel in job["InputDataConfig"]:  # each channel's prefix holds the uploaded SQuAD file
+            bucket, _, prefix = channel["DataSource"]["S3DataSource"]["S3Uri"][5:].partition("/")
+            keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+            assert keys == [f"{prefix}/{channel['ChannelName']}.json"], keys
+            body = json.loads(s3.get_object(Bucket=bucket, Key=keys[0])["Body"].read())
+            n = sum(len(p["qas"]) for a in body["data"] for p in a["paragraphs"])
+            assert n == {"train": 3, "validation": 2}[channel["ChannelName"]]
+        assert sorted(c["ChannelName"] for c in job["InputDataConfig"]) == ["train", "validation"]
+        assert namespace["estimator"].metric_definitions == METRIC_DEFINITIONS
+        job_model = namespace["job_model_data"]
+        assert job_model == job["ModelArtifacts"]["S3ModelArtifacts"] and job_model.endswith("/model.tar.gz")
+
+        exec(deploy_cell, namespace)  # deploys the job's model.tar.gz as it is
+        assert namespace["sm_model"].model_data == job_model
+        assert client.list_endpoints()["Endpoints"] == [] and client.list_models()["Models"] == []
+    out = capsys.readouterr().out
+    assert f"deploying the training job's model {job_model}" in out
+    assert "answers: {'answer': 'the mat'" in out and "endpoint and model deleted" in out
