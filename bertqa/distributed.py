@@ -90,7 +90,7 @@ class Distributed:
                 raise DistributedError("the gradient buffer must be a contiguous float32 array")
             self.comm.Allreduce(MPI.IN_PLACE, grads, op=MPI.SUM)
         else:
-            self._nccl_comm(model).allreduce_sum_grads(model._engine)
+            self._nccl_comm(model).allreduce_sum_grads(model)   # marks the host copy of the gradients stale
 
     def sum(self, values) -> np.ndarray:
         """float64 array: the element-wise sum over ranks of `values` (a few scalars: loss sums, counts)."""

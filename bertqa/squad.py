@@ -268,26 +268,18 @@ class Features:
         """The rows at indices, as a new Features."""
         return Features(**{f.name: getattr(self, f.name)[indices] for f in fields(self)})
 
-    def batch_width(self, indices: Union[Sequence[int], np.ndarray], pad_to_multiple_of: Optional[int] = 8) -> int:
-        """The width batch() trims these rows to: the longest row, rounded up to pad_to_multiple_of."""
-        indices = np.asarray(indices)
-        width = int(self.attention_mask[indices].sum(axis=1).max()) if len(indices) else 0
-        if pad_to_multiple_of:
-            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        return min(max(width, 1), self.seq_len)
-
-    def batch(self, indices: Union[Sequence[int], np.ndarray], pad_to_multiple_of: Optional[int] = 8,
-              width: Optional[int] = None) -> dict[str, np.ndarray]:
+    def batch(self, indices: Union[Sequence[int], np.ndarray], pad_to_multiple_of: Optional[int] = 8
+              ) -> dict[str, np.ndarray]:
         """Model inputs and labels (int32) for the rows at indices, trimmed to the batch's longest row.
 
-        The trimmed width is rounded up to pad_to_multiple_of (None: no rounding, T: no trimming); `width`
-        sets it instead (at least the longest row's: the trainer pads every share of a step to the step's).
+        The trimmed width is rounded up to pad_to_multiple_of (None: no rounding, T: no trimming).
         """
         indices = np.asarray(indices)
         mask = self.attention_mask[indices]
-        if width is None:
-            width = self.batch_width(indices, pad_to_multiple_of)
-        width = min(max(int(width), 1), self.seq_len)
+        width = int(mask.sum(axis=1).max()) if len(indices) else 0
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        width = min(max(width, 1), self.seq_len)
         return {
             "input_ids": self.input_ids[indices, :width].astype(np.int32),
             "token_type_ids": self.token_type_ids[indices, :width].astype(np.int32),

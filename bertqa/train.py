@@ -557,9 +557,9 @@ class Trainer:
     permutation of the epoch, each rank runs forward and backward on its share (TrainPlan.step_shares), the
     gradient buffer is summed over the ranks once per step, and every rank takes the same AdamW step. The loss
     of each share is weighted by its share of the step's windows, so the summed gradient is that of the mean
-    loss over the global batch; every share of a step is padded to the step's longest window, and dropout masks
-    are keyed by (epoch, the window's position in the epoch's order), so any split of a global batch over ranks
-    and micro-batches computes the same step as one process. Rank 0 alone writes the log and checkpoints.
+    loss over the global batch; the engine computes no padding (a window's loss and gradients do not depend on
+    the batch it is in), and dropout masks are keyed by (epoch, the window's position in the epoch's order), so
+    any split of a global batch over ranks and micro-batches computes the same step as one process. Rank 0 alone writes the log and checkpoints.
     """
 
     def __init__(self, model, args: TrainingArguments, train_features: Optional[Features] = None,
@@ -642,7 +642,6 @@ class Trainer:
                 lo = state.position
                 hi = min(lo + plan.global_batch, plan.n_features)
                 n_step = hi - lo
-                width = features.batch_width(order[lo:hi])   # every share of the step padded alike
                 model.zero_grad()
                 loss_sum = 0.0   # sum over this rank's windows of the loss (means times rows)
                 for share in plan.step_shares(lo, dist.rank):
@@ -650,7 +649,7 @@ class Trainer:
                     if len(rows) == 0:
                         continue
                     loss = float(model.forward_backward(
-                        features.batch(rows, width=width), loss_scale=len(rows) / n_step,
+                        features.batch(rows), loss_scale=len(rows) / n_step,
                         window_ids=np.arange(share.start, share.stop, dtype=np.int64), rng_step=state.epoch))
                     loss_sum += loss * len(rows)
                 if dist.enabled:

@@ -185,3 +185,60 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
     }
     return status;
 }
+
+/* ---- rows of their own lengths (the engine's layout) ------------------------------------------------ */
+/* Row by row through the [B,NH,T,T] kernels above (one row as a batch of 1, its heads shared by the threads);
+ * saved holds each row's [NH,T_b,T_b] probabilities one after the other. */
+
+size_t attention_saved_floats(int B, const int *off, int NH) {
+    size_t n = 0;
+    for (int b = 0; b < B; b++) n += (size_t)NH * (size_t)(off[b + 1] - off[b]) * (size_t)(off[b + 1] - off[b]);
+    return n;
+}
+
+static bq_rng row_rng(bq_rng r, int b, const int64_t *scratch_id) {
+    bq_rng one = r;
+    one.window = r.window ? r.window + b : scratch_id;   /* window NULL: row b is window b */
+    return one;
+}
+
+int attention_forward_rows(float *out, float *saved, const float *q, const float *k, const float *v,
+                           const float *mask, int Tpad, int B, const int *off, int NH, int HS, int ld, float p,
+                           bq_rng r, uint32_t tensor_id) {
+    if (!saved && p <= 0.0f) return attention_forward_packed(out, q, k, v, mask, Tpad, off, B, NH, HS, ld);
+    size_t at = 0;
+    for (int b = 0; b < B; b++) {
+        const int T = off[b + 1] - off[b];
+        if (T <= 0) continue;
+        const long o = (long)off[b] * ld;
+        const bq_attn_shape s = {1, NH, T, HS, (long)T * ld, HS, ld};
+        const int64_t id = b;
+        int st = attention_forward(out + o, saved ? saved + at : NULL, q + o, k + o, v + o,
+                                   mask ? mask + (long)b * Tpad : NULL, s, p, row_rng(r, b, &id), tensor_id);
+        if (st) return st;
+        at += (size_t)NH * T * T;
+    }
+    return BQ_OK;
+}
+
+int attention_backward_rows(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *saved,
+                            const float *q, const float *k, const float *v, const float *mask, int Tpad, int B,
+                            const int *off, int NH, int HS, int ld, float p, bq_rng r, uint32_t tensor_id) {
+    const size_t n = (size_t)(off[B] - off[0]) * ld;
+    memset(dq + (size_t)off[0] * ld, 0, n * sizeof(float));
+    memset(dk + (size_t)off[0] * ld, 0, n * sizeof(float));
+    memset(dv + (size_t)off[0] * ld, 0, n * sizeof(float));
+    size_t at = 0;
+    for (int b = 0; b < B; b++) {
+        const int T = off[b + 1] - off[b];
+        if (T <= 0) continue;
+        const long o = (long)off[b] * ld;
+        const bq_attn_shape s = {1, NH, T, HS, (long)T * ld, HS, ld};
+        const int64_t id = b;
+        int st = attention_backward(dq + o, dk + o, dv + o, dout + o, saved + at, q + o, k + o, v + o, s, p,
+                                    row_rng(r, b, &id), tensor_id);
+        if (st) return st;
+        at += (size_t)NH * T * T;
+    }
+    return BQ_OK;
+}

@@ -80,9 +80,12 @@ typedef struct {
     long P;
 } bq_rng;
 static inline uint64_t bq_rng_window(bq_rng r, int b) { return r.window ? (uint64_t)r.window[b] : (uint64_t)b; }
-/* out = dropout(inp) over [B,T,C] numbered as bq_rng says (out may alias inp); _backward: dinp += dout * mask. */
-void dropout_rows_forward(float *out, const float *inp, int B, int T, int C, float p, bq_rng r, uint32_t tensor_id);
-void dropout_rows_backward(float *dinp, const float *dout, int B, int T, int C, float p, bq_rng r,
+/* Rows of tokens: row b is tokens off[b] .. off[b+1]-1 of a [off[B], C] activation (packed rows of their own
+ * lengths, or off[b] = b * T for a padded [B,T,C] batch); its token t is position t of window w_b. */
+/* out = dropout(inp) over such rows, numbered as bq_rng says (out may alias inp); _backward: dinp += dout * mask. */
+void dropout_rows_forward(float *out, const float *inp, int B, const int *off, int C, float p, bq_rng r,
+                          uint32_t tensor_id);
+void dropout_rows_backward(float *dinp, const float *dout, int B, const int *off, int C, float p, bq_rng r,
                            uint32_t tensor_id);
 
 /* ---- embeddings (embedding.c) ----------------------------------------------------------------- */
@@ -152,6 +155,19 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
  * for backward. Returns BQ_ERR_NOMEM if a thread's [Tmax,Tmax] scratch cannot be allocated. */
 int attention_forward_packed(float *out, const float *q, const float *k, const float *v, const float *mask, int Tpad,
                              const int *row_off, int B, int NH, int HS, int ld);
+/* Training (and inference) attention over rows of their own lengths, what the engine runs: q, k, v, out are
+ * [off[B], ld] (head h in columns h*HS .. h*HS+HS-1), row b's T_b = off[b+1] - off[b] tokens attend to each
+ * other; mask [B,Tpad] of 0/1 (NULL: all real; holes inside a row stay masked with -10000). Dropout on the
+ * probabilities (p > 0) numbers element (b, h, i, j) as bq_rng says. `saved` (attention_saved_floats of them, or
+ * NULL when no backward follows) keeps what backward needs; backward OVERWRITES dq, dk, dv. BQ_ERR_NOMEM when a
+ * thread's scratch cannot be allocated. */
+size_t attention_saved_floats(int B, const int *off, int NH);
+int attention_forward_rows(float *out, float *saved, const float *q, const float *k, const float *v,
+                           const float *mask, int Tpad, int B, const int *off, int NH, int HS, int ld, float p,
+                           bq_rng r, uint32_t tensor_id);
+int attention_backward_rows(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *saved,
+                            const float *q, const float *k, const float *v, const float *mask, int Tpad, int B,
+                            const int *off, int NH, int HS, int ld, float p, bq_rng r, uint32_t tensor_id);
 /* dq, dk, dv += gradients; att is the forward's (pre-dropout) probabilities; the dropout mask is regenerated.
  * Each thread allocates one or two [T,T] scratch blocks (BQ_ERR_NOMEM if that fails). */
 int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
@@ -165,6 +181,12 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
  * times grad_scale (either may be NULL). Returns the loss. */
 float span_loss(float *dstart, float *dend, const float *start_logits, const float *end_logits,
                 const int64_t *start_pos, const int64_t *end_pos, int B, int T, float grad_scale);
+/* The engine's span loss over rows of their own lengths (row b: logits off[b] .. off[b+1]-1 of [off[B]]): each
+ * row's softmax over its real tokens only, so padding cannot hold an answer (BertForQuestionAnswering's includes
+ * the padded positions of the batch). Positions are clamped to [0, T] and T ignored as above; a position at or
+ * after the row's end is ignored as well. dstart/dend [off[B]] are overwritten. */
+float span_loss_rows(float *dstart, float *dend, const float *start_logits, const float *end_logits,
+                     const int64_t *start_pos, const int64_t *end_pos, int B, const int *off, int T, float grad_scale);
 
 /* ---- optimizer (adamw.c) ---------------------------------------------------------------------- */
 /* torch.optim.AdamW, one step (step counts from 1), with the gradient multiplied by grad_scale first

@@ -240,7 +240,8 @@ static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject 
     st = bq_forward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, b.B, b.T, 1,
                     seed, step, win ? I64(win) : NULL, NULL, NULL);
     if (!st)
-        st = bq_backward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, I64(sp), I64(ep), seed, step,
+        st = bq_backward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, I64(sp),
+                         I64(ep), seed, step,
                          win ? I64(win) : NULL, (float)loss_scale, &loss);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);

@@ -107,6 +107,7 @@ int bq_model_init(bq_model *m, const bq_config *cfg, float *params, float *grads
 
 void bq_model_free(bq_model *m) {
     free(m->arena);
+    free(m->off);
     free(m->offsets);
     free(m->p.layers);
     free(m->g.layers);
@@ -116,10 +117,11 @@ void bq_model_free(bq_model *m) {
 
 /* ---- activation arena ------------------------------------------------------------------------- */
 
-/* Lays the arena out for (B, T, train), growing it if needed; with ptr == NULL only counts floats. */
-static size_t layout(bq_model *m, int B, int T, int train, float *ptr) {
+/* Lays the arena out for N tokens (rows packed one after the other) and A floats of saved attention state,
+ * growing it if needed; with ptr == NULL only counts floats. */
+static size_t layout(bq_model *m, size_t N, size_t A, int train, float *ptr) {
     const bq_config *c = &m->cfg;
-    const size_t N = (size_t)B * T, C = c->C, I = c->FF, A = (size_t)B * c->NH * T * T;
+    const size_t C = c->C, I = c->FF;
     size_t used = 0;
 #define TAKE(dst, n) do { if (ptr) (dst) = ptr + used; used += (n); } while (0)
     TAKE(m->emb, N * C); TAKE(m->emb_mean, N); TAKE(m->emb_rstd, N); TAKE(m->h0, N * C);
@@ -131,7 +133,7 @@ static size_t layout(bq_model *m, int B, int T, int train, float *ptr) {
         TAKE(a->q, N * C); TAKE(a->k, N * C); TAKE(a->v, N * C); TAKE(a->ctx, N * C);
         TAKE(a->res1, N * C); TAKE(a->mean1, N); TAKE(a->rstd1, N); TAKE(a->h1, N * C);
         TAKE(a->fc, N * I);
-        if (train) {   /* what only backward needs: the probabilities, and the GELU input beside its output */
+        if (train) {   /* what only backward needs: attention's saved state, and the GELU input beside its output */
             TAKE(a->att, A); TAKE(a->gelu, N * I);
         } else if (ptr) {
             a->att = NULL;
@@ -152,8 +154,27 @@ static size_t layout(bq_model *m, int B, int T, int train, float *ptr) {
     return used;
 }
 
-static int prepare_arena(bq_model *m, int B, int T, int train) {
-    size_t need = layout(m, B, T, train, NULL);
+/* The rows of a [B,T] batch as the engine runs them: each row's tokens up to its last real one (bq_row_length;
+ * all T without a mask), packed one after the other: row b is tokens off[b] .. off[b+1]-1 (m->off, [B+1]). */
+static int set_rows(bq_model *m, const float *mask, int B, int T) {
+    if (B + 1 > m->off_cap) {
+        int *off = malloc(sizeof(int) * ((size_t)B + 1));
+        if (!off) return BQ_ERR_NOMEM;
+        free(m->off);
+        m->off = off;
+        m->off_cap = B + 1;
+    }
+    m->off[0] = 0;
+    for (int b = 0; b < B; b++) m->off[b + 1] = m->off[b] + (mask ? bq_row_length(mask + (long)b * T, T) : T);
+    m->B = B;
+    m->T = T;
+    m->N = m->off[B];
+    return BQ_OK;
+}
+
+static int prepare_arena(bq_model *m, int train) {
+    const size_t A = train ? attention_saved_floats(m->B, m->off, m->cfg.NH) : 0;
+    size_t need = layout(m, (size_t)m->N, A, train, NULL);
     if (need > m->arena_floats) {
         float *a = malloc(need * sizeof(float));
         if (!a) return BQ_ERR_NOMEM;
@@ -161,9 +182,7 @@ static int prepare_arena(bq_model *m, int B, int T, int train) {
         m->arena = a;
         m->arena_floats = need;
     }
-    layout(m, B, T, train, m->arena);
-    m->B = B;
-    m->T = T;
+    layout(m, (size_t)m->N, A, train, m->arena);
     m->train = train;
     return BQ_OK;
 }
@@ -175,23 +194,12 @@ static void add3(float *out, const float *a, const float *b, size_t n) {
     for (long i = 0; i < (long)n; i++) out[i] = a[i] + b[i];
 }
 
-/* out = x + dropout(y) (dropout in place on y first when training) */
-static void residual(float *out, const float *x, float *y, int B, int T, int C, float p, int train, bq_rng r,
+/* out = x + dropout(y) over the model's rows (dropout in place on y first when training) */
+static void residual(bq_model *m, float *out, const float *x, float *y, float p, int train, bq_rng r,
                      uint32_t site) {
-    if (train && p > 0.0f) dropout_rows_forward(y, y, B, T, C, p, r, site);
-    add3(out, x, y, (size_t)B * T * C);
-}
-
-/* Packed inference: each row's tokens up to its last real one (bq_row_length), as token offsets off[0..B];
- * returns the total number of tokens kept. */
-static long pack_rows(const float *mask, int B, int T, int *off) {
-    long n = 0;
-    off[0] = 0;
-    for (int b = 0; b < B; b++) {
-        n += bq_row_length(mask + (long)b * T, T);
-        off[b + 1] = (int)n;
-    }
-    return n;
+    const int C = m->cfg.C;
+    if (train && p > 0.0f) dropout_rows_forward(y, y, m->B, m->off, C, p, r, site);
+    add3(out, x, y, (size_t)m->N * C);
 }
 
 int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B, int T, int train,
@@ -199,44 +207,26 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
     const bq_config *c = &m->cfg;
     const bq_rng r = {seed, step, window, c->P};
     const int C = c->C, I = c->FF, NH = c->NH, HS = C / NH;
-    int N = B * T;
     const float pd = train ? c->hidden_dropout : 0.0f, pa = train ? c->attn_dropout : 0.0f;
-    /* Inference skips padding altogether: the rows are packed one after the other without their trailing
-     * padding, so every per-token kernel (the linear layers, LayerNorm, GELU) runs on real tokens only and
-     * attention runs per row on its own length. Training keeps the [B,T] layout (the dropout RNG numbers its
-     * elements by position in it). */
-    int *row_off = NULL;
-    if (!train && mask && N > 0) {
-        if (!(row_off = malloc(sizeof(int) * ((size_t)B + 1)))) return BQ_ERR_NOMEM;
-        const long kept = pack_rows(mask, B, T, row_off);
-        if (kept == N) {
-            free(row_off);
-            row_off = NULL;
-        } else {
-            N = (int)kept;
-        }
-    }
-    int st = row_off ? prepare_arena(m, 1, N, 0) : prepare_arena(m, B, T, train);
-    if (st) goto done;
-    if (!row_off) {
-        PROF(BQ_PROF_FWD_EMBEDDING,
-             st = embedding_forward(m->emb, ids, types, m->p.wte, m->p.wpe, m->p.wtt, B, T, C, c->V, c->P, c->NT));
-    } else if (T > c->P) {
-        st = BQ_ERR_INDEX;
-    } else {   /* each row's tokens at positions 0..T_b-1 */
-        PROF(BQ_PROF_FWD_EMBEDDING, {
-            for (int b = 0; b < B && !st; b++)
-                st = embedding_forward(m->emb + (long)row_off[b] * C, ids + (long)b * T, types ? types + (long)b * T : NULL,
-                                       m->p.wte, m->p.wpe, m->p.wtt, 1, row_off[b + 1] - row_off[b], C, c->V, c->P,
-                                       c->NT);
-        });
-    }
-    if (st) goto done;
+    /* Padding is never computed, in training as in inference: the rows are packed one after the other without
+     * their trailing padding, so every per-token kernel (the linear layers, LayerNorm, GELU, dropout) runs on
+     * real tokens only and attention runs per row on its own length. Dropout numbers a row's elements by
+     * (window, position) (bq_rng), not by place in the packed buffer. */
+    if (T > c->P) return BQ_ERR_INDEX;
+    int st = set_rows(m, mask, B, T);
+    if (!st) st = prepare_arena(m, train);
+    if (st) return st;
+    const int *off = m->off;
+    const int N = m->N;
+    PROF(BQ_PROF_FWD_EMBEDDING, {   /* each row's tokens at positions 0..T_b-1 */
+        for (int b = 0; b < B && !st; b++)
+            st = embedding_forward(m->emb + (long)off[b] * C, ids + (long)b * T, types ? types + (long)b * T : NULL,
+                                   m->p.wte, m->p.wpe, m->p.wtt, 1, off[b + 1] - off[b], C, c->V, c->P, c->NT);
+    });
+    if (st) return st;
     PROF(BQ_PROF_FWD_LAYERNORM,
          layernorm_forward(m->h0, m->emb_mean, m->emb_rstd, m->emb, m->p.lnw, m->p.lnb, N, C, c->eps));
-    if (pd > 0.0f) PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, dropout_rows_forward(m->h0, m->h0, B, T, C, pd, r, SITE_EMB));
-    const bq_attn_shape s = {B, NH, T, HS, (long)T * C, HS, C};
-    const int RB = row_off ? 1 : B, RT = row_off ? N : T;   /* the [RB,RT,C] rows the arena holds */
+    if (pd > 0.0f) PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, dropout_rows_forward(m->h0, m->h0, B, off, C, pd, r, SITE_EMB));
     const float *x = m->h0;
     for (int l = 0; l < c->L; l++) {
         bq_layer_acts *a = &m->acts[l];
@@ -246,18 +236,17 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
             linear_forward(a->k, x, w->kw, w->kb, N, C, C);
             linear_forward(a->v, x, w->vw, w->vb, N, C, C);
         });
-        PROF(BQ_PROF_FWD_ATTENTION,
-             st = row_off ? attention_forward_packed(a->ctx, a->q, a->k, a->v, mask, T, row_off, B, NH, HS, C)
-                          : attention_forward(a->ctx, a->att, a->q, a->k, a->v, mask, s, pa, r, SITE_ATT(l)));
-        if (st) goto done;
+        PROF(BQ_PROF_FWD_ATTENTION, st = attention_forward_rows(a->ctx, train ? a->att : NULL, a->q, a->k, a->v, mask,
+                                                                T, B, off, NH, HS, C, pa, r, SITE_ATT(l)));
+        if (st) return st;
         PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->res1, a->ctx, w->aow, w->aob, N, C, C));   /* attention output */
-        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(a->res1, x, a->res1, RB, RT, C, pd, train, r, SITE_AO(l)));
+        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(m, a->res1, x, a->res1, pd, train, r, SITE_AO(l)));
         PROF(BQ_PROF_FWD_LAYERNORM,
              layernorm_forward(a->h1, a->mean1, a->rstd1, a->res1, w->ln1w, w->ln1b, N, C, c->eps));
         PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->fc, a->h1, w->fcw, w->fcb, N, C, I));
         PROF(BQ_PROF_FWD_GELU, gelu_forward(a->gelu, a->fc, (size_t)N * I));
         PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->res2, a->gelu, w->fc2w, w->fc2b, N, I, C));
-        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(a->res2, a->h1, a->res2, RB, RT, C, pd, train, r, SITE_FFN(l)));
+        PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(m, a->res2, a->h1, a->res2, pd, train, r, SITE_FFN(l)));
         PROF(BQ_PROF_FWD_LAYERNORM,
              layernorm_forward(a->out, a->mean2, a->rstd2, a->res2, w->ln2w, w->ln2b, N, C, c->eps));
         x = a->out;
@@ -269,22 +258,16 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
             m->end_l[i] = m->logits[2 * i + 1];
         }
     });
-    if (!row_off) {
-        if (start) memcpy(start, m->start_l, (size_t)N * sizeof(float));
-        if (end) memcpy(end, m->end_l, (size_t)N * sizeof(float));
-    } else {   /* back to [B,T]; the positions after a row's last real token were not computed: -inf */
-        for (int b = 0; b < B; b++) {
-            const int L = row_off[b + 1] - row_off[b];
-            for (int t = 0; t < T; t++) {
-                const long i = (long)b * T + t;
-                if (start) start[i] = t < L ? m->start_l[row_off[b] + t] : -INFINITY;
-                if (end) end[i] = t < L ? m->end_l[row_off[b] + t] : -INFINITY;
-            }
+    /* back to [B,T]; the positions after a row's last real token were not computed: -inf */
+    for (int b = 0; b < B && (start || end); b++) {
+        const int L = off[b + 1] - off[b];
+        for (int t = 0; t < T; t++) {
+            const long i = (long)b * T + t;
+            if (start) start[i] = t < L ? m->start_l[off[b] + t] : -INFINITY;
+            if (end) end[i] = t < L ? m->end_l[off[b] + t] : -INFINITY;
         }
     }
-done:
-    free(row_off);
-    return st;
+    return BQ_OK;
 }
 
 /* ---- backward --------------------------------------------------------------------------------- */
@@ -292,36 +275,36 @@ done:
 static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
 
 /* dx (+)= d(x + dropout(y))/dx = dres;  dy = dropout_backward(dres) into a zeroed buffer */
-static void residual_backward(float *dy, const float *dres, int B, int T, int C, float p, bq_rng r, uint32_t site) {
-    const size_t n = (size_t)B * T * C;
+static void residual_backward(bq_model *m, float *dy, const float *dres, float p, bq_rng r, uint32_t site) {
+    const size_t n = (size_t)m->N * m->cfg.C;
     if (p > 0.0f) {
         zero(dy, n);
-        dropout_rows_backward(dy, dres, B, T, C, p, r, site);
+        dropout_rows_backward(dy, dres, m->B, m->off, m->cfg.C, p, r, site);
     } else {
         memcpy(dy, dres, n * sizeof(float));
     }
 }
 
-int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int64_t *start_pos,
+int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, const int64_t *start_pos,
                 const int64_t *end_pos, uint64_t seed, uint32_t step, const int64_t *window, float loss_scale,
                 float *loss) {
     const bq_config *c = &m->cfg;
     const bq_rng r = {seed, step, window, c->P};
     if (!m->train || !m->grads) return BQ_ERR_ARG;
-    const int B = m->B, T = m->T, C = c->C, I = c->FF, NH = c->NH, HS = C / NH, N = B * T;
+    const int B = m->B, T = m->T, C = c->C, I = c->FF, NH = c->NH, HS = C / NH, N = m->N;
+    const int *off = m->off;
     const size_t NC = (size_t)N * C, NI = (size_t)N * I;
     const float pd = c->hidden_dropout, pa = c->attn_dropout;
-    const bq_attn_shape s = {B, NH, T, HS, (long)T * C, HS, C};
     float *dout = m->d_buf[0], *dres = m->d_buf[1], *dy = m->d_buf[2];
     float *dq = m->d_buf[3], *dk = m->d_buf[4], *dv = m->d_buf[5];
     float *dgelu = m->d_buf[6], *dfc = m->d_buf[6] + NI;
     int st = BQ_OK;
 
-    /* span loss -> dlogits [N,2], start and end interleaved as the head wrote them */
+    /* span loss over each row's real tokens -> dlogits [N,2], start and end interleaved as the head wrote them */
     float *dstart = m->dse, *dend = m->dse + N, *dlogits = m->dlogits;
     const float *x_last = m->acts[c->L - 1].out;
     PROF(BQ_PROF_BWD_LOSS_HEAD, {
-        *loss = span_loss(dstart, dend, m->start_l, m->end_l, start_pos, end_pos, B, T, loss_scale);
+        *loss = span_loss_rows(dstart, dend, m->start_l, m->end_l, start_pos, end_pos, B, off, T, loss_scale);
         for (long i = 0; i < N; i++) {
             dlogits[2 * i] = dstart[i];
             dlogits[2 * i + 1] = dend[i];
@@ -340,7 +323,7 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int
         PROF(BQ_PROF_BWD_LAYERNORM,
              layernorm_backward(dres, gw->ln2w, gw->ln2b, dout, a->res2, w->ln2w, a->mean2, a->rstd2, N, C));
         /* res2 = h1 + dropout(ffn): dh1 = dres (dout is free now), dffn = dropout'(dres) into dy */
-        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dy, dres, B, T, C, pd, r, SITE_FFN(l)));
+        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(m, dy, dres, pd, r, SITE_FFN(l)));
         float *dh1 = dres;
         PROF(BQ_PROF_BWD_ZERO, zero(dgelu, NI));
         PROF(BQ_PROF_BWD_LINEAR, linear_backward(dgelu, gw->fc2w, gw->fc2b, dy, a->gelu, w->fc2w, N, I, C));
@@ -353,17 +336,13 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int
         PROF(BQ_PROF_BWD_LAYERNORM,
              layernorm_backward(dres1, gw->ln1w, gw->ln1b, dh1, a->res1, w->ln1w, a->mean1, a->rstd1, N, C));
         /* res1 = x + dropout(ctx Wo^T + bo): dx = dres1 (stays in dout), dao = dropout'(dres1) into dy */
-        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dy, dres1, B, T, C, pd, r, SITE_AO(l)));
+        PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(m, dy, dres1, pd, r, SITE_AO(l)));
         float *dctx = dres;   /* dh1 is consumed */
         PROF(BQ_PROF_BWD_ZERO, zero(dctx, NC));
         PROF(BQ_PROF_BWD_LINEAR, linear_backward(dctx, gw->aow, gw->aob, dy, a->ctx, w->aow, N, C, C));
-        PROF(BQ_PROF_BWD_ZERO, {
-            zero(dq, NC);
-            zero(dk, NC);
-            zero(dv, NC);
-        });
-        PROF(BQ_PROF_BWD_ATTENTION,
-             st = attention_backward(dq, dk, dv, dctx, a->att, a->q, a->k, a->v, s, pa, r, SITE_ATT(l)));
+        PROF(BQ_PROF_BWD_ATTENTION,   /* overwrites dq, dk, dv */
+             st = attention_backward_rows(dq, dk, dv, dctx, a->ctx, a->att, a->q, a->k, a->v, mask, T, B, off, NH, HS, C,
+                                          pa, r, SITE_ATT(l)));
         if (st) return st;
         float *dx = dout;   /* already holds the residual path; the projections add to it */
         PROF(BQ_PROF_BWD_LINEAR, {
@@ -374,12 +353,16 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int
     }
     /* h0 = dropout(LN(emb)) */
     float *dln = dy;
-    PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(dln, dout, B, T, C, pd, r, SITE_EMB));
+    PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(m, dln, dout, pd, r, SITE_EMB));
     PROF(BQ_PROF_BWD_ZERO, zero(dres, NC));
     PROF(BQ_PROF_BWD_LAYERNORM,
          layernorm_backward(dres, m->g.lnw, m->g.lnb, dln, m->emb, m->p.lnw, m->emb_mean, m->emb_rstd, N, C));
-    PROF(BQ_PROF_BWD_EMBEDDING,
-         st = embedding_backward(m->g.wte, m->g.wpe, m->g.wtt, dres, ids, types, B, T, C, c->V, c->P, c->NT, c->pad_id));
+    PROF(BQ_PROF_BWD_EMBEDDING, {
+        for (int b = 0; b < B && !st; b++)
+            st = embedding_backward(m->g.wte, m->g.wpe, m->g.wtt, dres + (long)off[b] * C, ids + (long)b * T,
+                                    types ? types + (long)b * T : NULL, 1, off[b + 1] - off[b], C, c->V, c->P, c->NT,
+                                    c->pad_id);
+    });
     return st;
 }
 

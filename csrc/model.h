@@ -70,10 +70,12 @@ typedef struct bq_model {
     bq_params p, g;                  /* tensor pointers into params and grads */
     size_t *offsets;                 /* [ntensors + 1]: tensor i starts at offsets[i]; offsets[ntensors] = nparams */
     int ntensors;
-    /* activation arena, grown as needed, laid out per call for the (B, T, train) at hand */
+    /* activation arena, grown as needed, laid out per call for the rows and mode at hand */
     float *arena;
     size_t arena_floats;
-    int B, T, train;
+    int B, T, train;                         /* the [B,T] batch of the last forward */
+    int *off, off_cap;                       /* its rows: row b is tokens off[b] .. off[b+1]-1 (trailing padding cut) */
+    int N;                                   /* tokens run: off[B] */
     float *emb, *emb_mean, *emb_rstd, *h0;   /* [N,C] embedding sum, [N] LN stats, [N,C] embedding output */
     bq_layer_acts *acts;                     /* [L] */
     float *logits;                           /* [N,2] head output, start and end interleaved */
@@ -94,13 +96,14 @@ void bq_model_free(bq_model *m);
  * Writes start/end [B,T] (either may be NULL). train = 1 applies dropout and keeps what backward needs; its masks are
  * keyed by (seed, step, window[b], position, feature) as bq_rng says with P = the model's positions (window NULL:
  * row b is window b).
- * Eval computes no padding: the positions after each row's last real token are not run through the model and
- * read -inf in start/end (an all-padding row is computed in full). */
+ * No padding is computed (eval or train): the positions after each row's last real token are not run through the
+ * model and read -inf in start/end (an all-padding row is computed in full). */
 int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, int B, int T, int train,
                uint64_t seed, uint32_t step, const int64_t *window, float *start, float *end);
-/* After a train forward with the same arguments: span loss and backward; gradients ACCUMULATE into grads,
- * scaled by loss_scale. Returns BQ status; *loss gets the (unscaled) loss. */
-int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const int64_t *start_pos,
+/* After a train forward with the same arguments: span loss (over each row's real tokens, span_loss_rows) and
+ * backward; gradients ACCUMULATE into grads, scaled by loss_scale. Returns BQ status; *loss gets the (unscaled)
+ * loss. */
+int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const float *mask, const int64_t *start_pos,
                 const int64_t *end_pos, uint64_t seed, uint32_t step, const int64_t *window, float loss_scale,
                 float *loss);
 /* Global gradient norm, clipping (max_norm <= 0: none) and one AdamW step over all tensors; decay[i] != 0 marks

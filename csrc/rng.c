@@ -6,6 +6,7 @@
 #include <limits.h>
 #include <math.h>
 #include "bertqa.h"
+#include "cpu.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -122,7 +123,7 @@ static inline void keep32(__m256 out[4], uint64_t seed, uint32_t step, uint32_t 
 }
 #endif
 
-enum { APPLY, ACCUMULATE, MASK, UNIFORM };
+enum { APPLY = BQ_DROPOUT_APPLY, ACCUMULATE = BQ_DROPOUT_ACCUMULATE, MASK = BQ_DROPOUT_MASK, UNIFORM = BQ_DROPOUT_UNIFORM };
 
 static inline void emit(float *y, const float *x, size_t i, float u, float p, float scale, int mode) {
     float keep = u >= p ? scale : 0.0f;
@@ -136,9 +137,11 @@ static inline void emit(float *y, const float *x, size_t i, float u, float p, fl
 
 /* Over i in [0, n), a slice of a tensor's element numbering starting at `first`: APPLY y = x * keep / (1 - p),
  * ACCUMULATE y += x * keep / (1 - p), MASK y = keep / (1 - p), UNIFORM y = the uniform itself. One Philox call
- * per 4 elements (8 at once with AVX2); the slice need not start on a multiple of 4. y may alias x. */
-static void dropout_slice(float *y, const float *x, size_t n, float p, uint64_t seed, uint32_t step,
-                          uint32_t tensor_id, uint64_t first, int mode) {
+ * per 4 elements (8 at once with AVX2); the slice need not start on a multiple of 4. y may alias x.
+ * The AVX2 variant; rng_avx512.c has the AVX-512 one (sixteen Philox blocks at once, the same masks bit for bit),
+ * and dropout_slice below takes the one bq_cpu() says. */
+void dropout_slice_avx2(float *y, const float *x, size_t n, float p, uint64_t seed, uint32_t step,
+                        uint32_t tensor_id, uint64_t first, int mode) {
     const float scale = 1.0f / (1.0f - p);
     size_t i = 0;
 #ifdef __AVX2__
@@ -172,6 +175,11 @@ static void dropout_slice(float *y, const float *x, size_t n, float p, uint64_t 
         uniform4(u, seed, step, tensor_id, idx / 4);
         for (unsigned lane = (unsigned)(idx % 4); lane < 4 && i < n; lane++, i++) emit(y, x, i, u[lane], p, scale, mode);
     }
+}
+
+static inline void dropout_slice(float *y, const float *x, size_t n, float p, uint64_t seed, uint32_t step,
+                                 uint32_t tensor_id, uint64_t first, int mode) {
+    bq_cpu()->dropout_slice(y, x, n, p, seed, step, tensor_id, first, mode);
 }
 
 void bq_dropout_slice(float *out, const float *inp, size_t n, float p, uint64_t seed, uint32_t step,
@@ -210,26 +218,36 @@ void dropout_backward(float *dinp, const float *dout, size_t N, float p, uint64_
     dropout_apply(dinp, dout, N, p, seed, step, tensor_id, ACCUMULATE);
 }
 
-/* [B,T,C] with bq_rng numbering: each row's T*C elements are contiguous in the buffer and in the numbering
- * (first = w_b * P * C), so rows are cut into 4096-element slices that the threads share. */
-static void dropout_rows_apply(float *y, const float *x, int B, int T, int C, float p, bq_rng r, uint32_t tensor_id,
-                               int mode) {
-    const size_t S = 4096, row = (size_t)T * C;
-    const long per_row = (long)((row + S - 1) / S), nslices = per_row * B;
-#pragma omp parallel for schedule(static) if (row * B > 32768) num_threads(bq_num_threads())
+/* Rows with bq_rng numbering: row b's T_b * C elements are contiguous in the buffer (from off[b] * C) and in the
+ * numbering (from w_b * P * C), so rows are cut into 4096-element slices that the threads share. */
+static void dropout_rows_apply(float *y, const float *x, int B, const int *off, int C, float p, bq_rng r,
+                               uint32_t tensor_id, int mode) {
+    const size_t S = 4096;
+    long nslices = 0;
+    for (int b = 0; b < B; b++) nslices += (long)(((size_t)(off[b + 1] - off[b]) * C + S - 1) / S);
+    const size_t total = (size_t)(off[B] - off[0]) * C;
+    int b = 0;
+    long first_slice = 0;   /* slices of the rows before b */
+#pragma omp parallel for schedule(static) if (total > 32768) num_threads(bq_num_threads()) firstprivate(b, first_slice)
     for (long sl = 0; sl < nslices; sl++) {
-        const int b = (int)(sl / per_row);
-        const size_t a = (size_t)(sl % per_row) * S, n = row - a < S ? row - a : S, o = (size_t)b * row + a;
+        /* this thread's slices come in order: walk b forward (from where it last stopped) to the row of sl */
+        while (sl - first_slice >= (long)(((size_t)(off[b + 1] - off[b]) * C + S - 1) / S)) {
+            first_slice += (long)(((size_t)(off[b + 1] - off[b]) * C + S - 1) / S);
+            b++;
+        }
+        const size_t row = (size_t)(off[b + 1] - off[b]) * C, a = (size_t)(sl - first_slice) * S;
+        const size_t n = row - a < S ? row - a : S, o = (size_t)off[b] * C + a;
         dropout_slice(y + o, x + o, n, p, r.seed, r.step, tensor_id, bq_rng_window(r, b) * (uint64_t)r.P * C + a,
                       mode);
     }
 }
 
-void dropout_rows_forward(float *out, const float *inp, int B, int T, int C, float p, bq_rng r, uint32_t tensor_id) {
-    dropout_rows_apply(out, inp, B, T, C, p, r, tensor_id, APPLY);
+void dropout_rows_forward(float *out, const float *inp, int B, const int *off, int C, float p, bq_rng r,
+                          uint32_t tensor_id) {
+    dropout_rows_apply(out, inp, B, off, C, p, r, tensor_id, APPLY);
 }
 
-void dropout_rows_backward(float *dinp, const float *dout, int B, int T, int C, float p, bq_rng r,
+void dropout_rows_backward(float *dinp, const float *dout, int B, const int *off, int C, float p, bq_rng r,
                            uint32_t tensor_id) {
-    dropout_rows_apply(dinp, dout, B, T, C, p, r, tensor_id, ACCUMULATE);
+    dropout_rows_apply(dinp, dout, B, off, C, p, r, tensor_id, ACCUMULATE);
 }

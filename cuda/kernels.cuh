@@ -117,10 +117,11 @@ int attention_backward(bq_gemm *g, T *dq, T *dk, T *dv, const T *dctx, const T *
 int qa_split(cudaStream_t s, float *start, float *end, const float *logits, const float *qab, int N);
 /* Per row: rowloss[w*B + b] = CE of row b (w = 0 start, 1 end; 0 when ignored), and the gradient
  * dlogits[(b*T + t)*2 + w] = gscale[w] * (softmax - onehot) (0 for ignored rows). pos: clamped to [0, T] by the
- * caller (T = ignored). */
+ * caller (T = ignored). len [B] (device) or nullptr: the softmax of row b runs over its first len[b] positions
+ * (the caller marks positions >= len[b] ignored); positions from len[b] on get gradient 0. */
 template <typename T>
 int span_loss_rows(cudaStream_t s, T *dlogits, double *rowloss, const float *start, const float *end,
-                   const int *pos, int B, int T_, double gscale_start, double gscale_end);
+                   const int *pos, const int *len, int B, int T_, double gscale_start, double gscale_end);
 
 /* ---- optimizer (adamw.cu) ---------------------------------------------------------------------------------- */
 #define BQ_NORM_BLOCKS 1024

@@ -72,12 +72,12 @@ struct bq_cuda_model {
     void *qkv, *ytmp, *pdrop, *headbuf;
     float *scores, *colsum_scratch;
     void *dout, *dres, *dy, *dgelu;
-    int *ids, *types, *pos, *g_uniq, *g_start, *g_tok;
+    int *ids, *types, *pos, *len, *g_uniq, *g_start, *g_tok;   /* len [B]: each row's length (csrc's rows) */
     int64_t *win;      /* [B] window ids of the batch rows (dropout numbering), when has_win */
     float *mask;
     int has_types, has_mask, has_win;
     /* host staging */
-    int *h_ids, *h_types, *h_pos, *h_uniq, *h_start, *h_tok, *h_count;
+    int *h_ids, *h_types, *h_pos, *h_len, *h_uniq, *h_start, *h_tok, *h_count;
     size_t h_cap;
 };
 
@@ -142,6 +142,7 @@ extern "C" void bq_cuda_model_free(bq_cuda_model *m) {
     free(m->h_ids);
     free(m->h_types);
     free(m->h_pos);
+    free(m->h_len);
     free(m->h_uniq);
     free(m->h_start);
     free(m->h_tok);
@@ -362,7 +363,7 @@ static size_t layout(bq_cuda_model *m, int B, int T, int train, char *base) {
     }
     /* the batch */
     TAKE(m->ids, N * sizeof(int)); TAKE(m->types, N * sizeof(int)); TAKE(m->mask, N * f);
-    TAKE(m->pos, 2 * (size_t)B * sizeof(int)); TAKE(m->g_uniq, N * sizeof(int)); TAKE(m->g_start, (N + 1) * sizeof(int));
+    TAKE(m->pos, 2 * (size_t)B * sizeof(int)); TAKE(m->len, (size_t)B * sizeof(int)); TAKE(m->g_uniq, N * sizeof(int)); TAKE(m->g_start, (N + 1) * sizeof(int));
     TAKE(m->g_tok, N * sizeof(int)); TAKE(m->win, (size_t)B * sizeof(int64_t));
 #undef TAKE
     return k.used;
@@ -387,15 +388,17 @@ static int prepare_arena(bq_cuda_model *m, int B, int T, int train) {
     /* host staging for the batch */
     const size_t N = (size_t)B * T;
     if (N > m->h_cap || !m->h_count) {
-        free(m->h_ids); free(m->h_types); free(m->h_pos); free(m->h_uniq); free(m->h_start); free(m->h_tok);
+        free(m->h_ids); free(m->h_types); free(m->h_pos); free(m->h_len); free(m->h_uniq); free(m->h_start);
+        free(m->h_tok);
         m->h_ids = (int *)malloc(N * sizeof(int));
+        m->h_len = (int *)malloc(N * sizeof(int));   /* B <= N */
         m->h_types = (int *)malloc(N * sizeof(int));
         m->h_pos = (int *)malloc(2 * N * sizeof(int));   /* 2B <= 2N */
         m->h_uniq = (int *)malloc(N * sizeof(int));
         m->h_start = (int *)malloc((N + 1) * sizeof(int));
         m->h_tok = (int *)malloc(N * sizeof(int));
         if (!m->h_count) m->h_count = (int *)calloc(m->cfg.V, sizeof(int));
-        if (!m->h_ids || !m->h_types || !m->h_pos || !m->h_uniq || !m->h_start || !m->h_tok || !m->h_count) {
+        if (!m->h_ids || !m->h_types || !m->h_pos || !m->h_len || !m->h_uniq || !m->h_start || !m->h_tok || !m->h_count) {
             m->h_cap = 0;
             return bq_cuda_fail(BQ_ERR_NOMEM, "out of host memory for the batch staging");
         }
@@ -504,6 +507,15 @@ extern "C" int bq_cuda_forward(bq_cuda_model *m, const int64_t *ids, const int64
     }
     m->has_mask = mask != nullptr;
     if (mask) CUDA_TRY(cudaMemcpyAsync(m->mask, mask, N * sizeof(float), cudaMemcpyHostToDevice, m->stream));
+    /* each row's length as the CPU engine cuts it (bq_row_length: up to its last real token, all T for an
+     * all-padding row): the span loss runs over it */
+    for (int b = 0; b < B; b++) {
+        int L = T;
+        if (mask)
+            while (L > 0 && mask[(size_t)b * T + L - 1] == 0.0f) L--;
+        m->h_len[b] = L ? L : T;
+    }
+    CUDA_TRY(cudaMemcpyAsync(m->len, m->h_len, (size_t)B * sizeof(int), cudaMemcpyHostToDevice, m->stream));
     m->has_win = window_ids != nullptr;   /* kept for the backward of this batch */
     if (window_ids)
         CUDA_TRY(cudaMemcpyAsync(m->win, window_ids, (size_t)B * sizeof(int64_t), cudaMemcpyHostToDevice, m->stream));
@@ -546,7 +558,7 @@ static int backward_impl(bq_cuda_model *m, uint64_t seed, uint32_t step, double 
     T *dout = (T *)m->dout, *dres = (T *)m->dres, *dy = (T *)m->dy, *dgelu = (T *)m->dgelu, *dlogits = (T *)m->dlogits;
     T *dq = (T *)m->qkv, *dk = dq + NC, *dv = dk + NC;
 
-    TRY(span_loss_rows<T>(s, dlogits, m->rowloss, m->start_l, m->end_l, m->pos, B, T_, gs0, gs1));
+    TRY(span_loss_rows<T>(s, dlogits, m->rowloss, m->start_l, m->end_l, m->pos, m->len, B, T_, gs0, gs1));
     const T *xL = (const T *)m->acts[L - 1].out;
     TRY(linear_backward_weight<T>(g, grad(m, QAW(L)), dlogits, xL, N, C, 2));
     TRY(colsum_add<T>(s, grad(m, QAB(L)), dlogits, N, 2, nullptr, 0, scratch));
@@ -605,12 +617,14 @@ extern "C" int bq_cuda_backward(bq_cuda_model *m, const int64_t *ids, const int6
         return bq_cuda_fail(BQ_ERR_ARG, "backward needs a train-mode forward first (and a model with gradients)");
     TRY(select_device(m));
     const int B = m->B, T = m->T;
-    /* positions clamped to [0, T] (T = ignored), as Hugging Face */
+    /* positions clamped to [0, T] (T = ignored), as Hugging Face; one at or after its row's end is ignored too
+     * (csrc/span_loss.c's span_loss_rows: the softmax runs over the row's real tokens) */
     int *pos = m->h_pos, nv[2] = {0, 0};
     for (int w = 0; w < 2; w++)
         for (int b = 0; b < B; b++) {
             const int64_t p = (w ? end_pos : start_pos)[b];
-            const int q = p < 0 ? 0 : (p > T ? T : (int)p);
+            int q = p < 0 ? 0 : (p > T ? T : (int)p);
+            if (q >= m->h_len[b]) q = T;
             pos[w * B + b] = q;
             nv[w] += q != T;
         }

@@ -474,7 +474,7 @@ extern "C" int bq_cuda_span_loss(float *loss, float *dstart, float *dend, const 
     TRY(sc.alloc(&rl, 2 * (size_t)B));
     CUDA_TRY(cudaMemcpyAsync(dp, pos.data(), 2 * B * sizeof(int), cudaMemcpyHostToDevice, sc.s));
     const float half = 0.5f * grad_scale;
-    TRY(span_loss_rows<float>(sc.s, dl, rl, ds, de, dp, B, T, nv[0] ? (double)half / nv[0] : 0.0,
+    TRY(span_loss_rows<float>(sc.s, dl, rl, ds, de, dp, nullptr, B, T, nv[0] ? (double)half / nv[0] : 0.0,
                               nv[1] ? (double)half / nv[1] : 0.0));
     std::vector<float> inter(2 * N);
     std::vector<double> rows(2 * B);

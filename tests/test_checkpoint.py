@@ -566,10 +566,16 @@ def test_reference_matches_numpy_forward_of_loaded_checkpoint():
     np.testing.assert_allclose(end, ref["end_logits"], atol=2e-5)
     T = start.shape[1]
 
-    def span_loss(logits, positions):
+    def span_loss(logits, positions, real_only):
         positions = np.clip(positions, 0, T)
         keep = positions != T
+        if real_only:   # bertqa's: each row's softmax over its real tokens (the fixture's padding is trailing)
+            logits = np.where(ref["attention_mask"] == 1, logits, -np.inf)
         return -_log_softmax(logits)[keep, positions[keep]].mean()
 
-    ls, le = span_loss(start, ref["start_positions"]), span_loss(end, ref["end_positions"])
+    ls, le = span_loss(start, ref["start_positions"], True), span_loss(end, ref["end_positions"], True)
     np.testing.assert_allclose([ls, le, (ls + le) / 2], [ref["start_loss"], ref["end_loss"], ref["loss"]], atol=2e-5)
+    # and BertForQuestionAnswering's own loss, whose softmax includes the padded positions
+    hf = (span_loss(start, ref["start_positions"], False) + span_loss(end, ref["end_positions"], False)) / 2
+    np.testing.assert_allclose(hf, ref["hf_loss"], atol=2e-5)
+    assert abs(hf - ref["loss"]) > 0.1   # the fixture's padded rows make the two differ

@@ -234,6 +234,28 @@ def test_dropout_masks_follow_the_window_not_its_place_in_the_batch(rng):
             model.forward_backward(batch, window_ids=bad)
 
 
+def test_training_computes_no_padding(rng):
+    """Rows padded to another width train identically (the engine packs rows, and the span loss's softmax runs
+    over each row's real tokens); a target on a padded position is ignored, like one at T."""
+    model = tiny_model(rng)
+    batch = tiny_batch(rng, B=2, T=31)   # row 0: 22 real tokens, 9 of padding
+
+    def run(b, **kw):
+        model.zero_grad()
+        loss = model.forward_backward(b, rng_step=3, **kw)
+        return loss, model.grads.copy()
+
+    loss, grads = run(batch)
+    wide = {k: (np.pad(v, ((0, 0), (0, 9))) if v.ndim == 2 else v) for k, v in batch.items()}   # T 31 -> 40
+    loss_w, grads_w = run(wide)
+    assert loss_w == pytest.approx(loss, rel=1e-6)
+    assert np.abs(grads_w - grads).max() <= 1e-6 * np.abs(grads).max()
+    # start position 25 of row 0 lies in its padding (22 real tokens): ignored, as position T would be
+    a = dict(batch, start_positions=np.array([25, batch["start_positions"][1]]))
+    b = dict(batch, start_positions=np.array([31, batch["start_positions"][1]]))
+    assert run(a)[0] == run(b)[0]
+
+
 def test_same_seed_same_loss_curve(rng):
     state = rng.integers(2**31)
     curves = []
