@@ -142,8 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _finetune(ns: argparse.Namespace) -> int:
     from .train import finetune
 
+    from . import distributed
+
     args = training_args(ns, "finetune")
     results = finetune(ns.model_name_or_path, ns.train_file, ns.validation_file, args)
+    if not distributed.current().is_main:   # a data-parallel job: rank 0 reports
+        return 0
     out = Path(args.output_dir)
     if "f1" in results:
         print(f"exact_match {results['exact_match']:.2f}  f1 {results['f1']:.2f}  "
@@ -156,8 +160,12 @@ def _finetune(ns: argparse.Namespace) -> int:
 def _evaluate(ns: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
+    from . import distributed
+
     args = training_args(ns, "evaluate")
     results = evaluate_checkpoint(ns.model_name_or_path, ns.validation_file, args)
+    if not distributed.current().is_main:
+        return 0
     print(f"exact_match {results['exact_match']:.2f}  f1 {results['f1']:.2f}  ({results['eval_examples']} "
           f"questions, {results['eval_seconds']:.1f} s); results in {args.output_dir}")
     return 0
@@ -260,12 +268,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             warnings.showwarning = show_warning
             return ns.func(ns)
     except USER_ERRORS as e:
-        print(f"bertqa {ns.command}: error: {_message(e)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(f"bertqa {ns.command}: error: {_rank()}{_message(e)}", file=sys.stderr)
+        return _end_job(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         hint = " (checkpoints are kept: rerun with --resume to continue)" if ns.command == "finetune" else ""
-        print(f"bertqa {ns.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        print(f"bertqa {ns.command}: {_rank()}interrupted{hint}", file=sys.stderr)
+        return _end_job(130)
+
+
+def _rank() -> str:
+    """'rank R of N: ' in a data-parallel job (see bertqa.distributed), else ''."""
+    from . import distributed
+
+    dist = distributed.current()
+    return f"rank {dist.rank} of {dist.world_size}: " if dist is not None and dist.enabled else ""
+
+
+def _end_job(status: int) -> int:
+    """In a data-parallel job a rank that fails ends every rank (MPI_Abort with the status), so none waits for
+    it in a collective; alone, it returns the status."""
+    from . import distributed
+
+    dist = distributed.current()
+    if dist is not None and dist.enabled:
+        dist.abort(status)
+    return status
 
 
 if __name__ == "__main__":
