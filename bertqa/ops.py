@@ -16,7 +16,7 @@ from ._core import _C
 __all__ = [
     "layernorm", "layernorm_backward", "gelu", "gelu_backward", "linear", "linear_backward", "attention",
     "attention_backward", "embedding", "embedding_backward", "dropout", "dropout_backward", "span_loss", "adamw",
-    "global_norm", "clip_grad_norm", "set_num_threads", "runtime_info",
+    "global_norm", "clip_grad_norm", "set_num_threads", "runtime_info", "set_isa",
 ]
 
 
@@ -239,5 +239,15 @@ def set_num_threads(n):
 
 
 def runtime_info():
-    """A dict: OpenMP threads, BLAS threads, the BLAS build and the CPU kernel set it chose."""
+    """A dict: OpenMP threads, BLAS threads, the BLAS build and the CPU kernel set it chose; ``isa``, the
+    instruction set bertqa's own kernels use ('avx2' or 'avx512'), and ``isas``, those this CPU can run."""
     return _C.runtime_info()
+
+
+def set_isa(name):
+    """Run bertqa's own kernels (GELU, LayerNorm, dropout, attention's softmax rows, AdamW) with the 'avx2' or
+    'avx512' variants from now on, in every thread; 'auto' is the best this CPU runs (what bertqa picks at import,
+    unless the environment sets ``BERTQA_CPU=avx2|avx512|auto``). Returns the name now in use. ValueError for
+    another name, RuntimeError for an instruction set this CPU cannot run. The two give the same dropout masks
+    and GELU / AdamW results bit for bit, and row sums (LayerNorm, softmax) within a few float32 ulps."""
+    return _C.set_isa(name)

@@ -1,37 +1,39 @@
 /* GELU, the exact erf form BERT uses (hidden_act = "gelu"), not the tanh approximation:
  *   gelu(x) = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)),   gelu'(x) = Phi(x) + x phi(x)
  * erf comes from vmath.h (absolute error ~3e-7, eight lanes at a time), which also hands back the
- * exp(-x^2 / 2) that phi needs. */
+ * exp(-x^2 / 2) that phi needs. This file holds the threads and the AVX2 variant; gelu_avx512.c the AVX-512 one
+ * (sixteen lanes, the same formula: bit-identical results), chosen at run time through bq_cpu() (cpu.h). */
 #include <math.h>
 #include "bertqa.h"
+#include "cpu.h"
 #include "vmath.h"
 
 #define INV_SQRT2 0.70710678118654752440f
 #define INV_SQRT_2PI 0.39894228040143267794f
 
-/* Elements [i0, i1): vector body, scalar tail with the same formula. */
-static void gelu_range(float *out, const float *inp, long i0, long i1) {
-    long i = i0;
+/* Elements [0, n): vector body, scalar tail with the same formula. */
+void gelu_forward_avx2(float *out, const float *inp, long n) {
+    long i = 0;
 #ifdef __AVX2__
     const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), k = _mm256_set1_ps(INV_SQRT2);
-    for (; i + 8 <= i1; i += 8) {
+    for (; i + 8 <= n; i += 8) {
         __m256 x = _mm256_loadu_ps(inp + i), e;
         __m256 erf = bq_erff8(_mm256_mul_ps(x, k), &e);
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, erf)));
     }
 #endif
-    for (; i < i1; i++) {
+    for (; i < n; i++) {
         float e, x = inp[i];
         out[i] = 0.5f * x * (1.0f + bq_erff(x * INV_SQRT2, &e));
     }
 }
 
-static void gelu_backward_range(float *dinp, const float *inp, const float *dout, long i0, long i1) {
-    long i = i0;
+void gelu_backward_avx2(float *dinp, const float *inp, const float *dout, long n) {
+    long i = 0;
 #ifdef __AVX2__
     const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), k = _mm256_set1_ps(INV_SQRT2),
                  c = _mm256_set1_ps(INV_SQRT_2PI);
-    for (; i + 8 <= i1; i += 8) {
+    for (; i + 8 <= n; i += 8) {
         __m256 x = _mm256_loadu_ps(inp + i), e;
         __m256 cdf = _mm256_mul_ps(half, _mm256_add_ps(one, bq_erff8(_mm256_mul_ps(x, k), &e)));
         __m256 pdf = _mm256_mul_ps(c, e);   /* e = exp(-x^2 / 2) */
@@ -39,24 +41,26 @@ static void gelu_backward_range(float *dinp, const float *inp, const float *dout
         _mm256_storeu_ps(dinp + i, _mm256_add_ps(_mm256_loadu_ps(dinp + i), d));
     }
 #endif
-    for (; i < i1; i++) {
+    for (; i < n; i++) {
         float e, x = inp[i];
         float cdf = 0.5f * (1.0f + bq_erff(x * INV_SQRT2, &e));
-        dinp[i] += dout[i] * (cdf + x * INV_SQRT_2PI * e);
+        dinp[i] += dout[i] * (cdf + x * (INV_SQRT_2PI * e));   /* grouped as the vector body */
     }
 }
 
-#define CHUNK 8192L   /* elements per task: a multiple of 8, so only the last one has a scalar tail */
+#define CHUNK 8192L   /* elements per task: a multiple of 16, so only the last one has a tail */
 
 void gelu_forward(float *out, const float *inp, size_t N) {
+    const bq_kernels *k = bq_cpu();
     const long n = (long)N, tasks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) if (N > 32768) num_threads(bq_num_threads())
-    for (long t = 0; t < tasks; t++) gelu_range(out, inp, t * CHUNK, t * CHUNK + CHUNK < n ? t * CHUNK + CHUNK : n);
+    for (long t = 0; t < tasks; t++) k->gelu_forward(out + t * CHUNK, inp + t * CHUNK, n - t * CHUNK < CHUNK ? n - t * CHUNK : CHUNK);
 }
 
 void gelu_backward(float *dinp, const float *inp, const float *dout, size_t N) {
+    const bq_kernels *k = bq_cpu();
     const long n = (long)N, tasks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) if (N > 32768) num_threads(bq_num_threads())
     for (long t = 0; t < tasks; t++)
-        gelu_backward_range(dinp, inp, dout, t * CHUNK, t * CHUNK + CHUNK < n ? t * CHUNK + CHUNK : n);
+        k->gelu_backward(dinp + t * CHUNK, inp + t * CHUNK, dout + t * CHUNK, n - t * CHUNK < CHUNK ? n - t * CHUNK : CHUNK);
 }

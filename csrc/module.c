@@ -12,6 +12,7 @@
 #include <stdlib.h>
 
 #include "bertqa.h"
+#include "cpu.h"
 
 /* ---- argument helpers ------------------------------------------------------------------------- */
 
@@ -714,8 +715,10 @@ static PyObject *py_clip_grad_norm(PyObject *self, PyObject *args, PyObject *kw)
 /* ---- threads / BLAS --------------------------------------------------------------------------- */
 
 static PyObject *py_runtime_info(PyObject *self, PyObject *noargs) {
-    return Py_BuildValue("{s:i,s:i,s:s,s:s}", "omp_threads", bq_num_threads(), "blas_threads", bq_blas_num_threads(),
-                         "blas_config", bq_blas_config(), "blas_core", bq_blas_corename());
+    /* isa: the kernels' instruction set in use (cpu.h); isas: those this CPU and build can run */
+    return Py_BuildValue("{s:i,s:i,s:s,s:s,s:s,s:N}", "omp_threads", bq_num_threads(), "blas_threads",
+                         bq_blas_num_threads(), "blas_config", bq_blas_config(), "blas_core", bq_blas_corename(),
+                         "isa", bq_cpu_isa_name(), "isas", bq_py_isas());
 }
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
@@ -769,7 +772,7 @@ static PyMethodDef methods[] = {
                   "grad_scale=1.0)\n--\n\nOne AdamW step in place."),
     FN(global_norm, METH_VARARGS, "global_norm(grads)\n--\n\nsqrt of the sum of squares over all arrays."),
     FN(clip_grad_norm, KW, "clip_grad_norm(grads, max_norm)\n--\n\nScale in place to max_norm; return the norm."),
-    FN(runtime_info, METH_NOARGS, "runtime_info()\n--\n\nThreads and BLAS in use."),
+    FN(runtime_info, METH_NOARGS, "runtime_info()\n--\n\nThreads, BLAS and CPU instruction set in use."),
     FN(set_num_threads, METH_VARARGS, "set_num_threads(n)\n--\n\nThreads for the kernels and the BLAS."),
     FN(sgemm, METH_VARARGS, "sgemm(a, b, c)\n--\n\nc = a @ b.T straight through the BLAS (for benchmarks)."),
     {NULL, NULL, 0, NULL},
@@ -784,7 +787,12 @@ static struct PyModuleDef moduledef = {
 PyMODINIT_FUNC PyInit__C(void) {
     import_array();
     bq_init_threads();
+    char err[256];
+    if (bq_cpu_init(err, sizeof err) != BQ_OK) {   /* BERTQA_CPU names an ISA this CPU cannot run, or no ISA */
+        PyErr_SetString(PyExc_RuntimeError, err);
+        return NULL;
+    }
     PyObject *mod = PyModule_Create(&moduledef);
-    if (mod && bq_add_engine_type(mod) < 0) Py_CLEAR(mod);
+    if (mod && (bq_add_engine_type(mod) < 0 || bq_add_cpu_functions(mod) < 0)) Py_CLEAR(mod);
     return mod;
 }

@@ -30,4 +30,6 @@ int check_id_range(PyArrayObject *a, const char *name, long limit, const char *t
 PyObject *status_error(int st, const char *what);
 
 int bq_add_engine_type(PyObject *module);
+int bq_add_cpu_functions(PyObject *module);   /* cpu_py.c: set_isa and the row-kernel hooks */
+PyObject *bq_py_isas(void);                   /* cpu_py.c: list of the instruction sets this CPU can run */
 #endif

@@ -116,35 +116,8 @@ static inline __m256 bq_erff8(__m256 z, __m256 *e) {
 }
 #endif
 
-/* row[0..T) = softmax(row + (1 - mk) * -10000) in place; mk [T] of 0/1, or NULL. */
-static inline void bq_softmax_row(float *row, const float *mk, int T) {
-    int j = 0;
-    float mx = -INFINITY, sum = 0.0f;
-    if (mk)
-        for (j = 0; j < T; j++) row[j] += (1.0f - mk[j]) * -10000.0f;
-    j = 0;
-#ifdef __AVX2__
-    __m256 vmx = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= T; j += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(row + j));
-    mx = bq_hmax8(vmx);
-#endif
-    for (; j < T; j++) mx = row[j] > mx ? row[j] : mx;
-    j = 0;
-#ifdef __AVX2__
-    __m256 vsum = _mm256_setzero_ps(), vm = _mm256_set1_ps(mx);
-    for (; j + 8 <= T; j += 8) {
-        __m256 e = bq_expf8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vm));
-        _mm256_storeu_ps(row + j, e);
-        vsum = _mm256_add_ps(vsum, e);
-    }
-    sum = bq_hsum8(vsum);
-#endif
-    for (; j < T; j++) {
-        float e = bq_expf(row[j] - mx);
-        row[j] = e;
-        sum += e;
-    }
-    const float inv = 1.0f / sum;
-    for (j = 0; j < T; j++) row[j] *= inv;
-}
+/* row[0..T) = softmax(row + (1 - mk) * -10000) in place; mk [T] of 0/1, or NULL. Through the run-time dispatch
+ * (cpu.h): softmax_row_avx2 (softmax.c) or softmax_row_avx512 (softmax_avx512.c). */
+#include "cpu.h"
+static inline void bq_softmax_row(float *row, const float *mk, int T) { bq_cpu()->softmax_row(row, mk, T); }
 #endif

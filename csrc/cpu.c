@@ -1,0 +1,106 @@
+/* The dispatch tables of cpu.h and the run-time choice between them (cpuid, BERTQA_CPU, bq_cpu_set_isa). */
+#include "cpu.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "bertqa.h"
+
+static const bq_kernels kernels_avx2 = {
+#ifdef __AVX2__
+    .name = "avx2",
+#else
+    .name = "scalar",   /* a build for another architecture: the same files, their scalar paths */
+#endif
+    .gelu_forward = gelu_forward_avx2,
+    .gelu_backward = gelu_backward_avx2,
+    .layernorm_forward_row = layernorm_forward_row_avx2,
+    .layernorm_backward_row = layernorm_backward_row_avx2,
+    .layernorm_param_grad = layernorm_param_grad_avx2,
+    .adamw = adamw_avx2,
+    .sum_squares = sum_squares_avx2,
+    .dropout_slice = dropout_slice_avx2,
+    .softmax_row = softmax_row_avx2,
+    .max_row = max_row_avx2,
+    .exp_row = exp_row_avx2,
+    .softmax_backward_row = softmax_backward_row_avx2,
+};
+
+#ifdef BQ_HAVE_AVX512_BUILD
+static const bq_kernels kernels_avx512 = {
+    .name = "avx512",
+    .gelu_forward = gelu_forward_avx512,
+    .gelu_backward = gelu_backward_avx512,
+    .layernorm_forward_row = layernorm_forward_row_avx512,
+    .layernorm_backward_row = layernorm_backward_row_avx512,
+    .layernorm_param_grad = layernorm_param_grad_avx512,
+    .adamw = adamw_avx512,
+    .sum_squares = sum_squares_avx512,
+    .dropout_slice = dropout_slice_avx512,
+    .softmax_row = softmax_row_avx512,
+    .max_row = max_row_avx512,
+    .exp_row = exp_row_avx512,
+    .softmax_backward_row = softmax_backward_row_avx512,
+};
+#endif
+
+static const bq_kernels *const tables[BQ_ISA_COUNT] = {
+    &kernels_avx2,
+#ifdef BQ_HAVE_AVX512_BUILD
+    &kernels_avx512,
+#else
+    NULL,
+#endif
+};
+
+/* The floor until bq_cpu_init runs, so a kernel called before (or without) it still works. */
+_Atomic(const bq_kernels *) bq_cpu_active = &kernels_avx2;
+
+int bq_cpu_supports(bq_isa isa) {
+    if (isa == BQ_ISA_AVX2) return 1;   /* the build's floor: the module would not have loaded otherwise */
+#ifdef BQ_HAVE_AVX512_BUILD
+    if (isa == BQ_ISA_AVX512) {
+        /* libgcc's cpuid also checks XCR0: the OS saves the zmm and mask registers */
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    }
+#endif
+    return 0;
+}
+
+static bq_isa best_isa(void) { return bq_cpu_supports(BQ_ISA_AVX512) ? BQ_ISA_AVX512 : BQ_ISA_AVX2; }
+
+int bq_cpu_set_isa(bq_isa isa) {
+    if (isa == BQ_ISA_AUTO) isa = best_isa();
+    if (isa < 0 || isa >= BQ_ISA_COUNT || !tables[isa] || !bq_cpu_supports(isa)) return BQ_ERR_ARG;
+    atomic_store_explicit(&bq_cpu_active, tables[isa], memory_order_relaxed);
+    return BQ_OK;
+}
+
+const char *bq_cpu_isa_name(void) { return bq_cpu()->name; }
+
+const char *bq_cpu_isa_label(bq_isa isa) { return isa >= 0 && isa < BQ_ISA_COUNT && tables[isa] ? tables[isa]->name : NULL; }
+
+bq_isa bq_cpu_parse_isa(const char *name) {
+    if (!strcmp(name, "auto")) return BQ_ISA_AUTO;
+    if (!strcmp(name, "avx2")) return BQ_ISA_AVX2;
+    if (!strcmp(name, "avx512")) return BQ_ISA_AVX512;
+    return BQ_ISA_COUNT;
+}
+
+int bq_cpu_init(char *err, size_t errlen) {
+    const char *env = getenv("BERTQA_CPU");
+    bq_isa isa = env && *env ? bq_cpu_parse_isa(env) : BQ_ISA_AUTO;
+    if (isa == BQ_ISA_COUNT) {
+        snprintf(err, errlen, "BERTQA_CPU=%s: expected auto, avx2 or avx512", env);
+        return BQ_ERR_ARG;
+    }
+    if (bq_cpu_set_isa(isa) != BQ_OK) {
+        snprintf(err, errlen,
+                 "BERTQA_CPU=%s, but this CPU (or this build) cannot run it: AVX-512 needs avx512f, avx512bw, "
+                 "avx512dq and avx512vl; unset BERTQA_CPU or set it to auto or avx2",
+                 env);
+        return BQ_ERR_ARG;
+    }
+    return BQ_OK;
+}

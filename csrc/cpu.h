@@ -1,0 +1,141 @@
+/* The CPU kernels' instruction set, chosen at run time (after ONNX Runtime's MLAS platform struct).
+ *
+ * One table of function pointers per instruction set, bq_cpu() the one in use. Every caller of a vectorised
+ * kernel goes through it: the choice lives here and in cpu.c only. The table starts as the build's floor
+ * (AVX2 + FMA, what setup.py compiles every file for) and bq_cpu_init(), run once when bertqa._C loads, moves
+ * to AVX-512 when cpuid says the CPU and the OS support it. Forcing a path:
+ *   BERTQA_CPU=auto | avx2 | avx512   read by bq_cpu_init (avx512 on a CPU without it is an error, not a fallback)
+ *   bq_cpu_set_isa / bertqa.ops.set_isa("avx2" | "avx512" | "auto")   at run time, e.g. from a test
+ * A kernel reads bq_cpu() once per call, so a switch takes effect from the next call in every thread.
+ *
+ * Variants: the AVX2 one (with a scalar tail) stays in the kernel's own file (gelu.c, layernorm.c, adamw.c,
+ * rng.c, softmax.c) as the reference; the AVX-512 one is <kernel>_avx512.c, compiled for AVX-512 by a
+ * `#pragma GCC target` so that the module still loads and runs on an AVX2-only CPU.
+ *
+ * Agreement between the two paths (tests/test_isa.py checks each): elementwise kernels compute the same
+ * formula operation for operation (no FMA contraction: -std=c11 means -ffp-contract=off), so GELU, AdamW, the
+ * exp of a row and the layernorm parameter gradients are bit-identical; dropout masks (and the uniforms) are
+ * bit-identical by construction (integer threshold on the same Philox words: the CUDA backend draws them too).
+ * Kernels with a sum over a row (layernorm mean/variance, softmax's denominator, the softmax-backward dot,
+ * sum_squares) add in another order: within a few float32 ulps (float64 for sum_squares).
+ */
+#ifndef BERTQA_CPU_H
+#define BERTQA_CPU_H
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* x86-64 with GCC or clang: the AVX-512 variants are compiled (and used where the CPU has them) */
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && defined(__AVX2__)
+#define BQ_HAVE_AVX512_BUILD 1
+#endif
+
+/* Brackets around an AVX-512 file's code (after its #includes): the functions between are compiled for AVX-512
+ * F, BW, DQ and VL, the rest of the module for the build's floor. */
+#if defined(__clang__)
+#define BQ_AVX512_BEGIN \
+    _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512dq,avx512vl\"))), apply_to = function)")
+#define BQ_AVX512_END _Pragma("clang attribute pop")
+#else
+#define BQ_AVX512_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl\")")
+#define BQ_AVX512_END _Pragma("GCC pop_options")
+#endif
+
+typedef enum { BQ_ISA_AVX2 = 0, BQ_ISA_AVX512 = 1, BQ_ISA_COUNT = 2, BQ_ISA_AUTO = -1 } bq_isa;
+
+/* What dropout_slice writes (rng.c): y = x * keep / (1 - p); y += x * keep / (1 - p); y = keep / (1 - p);
+ * y = the uniform itself. */
+enum { BQ_DROPOUT_APPLY, BQ_DROPOUT_ACCUMULATE, BQ_DROPOUT_MASK, BQ_DROPOUT_UNIFORM };
+
+/* AdamW's per-step scalars (adamw.c) */
+typedef struct {
+    float beta1, beta2, one_minus_beta1, one_minus_beta2;
+    float decay;       /* 1 - lr * weight_decay */
+    float step_size;   /* lr / (1 - beta1^t) */
+    float bc2_sqrt;    /* sqrt(1 - beta2^t) */
+    float eps, grad_scale;
+} bq_adamw_scalars;
+
+typedef struct {
+    const char *name;   /* "avx2", "avx512" */
+    /* gelu.c: elements [0, n): out = gelu(inp); dinp += dout * gelu'(inp) */
+    void (*gelu_forward)(float *out, const float *inp, long n);
+    void (*gelu_backward)(float *dinp, const float *inp, const float *dout, long n);
+    /* layernorm.c, one row x [C]: out = (x - mean) * rstd * weight + bias (*mean, *rstd written);
+     * dx [C] += rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight;
+     * aw[c - c0] += sum_n dy[n,c] xhat[n,c], ab[c - c0] += sum_n dy[n,c] over channels c0 <= c < c1 <= c0 + 64 */
+    void (*layernorm_forward_row)(float *out, float *mean, float *rstd, const float *x, const float *weight,
+                                  const float *bias, int C, float eps);
+    void (*layernorm_backward_row)(float *dx, const float *dy, const float *x, const float *weight, float mean,
+                                   float rstd, int C);
+    void (*layernorm_param_grad)(float *aw, float *ab, const float *dout, const float *inp, const float *mean,
+                                 const float *rstd, long N, int C, int c0, int c1);
+    /* adamw.c: one AdamW step over [n]; sum of squares of [n] in double */
+    void (*adamw)(float *param, const float *grad, float *m, float *v, long n, const bq_adamw_scalars *s);
+    double (*sum_squares)(const float *g, long n);
+    /* rng.c: elements first .. first+n-1 of a tensor's dropout numbering, in a BQ_DROPOUT_* mode (y may alias x) */
+    void (*dropout_slice)(float *y, const float *x, size_t n, float p, uint64_t seed, uint32_t step,
+                          uint32_t tensor_id, uint64_t first, int mode);
+    /* softmax.c, attention's rows: row[0..T) = softmax(row + (1 - mk) * -10000) in place (mk NULL: no mask);
+     * max of x[0..n); y = exp(x - shift) returning the sum (y may alias x);
+     * g = scale * a * (g * mk - <g * mk, a>)   (mk: the row's scaled dropout mask, or NULL) */
+    void (*softmax_row)(float *row, const float *mk, int T);
+    float (*max_row)(const float *x, int n);
+    float (*exp_row)(float *y, const float *x, float shift, int n);
+    void (*softmax_backward_row)(float *g, const float *a, const float *mk, int n, float scale);
+} bq_kernels;
+
+extern _Atomic(const bq_kernels *) bq_cpu_active;
+/* The table in use (never NULL). */
+static inline const bq_kernels *bq_cpu(void) { return atomic_load_explicit(&bq_cpu_active, memory_order_relaxed); }
+
+/* Whether this CPU (and OS) can run an instruction set's table: AVX-512 needs F, BW, DQ and VL (x86-64-v4). */
+int bq_cpu_supports(bq_isa isa);
+/* Use isa's table (BQ_ISA_AUTO: the best supported). BQ_ERR_ARG when the CPU cannot run it; nothing changes. */
+int bq_cpu_set_isa(bq_isa isa);
+const char *bq_cpu_isa_name(void);   /* name of the table in use */
+const char *bq_cpu_isa_label(bq_isa isa);   /* name of isa's table; NULL when this build has none */
+/* "avx2" / "avx512" / "auto" -> bq_isa; BQ_ISA_COUNT for anything else */
+bq_isa bq_cpu_parse_isa(const char *name);
+/* Once at load: BERTQA_CPU (unset, "" or "auto": the best supported). On a bad value or an unsupported ISA it
+ * returns BQ_ERR_ARG with a sentence in err (and keeps the floor); BQ_OK otherwise. */
+int bq_cpu_init(char *err, size_t errlen);
+
+/* The variants (filled into the tables by cpu.c; call them through bq_cpu()). */
+void gelu_forward_avx2(float *out, const float *inp, long n);
+void gelu_backward_avx2(float *dinp, const float *inp, const float *dout, long n);
+void layernorm_forward_row_avx2(float *out, float *mean, float *rstd, const float *x, const float *weight,
+                                const float *bias, int C, float eps);
+void layernorm_backward_row_avx2(float *dx, const float *dy, const float *x, const float *weight, float mean,
+                                 float rstd, int C);
+void layernorm_param_grad_avx2(float *aw, float *ab, const float *dout, const float *inp, const float *mean,
+                               const float *rstd, long N, int C, int c0, int c1);
+void adamw_avx2(float *param, const float *grad, float *m, float *v, long n, const bq_adamw_scalars *s);
+double sum_squares_avx2(const float *g, long n);
+void dropout_slice_avx2(float *y, const float *x, size_t n, float p, uint64_t seed, uint32_t step,
+                        uint32_t tensor_id, uint64_t first, int mode);
+void softmax_row_avx2(float *row, const float *mk, int T);
+float max_row_avx2(const float *x, int n);
+float exp_row_avx2(float *y, const float *x, float shift, int n);
+void softmax_backward_row_avx2(float *g, const float *a, const float *mk, int n, float scale);
+
+#ifdef BQ_HAVE_AVX512_BUILD
+void gelu_forward_avx512(float *out, const float *inp, long n);
+void gelu_backward_avx512(float *dinp, const float *inp, const float *dout, long n);
+void layernorm_forward_row_avx512(float *out, float *mean, float *rstd, const float *x, const float *weight,
+                                  const float *bias, int C, float eps);
+void layernorm_backward_row_avx512(float *dx, const float *dy, const float *x, const float *weight, float mean,
+                                   float rstd, int C);
+void layernorm_param_grad_avx512(float *aw, float *ab, const float *dout, const float *inp, const float *mean,
+                                 const float *rstd, long N, int C, int c0, int c1);
+void adamw_avx512(float *param, const float *grad, float *m, float *v, long n, const bq_adamw_scalars *s);
+double sum_squares_avx512(const float *g, long n);
+void dropout_slice_avx512(float *y, const float *x, size_t n, float p, uint64_t seed, uint32_t step,
+                          uint32_t tensor_id, uint64_t first, int mode);
+void softmax_row_avx512(float *row, const float *mk, int T);
+float max_row_avx512(const float *x, int n);
+float exp_row_avx512(float *y, const float *x, float shift, int n);
+void softmax_backward_row_avx512(float *g, const float *a, const float *mk, int n, float scale);
+#endif
+
+#endif /* BERTQA_CPU_H */
