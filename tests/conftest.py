@@ -37,3 +37,19 @@ def shared_data_dir():
 def pytest_configure(config):
     # GPU tests (tests/test_cuda.py): skipped with the reason where no CUDA GPU is usable; `pytest -m cuda` runs them
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU of compute capability 8.0+ (skipped otherwise)")
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    """Runs the test once per instruction set of bertqa's own kernels (bertqa.ops.set_isa): AVX2, the fallback,
+    and AVX-512, which skips with the reason on a CPU without it. Afterwards the import-time choice is back."""
+    from bertqa import ops
+
+    isas = ops.runtime_info()["isas"]
+    if request.param == "avx512" and "avx512" not in isas:
+        pytest.skip(f"this CPU cannot run the AVX-512 kernels (it runs {isas}: AVX-512 needs F, BW, DQ and VL)")
+    ops.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        ops.set_isa(os.environ.get("BERTQA_CPU") or "auto")

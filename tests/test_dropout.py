@@ -6,6 +6,8 @@ import reference as ref
 from bertqa import ops
 from bertqa._core import _C
 
+pytestmark = pytest.mark.usefixtures("isa")   # every test under the AVX2 and the AVX-512 kernels (conftest.py)
+
 # Known-answer vectors of Philox4x32-10 published with Random123 (kat_vectors): (counter, key) -> output.
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),

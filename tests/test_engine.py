@@ -14,6 +14,7 @@ from bertqa.model import BertQA, no_weight_decay
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "minilm_reference.npz"
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
+pytestmark = pytest.mark.usefixtures("isa")   # every test under the AVX2 and the AVX-512 kernels (conftest.py)
 
 
 def minilm_available():

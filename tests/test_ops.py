@@ -1,6 +1,7 @@
 """Every kernel, forward and backward, against the float64 references in tests/reference.py, on fresh random
 inputs of awkward shapes (batch 1, odd T, hidden sizes that are not multiples of 16, head counts that do not
-divide 64). Tolerances are relative to the size of the reference values and stated per test."""
+divide 64). Tolerances are relative to the size of the reference values and stated per test. Kernels with AVX2
+and AVX-512 variants run under each (the `isa` fixture, conftest.py); tests/test_isa.py compares the two."""
 import os
 
 import numpy as np
@@ -28,6 +29,7 @@ def assert_close(actual, expected, rtol, name=""):
     assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g}"
 
 
+@pytest.mark.usefixtures("isa")
 @pytest.mark.parametrize("shape", ROW_SHAPES)
 @pytest.mark.parametrize("eps", [1e-12, 1e-5])
 def test_layernorm(rng, shape, eps):
@@ -42,13 +44,15 @@ def test_layernorm(rng, shape, eps):
         assert_close(got, want, 5e-5, name)
 
 
+@pytest.mark.usefixtures("isa")
 def test_layernorm_any_leading_shape(rng):
     x = f32(rng, 2, 3, 5, 7)
     w, b = f32(rng, 7), f32(rng, 7)
     assert_close(ops.layernorm(x, w, b), ref.layernorm(x, w, b, 1e-12), 2e-5, "y")
 
 
-@pytest.mark.parametrize("shape", [(1,), (37,), (3, 37, 45), (2, 1000, 3)])
+@pytest.mark.usefixtures("isa")
+@pytest.mark.parametrize("shape", [(1,), (37,), (3, 37, 45), (2, 1000, 3), (8192 + 31,)])
 def test_gelu(rng, shape):
     x = f32(rng, *shape, scale=3.0)
     x.flat[0] = 0.0
@@ -57,6 +61,7 @@ def test_gelu(rng, shape):
     assert_close(ops.gelu_backward(dy, x), ref.gelu_backward(dy, x), 1e-6, "dx")
 
 
+@pytest.mark.usefixtures("isa")
 def test_gelu_is_erf_form_not_tanh():
     # at x = -3 the tanh approximation differs from the exact erf form by 4.1e-4 (10%); ours is within 1e-6
     x = np.array([-3.0], np.float32)
@@ -82,6 +87,7 @@ def random_mask(rng, B, T):
     return mask
 
 
+@pytest.mark.usefixtures("isa")
 @pytest.mark.parametrize("shape", ATTN_SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention(rng, shape, masked):
@@ -94,6 +100,7 @@ def test_attention(rng, shape, masked):
         assert_close(got, want, 5e-5, name)
 
 
+@pytest.mark.usefixtures("isa")
 @pytest.mark.parametrize("mask_dtype", [np.float32, np.int32, bool])
 def test_attention_mask_dtypes(rng, mask_dtype):
     q, k, v = (f32(rng, 2, 3, 9, 5) for _ in range(3))
@@ -101,6 +108,7 @@ def test_attention_mask_dtypes(rng, mask_dtype):
     assert_close(ops.attention(q, k, v, mask.astype(mask_dtype)), ref.attention(q, k, v, mask), 2e-5, "out")
 
 
+@pytest.mark.usefixtures("isa")
 def test_attention_padding_is_ignored(rng):
     # changing padded keys/values must not change the outputs of any query
     q, k, v = (f32(rng, 2, 4, 11, 8) for _ in range(3))
@@ -113,6 +121,7 @@ def test_attention_padding_is_ignored(rng):
     assert np.abs(ops.attention(q, k2, v2, mask) - out).max() < 1e-5
 
 
+@pytest.mark.usefixtures("isa")
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_attention_masks_with_holes_and_all_padding_rows(rng, p):
     """Trailing padding is skipped in the products (keys after the last real one, down to a single real key);
@@ -134,6 +143,7 @@ def test_attention_masks_with_holes_and_all_padding_rows(rng, p):
         assert_close(got, want, 5e-5, name)
 
 
+@pytest.mark.usefixtures("isa")
 @pytest.mark.parametrize("shape", [(1, 2, 37, 16), (2, 3, 13, 5)])
 def test_attention_dropout(rng, shape):
     B, NH, T, HS = shape
@@ -194,6 +204,7 @@ def test_span_loss_all_ignored_is_zero(rng):
     assert loss == 0.0 and not ds.any() and not de.any()
 
 
+@pytest.mark.usefixtures("isa")
 @pytest.mark.parametrize("n", [1, 37, 100003])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_adamw_steps(rng, n, wd):
@@ -209,6 +220,7 @@ def test_adamw_steps(rng, n, wd):
         assert_close(v, rv, 1e-6, f"v step {step}")
 
 
+@pytest.mark.usefixtures("isa")
 def test_adamw_hyperparameters(rng):
     p, g = f32(rng, 2, 3, 5), f32(rng, 2, 3, 5)
     m, v = f32(rng, 2, 3, 5, scale=0.1), np.abs(f32(rng, 2, 3, 5, scale=0.1))
@@ -218,6 +230,7 @@ def test_adamw_hyperparameters(rng):
         assert_close(got, w, 1e-6, name)
 
 
+@pytest.mark.usefixtures("isa")
 def test_global_norm_and_clip(rng):
     grads = [f32(rng, 37), f32(rng, 3, 45), f32(rng, 1)]
     want = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
