@@ -4,6 +4,7 @@
     evaluate  --model_name_or_path D --validation_file F --output_dir D2
     predict   --model_name_or_path D --question Q (--context C | --context_file F) [--json]
     bench     ops [args]        runs bench/ops.py of a source checkout
+    train     [--base-dir D]    a SageMaker training job in $SAGEMAKER_BASE_DIR (bertqa.training_job)
     export    onnx --model-dir D --output model.onnx   (bertqa.onnx; needs the extra bertqa[onnx])
 
 Flags carry transformers' run_qa.py names; they are generated from bertqa.train.TrainingArguments, so the two
@@ -126,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .packaging import add_package_parser
     from .serve import add_serve_parser
+    from .training_job import add_train_parser
 
     add_serve_parser(sub)  # bertqa serve [--model-dir DIR|model.tar.gz]: the SageMaker endpoint
     add_package_parser(sub)  # bertqa package --model-dir DIR --output model.tar.gz
+    add_train_parser(sub)  # bertqa train [--base-dir /opt/ml]: the SageMaker training job
     from .onnx import add_export_parser
 
     add_export_parser(sub)  # bertqa export onnx --model-dir DIR --output model.onnx (needs bertqa[onnx])
