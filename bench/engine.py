@@ -1,6 +1,8 @@
 """Engine benchmark: a whole training step (forward + backward + AdamW) and eval-mode inference at BERT shapes,
 bertqa's C engine next to PyTorch on the same CPU cores (transformers' BertForQuestionAnswering when it is
-importable), with the model FLOP rate, its share of the machine's measured sgemm peak, and peak RSS.
+importable) and ONNX Runtime (inference cases, when onnx + onnxruntime are importable: bertqa's own ONNX export,
+fused by ORT's transformer optimizer), with the model FLOP rate, its share of the machine's measured sgemm peak,
+and peak RSS.
 
     python bench/engine.py                       # MiniLM-L6 and BERT-base shapes, T=384, random weights
     python bench/engine.py --quick               # fewer repeats
@@ -15,6 +17,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,6 +31,11 @@ try:
     import transformers
 except ImportError:  # the comparison column is left out
     torch = transformers = None
+try:
+    import onnx  # noqa: F401
+    import onnxruntime
+except ImportError:  # the ONNX Runtime column is left out
+    onnxruntime = None
 
 SHAPES = {
     "MiniLM-L6 (H384, L6)": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -128,6 +136,35 @@ def bench_torch(config, batch, train, reps):
     return timed(infer, reps)
 
 
+def export_for_ort(config, path):
+    """bertqa's ONNX export of the model bench_bertqa times (BertQA(config, seed=0)), fused by ORT's transformer
+    optimizer (one EmbedLayerNormalization, Attention + 2 SkipLayerNormalization + BiasGelu per layer); made in
+    the parent process, so the ORT case's peak RSS is the session's, not the exporter's."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from bertqa import onnx as bq_onnx
+
+    bq_onnx.export(BertQA(config, seed=0), path)
+    fused = optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
+                           hidden_size=config.hidden_size, opt_level=0)
+    if not fused.is_fully_optimized():
+        raise RuntimeError(f"ORT's optimizer did not fuse the export: {fused.get_fused_operator_statistics()}")
+    fused.save_model_to_file(str(path))
+    return path
+
+
+def bench_ort(path, batch, reps):
+    """ONNX Runtime on the file export_for_ort wrote, with as many intra-op threads as cores and no spinning (idle
+    ORT threads would otherwise take the cores from the next case)."""
+    so = onnxruntime.SessionOptions()
+    so.intra_op_num_threads = os.cpu_count()
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    return timed(lambda: session.run(None, feed), reps)
+
+
 def sgemm_peak(sizes=(2048, 3072), reps=4):
     """The machine's measured sgemm rate: the fastest single C = A B^T product of n x n x n, over the sizes, through
     bertqa's BLAS and through NumPy's. A peak (not a median), so the engine's shares of it are conservative. A and
@@ -197,13 +234,16 @@ def case_batch(index, T):
     return config, batch_for(rng, config, B, T, lengths), lengths
 
 
-def run_case(framework, index, T, reps):
+def run_case(framework, index, T, reps, onnx_path=None):
     """One case in this process: prints {"seconds": median step time, "max_rss_mb": peak RSS}."""
     name, what, B = CASES[index]
     config, batch, lengths = case_batch(index, T)
     fn = bench_bertqa if framework == "bertqa" else bench_torch
     breakdown = {}
-    if framework == "torch":
+    if framework == "ort":
+        t = bench_ort(onnx_path, batch, reps)
+        local_peak = share = None
+    elif framework == "torch":
         torch.manual_seed(0)
         t = fn(config, batch, what == "train step", reps)
         local_peak = share = None
@@ -215,9 +255,10 @@ def run_case(framework, index, T, reps):
                       "breakdown": breakdown, "local_peak": local_peak, "share": share}))
 
 
-def in_child(framework, index, T, reps):
+def in_child(framework, index, T, reps, onnx_path=None):
     out = subprocess.run([sys.executable, __file__, "--case", framework, str(index), "--seq", str(T), "--reps",
-                          str(reps)], capture_output=True, text=True, check=True)
+                          str(reps)] + (["--onnx", str(onnx_path)] if onnx_path else []),
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -227,39 +268,61 @@ def main():
     ap.add_argument("--seq", type=int, default=384)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--case", nargs=2, metavar=("FRAMEWORK", "INDEX"), help=argparse.SUPPRESS)
+    ap.add_argument("--onnx", help=argparse.SUPPRESS)   # the ORT case's model file (export_for_ort)
     args = ap.parse_args()
     reps = args.reps or (2 if args.quick else 5)
     T = args.seq
     if args.case:
-        return run_case(args.case[0], int(args.case[1]), T, reps)
+        return run_case(args.case[0], int(args.case[1]), T, reps, args.onnx)
     info = ops.runtime_info()
     print(f"# {os.cpu_count()} CPUs, {info['omp_threads']} threads, {info['blas_config']}; "
           + (f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}"
-             if torch else "torch not installed: no comparison column"))
+             if torch else "torch not installed: no comparison column")
+          + (f"; onnxruntime {onnxruntime.__version__} ({os.cpu_count()} intra-op threads, no spinning)"
+             if onnxruntime else "; onnxruntime not installed: no ORT column"))
+    try:  # which BLAS kernels each library picked (OPENBLAS_CORETYPE changes OpenBLAS's)
+        from threadpoolctl import threadpool_info
+
+        print("# threadpoolctl: " + "; ".join(f"{d.get('prefix')} {d.get('version')} {d.get('architecture', '')} "
+                                              f"({d.get('num_threads')} threads)" for d in threadpool_info()
+                                              if d.get("user_api") == "blas"))
+    except ImportError:
+        pass
     # The peak is measured before and after the cases (the larger counts): on a shared machine the rate drifts.
     peak_before = sgemm_peak()
     rows = []
+    onnx_dir = tempfile.TemporaryDirectory(prefix="bertqa-bench-ort-")
+    onnx_files = {}   # shape name -> its ORT file
     for i, (name, what, B) in enumerate(CASES):
         config, _, lengths = case_batch(i, T)
+        if onnxruntime is not None and what != "train step" and name not in onnx_files:
+            onnx_files[name] = export_for_ort(config, os.path.join(onnx_dir.name, f"{len(onnx_files)}.onnx"))
         ours = in_child("bertqa", i, T, reps)
         theirs = in_child("torch", i, T, reps) if torch is not None else None
+        ort = in_child("ort", i, T, reps, onnx_files[name]) if name in onnx_files and what != "train step" else None
         t, tt = ours["seconds"], theirs["seconds"] if theirs else None
+        to = ort["seconds"] if ort else None
         gf = model_flops(config, B, T, what == "train step", lengths) / t / 1e9
         rows.append((name, what, B, B / t, gf, (ours["local_peak"], ours["share"]), ours["max_rss_mb"], (B / tt) if tt else None,
-                     (tt / t) if tt else None, theirs["max_rss_mb"] if theirs else None, ours.get("breakdown")))
-        print(f"  {name} {what} B={B}: {B / t:.2f} seq/s" + (f" (torch {B / tt:.2f})" if tt else ""), file=sys.stderr)
+                     (tt / t) if tt else None, theirs["max_rss_mb"] if theirs else None,
+                     (B / to, to / t, ort["max_rss_mb"]) if to else None, ours.get("breakdown")))
+        print(f"  {name} {what} B={B}: {B / t:.2f} seq/s" + (f" (torch {B / tt:.2f})" if tt else "")
+              + (f" (ORT {B / to:.2f})" if to else ""), file=sys.stderr)
+    onnx_dir.cleanup()
     peak_after = sgemm_peak()
     peak = max(peak_before, peak_after)
     print(f"# sgemm peak on these cores: {peak:.1f} GFLOP/s (before the cases {peak_before:.1f}, after "
           f"{peak_after:.1f}). 'paired share': each step timed between two 2048^3 sgemm products, its rate as a "
           f"share of the faster of the pair, median over {reps} pairs ('sgemm' column: the pairs' median rate)\n")
     print("| model | work | B x T | bertqa seq/s | GFLOP/s | % of run's peak | sgemm (paired) | paired share | "
-          "peak RSS | PyTorch seq/s | PyTorch peak RSS | bertqa speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, what, B, sps, gf, (local, share), rss, tsps, ratio, trss, _ in rows:
+          "peak RSS | PyTorch seq/s | PyTorch peak RSS | bertqa speed-up | ORT seq/s | ORT peak RSS | "
+          "bertqa / ORT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, what, B, sps, gf, (local, share), rss, tsps, ratio, trss, ort, _ in rows:
         print(f"| {name} | {what} | {B} x {T} | {sps:.2f} | {gf:.1f} | {100 * gf / peak:.0f}% | {local:.1f} | "
               f"**{100 * share:.0f}%** | {rss:.0f} MB | "
-              + (f"{tsps:.2f} | {trss:.0f} MB | {ratio:.2f}x |" if tsps else "- | - | - |"))
+              + (f"{tsps:.2f} | {trss:.0f} MB | {ratio:.2f}x |" if tsps else "- | - | - |")
+              + (f" {ort[0]:.2f} | {ort[2]:.0f} MB | {ort[1]:.2f}x |" if ort else " - | - | - |"))
     # Where one training step's time goes (the engine's own profile, BertQA.profile), per case trained.
     for name, what, B, *_, breakdown in rows:
         if what != "train step" or not breakdown:

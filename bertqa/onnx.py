@@ -37,6 +37,7 @@ export runs, never by ``import bertqa``. Files are written atomically: a failed 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -349,10 +350,17 @@ def quantize_int8(source: PathLike, target: PathLike, quantization=None) -> None
     quantization = quantization or _require("onnxruntime.quantization", "int8 quantisation")
     from onnx import TensorProto
 
-    # DefaultTensorType: onnx's shape inference has no types for com.microsoft ops' outputs (the fused file)
-    quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
-                                  op_types_to_quantize=["MatMul", "Attention"],
-                                  extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    # The quantizer logs a line per tensor (and advice for static quantisation) on the root logger: kept quiet.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        # DefaultTensorType: onnx's shape inference has no types for com.microsoft ops' outputs (the fused file)
+        quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
+                                      op_types_to_quantize=["MatMul", "Attention"],
+                                      extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
 
 
 def export(model, path: PathLike, opset: int = DEFAULT_OPSET, fused: bool = False,
