@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -634,6 +635,8 @@ class Trainer:
         session_t0, session_eval_seconds = time.perf_counter(), 0.0
         train_seconds_before = state.train_seconds
         self.reduce_seconds = 0.0   # time in the gradient all-reduce (this rank), for the benchmark
+        self._stop_requested = False
+        restore_sigterm = self._stop_on_sigterm()
         try:
             while state.global_step < plan.total_steps:
                 if order_epoch != state.epoch:
@@ -652,10 +655,12 @@ class Trainer:
                         features.batch(rows), loss_scale=len(rows) / n_step,
                         window_ids=np.arange(share.start, share.stop, dtype=np.int64), rng_step=state.epoch))
                     loss_sum += loss * len(rows)
-                if dist.enabled:
+                stop = self._stop_requested
+                if dist.enabled:   # the stop request rides along with the loss: every rank stops at the same step
                     t_reduce = time.perf_counter()
                     dist.reduce_gradients(model)
-                    loss_sum = float(dist.sum([loss_sum])[0])
+                    loss_sum, stops = dist.sum([loss_sum, float(stop)])
+                    loss_sum, stop = float(loss_sum), stops > 0
                     self.reduce_seconds += time.perf_counter() - t_reduce
                 grad_norm = float(model.optimizer_step(
                     lr, weight_decay=args.weight_decay,
@@ -698,13 +703,34 @@ class Trainer:
                     window_t0 = time.perf_counter()
                 if args.save_steps and (state.global_step % args.save_steps == 0) and main:
                     self.save_checkpoint()
+                if stop and not last:
+                    if main and not (args.save_steps and state.global_step % args.save_steps == 0):
+                        self.save_checkpoint()
+                    raise KeyboardInterrupt(f"stopped by SIGTERM after step {state.global_step}; "
+                                            f"{CHECKPOINT_PREFIX}{state.global_step} saved")
         finally:
+            restore_sigterm()
             bar.close()
             if log is not None:
                 log.close()
         return {"train_seconds": state.train_seconds, "train_steps": state.global_step,
                 "train_sequences": state.sequences,
                 "train_sequences_per_second": state.sequences / max(state.train_seconds, 1e-9)}
+
+    def _stop_on_sigterm(self):
+        """SIGTERM (a SageMaker job stopped, a spot instance reclaimed, a scheduler's preemption) asks the loop to
+        finish its step, write a checkpoint and raise KeyboardInterrupt, so no finished step is lost. Returns the
+        function that puts the previous handler back (a no-op off the main thread, where signals cannot be set)."""
+        def handler(signum, frame):
+            self._stop_requested = True
+            logger.warning("SIGTERM: finishing step %d, then writing a checkpoint and stopping",
+                           self.state.global_step + 1)
+
+        try:
+            previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:   # not the main thread
+            return lambda: None
+        return lambda: signal.signal(signal.SIGTERM, previous)
 
     def _broadcast_training_state(self) -> None:
         """Rank 0's parameters, Adam moments and counters to every rank (after rank 0 loaded a checkpoint)."""

@@ -213,6 +213,32 @@ def test_resume_continues_exactly(tmp_path, crash_at, checkpoints, position):
     assert (resumed_model.step, resumed_model.rng_step) == (straight.model.step, straight.model.rng_step)
 
 
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path):
+    """SIGTERM (a stopped SageMaker job, a reclaimed spot instance) mid-step: the step completes, a checkpoint of
+    it is written (save_steps is 0 here), KeyboardInterrupt is raised; resuming gives the uninterrupted run."""
+    class TermAt(FakeQAModel):
+        def forward_backward(self, batch, loss_scale=1.0, **kw):
+            if self.rng_step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)   # arrives inside step 5's forward/backward
+            return super().forward_backward(batch, loss_scale, **kw)
+
+    kw = dict(max_steps=8, save_steps=0, logging_steps=1)
+    features = synthetic_features(37)
+    straight = Trainer(FakeQAModel(7), args_for(tmp_path / "a", **kw), features)
+    straight.train()
+    args = args_for(tmp_path / "b", **kw)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM after step 5"):
+        Trainer(TermAt(7), args, features).train()
+    assert signal.getsignal(signal.SIGTERM) is before   # the trainer's handler is gone again
+    assert [p.name for p in list_checkpoints(args.output_dir)] == ["checkpoint-5"]
+    resumed_model = FakeQAModel(7)
+    Trainer(resumed_model, args, features).train(resume_from_checkpoint="latest")
+    assert np.array_equal(resumed_model.w, straight.model.w)
+    strip = lambda rs: [{k: r[k] for k in ("step", "loss", "lr", "grad_norm")} for r in rs]  # noqa: E731
+    assert strip(read_log(Path(args.output_dir) / LOG_NAME)) == strip(read_log(tmp_path / "a" / "out" / LOG_NAME))
+
+
 def test_resume_from_a_named_checkpoint_and_mismatches(tmp_path):
     features = synthetic_features(37)
     args = args_for(tmp_path, max_steps=6, save_steps=3)
