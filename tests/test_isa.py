@@ -230,7 +230,8 @@ def test_row_kernels_against_float64(rng, T):
 @pytest.mark.parametrize("T", LENGTHS)
 def test_row_kernels_avx512_against_avx2(rng, T):
     """exp and max bit for bit; a normalised row within 16 ulps (its sum adds in another order: measured up to 10
-    ulps over 2,000 rows of 768), the softmax-backward row within 4 ulps of the size of its terms (they cancel)."""
+    ulps over 2,000 rows of 768), the softmax-backward row within 16 ulps of the size of its terms (they cancel;
+    measured up to 8 over 2,000 rows of 768 or 1,024)."""
     x = (rng.standard_normal((7, T)) * 4).astype(np.float32)
     x[0, : min(T, 3)] = [-200.0, 90.0, -0.0][: min(T, 3)]   # exp's clamps
     mask = (rng.random((7, T)) < 0.7).astype(np.float32)
@@ -247,7 +248,7 @@ def test_row_kernels_avx512_against_avx2(rng, T):
         # g_j = scale a_j (gm_j - dot): the dot's rounding (a few ulps of sum |gm a|) reaches g_j times scale a_j
         gm = np.abs(g * (1 if mk is None else mk)).astype(np.float64)
         size = 0.125 * p * (gm + (gm * p).sum(1, keepdims=True))
-        assert (np.abs(ga.astype(np.float64) - gb) <= 4 * np.spacing(size.astype(np.float32)) + 1e-44).all(), \
+        assert (np.abs(ga.astype(np.float64) - gb) <= 16 * np.spacing(size.astype(np.float32)) + 1e-44).all(), \
             "softmax_backward_rows"
 
 
