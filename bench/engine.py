@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -92,7 +93,10 @@ def batch_for(rng, config, B, T, lengths=None):
 
 
 def engine_step(model, batch, train):
-    """One training step (forward + backward + AdamW) or one eval forward of `model` on `batch`, as a callable."""
+    """One training step (forward + backward + AdamW) or one eval forward of `model` on `batch`, as a callable; a
+    list of batches: one training step on each."""
+    if isinstance(batch, list):
+        return lambda: [model.train_step(b, lr=1e-5) for b in batch]
     if train:
         return lambda: model.train_step(batch, lr=1e-5)
     return lambda: model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
@@ -114,6 +118,19 @@ def bench_bertqa(config, batch, train, reps, breakdown=None):
 def bench_torch(config, batch, train, reps):
     hf_config = transformers.BertConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
     model = transformers.BertForQuestionAnswering(hf_config)
+    if isinstance(batch, list):   # the SQuAD case: one step per batch, each as the trainer trimmed it
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+        tbs = [{k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()} for b in batch]
+
+        def steps():
+            for tb_ in tbs:
+                opt.zero_grad()
+                model(**tb_).loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+
+        return timed(steps, reps)
     tb = {k: torch.from_numpy(v) for k, v in batch.items()}
     if train:
         model.train()
@@ -219,17 +236,40 @@ def paired_share(config, batch, train, reps, flops, n=2048):
 # smaller batch so the PyTorch side finishes in minutes on two cores.
 # "inference, padded": a batch of windows of SQuAD-like lengths padded to T, as evaluation and a serving batch
 # send it (rates count the real tokens' work only; bertqa computes no padding, PyTorch computes all of it).
+# "train, SQuAD batches": fine-tuning as `bertqa finetune` runs it: the first SQUAD_STEPS batches of 16 windows of
+# valid.json in the trainer's order (seed 42), each trimmed to its longest window (a multiple of 8) as the trainer
+# sends it; one "step" of the table is all of them, rates count the real tokens' work (PyTorch computes the padding).
 CASES = [("MiniLM-L6 (H384, L6)", "train step", 8), ("MiniLM-L6 (H384, L6)", "inference", 1),
          ("MiniLM-L6 (H384, L6)", "inference", 8), ("BERT-base (H768, L12)", "train step", 2),
          ("BERT-base (H768, L12)", "inference", 1), ("BERT-base (H768, L12)", "inference", 8),
-         ("MiniLM-L6 (H384, L6)", "inference, padded", 16)]
+         ("MiniLM-L6 (H384, L6)", "inference, padded", 16), ("MiniLM-L6 (H384, L6)", "train, SQuAD batches", 16)]
+SQUAD_STEPS = 4
+TRAINING = ("train step", "train, SQuAD batches")
+
+
+def squad_batches(B, steps):
+    """The trainer's first `steps` micro-batches of valid.json windows (T=384, stride 128, seed 42)."""
+    from bertqa.squad import load_features
+    from bertqa.tokenization import BertQATokenizer
+    from bertqa.train import data_rng_state, epoch_order
+
+    data = Path(os.environ.get("BERTQA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    tokenizer = BertQATokenizer.from_pretrained(checkpoint.resolve_model("all-MiniLM-L6-v2"))
+    _, features = load_features(data / "squad" / "valid.json", tokenizer, max_seq_length=384, doc_stride=128,
+                                max_query_length=64, progress=False)
+    order = epoch_order(data_rng_state(42, 0), len(features))
+    return [features.batch(order[i * B:(i + 1) * B]) for i in range(steps)]
 
 
 def case_batch(index, T):
-    """(config, batch, real tokens per row or None) of case index."""
+    """(config, batch, real tokens per row or None) of case index; for the SQuAD case a list of batches, and the
+    real tokens of all of them."""
     name, what, B = CASES[index]
     config = config_for(SHAPES[name])
     rng = np.random.default_rng(0)
+    if what == "train, SQuAD batches":
+        batches = squad_batches(B, SQUAD_STEPS)
+        return config, batches, np.concatenate([b["attention_mask"].sum(axis=1) for b in batches])
     lengths = ragged_lengths(np.random.default_rng(1), B, T) if what.endswith("padded") else None
     return config, batch_for(rng, config, B, T, lengths), lengths
 
@@ -240,19 +280,34 @@ def run_case(framework, index, T, reps, onnx_path=None):
     config, batch, lengths = case_batch(index, T)
     fn = bench_bertqa if framework == "bertqa" else bench_torch
     breakdown = {}
+    train = what in TRAINING
     if framework == "ort":
         t = bench_ort(onnx_path, batch, reps)
         local_peak = share = None
     elif framework == "torch":
         torch.manual_seed(0)
-        t = fn(config, batch, what == "train step", reps)
+        t = fn(config, batch, train, reps)
         local_peak = share = None
     else:
-        t = fn(config, batch, what == "train step", reps, breakdown)
-        local_peak, share = paired_share(config, batch, what == "train step", reps,
-                                         model_flops(config, B, T, what == "train step", lengths))
+        t = fn(config, batch, train, reps, breakdown)
+        local_peak, share = paired_share(config, batch, train, reps, case_flops(index, T))
     print(json.dumps({"seconds": t, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "breakdown": breakdown, "local_peak": local_peak, "share": share}))
+
+
+def case_flops(index, T):
+    """Model FLOPs of one table step of case index (the SQuAD case: its real tokens' work, all its batches)."""
+    name, what, B = CASES[index]
+    config, _, lengths = case_batch(index, T)
+    if what == "train, SQuAD batches":
+        return model_flops(config, len(lengths), T, True, lengths)
+    return model_flops(config, B, T, what in TRAINING, lengths)
+
+
+def case_windows(index):
+    """Windows in one table step of case index."""
+    _, what, B = CASES[index]
+    return B * SQUAD_STEPS if what == "train, SQuAD batches" else B
 
 
 def in_child(framework, index, T, reps, onnx_path=None):
@@ -267,6 +322,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seq", type=int, default=384)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--only", action="append", default=None, metavar="TEXT",
+                    help="run only the cases whose 'model work' contains TEXT (repeatable), e.g. --only SQuAD")
     ap.add_argument("--case", nargs=2, metavar=("FRAMEWORK", "INDEX"), help=argparse.SUPPRESS)
     ap.add_argument("--onnx", help=argparse.SUPPRESS)   # the ORT case's model file (export_for_ort)
     args = ap.parse_args()
@@ -294,15 +351,18 @@ def main():
     onnx_dir = tempfile.TemporaryDirectory(prefix="bertqa-bench-ort-")
     onnx_files = {}   # shape name -> its ORT file
     for i, (name, what, B) in enumerate(CASES):
+        if args.only and not any(text in f"{name} {what}" for text in args.only):
+            continue
         config, _, lengths = case_batch(i, T)
-        if onnxruntime is not None and what != "train step" and name not in onnx_files:
+        if onnxruntime is not None and what not in TRAINING and name not in onnx_files:
             onnx_files[name] = export_for_ort(config, os.path.join(onnx_dir.name, f"{len(onnx_files)}.onnx"))
         ours = in_child("bertqa", i, T, reps)
         theirs = in_child("torch", i, T, reps) if torch is not None else None
-        ort = in_child("ort", i, T, reps, onnx_files[name]) if name in onnx_files and what != "train step" else None
+        ort = in_child("ort", i, T, reps, onnx_files[name]) if name in onnx_files and what not in TRAINING else None
         t, tt = ours["seconds"], theirs["seconds"] if theirs else None
         to = ort["seconds"] if ort else None
-        gf = model_flops(config, B, T, what == "train step", lengths) / t / 1e9
+        gf = case_flops(i, T) / t / 1e9
+        B = case_windows(i)
         rows.append((name, what, B, B / t, gf, (ours["local_peak"], ours["share"]), ours["max_rss_mb"], (B / tt) if tt else None,
                      (tt / t) if tt else None, theirs["max_rss_mb"] if theirs else None,
                      (B / to, to / t, ort["max_rss_mb"]) if to else None, ours.get("breakdown")))
@@ -325,7 +385,7 @@ def main():
               + (f" {ort[0]:.2f} | {ort[2]:.0f} MB | {ort[1]:.2f}x |" if ort else " - | - | - |"))
     # Where one training step's time goes (the engine's own profile, BertQA.profile), per case trained.
     for name, what, B, *_, breakdown in rows:
-        if what != "train step" or not breakdown:
+        if what not in TRAINING or not breakdown:
             continue
         total = breakdown.pop("total")
         print(f"\n{name}, {what}, B={B}, T={T}: one step {1e3 * total:.0f} ms")
