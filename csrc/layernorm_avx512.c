@@ -76,33 +76,51 @@ void layernorm_backward_row_avx512(float *dx, const float *dy, const float *x, c
     if (tail) dx_step(dx + body, dy + body, x + body, weight + body, vm, vr, sg, sgx, tail, 0);
 }
 
+/* aw += sum_n dy * (x - mean) * rstd, ab += sum_n dy over 16 channels (full) or the lanes of k, rows in order */
+static inline void param_grad_step(float *aw, float *ab, const float *dout, const float *inp, const float *mean,
+                                   const float *rstd, long N, int C, __mmask16 k, int full) {
+    __m512 w = bq_load16(aw, k, full), b = bq_load16(ab, k, full);
+    for (long n = 0; n < N; n++) {
+        __m512 d = bq_load16(dout + n * C, k, full);
+        __m512 xm = _mm512_sub_ps(bq_load16(inp + n * C, k, full), _mm512_set1_ps(mean[n]));
+        w = _mm512_add_ps(w, _mm512_mul_ps(_mm512_mul_ps(d, xm), _mm512_set1_ps(rstd[n])));
+        b = _mm512_add_ps(b, d);
+    }
+    bq_store16(aw, w, k, full);
+    bq_store16(ab, b, k, full);
+}
+
+/* A block of 64 channels (BERT's hidden sizes are multiples of 64): one sweep over the rows with the eight
+ * accumulators in registers; a narrower block (the last one when C % 64 != 0): one sweep per 16 channels. */
 void layernorm_param_grad_avx512(float *aw, float *ab, const float *dout, const float *inp, const float *mean,
                                  const float *rstd, long N, int C, int c0, int c1) {
-    __m512 w[4], b[4];
-    __mmask16 k[4];
-    int q_full = 0, q_all = 0;   /* vectors of 16 channels, and all vectors (the last one partial) */
-    for (int q = 0; q < 4; q++) {
-        const int c = c0 + 16 * q;
-        k[q] = c < c1 ? bq_mask16(c1 - c) : 0;
-        if (k[q] == 0xFFFF) q_full++;
-        if (k[q]) q_all++;
-        w[q] = _mm512_maskz_loadu_ps(k[q], aw + 16 * q);
-        b[q] = _mm512_maskz_loadu_ps(k[q], ab + 16 * q);
-    }
-    for (long n = 0; n < N; n++) {
-        const float *x = inp + n * C + c0, *dy = dout + n * C + c0;
-        const __m512 vm = _mm512_set1_ps(mean[n]), vr = _mm512_set1_ps(rstd[n]);
-        for (int q = 0; q < q_all; q++) {
-            const int full = q < q_full;
-            __m512 d = bq_load16(dy + 16 * q, k[q], full);
-            w[q] = _mm512_add_ps(w[q], _mm512_mul_ps(_mm512_mul_ps(d, _mm512_sub_ps(bq_load16(x + 16 * q, k[q], full), vm)), vr));
-            b[q] = _mm512_add_ps(b[q], d);
+    if (c1 - c0 == 64) {
+        __m512 w0 = _mm512_loadu_ps(aw), w1 = _mm512_loadu_ps(aw + 16), w2 = _mm512_loadu_ps(aw + 32),
+               w3 = _mm512_loadu_ps(aw + 48);
+        __m512 b0 = _mm512_loadu_ps(ab), b1 = _mm512_loadu_ps(ab + 16), b2 = _mm512_loadu_ps(ab + 32),
+               b3 = _mm512_loadu_ps(ab + 48);
+        for (long n = 0; n < N; n++) {
+            const float *x = inp + n * C + c0, *dy = dout + n * C + c0;
+            const __m512 m = _mm512_set1_ps(mean[n]), r = _mm512_set1_ps(rstd[n]);
+#define BQ_PARAM_GRAD_STEP(w, b, o)                                                                              \
+    do {                                                                                                         \
+        __m512 d = _mm512_loadu_ps(dy + (o));                                                                    \
+        w = _mm512_add_ps(w, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_sub_ps(_mm512_loadu_ps(x + (o)), m)), r));   \
+        b = _mm512_add_ps(b, d);                                                                                 \
+    } while (0)
+            BQ_PARAM_GRAD_STEP(w0, b0, 0);
+            BQ_PARAM_GRAD_STEP(w1, b1, 16);
+            BQ_PARAM_GRAD_STEP(w2, b2, 32);
+            BQ_PARAM_GRAD_STEP(w3, b3, 48);
+#undef BQ_PARAM_GRAD_STEP
         }
+        _mm512_storeu_ps(aw, w0), _mm512_storeu_ps(aw + 16, w1), _mm512_storeu_ps(aw + 32, w2), _mm512_storeu_ps(aw + 48, w3);
+        _mm512_storeu_ps(ab, b0), _mm512_storeu_ps(ab + 16, b1), _mm512_storeu_ps(ab + 32, b2), _mm512_storeu_ps(ab + 48, b3);
+        return;
     }
-    for (int q = 0; q < 4; q++) {
-        _mm512_mask_storeu_ps(aw + 16 * q, k[q], w[q]);
-        _mm512_mask_storeu_ps(ab + 16 * q, k[q], b[q]);
-    }
+    int c = c0;
+    for (; c + 16 <= c1; c += 16) param_grad_step(aw + c - c0, ab + c - c0, dout + c, inp + c, mean, rstd, N, C, 0, 1);
+    if (c < c1) param_grad_step(aw + c - c0, ab + c - c0, dout + c, inp + c, mean, rstd, N, C, bq_mask16(c1 - c), 0);
 }
 
 BQ_AVX512_END
