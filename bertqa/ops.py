@@ -11,12 +11,15 @@ V (vocabulary size). ``...`` stands for any leading shape.
 Gradients follow the usual convention: ``f_backward(dy, inputs)`` returns d(loss)/d(inputs) given
 dy = d(loss)/d(output).
 """
+import numpy as np
+
 from ._core import _C
 
 __all__ = [
     "layernorm", "layernorm_backward", "gelu", "gelu_backward", "linear", "linear_backward", "attention",
     "attention_backward", "embedding", "embedding_backward", "dropout", "dropout_backward", "span_loss", "adamw",
-    "global_norm", "clip_grad_norm", "set_num_threads", "runtime_info", "set_isa",
+    "global_norm", "clip_grad_norm", "set_num_threads", "runtime_info", "set_isa", "attention_rows",
+    "attention_rows_backward",
 ]
 
 
@@ -127,6 +130,56 @@ def attention_backward(dout, q, k, v, mask=None, dropout_p=0.0, seed=0, step=0, 
         (dq, dk, dv), each [B, NH, T, HS] float32.
     """
     return _C.attention_backward(dout, q, k, v, mask, dropout_p, seed, step, tensor_id)
+
+
+def attention_rows(q, k, v, offsets, mask=None, dropout_p=0.0, seed=0, step=0, window_ids=None, tensor_id=0,
+                   positions=None, return_lse=False):
+    """Attention over packed rows of their own lengths (no padding stored), the fused kernel the engine trains with.
+
+    Row b is tokens ``offsets[b] .. offsets[b+1]-1``; its T_b tokens attend to each other, head by head::
+
+        scores = q[r, h] @ k[r, h].T / sqrt(HS) + (1 - mask[b, :T_b]) * -10000    # r = the row's tokens
+        out[r, h] = dropout(softmax(scores)) @ v[r, h]
+
+    Nothing [T, T] is stored: per block of queries, one pass over blocks of keys with a running max and sum.
+
+    Args:
+        q, k, v: [N, NH, HS] float32, N = offsets[-1] (the [N, C] activations of a linear layer, reshaped).
+        offsets: [B + 1] integers (an array, list or tuple), 0 = offsets[0] <= offsets[1] <= ... <= offsets[B] = N (empty rows allowed).
+        mask: [B, Tpad] of 0/1 with Tpad >= the longest row, or None. Column t of row b is token t of the row; a 0
+            before the row's end (a hole) gets -10000 on its score, columns past T_b are not read.
+        dropout_p: dropout on the probabilities (0 = off). Element (b, h, i, j) draws the Philox uniform of index
+            ((w_b * NH + h) * P + i) * P + j (bq_rng in csrc/bertqa.h), w_b = window_ids[b] (None: b), keyed by
+            (seed, step, tensor_id): the engine's numbering, a function of the window and not of the batch.
+        positions: P >= the longest row (None: mask.shape[1], or the longest row without a mask).
+        return_lse: also return lse [NH, N] float32, each query's log-sum-exp of its scores: what
+            :func:`attention_rows_backward` needs.
+    Returns:
+        out [N, NH, HS] float32, or (out, lse).
+    """
+    return _C.attention_rows(q, k, v, _ints(offsets), mask, dropout_p, seed, step, _ints(window_ids), tensor_id,
+                             0 if positions is None else positions, return_lse)
+
+
+def attention_rows_backward(dout, q, k, v, out, lse, offsets, mask=None, dropout_p=0.0, seed=0, step=0,
+                            window_ids=None, tensor_id=0, positions=None):
+    """Gradients of :func:`attention_rows`, recomputing the probabilities block by block from ``lse`` (and the
+    dropout masks from their key) instead of reading stored ones.
+
+    Args:
+        dout: [N, NH, HS] float32, the gradient of the loss with respect to out.
+        out, lse: what ``attention_rows(..., return_lse=True)`` returned for these inputs.
+        q, k, v, offsets, mask, dropout_p, seed, step, window_ids, tensor_id, positions: as given to it.
+    Returns:
+        (dq, dk, dv), each [N, NH, HS] float32.
+    """
+    return _C.attention_rows_backward(dout, q, k, v, out, lse, _ints(offsets), mask, dropout_p, seed, step,
+                                      _ints(window_ids), tensor_id, 0 if positions is None else positions)
+
+
+def _ints(a):
+    """offsets / window ids given as a list or tuple: an array (its dtype is still checked in C)."""
+    return np.asarray(a) if isinstance(a, (list, tuple)) else a
 
 
 def embedding(input_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings):

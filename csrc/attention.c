@@ -11,6 +11,9 @@
  * over the first L keys only (L = last real key + 1) and the rest of each probability row is set to 0. Backward
  * finds L again from the probabilities themselves (trailing columns that are 0 in every row add exactly nothing
  * to dq, dk and dv), so it needs no mask.
+ *
+ * These keep the [B,NH,T,T] probabilities (bertqa.ops.attention and the CUDA parity tests use them). What the
+ * engine runs, over rows of their own lengths with nothing [T,T] kept, is the fused kernel of attention_fused.c.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -99,34 +102,12 @@ int attention_forward(float *out, float *att, const float *q, const float *k, co
     return status;
 }
 
+/* Packed inference is the fused kernel's forward (attention_fused.c) without dropout and with nothing kept: no
+ * [T,T] block at all, and faster than the two BLAS products around a softmax this used to be. */
 int attention_forward_packed(float *out, const float *q, const float *k, const float *v, const float *mask, int Tpad,
                              const int *row_off, int B, int NH, int HS, int ld) {
-    int Tmax = 1;
-    for (int b = 0; b < B; b++)
-        if (row_off[b + 1] - row_off[b] > Tmax) Tmax = row_off[b + 1] - row_off[b];
-    const float scale = 1.0f / sqrtf((float)HS);
-    int status = BQ_OK;
-#pragma omp parallel num_threads(bq_num_threads())
-    {
-        float *a = malloc((size_t)Tmax * Tmax * sizeof(float));
-        if (!a) {
-#pragma omp atomic write
-            status = BQ_ERR_NOMEM;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int bh = 0; bh < B * NH; bh++) {
-            if (!a) continue;
-            const int b = bh / NH, h = bh % NH, T = row_off[b + 1] - row_off[b];
-            if (T <= 0) continue;
-            const long off = (long)row_off[b] * ld + (long)h * HS;
-            const float *mk = mask ? mask + (long)b * Tpad : NULL;
-            bq_sgemm1(0, 1, T, T, HS, scale, q + off, ld, k + off, ld, 0.0f, a, T);   /* a = scale q k^T */
-            for (int i = 0; i < T; i++) bq_softmax_row(a + (long)i * T, mk, T);
-            bq_sgemm1(0, 0, T, HS, T, 1.0f, a, T, v + off, ld, 0.0f, out + off, ld);     /* out = a v */
-        }
-        free(a);
-    }
-    return status;
+    const bq_rng none = {0, 0, NULL, 1};
+    return attention_forward_rows(out, NULL, q, k, v, mask, Tpad, B, row_off, NH, HS, ld, 0.0f, none, 0);
 }
 
 int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
@@ -184,61 +165,4 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
         free(dp);
     }
     return status;
-}
-
-/* ---- rows of their own lengths (the engine's layout) ------------------------------------------------ */
-/* Row by row through the [B,NH,T,T] kernels above (one row as a batch of 1, its heads shared by the threads);
- * saved holds each row's [NH,T_b,T_b] probabilities one after the other. */
-
-size_t attention_saved_floats(int B, const int *off, int NH) {
-    size_t n = 0;
-    for (int b = 0; b < B; b++) n += (size_t)NH * (size_t)(off[b + 1] - off[b]) * (size_t)(off[b + 1] - off[b]);
-    return n;
-}
-
-static bq_rng row_rng(bq_rng r, int b, const int64_t *scratch_id) {
-    bq_rng one = r;
-    one.window = r.window ? r.window + b : scratch_id;   /* window NULL: row b is window b */
-    return one;
-}
-
-int attention_forward_rows(float *out, float *saved, const float *q, const float *k, const float *v,
-                           const float *mask, int Tpad, int B, const int *off, int NH, int HS, int ld, float p,
-                           bq_rng r, uint32_t tensor_id) {
-    if (!saved && p <= 0.0f) return attention_forward_packed(out, q, k, v, mask, Tpad, off, B, NH, HS, ld);
-    size_t at = 0;
-    for (int b = 0; b < B; b++) {
-        const int T = off[b + 1] - off[b];
-        if (T <= 0) continue;
-        const long o = (long)off[b] * ld;
-        const bq_attn_shape s = {1, NH, T, HS, (long)T * ld, HS, ld};
-        const int64_t id = b;
-        int st = attention_forward(out + o, saved ? saved + at : NULL, q + o, k + o, v + o,
-                                   mask ? mask + (long)b * Tpad : NULL, s, p, row_rng(r, b, &id), tensor_id);
-        if (st) return st;
-        at += (size_t)NH * T * T;
-    }
-    return BQ_OK;
-}
-
-int attention_backward_rows(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *saved,
-                            const float *q, const float *k, const float *v, const float *mask, int Tpad, int B,
-                            const int *off, int NH, int HS, int ld, float p, bq_rng r, uint32_t tensor_id) {
-    const size_t n = (size_t)(off[B] - off[0]) * ld;
-    memset(dq + (size_t)off[0] * ld, 0, n * sizeof(float));
-    memset(dk + (size_t)off[0] * ld, 0, n * sizeof(float));
-    memset(dv + (size_t)off[0] * ld, 0, n * sizeof(float));
-    size_t at = 0;
-    for (int b = 0; b < B; b++) {
-        const int T = off[b + 1] - off[b];
-        if (T <= 0) continue;
-        const long o = (long)off[b] * ld;
-        const bq_attn_shape s = {1, NH, T, HS, (long)T * ld, HS, ld};
-        const int64_t id = b;
-        int st = attention_backward(dq + o, dk + o, dv + o, dout + o, saved + at, q + o, k + o, v + o, s, p,
-                                    row_rng(r, b, &id), tensor_id);
-        if (st) return st;
-        at += (size_t)NH * T * T;
-    }
-    return BQ_OK;
 }

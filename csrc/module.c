@@ -793,6 +793,7 @@ PyMODINIT_FUNC PyInit__C(void) {
         return NULL;
     }
     PyObject *mod = PyModule_Create(&moduledef);
-    if (mod && (bq_add_engine_type(mod) < 0 || bq_add_cpu_functions(mod) < 0)) Py_CLEAR(mod);
+    if (mod && (bq_add_engine_type(mod) < 0 || bq_add_cpu_functions(mod) < 0 || bq_add_attention_functions(mod) < 0))
+        Py_CLEAR(mod);
     return mod;
 }

@@ -31,5 +31,6 @@ PyObject *status_error(int st, const char *what);
 
 int bq_add_engine_type(PyObject *module);
 int bq_add_cpu_functions(PyObject *module);   /* cpu_py.c: set_isa and the row-kernel hooks */
+int bq_add_attention_functions(PyObject *module);   /* attention_py.c: attention_rows, _backward */
 PyObject *bq_py_isas(void);                   /* cpu_py.c: list of the instruction sets this CPU can run */
 #endif

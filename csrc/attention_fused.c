@@ -1,0 +1,511 @@
+/* Fused multi-head self-attention over rows of their own lengths, what the engine trains with: FlashAttention-2
+ * (Dao, 2023) on CPU cores. Nothing [T,T] is stored and nothing [T,T] is allocated.
+ *
+ * Per (row b, head h), T = T_b tokens, q, k, v, out [T,HS] views (row stride ld, head h's columns), keep the
+ * dropout draw of element (b, h, i, j) (bq_rng numbering) and pd = dropout_p:
+ *   s_ij = q_i . k_j / sqrt(HS) + (1 - mask_j) * -10000            (holes: BERT's additive rule)
+ *   p_ij = exp(s_ij - lse_i),   lse_i = log sum_j exp(s_ij)
+ *   out_i = sum_j p_ij keep_ij / (1 - pd) v_j
+ * Forward, per block of BQ queries: one pass over blocks of BK keys with a running max m_i, sum l_i and the
+ * unnormalised output (online softmax: rescale by exp(m_old - m_new) when the max moves); `saved` keeps lse_i
+ * only, [NH, N] (N = off[B] - off[0] tokens): saved[h * N + off[b] - off[0] + i].
+ * Backward recomputes p block by block from lse (the same products in the same order: the same p), with
+ * D_i = dout_i . out_i, which equals sum_j dP_ij p_ij with dropout too:
+ *   dP_ij = (dout_i . v_j) keep_ij / (1 - pd),   dS_ij = p_ij (dP_ij - D_i) / sqrt(HS)
+ *   dv_j = sum_i p_ij keep_ij / (1 - pd) dout_i,  dq_i = sum_j dS_ij k_j,  dk_j = sum_i dS_ij q_i
+ * and regenerates each block's dropout mask from the keyed RNG (row i of a block is one contiguous slice of
+ * the numbering: first = ((w_b NH + h) P + i) P + j0).
+ *
+ * A thread takes a whole (row, head) (a query range of it in the forward when there are too few heads for
+ * the threads), longest rows first, and packs that head's operands once: K^T and V^T [HS, Tp] for the
+ * products over the head dimension, and [Tp, HSp] copies padded to whole vectors (Tp, HSp multiples of 16,
+ * padding zero) for the products that produce rows of HS. Score columns past T get bias -inf, so they take
+ * probability 0 and pass no gradient. The per-element work runs through a table of kernels per instruction set
+ * (attention_fused.h): register-blocked products (K = HS = 32 or 64 is where the BLAS spends its time packing)
+ * and the softmax pieces.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "attention_fused.h"
+#include "cpu.h"
+#include "vmath.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define BQ BQ_ATTN_BQ
+#define BK BQ_ATTN_BK
+
+static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+static inline int imin(int a, int b) { return a < b ? a : b; }
+
+/* ---- portable kernels (the reference the vector ones must agree with) ----------------------------------- */
+
+static void gemm_generic(int M, int N, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C,
+                         long ldc, float alpha, int acc) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n += 16) {
+            float t[16] = {0};
+            for (int k = 0; k < K; k++) {
+                const float a = A[m * rsa + k * csa], *b = B + (long)k * ldb + n;
+                for (int j = 0; j < 16; j++) t[j] = fmaf(a, b[j], t[j]);
+            }
+            float *c = C + m * ldc + n;
+            for (int j = 0; j < 16; j++) c[j] = acc ? c[j] + t[j] : alpha * t[j];
+        }
+}
+
+/* One pass over the rows of a forward block: s += bias; online softmax update; O rows rescaled. */
+static void fwd_rows_generic(int mq, int nk, const float *bias, float *S, long lds, float *mx, float *l, float *O,
+                             long ldo, int no) {
+    for (int m = 0; m < mq; m++) {
+        float *s = S + m * lds, bmax = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < nk; j++) {
+            s[j] += bias[j];
+            bmax = s[j] > bmax ? s[j] : bmax;
+        }
+        const float mnew = mx[m] > bmax ? mx[m] : bmax, c = bq_expf(mx[m] - mnew);   /* mx = -inf: c = 0 */
+        for (int j = 0; j < nk; j++) sum += (s[j] = bq_expf(s[j] - mnew));
+        l[m] = l[m] * c + sum;
+        mx[m] = mnew;
+        if (c != 1.0f)
+            for (int d = 0; d < no; d++) O[m * ldo + d] *= c;
+    }
+}
+
+static void fwd_block_generic(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
+                              const float *bias, float scale, float *S, long lds, float *mx, float *l, float *O,
+                              long ldo, int no) {
+    gemm_generic(mq, nk, HS, q, ldq, 1, KT, ldk, S, lds, scale, 0);
+    fwd_rows_generic(mq, nk, bias, S, lds, mx, l, O, ldo, no);
+}
+
+static void bwd_probs_generic(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
+                              const float *bias, float scale, const float *lse, float *S, long lds) {
+    gemm_generic(mq, nk, HS, q, ldq, 1, KT, ldk, S, lds, scale, 0);
+    for (int m = 0; m < mq; m++)
+        for (int j = 0; j < nk; j++) S[m * lds + j] = bq_expf(S[m * lds + j] + bias[j] - lse[m]);
+}
+
+static void dscores_rows_generic(int mq, int nk, const float *keep, const float *D, float scale, float *S, float *dS,
+                                 long lds) {
+    for (int m = 0; m < mq; m++)
+        for (int j = 0; j < nk; j++) {
+            const long e = m * lds + j;
+            const float p = S[e], kp = keep ? keep[e] : 1.0f;
+            dS[e] = scale * p * (dS[e] * kp - D[m]);
+            S[e] = p * kp;
+        }
+}
+
+static void bwd_dscores_generic(int mq, int nk, int HS, const float *dout, long ldd, const float *VT, long ldv,
+                                const float *keep, const float *D, float scale, float *S, float *dS, long lds) {
+    gemm_generic(mq, nk, HS, dout, ldd, 1, VT, ldv, dS, lds, 1.0f, 0);
+    dscores_rows_generic(mq, nk, keep, D, scale, S, dS, lds);
+}
+
+const bq_attn_kernels bq_attn_generic = {"generic", gemm_generic, fwd_block_generic, bwd_probs_generic,
+                                         bwd_dscores_generic};
+
+/* ---- AVX2 + FMA ------------------------------------------------------------------------------------------- */
+#ifdef __AVX2__
+/* C[MR,16] from MR rows of A and a [K,16] panel of B: 2 * MR accumulators (MR = 6: 12 of the 16 registers). */
+static inline __attribute__((always_inline)) void ukernel_avx2(const int MR, int K, const float *A, long rsa,
+                                                                long csa, const float *B, long ldb, float *C,
+                                                                long ldc, float alpha, int acc) {
+    __m256 c0[6], c1[6];
+    for (int m = 0; m < MR; m++) c0[m] = c1[m] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(B + (long)k * ldb), b1 = _mm256_loadu_ps(B + (long)k * ldb + 8);
+        const float *a = A + k * csa;
+        for (int m = 0; m < MR; m++) {
+            const __m256 am = _mm256_broadcast_ss(a + m * rsa);
+            c0[m] = _mm256_fmadd_ps(am, b0, c0[m]);
+            c1[m] = _mm256_fmadd_ps(am, b1, c1[m]);
+        }
+    }
+    const __m256 va = _mm256_set1_ps(alpha);
+    for (int m = 0; m < MR; m++) {
+        float *c = C + m * ldc;
+        if (acc) {
+            _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), c0[m]));
+            _mm256_storeu_ps(c + 8, _mm256_add_ps(_mm256_loadu_ps(c + 8), c1[m]));
+        } else {
+            _mm256_storeu_ps(c, _mm256_mul_ps(va, c0[m]));
+            _mm256_storeu_ps(c + 8, _mm256_mul_ps(va, c1[m]));
+        }
+    }
+}
+
+static void gemm_avx2(int M, int N, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C,
+                      long ldc, float alpha, int acc) {
+    for (int n = 0; n < N; n += 16)   /* the [K,16] panel of B stays in L1 over all rows */
+        for (int m = 0; m < M; m += 6) {
+            const float *a = A + m * rsa, *b = B + n;
+            float *c = C + m * ldc + n;
+            switch (M - m < 6 ? M - m : 6) {
+            case 6: ukernel_avx2(6, K, a, rsa, csa, b, ldb, c, ldc, alpha, acc); break;
+            case 5: ukernel_avx2(5, K, a, rsa, csa, b, ldb, c, ldc, alpha, acc); break;
+            case 4: ukernel_avx2(4, K, a, rsa, csa, b, ldb, c, ldc, alpha, acc); break;
+            case 3: ukernel_avx2(3, K, a, rsa, csa, b, ldb, c, ldc, alpha, acc); break;
+            case 2: ukernel_avx2(2, K, a, rsa, csa, b, ldb, c, ldc, alpha, acc); break;
+            default: ukernel_avx2(1, K, a, rsa, csa, b, ldb, c, ldc, alpha, acc); break;
+            }
+        }
+}
+
+static void fwd_block_avx2(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
+                           const float *bias, float scale, float *S, long lds, float *mx, float *l, float *O, long ldo,
+                           int no) {
+    gemm_avx2(mq, nk, HS, q, ldq, 1, KT, ldk, S, lds, scale, 0);
+    for (int m = 0; m < mq; m++) {
+        float *s = S + m * lds;
+        __m256 vmax = _mm256_set1_ps(-INFINITY);
+        for (int j = 0; j < nk; j += 8) {
+            const __m256 x = _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j));
+            _mm256_storeu_ps(s + j, x);
+            vmax = _mm256_max_ps(vmax, x);
+        }
+        const float bmax = bq_hmax8(vmax), mnew = mx[m] > bmax ? mx[m] : bmax, c = bq_expf(mx[m] - mnew);
+        const __m256 vm = _mm256_set1_ps(mnew);
+        __m256 vsum = _mm256_setzero_ps();
+        for (int j = 0; j < nk; j += 8) {
+            const __m256 e = bq_expf8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+            _mm256_storeu_ps(s + j, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        l[m] = l[m] * c + bq_hsum8(vsum);
+        mx[m] = mnew;
+        if (c != 1.0f) {
+            const __m256 vc = _mm256_set1_ps(c);
+            for (int d = 0; d < no; d += 8) _mm256_storeu_ps(O + m * ldo + d, _mm256_mul_ps(vc, _mm256_loadu_ps(O + m * ldo + d)));
+        }
+    }
+}
+
+static void bwd_probs_avx2(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
+                           const float *bias, float scale, const float *lse, float *S, long lds) {
+    gemm_avx2(mq, nk, HS, q, ldq, 1, KT, ldk, S, lds, scale, 0);
+    for (int m = 0; m < mq; m++) {
+        const __m256 L = _mm256_set1_ps(lse[m]);
+        for (int j = 0; j < nk; j += 8) {
+            float *s = S + m * lds + j;
+            _mm256_storeu_ps(s, bq_expf8(_mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(bias + j)), L)));
+        }
+    }
+}
+
+static void bwd_dscores_avx2(int mq, int nk, int HS, const float *dout, long ldd, const float *VT, long ldv,
+                             const float *keep, const float *D, float scale, float *S, float *dS, long lds) {
+    gemm_avx2(mq, nk, HS, dout, ldd, 1, VT, ldv, dS, lds, 1.0f, 0);
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int m = 0; m < mq; m++) {
+        const __m256 d = _mm256_set1_ps(D[m]);
+        for (int j = 0; j < nk; j += 8) {
+            const long e = m * lds + j;
+            const __m256 p = _mm256_loadu_ps(S + e);
+            __m256 g = _mm256_loadu_ps(dS + e);
+            if (keep) {
+                const __m256 k8 = _mm256_loadu_ps(keep + e);
+                g = _mm256_mul_ps(g, k8);
+                _mm256_storeu_ps(S + e, _mm256_mul_ps(p, k8));
+            }
+            _mm256_storeu_ps(dS + e, _mm256_mul_ps(_mm256_mul_ps(vs, p), _mm256_sub_ps(g, d)));
+        }
+    }
+}
+
+const bq_attn_kernels bq_attn_avx2 = {"avx2", gemm_avx2, fwd_block_avx2, bwd_probs_avx2, bwd_dscores_avx2};
+#else
+const bq_attn_kernels bq_attn_avx2 = {NULL, NULL, NULL, NULL, NULL};   /* not built: bq_attn_kernels_named says so */
+#endif
+
+/* ---- which table ------------------------------------------------------------------------------------------ */
+/* The instruction set is cpu.c's choice (cpuid, BERTQA_CPU, bertqa.ops.set_isa); this maps it to a table. */
+
+const bq_attn_kernels *bq_attn_kernels_named(const char *name) {
+    if (!name) return bq_attn_kernels_best();
+    if (!strcmp(name, "generic")) return &bq_attn_generic;
+    if (!strcmp(name, "avx2")) return bq_attn_avx2.gemm ? &bq_attn_avx2 : NULL;
+    if (!strcmp(name, "avx512")) return bq_cpu_supports(BQ_ISA_AVX512) ? bq_attn_avx512() : NULL;
+    return NULL;
+}
+
+const bq_attn_kernels *bq_attn_kernels_best(void) {
+    const bq_attn_kernels *k = NULL;
+    if (!strcmp(bq_cpu_isa_name(), "avx512")) k = bq_attn_avx512();
+    if (!k && bq_attn_avx2.gemm) k = &bq_attn_avx2;
+    return k ? k : &bq_attn_generic;
+}
+
+/* ---- the driver ------------------------------------------------------------------------------------------- */
+
+/* 64-byte aligned floats (n > 0), for a thread's scratch */
+static float *floats(size_t n) {
+    size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+    return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+/* A head's rows are HS floats ld apart: more rows in flight than the hardware prefetcher fetches on its own
+ * (without this, packing a head's K waited on memory for a tenth of the forward). */
+#define PREFETCH_ROWS 8
+static inline void prefetch_row(const float *row, int HS, int write) {
+    for (int d = 0; d < HS; d += 16) {
+        if (write) __builtin_prefetch(row + d, 1);
+        else __builtin_prefetch(row + d, 0);
+    }
+}
+
+/* dst[d * Tp + j] = src[j * ld + d]: a head's [T,HS] operand transposed, columns T..Tp-1 zero */
+static void pack_transposed(float *dst, const float *src, int T, int Tp, int HS, long ld) {
+    for (int j = 0; j < T; j++) {   /* rows of src read once, in order; HS rows of dst written along */
+        if (j + PREFETCH_ROWS < T) prefetch_row(src + (long)(j + PREFETCH_ROWS) * ld, HS, 0);
+        for (int d = 0; d < HS; d++) dst[(long)d * Tp + j] = src[(long)j * ld + d];
+    }
+    for (int d = 0; d < HS; d++)
+        for (int j = T; j < Tp; j++) dst[(long)d * Tp + j] = 0.0f;
+}
+
+/* dst[j * HSp + d] = src[j * ld + d]: rows padded to HSp columns, rows T..Tp-1 zero */
+static void pack_rows(float *dst, const float *src, int T, int Tp, int HS, int HSp, long ld) {
+    for (int j = 0; j < T; j++) {
+        if (j + PREFETCH_ROWS < T) prefetch_row(src + (long)(j + PREFETCH_ROWS) * ld, HS, 0);
+        memcpy(dst + (long)j * HSp, src + (long)j * ld, (size_t)HS * sizeof(float));
+        memset(dst + (long)j * HSp + HS, 0, (size_t)(HSp - HS) * sizeof(float));
+    }
+    memset(dst + (long)T * HSp, 0, (size_t)(Tp - T) * HSp * sizeof(float));
+}
+
+/* dst[j * ld + d] = src[j * HSp + d], j < T, d < HS: a head's result rows back into its columns */
+static void unpack_rows(float *dst, const float *src, int T, int HS, int HSp, long ld) {
+    for (int j = 0; j < T; j++) {
+        if (j + PREFETCH_ROWS < T) prefetch_row(dst + (long)(j + PREFETCH_ROWS) * ld, HS, 1);
+        float *y = dst + (long)j * ld;
+        const float *x = src + (long)j * HSp;
+        for (int d = 0; d < HS; d++) y[d] = x[d];
+    }
+}
+
+/* The score bias of the keys: (1 - mask) * -10000 for the row's keys, -inf for the padding columns T..Tp-1. */
+static void key_bias(float *bias, const float *mk, int T, int Tp) {
+    for (int j = 0; j < T; j++) bias[j] = mk ? (1.0f - mk[j]) * -10000.0f : 0.0f;
+    for (int j = T; j < Tp; j++) bias[j] = -INFINITY;
+}
+
+/* Element index of probability (b, h, 0, 0) in the dropout RNG's numbering (bq_rng). */
+static inline uint64_t head_first(bq_rng r, int b, int h, int NH) {
+    return (bq_rng_window(r, b) * NH + h) * (uint64_t)r.P * (uint64_t)r.P;
+}
+
+typedef struct {
+    int b, h, i0, i1;   /* queries i0 .. i1-1 of row b, head h */
+} attn_task;
+
+/* Tasks over (row, head[, query range]), longest rows first (schedule(dynamic) then balances rows of different
+ * lengths). A (row, head) is cut into query ranges of whole blocks only when there are fewer than 4 heads of
+ * work per thread (split = 1 for backward: a task owns its head's dk, dv). NULL when out of memory. */
+static attn_task *make_tasks(int B, const int *off, int NH, int split, int *ntasks, int *Tmax) {
+    int *order = malloc((size_t)(B > 0 ? B : 1) * sizeof(int)), nrows = 0, n = 0;
+    if (!order) return NULL;
+    *Tmax = 1;
+    for (int b = 0; b < B; b++) {
+        const int T = off[b + 1] - off[b];
+        if (T <= 0) continue;
+        if (T > *Tmax) *Tmax = T;
+        int at = nrows++;   /* insertion sort by length, descending (B is a batch: small) */
+        while (at > 0 && off[order[at - 1] + 1] - off[order[at - 1]] < T) {
+            order[at] = order[at - 1];
+            at--;
+        }
+        order[at] = b;
+    }
+    const int want = 4 * bq_num_threads();
+    split = split && nrows > 0 && nrows * NH < want ? (want + nrows * NH - 1) / (nrows * NH) : 1;
+    for (int i = 0; i < nrows; i++) n += NH * imin(split, (off[order[i] + 1] - off[order[i]] + BQ - 1) / BQ);
+    attn_task *t = malloc((size_t)(n > 0 ? n : 1) * sizeof(attn_task));
+    if (t) {
+        n = 0;
+        for (int i = 0; i < nrows; i++) {
+            const int b = order[i], T = off[b + 1] - off[b], nblk = (T + BQ - 1) / BQ, nc = imin(split, nblk);
+            for (int h = 0; h < NH; h++)
+                for (int c = 0; c < nc; c++)
+                    t[n++] = (attn_task){b, h, imin(T, c * nblk / nc * BQ), imin(T, (c + 1) * nblk / nc * BQ)};
+        }
+    }
+    free(order);
+    *ntasks = n;
+    return t;
+}
+
+size_t attention_saved_floats(int B, const int *off, int NH) { return (size_t)NH * (size_t)(off[B] - off[0]); }
+
+/* What the kernels cannot handle: BQ_ERR_ARG (nothing is written). */
+static int check_args(int B, const int *off, int NH, int HS, int ld, const float *mask, int Tpad, float p, bq_rng r) {
+    if (B < 0 || NH < 1 || HS < 1 || (long)ld < (long)NH * HS || !(p >= 0.0f && p < 1.0f)) return BQ_ERR_ARG;
+    for (int b = 0; b < B; b++) {
+        const int T = off[b + 1] - off[b];
+        if (T < 0 || (mask && T > Tpad) || (p > 0.0f && T > r.P)) return BQ_ERR_ARG;
+    }
+    return BQ_OK;
+}
+
+int bq_attention_forward_rows_with(const bq_attn_kernels *kern, float *out, float *saved, const float *q,
+                                   const float *k, const float *v, const float *mask, int Tpad, int B,
+                                   const int *off, int NH, int HS, int ld, float p, bq_rng r, uint32_t tensor_id) {
+    int ntasks, Tmax, st = check_args(B, off, NH, HS, ld, mask, Tpad, p, r);
+    if (st) return st;
+    attn_task *tasks = make_tasks(B, off, NH, 1, &ntasks, &Tmax);
+    if (!tasks) return BQ_ERR_NOMEM;
+    const int HSp = round_up(HS, BQ_ATTN_VEC), Tpm = round_up(Tmax, BQ_ATTN_VEC);
+    const long N = off[B] - off[0];
+    const float scale = 1.0f / sqrtf((float)HS);
+    int status = BQ_OK;
+#pragma omp parallel num_threads(bq_num_threads()) if (ntasks > 1)
+    {
+        /* this thread's scratch: K^T [HS,Tp], V [Tp,HSp], the key bias [Tp], a score block S [BQ,BK], the output
+         * block [BQ,HSp] and per query the running max and sum */
+        float *KT = floats((size_t)HS * Tpm), *Vp = floats((size_t)Tpm * HSp), *bias = floats(Tpm);
+        float *S = floats(BQ * BK), *O = floats((size_t)BQ * HSp), *ml = floats(2 * BQ);
+        const int ok = KT && Vp && bias && S && O && ml;
+        if (!ok) {
+#pragma omp atomic write
+            status = BQ_ERR_NOMEM;
+        }
+        float *mx = ml, *l = ml + BQ;
+        int last_b = -1, last_h = -1;   /* the head whose operands are packed */
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < ntasks; t++) {
+            if (!ok) continue;
+            const int b = tasks[t].b, h = tasks[t].h, T = off[b + 1] - off[b], Tp = round_up(T, BQ_ATTN_VEC);
+            const long o = (long)off[b] * ld + (long)h * HS;
+            const float *qb = q + o;
+            float *ob = out + o, *lse = saved ? saved + h * N + (off[b] - off[0]) : NULL;
+            if (b != last_b || h != last_h) {
+                pack_transposed(KT, k + o, T, Tp, HS, ld);
+                pack_rows(Vp, v + o, T, Tp, HS, HSp, ld);
+                key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp);
+                last_b = b, last_h = h;
+            }
+            const uint64_t first = head_first(r, b, h, NH);
+            for (int i0 = tasks[t].i0; i0 < tasks[t].i1; i0 += BQ) {
+                const int mq = imin(BQ, T - i0);
+                for (int m = 0; m < mq; m++) mx[m] = -INFINITY, l[m] = 0.0f;
+                memset(O, 0, (size_t)mq * HSp * sizeof(float));
+                for (int j0 = 0; j0 < T; j0 += BK) {
+                    const int nk = imin(BK, Tp - j0), nreal = imin(BK, T - j0);
+                    kern->fwd_block(mq, nk, HS, qb + (long)i0 * ld, ld, KT + j0, Tp, bias + j0, scale, S, BK, mx, l, O,
+                                    HSp, HSp);
+                    if (p > 0.0f)
+                        for (int m = 0; m < mq; m++)
+                            bq_dropout_slice(S + m * BK, S + m * BK, nreal, p, r.seed, r.step, tensor_id,
+                                             first + (uint64_t)(i0 + m) * r.P + j0);
+                    kern->gemm(mq, HSp, nk, S, BK, 1, Vp + (long)j0 * HSp, HSp, O, HSp, 1.0f, 1);   /* O += S v */
+                }
+                for (int m = 0; m < mq; m++) {
+                    const float inv = 1.0f / l[m];
+                    float *orow = ob + (long)(i0 + m) * ld;
+                    if (m + PREFETCH_ROWS < mq) prefetch_row(orow + PREFETCH_ROWS * ld, HS, 1);
+                    for (int d = 0; d < HS; d++) orow[d] = O[m * HSp + d] * inv;
+                    if (lse) lse[i0 + m] = mx[m] + logf(l[m]);
+                }
+            }
+        }
+        free(KT); free(Vp); free(bias); free(S); free(O); free(ml);
+    }
+    free(tasks);
+    return status;
+}
+
+int bq_attention_backward_rows_with(const bq_attn_kernels *kern, float *dq, float *dk, float *dv, const float *dout,
+                                    const float *out, const float *saved, const float *q, const float *k,
+                                    const float *v, const float *mask, int Tpad, int B, const int *off, int NH,
+                                    int HS, int ld, float p, bq_rng r, uint32_t tensor_id) {
+    int ntasks, Tmax, st = check_args(B, off, NH, HS, ld, mask, Tpad, p, r);
+    if (st || !saved) return st ? st : BQ_ERR_ARG;
+    attn_task *tasks = make_tasks(B, off, NH, 0, &ntasks, &Tmax);
+    if (!tasks) return BQ_ERR_NOMEM;
+    const int HSp = round_up(HS, BQ_ATTN_VEC), Tpm = round_up(Tmax, BQ_ATTN_VEC);
+    const long N = off[B] - off[0];
+    const size_t TH = (size_t)Tpm * HSp;
+    const float scale = 1.0f / sqrtf((float)HS);
+    int status = BQ_OK;
+#pragma omp parallel num_threads(bq_num_threads()) if (ntasks > 1)
+    {
+        /* this thread's scratch: K^T, V^T [HS,Tp]; q, k, dout and the three gradient accumulators [Tp,HSp]; the
+         * key bias and D [Tp]; the blocks S, dP and the dropout mask [BQ,BK] */
+        float *KT = floats((size_t)HS * Tpm), *VT = floats((size_t)HS * Tpm), *rows = floats(6 * TH);
+        float *vec = floats(2 * (size_t)Tpm), *blk = floats(3 * BQ * BK);
+        const int ok = KT && VT && rows && vec && blk;
+        if (!ok) {
+#pragma omp atomic write
+            status = BQ_ERR_NOMEM;
+        }
+        float *Qp = rows, *Kp = rows + TH, *dOp = rows + 2 * TH, *dQa = rows + 3 * TH, *dKa = rows + 4 * TH;
+        float *dVa = rows + 5 * TH, *bias = vec, *D = vec + Tpm, *S = blk, *dP = blk + BQ * BK;
+        float *keep = blk + 2 * BQ * BK;
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < ntasks; t++) {
+            if (!ok) continue;
+            const int b = tasks[t].b, h = tasks[t].h, T = off[b + 1] - off[b], Tp = round_up(T, BQ_ATTN_VEC);
+            const long o = (long)off[b] * ld + (long)h * HS;
+            const float *qb = q + o, *dob = dout + o, *lse = saved + h * N + (off[b] - off[0]);
+            pack_transposed(KT, k + o, T, Tp, HS, ld);
+            pack_transposed(VT, v + o, T, Tp, HS, ld);
+            pack_rows(Qp, qb, T, Tp, HS, HSp, ld);
+            pack_rows(Kp, k + o, T, Tp, HS, HSp, ld);
+            pack_rows(dOp, dob, T, Tp, HS, HSp, ld);
+            memset(dQa, 0, (size_t)Tp * HSp * sizeof(float));
+            memset(dKa, 0, (size_t)Tp * HSp * sizeof(float));
+            memset(dVa, 0, (size_t)Tp * HSp * sizeof(float));
+            key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp);
+            for (int i = 0; i < T; i++) {   /* D = rowsum(dout * out), dout from its packed copy */
+                const float *g = dOp + (long)i * HSp, *y = out + o + (long)i * ld;
+                if (i + PREFETCH_ROWS < T) prefetch_row(y + PREFETCH_ROWS * ld, HS, 0);
+                float s = 0.0f;
+                for (int d = 0; d < HS; d++) s += g[d] * y[d];
+                D[i] = s;
+            }
+            const uint64_t first = head_first(r, b, h, NH);
+            for (int i0 = 0; i0 < T; i0 += BQ) {
+                const int mq = imin(BQ, T - i0);
+                for (int j0 = 0; j0 < T; j0 += BK) {
+                    const int nk = imin(BK, Tp - j0), nreal = imin(BK, T - j0);
+                    kern->bwd_probs(mq, nk, HS, qb + (long)i0 * ld, ld, KT + j0, Tp, bias + j0, scale, lse + i0, S, BK);
+                    if (p > 0.0f)
+                        for (int m = 0; m < mq; m++) {
+                            bq_dropout_mask(keep + m * BK, nreal, p, r.seed, r.step, tensor_id,
+                                            first + (uint64_t)(i0 + m) * r.P + j0);
+                            for (int j = nreal; j < nk; j++) keep[m * BK + j] = 0.0f;
+                        }
+                    kern->bwd_dscores(mq, nk, HS, dob + (long)i0 * ld, ld, VT + j0, Tp, p > 0.0f ? keep : NULL, D + i0,
+                                      scale, S, dP, BK);
+                    /* dv[J] += S^T dout[I]; dk[J] += dS^T q[I]; dq[I] += dS k[J] */
+                    kern->gemm(nk, HSp, mq, S, 1, BK, dOp + (long)i0 * HSp, HSp, dVa + (long)j0 * HSp, HSp, 1.0f, 1);
+                    kern->gemm(nk, HSp, mq, dP, 1, BK, Qp + (long)i0 * HSp, HSp, dKa + (long)j0 * HSp, HSp, 1.0f, 1);
+                    kern->gemm(mq, HSp, nk, dP, BK, 1, Kp + (long)j0 * HSp, HSp, dQa + (long)i0 * HSp, HSp, 1.0f, 1);
+                }
+            }
+            unpack_rows(dq + o, dQa, T, HS, HSp, ld);
+            unpack_rows(dk + o, dKa, T, HS, HSp, ld);
+            unpack_rows(dv + o, dVa, T, HS, HSp, ld);
+        }
+        free(KT); free(VT); free(rows); free(vec); free(blk);
+    }
+    free(tasks);
+    return status;
+}
+
+int attention_forward_rows(float *out, float *saved, const float *q, const float *k, const float *v,
+                           const float *mask, int Tpad, int B, const int *off, int NH, int HS, int ld, float p,
+                           bq_rng r, uint32_t tensor_id) {
+    return bq_attention_forward_rows_with(bq_attn_kernels_best(), out, saved, q, k, v, mask, Tpad, B, off, NH, HS, ld,
+                                          p, r, tensor_id);
+}
+
+int attention_backward_rows(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *saved,
+                            const float *q, const float *k, const float *v, const float *mask, int Tpad, int B,
+                            const int *off, int NH, int HS, int ld, float p, bq_rng r, uint32_t tensor_id) {
+    return bq_attention_backward_rows_with(bq_attn_kernels_best(), dq, dk, dv, dout, out, saved, q, k, v, mask, Tpad,
+                                           B, off, NH, HS, ld, p, r, tensor_id);
+}

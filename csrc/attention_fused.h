@@ -1,0 +1,56 @@
+/* The fused attention kernel's inner pieces, one table per instruction set (attention_fused.c: portable C and
+ * AVX2 + FMA; attention_fused_avx512.c: AVX-512F). The driver in attention_fused.c cuts every (row, head) into
+ * blocks of BQ queries x BK keys and calls these on the blocks; what is per instruction set is only what runs
+ * per element of a block. Internal to the C core (module.c uses it to force a path in tests).
+ */
+#ifndef BERTQA_ATTENTION_FUSED_H
+#define BERTQA_ATTENTION_FUSED_H
+#include "bertqa.h"
+
+/* Block sizes. BQ is a multiple of every micro-kernel's row count (6 for AVX2, 8 for AVX-512); BK and the padded
+ * head size HSp are multiples of 16 (BQ_ATTN_VEC) so every product's output columns are whole vectors. */
+#define BQ_ATTN_BQ 48
+#define BQ_ATTN_BK 64
+#define BQ_ATTN_VEC 16
+
+typedef struct {
+    const char *name;
+    /* C[M,N] = alpha * A B (acc = 0) or C[M,N] += A B (acc = 1, alpha unused), A[m,k] at A[m*rsa + k*csa]
+     * (row-major A: rsa = lda, csa = 1; a transposed one: rsa = 1, csa = lda), B [K,N] row-major, N a multiple
+     * of 16. */
+    void (*gemm)(int M, int N, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C,
+                 long ldc, float alpha, int acc);
+    /* Forward, one block of mq queries x nk keys (nk a multiple of 16): s = scale * q KT + bias (q [mq,HS] rows
+     * ldq apart, KT [HS, nk] rows ldk apart); online softmax against the running max mx[m] and sum l[m]:
+     * m_new = max(mx, max_j s), S = exp(s - m_new), l = l * c + sum_j S, the output rows O[m, 0..no) *= c, with
+     * c = exp(mx - m_new) (0 while mx = -inf); mx = m_new. S [mq, nk] rows lds apart. */
+    void (*fwd_block)(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk, const float *bias,
+                      float scale, float *S, long lds, float *mx, float *l, float *O, long ldo, int no);
+    /* Backward: S = exp(scale * q KT + bias - lse[m]), the forward's probabilities again (the same s). */
+    void (*bwd_probs)(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk, const float *bias,
+                      float scale, const float *lse, float *S, long lds);
+    /* Backward: with g = dout VT (dout [mq,HS] rows ldd apart, VT [HS,nk]) and kp = keep[m,j] (keep NULL: 1):
+     * dS = scale * S * (g * kp - D[m]) (the score gradient, 1/sqrt(HS) folded in), then S *= kp. */
+    void (*bwd_dscores)(int mq, int nk, int HS, const float *dout, long ldd, const float *VT, long ldv,
+                        const float *keep, const float *D, float scale, float *S, float *dS, long lds);
+} bq_attn_kernels;
+
+extern const bq_attn_kernels bq_attn_generic, bq_attn_avx2;
+/* The AVX-512 table, or NULL when this build has none (cpu.h: BQ_HAVE_AVX512_BUILD). */
+const bq_attn_kernels *bq_attn_avx512(void);
+/* The table of the instruction set cpu.c has chosen (bq_cpu_isa_name: "avx512" or the AVX2 floor; the portable
+ * one on other architectures). */
+const bq_attn_kernels *bq_attn_kernels_best(void);
+/* By name ("generic", "avx2", "avx512"; NULL: bq_attn_kernels_best), for tests and benchmarks; NULL when the
+ * named one cannot run here (not built, or the CPU lacks the instructions). */
+const bq_attn_kernels *bq_attn_kernels_named(const char *name);
+
+/* attention_forward_rows / attention_backward_rows (bertqa.h) with the kernel table given. */
+int bq_attention_forward_rows_with(const bq_attn_kernels *kern, float *out, float *saved, const float *q,
+                                   const float *k, const float *v, const float *mask, int Tpad, int B,
+                                   const int *off, int NH, int HS, int ld, float p, bq_rng r, uint32_t tensor_id);
+int bq_attention_backward_rows_with(const bq_attn_kernels *kern, float *dq, float *dk, float *dv, const float *dout,
+                                    const float *out, const float *saved, const float *q, const float *k,
+                                    const float *v, const float *mask, int Tpad, int B, const int *off, int NH,
+                                    int HS, int ld, float p, bq_rng r, uint32_t tensor_id);
+#endif
