@@ -40,8 +40,11 @@ void layernorm_forward_row_avx512(float *o, float *mean, float *rstd, const floa
     if (tail) vv = var_step(vv, x + body, vm, tail, 0);
     const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(vv) / C + eps);
     const __m512 vr = _mm512_set1_ps(r);
-    for (int c = 0; c < body; c += 16) out_step(o + c, x + c, weight + c, bias + c, vm, vr, 0, 1);
-    if (tail) out_step(o + body, x + body, weight + body, bias + body, vm, vr, tail, 0);
+    const int h = bq_head16(o, C);   /* elementwise: its stores aligned (vmath_avx512.h) */
+    if (h) out_step(o, x, weight, bias, vm, vr, bq_mask16(h), 0);
+    int c = h;
+    for (; c + 16 <= C; c += 16) out_step(o + c, x + c, weight + c, bias + c, vm, vr, 0, 1);
+    if (c < C) out_step(o + c, x + c, weight + c, bias + c, vm, vr, bq_mask16(C - c), 0);
     *mean = m;
     *rstd = r;
 }
@@ -72,8 +75,11 @@ void layernorm_backward_row_avx512(float *dx, const float *dy, const float *x, c
     for (int c = 0; c < body; c += 16) dot_step(&vsg, &vsgx, dy + c, x + c, weight + c, vm, vr, 0, 1);
     if (tail) dot_step(&vsg, &vsgx, dy + body, x + body, weight + body, vm, vr, tail, 0);
     const __m512 sg = _mm512_set1_ps(_mm512_reduce_add_ps(vsg) / C), sgx = _mm512_set1_ps(_mm512_reduce_add_ps(vsgx) / C);
-    for (int c = 0; c < body; c += 16) dx_step(dx + c, dy + c, x + c, weight + c, vm, vr, sg, sgx, 0, 1);
-    if (tail) dx_step(dx + body, dy + body, x + body, weight + body, vm, vr, sg, sgx, tail, 0);
+    const int h = bq_head16(dx, C);   /* elementwise: its stores aligned (vmath_avx512.h) */
+    if (h) dx_step(dx, dy, x, weight, vm, vr, sg, sgx, bq_mask16(h), 0);
+    int c = h;
+    for (; c + 16 <= C; c += 16) dx_step(dx + c, dy + c, x + c, weight + c, vm, vr, sg, sgx, 0, 1);
+    if (c < C) dx_step(dx + c, dy + c, x + c, weight + c, vm, vr, sg, sgx, bq_mask16(C - c), 0);
 }
 
 /* aw += sum_n dy * (x - mean) * rstd, ab += sum_n dy over 16 channels (full) or the lanes of k, rows in order */

@@ -53,16 +53,18 @@ static inline void scale_step(float *row, __m512 s, __mmask16 k, int full) {
 }
 
 void softmax_row_avx512(float *row, const float *mk, int T) {
-    const int body = T & ~15;
-    const __mmask16 tail = bq_mask16(T - body);
+    const int h = bq_head16(row, T);   /* the elementwise passes' stores aligned (vmath_avx512.h) */
+    int j;
     if (mk) {
-        for (int j = 0; j < body; j += 16) mask_step(row + j, mk + j, 0, 1);
-        if (tail) mask_step(row + body, mk + body, tail, 0);
+        if (h) mask_step(row, mk, bq_mask16(h), 0);
+        for (j = h; j + 16 <= T; j += 16) mask_step(row + j, mk + j, 0, 1);
+        if (j < T) mask_step(row + j, mk + j, bq_mask16(T - j), 0);
     }
     const float sum = exp_row_avx512(row, row, max_row_avx512(row, T), T);
     const __m512 inv = _mm512_set1_ps(1.0f / sum);
-    for (int j = 0; j < body; j += 16) scale_step(row + j, inv, 0, 1);
-    if (tail) scale_step(row + body, inv, tail, 0);
+    if (h) scale_step(row, inv, bq_mask16(h), 0);
+    for (j = h; j + 16 <= T; j += 16) scale_step(row + j, inv, 0, 1);
+    if (j < T) scale_step(row + j, inv, bq_mask16(T - j), 0);
 }
 
 /* g *= mk (when given); dot += g * a */
@@ -87,8 +89,11 @@ void softmax_backward_row_avx512(float *g, const float *a, const float *mk, int 
     for (int j = 0; j < body; j += 16) dot = dot_step(dot, g + j, a + j, mk ? mk + j : NULL, 0, 1);
     if (tail) dot = dot_step(dot, g + body, a + body, mk ? mk + body : NULL, tail, 0);
     const __m512 vd = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), vs = _mm512_set1_ps(scale);
-    for (int j = 0; j < body; j += 16) grad_step(g + j, a + j, vd, vs, 0, 1);
-    if (tail) grad_step(g + body, a + body, vd, vs, tail, 0);
+    const int h = bq_head16(g, n);   /* elementwise: its stores aligned (vmath_avx512.h) */
+    if (h) grad_step(g, a, vd, vs, bq_mask16(h), 0);
+    int j = h;
+    for (; j + 16 <= n; j += 16) grad_step(g + j, a + j, vd, vs, 0, 1);
+    if (j < n) grad_step(g + j, a + j, vd, vs, bq_mask16(n - j), 0);
 }
 
 BQ_AVX512_END

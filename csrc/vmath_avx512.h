@@ -53,4 +53,13 @@ static inline void bq_store16(float *p, __m512 v, __mmask16 k, int full) {
     if (full) _mm512_storeu_ps(p, v);
     else _mm512_mask_storeu_ps(p, k, v);
 }
+
+/* Elements of p before its next 64-byte boundary (0..15, at most n). A pass that only stores elementwise results
+ * takes them through a lane mask first, so that its full stores are aligned: a store across two cache lines
+ * (every one of them when p is 16 bytes off, as malloc and NumPy give) made LayerNorm's dx pass twice as slow
+ * as AVX2's. Passes that sum do not: their order, hence their rounding, must not depend on the address. */
+static inline int bq_head16(const float *p, int n) {
+    int h = (int)(((64 - ((uintptr_t)p & 63)) & 63) / 4);
+    return h < n ? h : n;
+}
 #endif /* BERTQA_VMATH_AVX512_H */
