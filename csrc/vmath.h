@@ -2,7 +2,8 @@
  *
  * exp: Cephes-style range reduction exp(x) = 2^n * exp(r), |r| <= ln2/2, degree-6 polynomial; relative error
  * below 2e-7; inputs below -87.3 give 0 (as a softmax wants). The AVX2 path and the scalar path compute the
- * same formula, so results do not depend on the loop tail.
+ * same formula, so results do not depend on the loop tail; vmath_avx512.h has it sixteen lanes wide, also the
+ * same formula (cpu.h: the AVX-512 variants are chosen at run time).
  */
 #ifndef BERTQA_VMATH_H
 #define BERTQA_VMATH_H
