@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -41,6 +42,30 @@ TRAINING_STATE_VERSION = 1
 def no_weight_decay(name: str) -> bool:
     """Biases and LayerNorm parameters get no weight decay (the rule of run_qa.py / the BERT paper)."""
     return name.endswith(".bias") or ".LayerNorm." in name
+
+
+_LAYER_INDEX = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
+
+
+def layerwise_lr_scale(names, num_layers: int, decay: float) -> np.ndarray:
+    """float32 [len(names)]: each tensor's learning-rate multiplier under layer-wise decay (Clark et al., ELECTRA).
+
+    The QA head and the top layer get 1, encoder layer l (0-based of L = num_layers) decay^(L - 1 - l), the
+    embeddings decay^L: one more factor of decay per layer further from the output. decay = 1: all 1 (off).
+    """
+    if not (isinstance(decay, (int, float)) and math.isfinite(decay) and 0.0 < decay <= 1.0):
+        raise ValueError(f"layer-wise lr decay must be in (0, 1], got {decay!r}")
+    scale = []
+    for name in names:
+        m = _LAYER_INDEX.match(name)
+        if m:
+            depth = num_layers - 1 - int(m.group(1))
+        elif name.startswith("bert.embeddings."):
+            depth = num_layers
+        else:   # qa_outputs
+            depth = 0
+        scale.append(decay ** depth)
+    return np.array(scale, np.float32)
 
 
 class BertQA:
@@ -289,17 +314,22 @@ class BertQA:
         return loss
 
     def optimizer_step(self, lr: float, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
-                       beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> float:
+                       beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                       lr_scale: Optional[np.ndarray] = None) -> float:
         """Clip the gradients to ``max_grad_norm`` (global L2 norm; <= 0: no clipping) and take one AdamW step
         (``torch.optim.AdamW`` semantics; weight decay on all tensors but biases and LayerNorm).
+        lr_scale: float32 [tensors in self.layout order], each tensor's multiplier of lr (as torch's per-group lr,
+        it scales that tensor's weight decay step too), e.g. ``layerwise_lr_scale``; None: all 1.
 
         Returns the gradient norm before clipping. A non-finite norm (NaN/inf in the gradients) leaves the
         parameters and optimizer state untouched, does not count as a step, and logs a warning.
         """
         self._ensure_training_buffers()
         self._push()
+        if lr_scale is not None:
+            lr_scale = np.ascontiguousarray(lr_scale, dtype=np.float32)
         norm = self._engine.adamw_step(self._decay, self.step + 1, lr, beta1, beta2, eps, weight_decay,
-                                       max_grad_norm)
+                                       max_grad_norm, lr_scale)
         if math.isfinite(norm):
             self.step += 1
             if self.device != "cpu":

@@ -256,14 +256,24 @@ done:
 }
 
 static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm", NULL};
-    PyObject *dobj;
+    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm",
+                             "lr_scale", NULL};
+    PyObject *dobj, *sobj = Py_None;
     int step;
     double lr, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.0, max_norm = 1.0;
     if (!check_ready(self, 1) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "Oid|ddddd:adamw_step", kwlist, &dobj, &step, &lr, &b1, &b2, &eps, &wd,
-                                     &max_norm))
+        !PyArg_ParseTupleAndKeywords(args, kw, "Oid|dddddO:adamw_step", kwlist, &dobj, &step, &lr, &b1, &b2, &eps, &wd,
+                                     &max_norm, &sobj))
         return NULL;
+    const float *lr_scale = NULL;   /* [ntensors] multipliers of lr, None: all 1 */
+    if (sobj != Py_None) {
+        PyArrayObject *sa = f32_arg(sobj, "lr_scale", 1, 1, 0);
+        if (!sa || !dim_is(sa, "lr_scale", 0, self->model.ntensors, "one multiplier per parameter tensor"))
+            return NULL;
+        lr_scale = F(sa);
+        for (int t = 0; t < self->model.ntensors; t++)
+            if (!finite_in(lr_scale[t], "lr_scale[i]", 0.0, 1e3, 0)) return NULL;
+    }
     if (!is_ndarray(dobj, "decay", "uint8 flags, one per tensor")) return NULL;
     PyArrayObject *d = (PyArrayObject *)dobj;
     if (PyArray_TYPE(d) != NPY_UINT8 && PyArray_TYPE(d) != NPY_BOOL) {
@@ -281,8 +291,8 @@ static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
     double norm;
     lock_engine(self);
     Py_BEGIN_ALLOW_THREADS
-    norm = bq_adamw_step(&self->model, (const uint8_t *)PyArray_DATA(d), (float)lr, (float)b1, (float)b2, (float)eps,
-                         (float)wd, (float)max_norm, step);
+    norm = bq_adamw_step(&self->model, (const uint8_t *)PyArray_DATA(d), lr_scale, (float)lr, (float)b1, (float)b2,
+                         (float)eps, (float)wd, (float)max_norm, step);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     return PyFloat_FromDouble(norm);
@@ -348,9 +358,11 @@ static PyMethodDef engine_methods[] = {
      "(seed, step, window, position, feature): window_ids int [B] (default 0..B-1) names each row's window, so a "
      "window draws the same masks in any batch. Returns the loss."},
     {"adamw_step", (PyCFunction)(void (*)(void))engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
-     "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)\n--\n\n"
+     "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, "
+     "lr_scale=None)\n--\n\n"
      "Global-norm clipping (max_grad_norm <= 0: none) and one AdamW step; decay[i] marks tensors with weight "
-     "decay. Returns the gradient norm before clipping; a non-finite norm leaves everything unchanged."},
+     "decay; lr_scale (float32 [ntensors], None: all 1) multiplies the learning rate of each tensor (layer-wise "
+     "decay). Returns the gradient norm before clipping; a non-finite norm leaves everything unchanged."},
     {"tensor_sizes", (PyCFunction)engine_tensor_sizes, METH_NOARGS,
      "tensor_sizes()\n--\n\nElement counts of the parameter tensors in buffer order."},
     {"arena_bytes", (PyCFunction)engine_arena_bytes, METH_NOARGS,

@@ -368,8 +368,8 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const flo
 
 /* ---- optimizer -------------------------------------------------------------------------------- */
 
-double bq_adamw_step(bq_model *m, const uint8_t *decay, float lr, float beta1, float beta2, float eps,
-                     float weight_decay, float max_norm, int step) {
+double bq_adamw_step(bq_model *m, const uint8_t *decay, const float *lr_scale, float lr, float beta1, float beta2,
+                     float eps, float weight_decay, float max_norm, int step) {
     const double t0 = now();
     const double norm = sqrt(sum_squares(m->grads, m->nparams));
     if (!isfinite(norm)) return norm;   /* a NaN/inf gradient: skip the step, the caller reports it */
@@ -380,7 +380,8 @@ double bq_adamw_step(bq_model *m, const uint8_t *decay, float lr, float beta1, f
     }
     for (int t = 0; t < m->ntensors; t++) {
         size_t o = m->offsets[t], n = m->offsets[t + 1] - o;
-        adamw_update(m->params + o, m->grads + o, m->m + o, m->v + o, n, lr, beta1, beta2, eps,
+        const float lr_t = lr_scale ? (float)((double)lr * lr_scale[t]) : lr;
+        adamw_update(m->params + o, m->grads + o, m->m + o, m->v + o, n, lr_t, beta1, beta2, eps,
                      decay[t] ? weight_decay : 0.0f, step, scale);
     }
     m->prof[BQ_PROF_ADAMW] += now() - t0;

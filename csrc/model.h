@@ -107,9 +107,11 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const flo
                 const int64_t *end_pos, uint64_t seed, uint32_t step, const int64_t *window, float loss_scale,
                 float *loss);
 /* Global gradient norm, clipping (max_norm <= 0: none) and one AdamW step over all tensors; decay[i] != 0 marks
- * the tensors that get weight decay. A non-finite norm skips the update. Returns the norm before clipping. */
-double bq_adamw_step(bq_model *m, const uint8_t *decay, float lr, float beta1, float beta2, float eps,
-                     float weight_decay, float max_norm, int step);
+ * the tensors that get weight decay; tensor i steps at lr * lr_scale[i] (NULL: all 1; layer-wise learning-rate
+ * decay), its weight decay scaled with it as torch's per-group lr does. A non-finite norm skips the update.
+ * Returns the norm before clipping. */
+double bq_adamw_step(bq_model *m, const uint8_t *decay, const float *lr_scale, float lr, float beta1, float beta2,
+                     float eps, float weight_decay, float max_norm, int step);
 
 #ifdef __cplusplus
 }

@@ -37,16 +37,16 @@ int sum_squares(cudaStream_t s, double *out, const float *g, size_t N, double *p
     return BQ_OK;
 }
 
-/* One block per BQ_ADAM_CHUNK elements of one tensor:
+/* One block per BQ_ADAM_CHUNK elements of one tensor t (lr = lr[t], step_size = step_size[t]):
  *   p -= lr * wd * p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
  * with g = grad * grad_scale; the bf16 copy of p (when present) is refreshed in the same pass. */
 __global__ void adamw_kernel(float *param, bf16 *param_bf16, const float *grad, float *m, float *v,
                              const long long *bstart, const int *blen, const int *btensor, const uint8_t *decay,
-                             float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
-                             float bc2_sqrt, float grad_scale) {
+                             const float *lrs, const float *step_sizes, float beta1, float beta2, float eps,
+                             float weight_decay, float bc2_sqrt, float grad_scale) {
     const long long s0 = bstart[blockIdx.x];
-    const int n = blen[blockIdx.x];
-    const float dec = 1.0f - lr * (decay[btensor[blockIdx.x]] ? weight_decay : 0.0f);
+    const int n = blen[blockIdx.x], t = btensor[blockIdx.x];
+    const float dec = 1.0f - lrs[t] * (decay[t] ? weight_decay : 0.0f), step_size = step_sizes[t];
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
         const long long i = s0 + j;
         const float g = grad[i] * grad_scale;
@@ -62,11 +62,11 @@ __global__ void adamw_kernel(float *param, bf16 *param_bf16, const float *grad, 
 }
 
 int adamw_flat(cudaStream_t s, float *param, bf16 *param_bf16, const float *grad, float *m, float *v,
-               bq_adam_blocks blocks, const uint8_t *decay, float lr, float beta1, float beta2, float eps,
-               float weight_decay, float step_size, float bc2_sqrt, float grad_scale) {
+               bq_adam_blocks blocks, const uint8_t *decay, const float *lr, const float *step_size, float beta1,
+               float beta2, float eps, float weight_decay, float bc2_sqrt, float grad_scale) {
     if (!blocks.nblocks) return BQ_OK;
     adamw_kernel<<<blocks.nblocks, 256, 0, s>>>(param, param_bf16, grad, m, v, blocks.start, blocks.len, blocks.tensor,
-                                                decay, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
+                                                decay, lr, step_size, beta1, beta2, eps, weight_decay, bc2_sqrt,
                                                 grad_scale);
     LAUNCH_CHECK("adamw_kernel");
     return BQ_OK;

@@ -88,10 +88,11 @@ int bq_cuda_forward(bq_cuda_model *m, const int64_t *ids, const int64_t *types, 
  * ACCUMULATE (times loss_scale); *loss gets the unscaled loss. */
 int bq_cuda_backward(bq_cuda_model *m, const int64_t *ids, const int64_t *types, const int64_t *start_pos,
                      const int64_t *end_pos, uint64_t seed, uint32_t step, float loss_scale, float *loss);
-/* As bq_adamw_step: global norm (deterministic), clipping, AdamW over the flat buffer; *norm gets the norm before
- * clipping; a non-finite norm skips the update (and returns BQ_OK: the caller reports it). */
-int bq_cuda_adamw_step(bq_cuda_model *m, const uint8_t *decay, float lr, float beta1, float beta2, float eps,
-                       float weight_decay, float max_norm, int step, double *norm);
+/* As bq_adamw_step: global norm (deterministic), clipping, AdamW over the flat buffer (tensor i at lr * lr_scale[i],
+ * lr_scale NULL: all 1); *norm gets the norm before clipping; a non-finite norm skips the update (and returns BQ_OK:
+ * the caller reports it). */
+int bq_cuda_adamw_step(bq_cuda_model *m, const uint8_t *decay, const float *lr_scale, float lr, float beta1,
+                       float beta2, float eps, float weight_decay, float max_norm, int step, double *norm);
 size_t bq_cuda_model_arena_bytes(const bq_cuda_model *m);
 int bq_cuda_model_release_arena(bq_cuda_model *m);
 int bq_cuda_model_synchronize(bq_cuda_model *m);

@@ -134,8 +134,9 @@ struct bq_adam_blocks {
     const int *len, *tensor;   /* [nblocks] element count and tensor index, device */
 };
 #define BQ_ADAM_CHUNK 4096
+/* lr, step_size: [ntensors] device arrays, tensor t's learning rate and lr / (1 - beta1^step) (layer-wise decay). */
 int adamw_flat(cudaStream_t s, float *param, bf16 *param_bf16, const float *grad, float *m, float *v,
-               bq_adam_blocks blocks, const uint8_t *decay, float lr, float beta1, float beta2, float eps,
-               float weight_decay, float step_size, float bc2_sqrt, float grad_scale);
+               bq_adam_blocks blocks, const uint8_t *decay, const float *lr, const float *step_size, float beta1,
+               float beta2, float eps, float weight_decay, float bc2_sqrt, float grad_scale);
 
 #endif

@@ -60,6 +60,7 @@ struct bq_cuda_model {
     long long *adam_start;
     int *adam_len, *adam_tensor, adam_nblocks;
     uint8_t *decay, *host_decay;   /* per-tensor weight-decay flags, uploaded with each step */
+    float *lrs, *host_lrs;         /* [2 * ntensors]: each tensor's lr, then its lr / (1 - beta1^step), per step */
     double *norm_partials, *norm;
     /* activation arena for (B, T, train) */
     char *arena;
@@ -131,7 +132,7 @@ extern "C" void bq_cuda_model_free(bq_cuda_model *m) {
     cudaSetDevice(m->dev);
     if (m->stream) cudaStreamSynchronize(m->stream);
     void *dev_ptrs[] = {m->params, m->grads, m->m, m->v, m->params_bf16, m->adam_start, m->adam_len, m->adam_tensor,
-                        m->decay, m->norm_partials, m->norm, m->arena};
+                        m->decay, m->lrs, m->norm_partials, m->norm, m->arena};
     for (void *p : dev_ptrs)
         if (p) cudaFree(p);
     if (m->gemm_ready) bq_gemm_destroy(&m->gemm);
@@ -139,6 +140,7 @@ extern "C" void bq_cuda_model_free(bq_cuda_model *m) {
     free(m->offsets);
     free(m->acts);
     free(m->host_decay);
+    free(m->host_lrs);
     free(m->h_ids);
     free(m->h_types);
     free(m->h_pos);
@@ -188,7 +190,9 @@ static int init(bq_cuda_model *m, const bq_config *c, const float *host_params, 
     m->offsets = (size_t *)malloc(sizeof(size_t) * (m->ntensors + 1));
     m->acts = (layer_acts *)calloc(c->L, sizeof(layer_acts));
     m->host_decay = (uint8_t *)calloc(m->ntensors, 1);
-    if (!m->offsets || !m->acts || !m->host_decay) return bq_cuda_fail(BQ_ERR_NOMEM, "out of host memory");
+    m->host_lrs = (float *)calloc(2 * (size_t)m->ntensors, sizeof(float));
+    if (!m->offsets || !m->acts || !m->host_decay || !m->host_lrs)
+        return bq_cuda_fail(BQ_ERR_NOMEM, "out of host memory");
     tensor_sizes(c, m->offsets + 1);
     m->offsets[0] = 0;
     for (int i = 0; i < m->ntensors; i++) m->offsets[i + 1] += m->offsets[i];
@@ -223,6 +227,7 @@ static int init(bq_cuda_model *m, const bq_config *c, const float *host_params, 
         if (!st) st = DALLOC(m->adam_len, sizeof(int) * nb);
         if (!st) st = DALLOC(m->adam_tensor, sizeof(int) * nb);
         if (!st) st = DALLOC(m->decay, m->ntensors);
+        if (!st) st = DALLOC(m->lrs, 2 * sizeof(float) * m->ntensors);
         if (!st) st = DALLOC(m->norm_partials, sizeof(double) * BQ_NORM_BLOCKS);
         if (!st) st = DALLOC(m->norm, sizeof(double));
         cudaError_t e = cudaSuccess;
@@ -657,8 +662,9 @@ extern "C" int bq_cuda_backward(bq_cuda_model *m, const int64_t *ids, const int6
 
 /* ---- optimizer --------------------------------------------------------------------------------------------- */
 
-extern "C" int bq_cuda_adamw_step(bq_cuda_model *m, const uint8_t *decay, float lr, float beta1, float beta2,
-                                  float eps, float weight_decay, float max_norm, int step, double *norm_out) {
+extern "C" int bq_cuda_adamw_step(bq_cuda_model *m, const uint8_t *decay, const float *lr_scale, float lr,
+                                  float beta1, float beta2, float eps, float weight_decay, float max_norm, int step,
+                                  double *norm_out) {
     if (!m->training) return bq_cuda_fail(BQ_ERR_ARG, "adamw_step: this model has no gradients (inference only)");
     if (step < 1) return bq_cuda_fail(BQ_ERR_ARG, "step counts from 1, got %d", step);
     TRY(select_device(m));
@@ -676,10 +682,20 @@ extern "C" int bq_cuda_adamw_step(bq_cuda_model *m, const uint8_t *decay, float 
         const double coef = max_norm / (norm + 1e-6);   /* torch.nn.utils.clip_grad_norm_ */
         if (coef < 1.0) scale = (float)coef;
     }
-    /* the scalars as csrc/adamw.c computes them (double on the host) */
+    /* the scalars as csrc/model.c and adamw.c compute them (double on the host), per tensor */
     const double bc1 = 1.0 - pow(beta1, step), bc2 = 1.0 - pow(beta2, step);
-    const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2);
+    const float bc2_sqrt = (float)sqrt(bc2);
+    const int nt = m->ntensors;
+    for (int t = 0; t < nt; t++) {
+        const float lr_t = lr_scale ? (float)((double)lr * lr_scale[t]) : lr;
+        m->host_lrs[t] = lr_t;
+        m->host_lrs[nt + t] = (float)(lr_t / bc1);
+    }
+    CUDA_TRY(cudaMemcpyAsync(m->lrs, m->host_lrs, 2 * sizeof(float) * nt, cudaMemcpyHostToDevice, m->stream));
     const bq_adam_blocks blocks = {m->adam_nblocks, m->adam_start, m->adam_len, m->adam_tensor};
-    return adamw_flat(m->stream, m->params, m->params_bf16, m->grads, m->m, m->v, blocks, m->decay, lr, beta1, beta2, eps,
-                      weight_decay, step_size, bc2_sqrt, scale);
+    TRY(adamw_flat(m->stream, m->params, m->params_bf16, m->grads, m->m, m->v, blocks, m->decay, m->lrs, m->lrs + nt,
+                   beta1, beta2, eps, weight_decay, bc2_sqrt, scale));
+    /* host_lrs is rewritten by the next step: that copy must have left it */
+    CUDA_TRY(cudaStreamSynchronize(m->stream));
+    return BQ_OK;
 }

@@ -405,14 +405,29 @@ done:
 }
 
 static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm", NULL};
-    PyObject *dobj;
+    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm",
+                             "lr_scale", NULL};
+    PyObject *dobj, *sobj = Py_None;
     int step;
     double lr, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.0, max_norm = 1.0;
-    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "Oid|ddddd:adamw_step", kwlist, &dobj, &step, &lr, &b1,
-                                                     &b2, &eps, &wd, &max_norm))
+    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "Oid|dddddO:adamw_step", kwlist, &dobj, &step, &lr, &b1,
+                                                     &b2, &eps, &wd, &max_norm, &sobj))
         return NULL;
     const int nt = bq_cuda_model_ntensors(self->model);
+    const float *lr_scale = NULL;   /* [nt] multipliers of lr (layer-wise decay), None: all 1 */
+    if (sobj != Py_None) {
+        PyArrayObject *sa = (PyArrayObject *)sobj;
+        if (!PyArray_Check(sobj) || PyArray_TYPE(sa) != NPY_FLOAT32 || PyArray_NDIM(sa) != 1 ||
+            PyArray_DIM(sa, 0) != nt || !PyArray_IS_C_CONTIGUOUS(sa)) {
+            PyErr_Format(PyExc_TypeError, "lr_scale must be a contiguous float32 array of %d multipliers (one per "
+                         "tensor)", nt);
+            return NULL;
+        }
+        lr_scale = (const float *)PyArray_DATA(sa);
+        for (int t = 0; t < nt; t++)
+            if (!isfinite(lr_scale[t]) || lr_scale[t] < 0.0f || lr_scale[t] > 1e3f)
+                return PyErr_Format(PyExc_ValueError, "lr_scale[%d] must be in [0, 1000], got %g", t, lr_scale[t]);
+    }
     if (!PyArray_Check(dobj) ||
         (PyArray_TYPE((PyArrayObject *)dobj) != NPY_UINT8 && PyArray_TYPE((PyArrayObject *)dobj) != NPY_BOOL) ||
         PyArray_NDIM((PyArrayObject *)dobj) != 1 || PyArray_DIM((PyArrayObject *)dobj, 0) != nt ||
@@ -433,8 +448,8 @@ static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
     int st;
     lock_engine(self);
     Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_adamw_step(self->model, (const uint8_t *)PyArray_DATA((PyArrayObject *)dobj), (float)lr, (float)b1,
-                            (float)b2, (float)eps, (float)wd, (float)max_norm, step, &norm);
+    st = bq_cuda_adamw_step(self->model, (const uint8_t *)PyArray_DATA((PyArrayObject *)dobj), lr_scale, (float)lr,
+                            (float)b1, (float)b2, (float)eps, (float)wd, (float)max_norm, step, &norm);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) return raise_status(st, "Engine.adamw_step");
@@ -555,8 +570,10 @@ static PyMethodDef engine_methods[] = {
      "element (b, h, i, j) ((window_ids[b] * NH + h) * P + i) * P + j, P = max_position_embeddings, as the CPU "
      "engine."},
     {"adamw_step", (PyCFunction)(void (*)(void))engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
-     "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)\n--\n\n"
-     "Global-norm clipping and one AdamW step on the device. Returns the gradient norm before clipping; a "
+     "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, "
+     "lr_scale=None)\n--\n\n"
+     "Global-norm clipping and one AdamW step on the device; lr_scale (float32 [ntensors], None: all 1) multiplies "
+     "each tensor's learning rate (layer-wise decay). Returns the gradient norm before clipping; a "
      "non-finite norm leaves everything unchanged."},
     {"enable_training", (PyCFunction)engine_enable_training, METH_NOARGS,
      "enable_training()\n--\n\nAllocate (zeroed) gradients and Adam state on the device."},

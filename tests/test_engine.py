@@ -9,7 +9,9 @@ import pytest
 
 from bertqa import checkpoint
 from bertqa.config import BertConfig
-from bertqa.model import BertQA, no_weight_decay
+from bertqa.model import BertQA, layerwise_lr_scale, no_weight_decay
+
+import reference
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "minilm_reference.npz"
@@ -333,6 +335,78 @@ def test_optimizer_applies_decay_only_where_it_should(rng):
         factor = 1 - 0.1 * 0.5 if not no_weight_decay(name) else 1.0
         np.testing.assert_allclose(model.tensor(name), model.tensor(name, before) * np.float32(factor), rtol=1e-6,
                                    err_msg=name)
+
+
+def test_layerwise_lr_scale_follows_the_electra_rule():
+    config = tiny_config(num_hidden_layers=3)
+    names = list(checkpoint.expected_shapes(config))
+    scale = dict(zip(names, layerwise_lr_scale(names, 3, 0.5)))
+    assert scale["qa_outputs.weight"] == scale["qa_outputs.bias"] == 1.0
+    assert scale["bert.encoder.layer.2.output.dense.weight"] == 1.0          # top layer: the peak lr
+    assert scale["bert.encoder.layer.1.attention.self.key.bias"] == 0.5
+    assert scale["bert.encoder.layer.0.output.LayerNorm.weight"] == 0.25
+    assert scale["bert.embeddings.word_embeddings.weight"] == scale["bert.embeddings.LayerNorm.bias"] == 0.125
+    assert set(layerwise_lr_scale(names, 3, 1.0)) == {1.0}
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="layer-wise lr decay"):
+            layerwise_lr_scale(names, 3, bad)
+
+
+def test_lr_scale_steps_match_a_float64_adamw(rng):
+    """Three AdamW steps with per-tensor lr multipliers (random, some 0), weight decay and clipping, on fresh random
+    gradients, against reference.adamw per tensor at lr * scale. Tolerance 2e-6 relative to max(|p|, lr):
+    float32 rounding of three updates."""
+    model = tiny_model(rng)
+    names = list(model.layout)
+    scale = rng.uniform(0.1, 2.0, len(names)).astype(np.float32)
+    scale[rng.integers(len(names))] = 0.0
+    lr, wd, max_norm = 3e-2, 0.1, 5.0
+    p = {n: model.tensor(n).astype(np.float64) for n in names}
+    m = {n: np.zeros_like(p[n]) for n in names}
+    v = {n: np.zeros_like(p[n]) for n in names}
+    for step in (1, 2, 3):
+        model.zero_grad()
+        model.grads[...] = rng.standard_normal(model.grads.shape).astype(np.float32) * 0.3
+        norm = float(np.sqrt(np.sum(model.grads.astype(np.float64) ** 2)))
+        clip = min(1.0, max_norm / (norm + 1e-6))
+        grads = {n: model.gradient(n).astype(np.float64) for n in names}
+        got = model.optimizer_step(lr, weight_decay=wd, max_grad_norm=max_norm, lr_scale=scale)
+        assert got == pytest.approx(norm, rel=1e-6)
+        for i, n in enumerate(names):
+            p[n], m[n], v[n] = reference.adamw(p[n], grads[n], m[n], v[n], step, lr * float(scale[i]),
+                                               wd=0.0 if no_weight_decay(n) else wd, grad_scale=clip)
+    for i, n in enumerate(names):
+        err = np.abs(model.tensor(n) - p[n]).max() / max(np.abs(p[n]).max(), lr)
+        assert err < 2e-6, (n, scale[i], err)
+    frozen = names[int(np.flatnonzero(scale == 0)[0])]   # scale 0: the tensor does not move (nor decay)
+    assert np.array_equal(model.tensor(frozen), p[frozen].astype(np.float32))
+
+
+def test_lr_scale_of_ones_is_the_plain_step(rng):
+    a = tiny_model(rng)
+    b = BertQA(a.config, a.state_dict(), seed=a.seed)
+    grads = rng.standard_normal(a.params.shape).astype(np.float32)
+    for model, scale in ((a, None), (b, np.ones(len(b.layout), np.float32))):
+        model.zero_grad()
+        model.grads[...] = grads
+        model.optimizer_step(1e-2, lr_scale=scale)
+    np.testing.assert_array_equal(a.params, b.params)
+
+
+def test_bad_lr_scale_is_refused(rng):
+    model = tiny_model(rng)
+    model.zero_grad()
+    n = len(model.layout)
+    for bad, err, words in ((np.ones(n - 1, np.float32), ValueError, "lr_scale"),
+                            (np.ones((n, 1), np.float32), ValueError, "lr_scale"),
+                            (np.full(n, -1.0, np.float32), ValueError, "lr_scale"),
+                            (np.full(n, np.nan, np.float32), ValueError, "lr_scale")):
+        before = model.params.copy()
+        with pytest.raises((TypeError, ValueError), match=words):
+            model._engine.adamw_step(model._decay, 1, 1e-3, lr_scale=bad)
+        np.testing.assert_array_equal(model.params, before)
+    with pytest.raises(TypeError, match="lr_scale must have dtype float32"):
+        model._engine.adamw_step(model._decay, 1, 1e-3, lr_scale=np.ones(n))
 
 
 def test_non_finite_gradient_skips_the_step(rng):
