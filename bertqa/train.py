@@ -22,8 +22,15 @@ Files in output_dir:
                               elapsed) and per evaluation (step, eval_exact_match, eval_f1, ...)
     checkpoint-N/             model (save_pretrained), training_state.bin, trainer_state.json; written into a
                               temporary folder and renamed, so a crash mid-save leaves the previous ones intact
-    config.json, model.safetensors, tokenizer files      the final model (save_pretrained)
+    config.json, model.safetensors, tokenizer files      the final model (save_pretrained); with
+                              --load_best_model_at_end the best evaluation's (kept in memory on every rank, and
+                              in best-model/ for a resumed run), eval_results.json's best_model_step says which
     eval_results.json, predictions.json                  the final evaluation
+    training_curve.png        loss and learning rate per step, EM/F1 per evaluation (bertqa.plot; needs matplotlib)
+
+Evaluation during training: --eval_strategy epoch (after each epoch) or steps (every --eval_steps); its time is
+not training time (train_seconds, the log's elapsed). --layerwise_lr_decay d < 1 gives each tensor
+lr * model.layerwise_lr_scale (the head and top layer 1, each layer below one more factor d).
 """
 from __future__ import annotations
 
@@ -55,6 +62,8 @@ TRAINING_STATE_NAME = "training_state.bin"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
 LOG_NAME = "train_log.jsonl"
+BEST_MODEL_NAME = "best-model"
+CURVE_NAME = "training_curve.png"
 EVAL_RESULTS_NAME = "eval_results.json"
 PREDICTIONS_NAME = "predictions.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -102,6 +111,14 @@ class TrainingArguments:
                      "finetune evaluate predict")
     logging_steps: int = _arg(10, "log (and update the progress bar's averages) every N steps")
     eval_steps: int = _arg(0, "evaluate every N steps (0: only at the end)")
+    eval_strategy: Optional[str] = _arg(None, "evaluate during training: no, steps (every --eval_steps), epoch (after "
+                                              "each epoch) (default: steps when --eval_steps > 0, else no)")
+    load_best_model_at_end: bool = _arg(False, "keep the model of the best evaluation during training "
+                                               "(--metric_for_best_model) as the final model, not the last step's")
+    metric_for_best_model: str = _arg("f1", "f1 or exact_match: what --load_best_model_at_end compares")
+    layerwise_lr_decay: float = _arg(1.0, "layer-wise learning-rate decay: the QA head and the top layer get the "
+                                          "learning rate, each layer below one more factor of this, the embeddings "
+                                          "the last (1.0: off)")
     save_steps: int = _arg(500, "write a checkpoint every N steps (0: none)")
     save_total_limit: Optional[int] = _arg(None, "keep at most this many checkpoints (oldest deleted first)")
     max_seq_length: int = _arg(384, "tokens per window: [CLS] question [SEP] context [SEP]",
@@ -185,7 +202,23 @@ class TrainingArguments:
         number("adam_beta2", 0.0, 1.0)
         number("adam_epsilon", 0.0, lo_open=True)
         number("max_grad_norm", 0.0)
+        number("layerwise_lr_decay", 0.0, 1.0, lo_open=True, hi_open=False)
+        if self.eval_strategy not in (None, "no", "steps", "epoch"):
+            bad("eval_strategy", "must be no, steps or epoch")
+        if self.eval_strategy == "steps" and self.eval_steps < 1:
+            raise TrainingError("--eval_strategy steps needs --eval_steps N > 0")
+        if self.metric_for_best_model not in ("f1", "exact_match"):
+            bad("metric_for_best_model", "must be f1 or exact_match")
+        if self.load_best_model_at_end and self.resolved_eval_strategy() == "no":
+            raise TrainingError("--load_best_model_at_end needs evaluations during training: --eval_strategy epoch, "
+                                "or steps with --eval_steps N")
         return self
+
+    def resolved_eval_strategy(self) -> str:
+        """no, steps or epoch: --eval_strategy, or steps when only --eval_steps is given."""
+        if self.eval_strategy is not None:
+            return self.eval_strategy
+        return "steps" if self.eval_steps > 0 else "no"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -295,6 +328,8 @@ class TrainerState:
     gradient_accumulation_steps: int = 0
     world_size: int = 1
     global_batch_size: int = 0
+    best_step: int = 0            # --load_best_model_at_end: the step of the best evaluation so far (0: none yet)
+    best_metric: Optional[float] = None
     format: int = TRAINER_STATE_FORMAT
 
     def to_dict(self) -> dict:
@@ -308,12 +343,15 @@ class TrainerState:
                                 f"version reads {TRAINER_STATE_FORMAT}: data positions and dropout keys changed "
                                 f"meaning), so it cannot be resumed exactly; start the run afresh "
                                 f"(--overwrite_output_dir) or finish it with the bertqa that began it")
-        missing = sorted(names - set(d))
+        missing = sorted(names - set(d) - _OPTIONAL_STATE)
         if missing or d.get("format") != TRAINER_STATE_FORMAT:
             raise TrainingError(f"{source}: not a trainer state of format {TRAINER_STATE_FORMAT} "
                                 f"(missing {missing})" if missing else
                                 f"{source}: trainer state format {d.get('format')!r}, expected {TRAINER_STATE_FORMAT}")
-        return cls(**{k: d[k] for k in names})
+        return cls(**{k: d[k] for k in names if k in d})
+
+
+_OPTIONAL_STATE = {"best_step", "best_metric"}   # added to format 2 later: absent in older checkpoints
 
 
 def features_fingerprint(features: Features) -> str:
@@ -578,6 +616,10 @@ class Trainer:
         self.state = TrainerState()
         self.history: list[dict] = []  # every record written to the log by this process
         self.last_eval: Optional[tuple[int, dict, dict]] = None  # (step, metrics, predictions)
+        # --load_best_model_at_end: (step, metrics, predictions or None) of the best evaluation, and its parameters,
+        # kept in memory on every rank (rank 0 also writes them to output_dir/best-model/ for a resumed run)
+        self.best: Optional[tuple[int, dict, Optional[dict]]] = None
+        self._best_params: Optional[np.ndarray] = None
 
     # ---- the loop --------------------------------------------------------------------------------------
 
@@ -630,6 +672,15 @@ class Trainer:
                         plan.batch_size, plan.accumulation)
         bar = _progress(plan.total_steps, "finetune", args.disable_tqdm if main else True, "step",
                         initial=state.global_step)
+        optimizer_kwargs = {}
+        if args.layerwise_lr_decay != 1.0:
+            from .model import layerwise_lr_scale
+
+            optimizer_kwargs["lr_scale"] = layerwise_lr_scale(list(model.layout), model.config.num_hidden_layers,
+                                                              args.layerwise_lr_decay)
+        strategy = args.resolved_eval_strategy()
+        if checkpoint is not None and args.load_best_model_at_end and state.best_step:
+            self._restore_best_from_folder()
         order, order_epoch = None, None
         window_t0, window_seqs = time.perf_counter(), 0
         session_t0, session_eval_seconds = time.perf_counter(), 0.0
@@ -665,13 +716,14 @@ class Trainer:
                 grad_norm = float(model.optimizer_step(
                     lr, weight_decay=args.weight_decay,
                     max_grad_norm=args.max_grad_norm,
-                    beta1=args.adam_beta1, beta2=args.adam_beta2, eps=args.adam_epsilon))
+                    beta1=args.adam_beta1, beta2=args.adam_beta2, eps=args.adam_epsilon, **optimizer_kwargs))
                 loss = loss_sum / n_step
 
                 state.global_step += 1
                 state.optimizer_steps = int(model.step)
                 state.position = hi
-                if state.position >= plan.n_features:
+                epoch_done = state.position >= plan.n_features
+                if epoch_done:
                     state.epoch += 1
                     state.position = 0
                     state.data_rng_state = data_rng_state(state.data_seed, state.epoch)
@@ -693,12 +745,16 @@ class Trainer:
                     self._log(log, record, bar)
                     state.log_loss_sum, state.log_steps = 0.0, 0
                     window_t0, window_seqs = time.perf_counter(), 0
-                if args.eval_steps and state.global_step % args.eval_steps == 0 and self.eval_features is not None:
+                due = (strategy == "steps" and state.global_step % args.eval_steps == 0) or \
+                      (strategy == "epoch" and epoch_done)
+                if due and self.eval_features is not None:
                     t_eval = time.perf_counter()
                     metrics, predictions = self.evaluate()
                     self.last_eval = (state.global_step, metrics, predictions)
                     self._log(log, {"step": state.global_step, "epoch": record_epoch(state, plan),
                                     **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()}}, bar)
+                    if args.load_best_model_at_end:
+                        self._track_best(state.global_step, metrics, predictions)
                     session_eval_seconds += time.perf_counter() - t_eval
                     window_t0 = time.perf_counter()
                 if args.save_steps and (state.global_step % args.save_steps == 0) and main:
@@ -713,6 +769,11 @@ class Trainer:
             bar.close()
             if log is not None:
                 log.close()
+        if args.load_best_model_at_end and self._best_params is not None:
+            self._set_params(self._best_params)
+            if main:
+                logger.info("best model: step %d (%s %.2f), the final model", state.best_step,
+                            args.metric_for_best_model, state.best_metric)
         return {"train_seconds": state.train_seconds, "train_steps": state.global_step,
                 "train_sequences": state.sequences,
                 "train_sequences_per_second": state.sequences / max(state.train_seconds, 1e-9)}
@@ -748,6 +809,68 @@ class Trainer:
                 model._engine.upload(name, getattr(model, name))
             model._stale.difference_update(("params", "m", "v"))
             model._upload_params = False
+
+    # ---- the best model (--load_best_model_at_end) -----------------------------------------------------
+
+    def _params_copy(self) -> np.ndarray:
+        self.model.tensor(next(iter(self.model.layout)))   # cuda: refresh the host copy of the parameters
+        return self.model.params.copy()
+
+    def _set_params(self, params: np.ndarray) -> None:
+        self.model.tensor(next(iter(self.model.layout)))   # cuda: marks the host parameters for upload
+        self.model.params[...] = params
+
+    def _track_best(self, step: int, metrics: dict, predictions: dict) -> None:
+        """A better evaluation (every rank has the same metrics, so every rank decides alike): keep it."""
+        value = float(metrics[self.args.metric_for_best_model])
+        if self.state.best_metric is not None and value <= self.state.best_metric:
+            return
+        self.state.best_step, self.state.best_metric = step, value
+        self.best = (step, metrics, predictions)
+        self._best_params = self._params_copy()
+        if self.dist.is_main:
+            self._save_best_folder()
+
+    def _save_best_folder(self) -> None:
+        """output_dir/best-model: the best parameters so far, so that a resumed run can still end with them."""
+        final = self.output_dir / BEST_MODEL_NAME
+        tmp = Path(tempfile.mkdtemp(prefix=f".{BEST_MODEL_NAME}.", suffix=".tmp", dir=self.output_dir))
+        try:
+            self.model.save_pretrained(tmp)
+            write_json_atomic(tmp / "best.json", {"step": self.state.best_step,
+                                                  self.args.metric_for_best_model: self.state.best_metric})
+            fsync_dir(tmp)
+            old = None
+            if final.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{BEST_MODEL_NAME}.", suffix=".old", dir=self.output_dir))
+                os.replace(final, old / BEST_MODEL_NAME)
+            os.replace(tmp, final)
+            fsync_dir(self.output_dir)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _restore_best_from_folder(self) -> None:
+        """A resumed run whose best evaluation came before the checkpoint: rank 0 reads output_dir/best-model and
+        sends it to the other ranks (its predictions are not kept: finetune evaluates that model again)."""
+        from . import checkpoint as ckpt
+
+        def read() -> np.ndarray:
+            folder = self.output_dir / BEST_MODEL_NAME
+            try:
+                tensors = ckpt.load_state_dict(folder, self.model.config)
+            except (OSError, ckpt.CheckpointError) as e:
+                raise TrainingError(f"cannot resume --load_best_model_at_end: the best model of step "
+                                    f"{self.state.best_step} is not readable in {folder} ({e})") from None
+            params = np.zeros_like(self.model.params)
+            for name, (offset, shape) in self.model.layout.items():
+                params[offset:offset + int(np.prod(shape))] = np.asarray(tensors[name], np.float32).ravel()
+            return params
+
+        self._best_params = np.ascontiguousarray(self.dist.on_main(read))
+        self.best = (self.state.best_step, {}, None)
 
     def _log(self, log: Optional[JsonlLog], record: dict, bar) -> None:
         if log is None:   # not the main rank
@@ -811,6 +934,7 @@ class Trainer:
         if checkpoint is None:
             for old in list_checkpoints(self.output_dir):  # --overwrite_output_dir: a new run, no stale mixing
                 shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(self.output_dir / BEST_MODEL_NAME, ignore_errors=True)
         return checkpoint
 
     def _load_checkpoint(self, checkpoint: Path, plan: TrainPlan, fingerprint: str) -> TrainerState:
@@ -957,8 +1081,14 @@ def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file
     results: dict[str, Any] = {"model_name_or_path": str(model_name_or_path), **train_metrics}
     if dist.enabled:
         results["world_size"] = dist.world_size
+    if args.load_best_model_at_end and trainer.best is not None:
+        results["best_model_step"] = trainer.best[0]   # the final model is that evaluation's (Trainer.train)
+        results["metric_for_best_model"] = args.metric_for_best_model
     if eval_features is not None:
-        if trainer.last_eval is not None and trainer.last_eval[0] == trainer.state.global_step:
+        if trainer.best is not None and args.load_best_model_at_end and trainer.best[2] is not None:
+            _, metrics, predictions = trainer.best
+        elif trainer.best is None and trainer.last_eval is not None and \
+                trainer.last_eval[0] == trainer.state.global_step:
             _, metrics, predictions = trainer.last_eval
         else:
             metrics, predictions = trainer.evaluate()
@@ -969,6 +1099,10 @@ def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file
                         metrics["f1"], metrics["eval_examples"], metrics["eval_seconds"])
     elif dist.is_main:
         write_json_atomic(output_dir / EVAL_RESULTS_NAME, results)
+    if dist.is_main:
+        from .plot import plot_run
+
+        plot_run(output_dir)   # training_curve.png (needs matplotlib: bertqa[plot]; skipped with a log line)
     dist.barrier()   # the files are complete when any rank returns
     return results
 

@@ -215,3 +215,22 @@ def test_resume_with_another_split_of_the_same_global_batch(job, tmp_path):
     p = finetune(job, out, ranks=2, batch=2, steps=6, extra=["--save_steps", "3", "--resume"])
     assert p.returncode == 2
     assert "global batch of 8" in p.stderr and "this run's is 4 (2 x 2 x 1)" in p.stderr, p.stderr[-2000:]
+
+
+@needs_mpi
+def test_evaluations_best_model_and_layerwise_decay_under_two_ranks(job, tmp_path):
+    """--eval_strategy steps, --load_best_model_at_end and --layerwise_lr_decay: every rank evaluates, keeps and
+    restores alike, so 2 ranks end with the same best model (and step) as one process."""
+    extra = ["--eval_strategy", "steps", "--eval_steps", "2", "--load_best_model_at_end", "--layerwise_lr_decay",
+             "0.8"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(finetune(job, one, ranks=1, batch=8, steps=6, extra=extra))
+    ok(finetune(job, two, ranks=2, batch=4, steps=6, extra=extra))
+    assert_same_run(one, two)
+    evals = [[(r["step"], r["eval_f1"]) for r in log(d) if "eval_f1" in r] for d in (one, two)]
+    assert [s for s, _ in evals[0]] == [s for s, _ in evals[1]] == [2, 4, 6]
+    assert [f for _, f in evals[1]] == pytest.approx([f for _, f in evals[0]], abs=1e-6)
+    r1, r2 = (json.loads((d / "eval_results.json").read_text()) for d in (one, two))
+    assert r1["best_model_step"] == r2["best_model_step"]
+    assert r2["f1"] == pytest.approx(r1["f1"], abs=1e-6)
+    assert (two / "training_curve.png").is_file() and not list(two.glob(".*.tmp"))
