@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--per_device_train_batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--num_train_epochs", type=float, default=1.0)
+    p.add_argument("--warmup_ratio", type=float, default=0.1)
+    p.add_argument("--layerwise_lr_decay", type=float, default=1.0,
+                   help="per-tensor lr = lr * bertqa.model.layerwise_lr_scale (torch: one parameter group per tensor)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max_train_samples", type=int, default=1500)
     p.add_argument("--max_eval_samples", type=int, default=None)
@@ -64,6 +67,7 @@ def bertqa_command(a) -> list[str]:
            "--max_seq_length", str(a.max_seq_length), "--doc_stride", str(a.doc_stride),
            "--per_device_train_batch_size", str(a.per_device_train_batch_size),
            "--learning_rate", str(a.learning_rate), "--num_train_epochs", str(a.num_train_epochs),
+           "--warmup_ratio", str(a.warmup_ratio), "--layerwise_lr_decay", str(a.layerwise_lr_decay),
            "--seed", str(a.seed), "--max_train_samples", str(a.max_train_samples),
            "--logging_steps", str(a.logging_steps), "--save_steps", "0"]
     if a.max_eval_samples is not None:
@@ -91,7 +95,7 @@ def run_reference(a, args: TrainingArguments, out: Path) -> dict:
     import torch
     from transformers import BertForQuestionAnswering, get_linear_schedule_with_warmup
 
-    from bertqa.model import BertQA, no_weight_decay
+    from bertqa.model import BertQA, layerwise_lr_scale, no_weight_decay
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -104,9 +108,12 @@ def run_reference(a, args: TrainingArguments, out: Path) -> dict:
 
     _, features = load_split(a.train_file, tokenizer, args, a.max_train_samples, on_bad_answer="warn")
     plan = TrainPlan.from_args(len(features), args)
-    groups = [{"params": [], "weight_decay": args.weight_decay}, {"params": [], "weight_decay": 0.0}]
-    for name, p in model.named_parameters():
-        groups[no_weight_decay(name)]["params"].append(p)
+    # one group per tensor: weight decay on weights only, and each tensor's layer-wise lr (LambdaLR, which the
+    # schedule is, scales every group's own initial lr)
+    names = [name for name, _ in model.named_parameters()]
+    scale = dict(zip(names, layerwise_lr_scale(names, model.config.num_hidden_layers, args.layerwise_lr_decay)))
+    groups = [{"params": [p], "weight_decay": 0.0 if no_weight_decay(name) else args.weight_decay,
+               "lr": args.learning_rate * float(scale[name])} for name, p in model.named_parameters()]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epsilon, foreach=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
@@ -159,6 +166,7 @@ def main(argv=None) -> int:
     args = TrainingArguments(output_dir=str(out), max_seq_length=a.max_seq_length, doc_stride=a.doc_stride,
                              per_device_train_batch_size=a.per_device_train_batch_size,
                              learning_rate=a.learning_rate, num_train_epochs=a.num_train_epochs, seed=a.seed,
+                             warmup_ratio=a.warmup_ratio, layerwise_lr_decay=a.layerwise_lr_decay,
                              logging_steps=a.logging_steps, disable_tqdm=True).validate()
 
     cmd = bertqa_command(a)
