@@ -16,7 +16,8 @@ that is `bertqa train`, which works in the job's folders under $SAGEMAKER_BASE_D
     model/                              the trained model, exactly what `bertqa serve --model-dir` loads and what
                                         `bertqa package` packs (config.json, model.safetensors, tokenizer files);
                                         SageMaker tars it into the job's model.tar.gz
-    output/data/                        eval_results.json, predictions.json, train_log.jsonl, training_args.json
+    output/data/                        eval_results.json, predictions.json, train_log.jsonl, training_args.json,
+                                        training_curve.png (with matplotlib)
                                         (SageMaker tars it into output.tar.gz)
     output/failure                      written on failure: one line naming the cause; the exit status is then
                                         non-zero (2 for bad hyperparameters, channels or data, 1 otherwise)
@@ -81,7 +82,7 @@ MPI_ENABLED = "sagemaker_mpi_enabled"
 MPI_PROCESSES_PER_HOST = "sagemaker_mpi_num_of_processes_per_host"
 MPI_NUM_PROCESSES = "sagemaker_mpi_num_processes"
 MPI_CUSTOM_OPTIONS = "sagemaker_mpi_custom_mpi_options"
-RESULT_FILES = ("eval_results.json", "predictions.json", "train_log.jsonl", "training_args.json")
+RESULT_FILES = ("eval_results.json", "predictions.json", "train_log.jsonl", "training_args.json", "training_curve.png")
 # Written by the master onto every other host when mpirun has ended (holds its exit status).
 DONE_FILE = "/tmp/bertqa-train-done"
 SSHD = "/usr/sbin/sshd"

@@ -219,6 +219,8 @@ def test_job_trains_writes_model_dir_and_serve_answers_from_it(tiny_inputs, tmp_
     results = json.loads((base / "output" / "data" / "eval_results.json").read_text())
     assert results["train_steps"] == 12 and results["eval_examples"] == 12
     assert len(json.loads((base / "output" / "data" / "predictions.json").read_text())) == 12
+    if importlib.util.find_spec("matplotlib") is not None:   # the [plot] extra: the run's curve ships too
+        assert (base / "output" / "data" / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["step"] for r in read_log(base / "output" / "data" / "train_log.jsonl") if "loss" in r] == \
         [2, 4, 6, 8, 10, 12]
 
