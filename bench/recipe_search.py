@@ -11,7 +11,7 @@ Stages, each built from the results so far (OUT/results.jsonl; a run already the
   2. epochs 1, 3, 5 at stage 1's best learning rate;
   3. at the best (learning rate, epochs) so far (epochs capped at 3, the budget): layer-wise lr decay 0.8, max_seq_length 256 (doc_stride 85, the
      same share of a window), batch 32 (same peak lr), no warm-up, each alone;
-  4. seeds 43 and 44 for the best two recipes (seed 42 ran already): the seed spread.
+  4. seeds 43 and 44 for the best two recipes of at most 3 epochs (seed 42 ran already): the seed spread.
 
 --quick trains on the first --train_samples questions of train.json (default 500) and scores on the first
 --eval_samples of valid.json (default 500: a fixed subset, the same for every run), with --jobs runs at a time
@@ -86,7 +86,8 @@ def stage_configs(stage: int, results: list[dict]) -> list[dict]:
                 {**top, "per_device_train_batch_size": 32}, {**top, "warmup_ratio": 0.0}]
     if stage == 4:
         ranked, seen = [], set()
-        for r in sorted((r for r in results if "f1" in r and r["config"]["seed"] == 42), key=lambda r: -r["f1"]):
+        runs = [r for r in results if "f1" in r and r["config"]["seed"] == 42 and r["config"]["num_train_epochs"] <= 3]
+        for r in sorted(runs, key=lambda r: -r["f1"]):
             if recipe(r["config"]) not in seen:
                 seen.add(recipe(r["config"]))
                 ranked.append(r["config"])
