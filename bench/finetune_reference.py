@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--max_eval_samples", type=int, default=None)
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--skip_bertqa", action="store_true", help="reuse OUTPUT_DIR/bertqa from an earlier run")
+    p.add_argument("--reference_loss", choices=("transformers", "real_tokens"), default="transformers",
+                   help="the reference's span loss: BertForQuestionAnswering's own (its softmax includes the batch's "
+                        "padding; default), or bertqa's (each row's softmax over its real tokens)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (bertqa: OpenMP)")
     return p.parse_args(argv)
 
@@ -118,6 +121,19 @@ def run_reference(a, args: TrainingArguments, out: Path) -> dict:
                                   eps=args.adam_epsilon, foreach=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
 
+    def span_loss(model, batch, kind):
+        if kind == "transformers":
+            return model(**batch).loss
+        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+        T = batch["input_ids"].shape[1]
+        last = T - torch.argmax(batch["attention_mask"].flip(1), dim=1)   # 1 + each row's last real token
+        pad = torch.arange(T)[None] >= last[:, None]
+        ce = torch.nn.CrossEntropyLoss(ignore_index=T)
+        def half(logits, pos):
+            pos = pos.clamp(0, T).masked_fill(pos.clamp(0, T) >= last, T)   # a target in the padding: ignored
+            return ce(logits.masked_fill(pad, float("-inf")), pos)
+        return (half(out.start_logits, batch["start_positions"]) + half(out.end_logits, batch["end_positions"])) / 2
+
     def tensors(batch):
         return {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
 
@@ -132,7 +148,7 @@ def run_reference(a, args: TrainingArguments, out: Path) -> dict:
         loss_sum = 0.0
         for m in micro:
             rows = order[m * plan.batch_size:(m + 1) * plan.batch_size]
-            loss = model(**tensors(features.batch(rows))).loss / len(micro)
+            loss = span_loss(model, tensors(features.batch(rows)), a.reference_loss) / len(micro)
             loss.backward()
             loss_sum += float(loss.detach()) * len(micro)
             sequences += len(rows)
