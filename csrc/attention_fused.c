@@ -6,7 +6,7 @@
  *   s_ij = q_i . k_j / sqrt(HS) + (1 - mask_j) * -10000            (holes: BERT's additive rule)
  *   p_ij = exp(s_ij - lse_i),   lse_i = log sum_j exp(s_ij)
  *   out_i = sum_j p_ij keep_ij / (1 - pd) v_j
- * Forward, per block of BQ queries: one pass over blocks of BK keys with a running max m_i, sum l_i and the
+ * Forward, per block of BQ queries: one pass over blocks of bk keys with a running max m_i, sum l_i and the
  * unnormalised output (online softmax: rescale by exp(m_old - m_new) when the max moves); `saved` keeps lse_i
  * only, [NH, N] (N = off[B] - off[0] tokens): saved[h * N + off[b] - off[0] + i].
  * Backward recomputes p block by block from lse (the same products in the same order: the same p), with
@@ -19,10 +19,13 @@
  * A thread takes a whole (row, head) (a query range of it in the forward when there are too few heads for
  * the threads), longest rows first, and packs that head's operands once: K^T and V^T [HS, Tp] for the
  * products over the head dimension, and [Tp, HSp] copies padded to whole vectors (Tp, HSp multiples of 16,
- * padding zero) for the products that produce rows of HS. Score columns past T get bias -inf, so they take
- * probability 0 and pass no gradient. The per-element work runs through a table of kernels per instruction set
- * (attention_fused.h): register-blocked products (K = HS = 32 or 64 is where the BLAS spends its time packing)
- * and the softmax pieces.
+ * padding zero) for the products that produce rows of HS; while it computes, it prefetches the rows of the
+ * head it will likely take next. Score columns past T get bias -inf, so they take probability 0 and pass no
+ * gradient. The per-element work runs through a table of kernels per instruction set (attention_fused.h;
+ * AVX-512 in attention_fused_avx512.c, AVX2 and the portable reference here): register-blocked products (the
+ * BLAS spends its time packing at K = HS = 32 or 64), and score tiles that hold a query's whole key block in
+ * registers, so that bias, max, exp, sums and the dropout mask run on the accumulators. The vector tables work
+ * in base 2 (log2(e) folded into the scale and the bias; 2^x by a degree-5 polynomial and the exponent field).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -36,11 +39,58 @@
 
 #define BQ BQ_ATTN_BQ
 #define BK BQ_ATTN_BK
+#define ATTN_LN2 0.693147180559945309f
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
 
-/* ---- portable kernels (the reference the vector ones must agree with) ----------------------------------- */
+/* ---- packing a head's operands ---------------------------------------------------------------------------- */
+
+/* A head's rows are HS floats ld apart: more rows in flight than the hardware prefetcher fetches on its own
+ * (without this, packing a head's K waited on memory for a tenth of the forward). */
+#define PREFETCH_ROWS 8
+static inline void prefetch_row(const float *row, int HS, int write) {
+    for (int d = 0; d < HS; d += 16) {
+        if (write) __builtin_prefetch(row + d, 1);
+        else __builtin_prefetch(row + d, 0);
+    }
+}
+
+/* Rows i0 .. i1-1 of a head's operands into L2, for the task this thread will likely take next: its packing then
+ * finds them there instead of waiting on memory (a head's rows are HS floats ld apart, which the hardware
+ * prefetchers do not follow across heads). */
+static inline void prefetch_next(const float *const *arrays, int n, long o, int i0, int i1, int HS, long ld) {
+    for (int a = 0; a < n; a++)
+        for (int i = i0; i < i1; i++)
+            for (int d = 0; d < HS; d += 16) __builtin_prefetch(arrays[a] + o + (long)i * ld + d, 0, 2);
+}
+
+/* dst[d * ldt + j] = src[j * ld + d]: a head's [T,HS] operand transposed, columns T..Tp-1 zero. */
+static void pack_transposed(float *dst, long ldt, const float *src, int T, int Tp, int HS, long ld) {
+    for (int j = 0; j < T; j++) {   /* rows of src read once, in order; HS rows of dst written along */
+        if (j + PREFETCH_ROWS < T) prefetch_row(src + (long)(j + PREFETCH_ROWS) * ld, HS, 0);
+        for (int d = 0; d < HS; d++) dst[(long)d * ldt + j] = src[(long)j * ld + d];
+    }
+    for (int d = 0; d < HS; d++)
+        for (int j = T; j < Tp; j++) dst[(long)d * ldt + j] = 0.0f;
+}
+
+/* dst[j * HSp + d] = src[j * ld + d]: rows padded to HSp columns, rows T..Tp-1 zero */
+static void pack_rows(float *dst, const float *src, int T, int Tp, int HS, int HSp, long ld) {
+    for (int j = 0; j < T; j++) {
+        if (j + PREFETCH_ROWS < T) prefetch_row(src + (long)(j + PREFETCH_ROWS) * ld, HS, 0);
+        memcpy(dst + (long)j * HSp, src + (long)j * ld, (size_t)HS * sizeof(float));
+        memset(dst + (long)j * HSp + HS, 0, (size_t)(HSp - HS) * sizeof(float));
+    }
+    memset(dst + (long)T * HSp, 0, (size_t)(Tp - T) * HSp * sizeof(float));
+}
+
+static void pack_generic(float *rows, float *tr, long ldt, const float *src, int T, int Tp, int HS, int HSp, long ld) {
+    if (tr) pack_transposed(tr, ldt, src, T, Tp, HS, ld);
+    if (rows) pack_rows(rows, src, T, Tp, HS, HSp, ld);
+}
+
+/* ---- portable kernels (what another architecture runs, and the reference in the tests) ------------------- */
 
 static void gemm_generic(int M, int N, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C,
                          long ldc, float alpha, int acc) {
@@ -56,9 +106,14 @@ static void gemm_generic(int M, int N, int K, const float *A, long rsa, long csa
         }
 }
 
-/* One pass over the rows of a forward block: s += bias; online softmax update; O rows rescaled. */
+/* Dropout of one block row in place, through rng.c (any alignment of the numbering). */
+static inline void drop_row(float *s, int nk, int m, const bq_attn_dropout *d) {
+    bq_dropout_slice(s, s, nk, d->p, d->seed, d->step, d->tensor_id, d->first + (uint64_t)m * d->P);
+}
+
+/* One pass over the rows of a forward block: s += bias; online softmax update; O rows rescaled; dropout. */
 static void fwd_rows_generic(int mq, int nk, const float *bias, float *S, long lds, float *mx, float *l, float *O,
-                             long ldo, int no) {
+                             long ldo, int no, const bq_attn_dropout *drop) {
     for (int m = 0; m < mq; m++) {
         float *s = S + m * lds, bmax = -INFINITY, sum = 0.0f;
         for (int j = 0; j < nk; j++) {
@@ -67,18 +122,19 @@ static void fwd_rows_generic(int mq, int nk, const float *bias, float *S, long l
         }
         const float mnew = mx[m] > bmax ? mx[m] : bmax, c = bq_expf(mx[m] - mnew);   /* mx = -inf: c = 0 */
         for (int j = 0; j < nk; j++) sum += (s[j] = bq_expf(s[j] - mnew));
-        l[m] = l[m] * c + sum;
+        l[BQ_ATTN_LANES * m] = l[BQ_ATTN_LANES * m] * c + sum;   /* lane 0 only */
         mx[m] = mnew;
         if (c != 1.0f)
             for (int d = 0; d < no; d++) O[m * ldo + d] *= c;
+        if (drop) drop_row(s, nk, m, drop);
     }
 }
 
 static void fwd_block_generic(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
                               const float *bias, float scale, float *S, long lds, float *mx, float *l, float *O,
-                              long ldo, int no) {
+                              long ldo, int no, const bq_attn_dropout *drop) {
     gemm_generic(mq, nk, HS, q, ldq, 1, KT, ldk, S, lds, scale, 0);
-    fwd_rows_generic(mq, nk, bias, S, lds, mx, l, O, ldo, no);
+    fwd_rows_generic(mq, nk, bias, S, lds, mx, l, O, ldo, no, drop);
 }
 
 static void bwd_probs_generic(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
@@ -88,25 +144,31 @@ static void bwd_probs_generic(int mq, int nk, int HS, const float *q, long ldq, 
         for (int j = 0; j < nk; j++) S[m * lds + j] = bq_expf(S[m * lds + j] + bias[j] - lse[m]);
 }
 
-static void dscores_rows_generic(int mq, int nk, const float *keep, const float *D, float scale, float *S, float *dS,
-                                 long lds) {
-    for (int m = 0; m < mq; m++)
+static void dscores_rows_generic(int mq, int nk, const bq_attn_dropout *drop, const float *D, float scale, float *S,
+                                 float *dS, long lds) {
+    float keep[BQ_ATTN_BK];
+    for (int m = 0; m < mq; m++) {
+        if (drop)
+            bq_dropout_mask(keep, nk, drop->p, drop->seed, drop->step, drop->tensor_id,
+                            drop->first + (uint64_t)m * drop->P);
         for (int j = 0; j < nk; j++) {
             const long e = m * lds + j;
-            const float p = S[e], kp = keep ? keep[e] : 1.0f;
+            const float p = S[e], kp = drop ? keep[j] : 1.0f;
             dS[e] = scale * p * (dS[e] * kp - D[m]);
             S[e] = p * kp;
         }
+    }
 }
 
 static void bwd_dscores_generic(int mq, int nk, int HS, const float *dout, long ldd, const float *VT, long ldv,
-                                const float *keep, const float *D, float scale, float *S, float *dS, long lds) {
+                                const bq_attn_dropout *drop, const float *D, float scale, float *S, float *dS,
+                                long lds) {
     gemm_generic(mq, nk, HS, dout, ldd, 1, VT, ldv, dS, lds, 1.0f, 0);
-    dscores_rows_generic(mq, nk, keep, D, scale, S, dS, lds);
+    dscores_rows_generic(mq, nk, drop, D, scale, S, dS, lds);
 }
 
-const bq_attn_kernels bq_attn_generic = {"generic", gemm_generic, fwd_block_generic, bwd_probs_generic,
-                                         bwd_dscores_generic};
+const bq_attn_kernels bq_attn_generic = {"generic", 0, BQ_ATTN_BK, gemm_generic, fwd_block_generic, bwd_probs_generic,
+                                         bwd_dscores_generic, pack_generic};
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------------------- */
 #ifdef __AVX2__
@@ -155,70 +217,178 @@ static void gemm_avx2(int M, int N, int K, const float *A, long rsa, long csa, c
         }
 }
 
+/* 2^x for x <= 0 (-inf included: 0): poly5 on [-1/2, 1/2] as the AVX-512 table, 2^n put into the exponent
+ * field (n = -127 gives the field 0: exactly 0). */
+static inline __m256 exp2_8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), r = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.327606849e-3f), r, _mm256_set1_ps(9.675409645e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550713465e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.402212322e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931469440e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.000000119e+0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* Score tiles: one query x a 64-key block row (up to 8 accumulators; 3 x 32 spilled with GCC 12, and shorter key
+ * blocks cost more in the three products that follow them than the reloads of B cost here) */
+#define UNROLL8 _Pragma("GCC unroll 8")
+#define TILE8(NV, K, a, B, ldb, c)                                                                 \
+    do {                                                                                           \
+        UNROLL8 for (int v_ = 0; v_ < (NV); v_++) c[v_] = _mm256_setzero_ps();                     \
+        for (int k_ = 0; k_ < (K); k_++) {                                                         \
+            const float *b_ = (B) + (long)k_ * (ldb);                                              \
+            const __m256 am_ = _mm256_broadcast_ss((a) + k_);                                      \
+            UNROLL8 for (int v_ = 0; v_ < (NV); v_++)                                              \
+                c[v_] = _mm256_fmadd_ps(am_, _mm256_loadu_ps(b_ + 8 * v_), c[v_]);                 \
+        }                                                                                          \
+    } while (0)
+/* a tile function F(NV, ...) for the key block's nk columns (16 .. 64) */
+#define COLS8(F, nk, ...)                                                                          \
+    switch ((nk) / 16) {                                                                           \
+    case 4: F(8, __VA_ARGS__); break;                                                              \
+    case 3: F(6, __VA_ARGS__); break;                                                              \
+    case 2: F(4, __VA_ARGS__); break;                                                              \
+    default: F(2, __VA_ARGS__); break;                                                             \
+    }
+
+static inline __attribute__((always_inline)) void fwd_tile8(const int NV, int HS, const float *q, const float *KT,
+                                                             long ldk, const float *bias, float scale, float *S,
+                                                             float *mx, float *dm, float *rs) {
+    __m256 c[8], vmax = _mm256_set1_ps(-INFINITY), vsum = _mm256_setzero_ps();
+    TILE8(NV, HS, q, KT, ldk, c);
+    const __m256 vs = _mm256_set1_ps(scale);
+    UNROLL8 for (int v = 0; v < NV; v++) {
+        c[v] = _mm256_fmadd_ps(c[v], vs, _mm256_loadu_ps(bias + 8 * v));
+        vmax = _mm256_max_ps(vmax, c[v]);
+    }
+    const float bmax = bq_hmax8(vmax), mnew = *mx > bmax ? *mx : bmax;
+    const __m256 vm = _mm256_set1_ps(mnew);
+    UNROLL8 for (int v = 0; v < NV; v++) {
+        const __m256 e = exp2_8(_mm256_sub_ps(c[v], vm));
+        vsum = _mm256_add_ps(vsum, e);
+        _mm256_storeu_ps(S + 8 * v, e);
+    }
+    *dm = *mx - mnew;   /* mx = -inf: -inf, 2^ 0 */
+    _mm256_storeu_ps(rs, vsum);
+    *mx = mnew;
+}
+
 static void fwd_block_avx2(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
                            const float *bias, float scale, float *S, long lds, float *mx, float *l, float *O, long ldo,
-                           int no) {
-    gemm_avx2(mq, nk, HS, q, ldq, 1, KT, ldk, S, lds, scale, 0);
-    for (int m = 0; m < mq; m++) {
-        float *s = S + m * lds;
-        __m256 vmax = _mm256_set1_ps(-INFINITY);
-        for (int j = 0; j < nk; j += 8) {
-            const __m256 x = _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j));
-            _mm256_storeu_ps(s + j, x);
-            vmax = _mm256_max_ps(vmax, x);
-        }
-        const float bmax = bq_hmax8(vmax), mnew = mx[m] > bmax ? mx[m] : bmax, c = bq_expf(mx[m] - mnew);
-        const __m256 vm = _mm256_set1_ps(mnew);
-        __m256 vsum = _mm256_setzero_ps();
-        for (int j = 0; j < nk; j += 8) {
-            const __m256 e = bq_expf8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-            _mm256_storeu_ps(s + j, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        l[m] = l[m] * c + bq_hsum8(vsum);
-        mx[m] = mnew;
-        if (c != 1.0f) {
-            const __m256 vc = _mm256_set1_ps(c);
-            for (int d = 0; d < no; d += 8) _mm256_storeu_ps(O + m * ldo + d, _mm256_mul_ps(vc, _mm256_loadu_ps(O + m * ldo + d)));
-        }
+                           int no, const bq_attn_dropout *drop) {
+    float cr[BQ_ATTN_BQ + 8], rs[8 * BQ_ATTN_BQ];
+    for (int m = 0; m < mq; m++)
+        COLS8(fwd_tile8, nk, HS, q + m * ldq, KT, ldk, bias, scale, S + m * lds, mx + m, cr + m, rs + 8 * m)
+    int m = 0;
+    for (; m + 8 <= mq; m += 8) _mm256_storeu_ps(cr + m, exp2_8(_mm256_loadu_ps(cr + m)));
+    for (; m < mq; m++) {   /* the last rows one at a time (lane 0 of a broadcast) */
+        cr[m] = _mm256_cvtss_f32(exp2_8(_mm256_set1_ps(cr[m])));
     }
+    for (m = 0; m < mq; m++) {   /* the running sums (8 of the 16 lanes) and output rows follow their max */
+        const __m256 vc = _mm256_set1_ps(cr[m]);
+        float *lm = l + BQ_ATTN_LANES * m;
+        _mm256_storeu_ps(lm, _mm256_fmadd_ps(_mm256_loadu_ps(lm), vc, _mm256_loadu_ps(rs + 8 * m)));
+        if (cr[m] != 1.0f)
+            for (int d = 0; d < no; d += 8)
+                _mm256_storeu_ps(O + m * ldo + d, _mm256_mul_ps(vc, _mm256_loadu_ps(O + m * ldo + d)));
+        if (drop) drop_row(S + m * lds, nk, m, drop);
+    }
+}
+
+static inline __attribute__((always_inline)) void probs_tile8(const int NV, int HS, const float *q, const float *KT,
+                                                               long ldk, const float *bias, float scale, float lse,
+                                                               float *S) {
+    __m256 c[8];
+    TILE8(NV, HS, q, KT, ldk, c);
+    const __m256 vs = _mm256_set1_ps(scale), L = _mm256_set1_ps(lse);
+    UNROLL8 for (int v = 0; v < NV; v++)
+        _mm256_storeu_ps(S + 8 * v, exp2_8(_mm256_sub_ps(_mm256_fmadd_ps(c[v], vs, _mm256_loadu_ps(bias + 8 * v)), L)));
 }
 
 static void bwd_probs_avx2(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
                            const float *bias, float scale, const float *lse, float *S, long lds) {
-    gemm_avx2(mq, nk, HS, q, ldq, 1, KT, ldk, S, lds, scale, 0);
-    for (int m = 0; m < mq; m++) {
-        const __m256 L = _mm256_set1_ps(lse[m]);
-        for (int j = 0; j < nk; j += 8) {
-            float *s = S + m * lds + j;
-            _mm256_storeu_ps(s, bq_expf8(_mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(bias + j)), L)));
+    for (int m = 0; m < mq; m++) COLS8(probs_tile8, nk, HS, q + m * ldq, KT, ldk, bias, scale, lse[m], S + m * lds)
+}
+
+static inline __attribute__((always_inline)) void dscores_tile8(const int NV, int HS, const float *dout,
+                                                                 const float *VT, long ldv, const bq_attn_dropout *drop,
+                                                                 uint64_t first, float D, float scale, float *S,
+                                                                 float *dS) {
+    __m256 c[8];
+    TILE8(NV, HS, dout, VT, ldv, c);
+    const __m256 vs = _mm256_set1_ps(scale), d = _mm256_set1_ps(D);
+    float keep[BQ_ATTN_BK];
+    if (drop) bq_dropout_mask(keep, 8 * NV, drop->p, drop->seed, drop->step, drop->tensor_id, first);
+    UNROLL8 for (int v = 0; v < NV; v++) {
+        const __m256 p = _mm256_loadu_ps(S + 8 * v);
+        __m256 g = c[v];
+        if (drop) {
+            const __m256 kp = _mm256_loadu_ps(keep + 8 * v);
+            g = _mm256_mul_ps(g, kp);
+            _mm256_storeu_ps(S + 8 * v, _mm256_mul_ps(p, kp));
         }
+        _mm256_storeu_ps(dS + 8 * v, _mm256_mul_ps(_mm256_mul_ps(vs, p), _mm256_sub_ps(g, d)));
     }
 }
 
 static void bwd_dscores_avx2(int mq, int nk, int HS, const float *dout, long ldd, const float *VT, long ldv,
-                             const float *keep, const float *D, float scale, float *S, float *dS, long lds) {
-    gemm_avx2(mq, nk, HS, dout, ldd, 1, VT, ldv, dS, lds, 1.0f, 0);
-    const __m256 vs = _mm256_set1_ps(scale);
-    for (int m = 0; m < mq; m++) {
-        const __m256 d = _mm256_set1_ps(D[m]);
-        for (int j = 0; j < nk; j += 8) {
-            const long e = m * lds + j;
-            const __m256 p = _mm256_loadu_ps(S + e);
-            __m256 g = _mm256_loadu_ps(dS + e);
-            if (keep) {
-                const __m256 k8 = _mm256_loadu_ps(keep + e);
-                g = _mm256_mul_ps(g, k8);
-                _mm256_storeu_ps(S + e, _mm256_mul_ps(p, k8));
+                             const bq_attn_dropout *drop, const float *D, float scale, float *S, float *dS, long lds) {
+    for (int m = 0; m < mq; m++)
+        COLS8(dscores_tile8, nk, HS, dout + m * ldd, VT, ldv, drop, drop ? drop->first + (uint64_t)m * drop->P : 0,
+              D[m], scale, S + m * lds, dS + m * lds)
+}
+
+/* r[j] = column j of the 8 x 8 block whose rows are r[0..7] */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+        r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+}
+
+/* 8 x 8 blocks, as pack_generic writes them */
+static void pack_avx2(float *rows, float *tr, long ldt, const float *src, int T, int Tp, int HS, int HSp, long ld) {
+    static const int lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j0 = 0; j0 < Tp; j0 += 8) {
+        for (int i = 0; i < 8 && j0 + 8 + i < T; i++)
+            for (int d = 0; d < HS; d += 16) __builtin_prefetch(src + (long)(j0 + 8 + i) * ld + d);
+        for (int d0 = 0; d0 < HSp; d0 += 8) {
+            const int nd = HS - d0 < 8 ? (HS - d0 > 0 ? HS - d0 : 0) : 8;
+            const __m256i k = _mm256_loadu_si256((const __m256i *)(lanes + 8 - nd));
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                const float *x = src + (long)(j0 + i) * ld + d0;
+                r[i] = j0 + i >= T || nd == 0 ? _mm256_setzero_ps()
+                       : nd == 8              ? _mm256_loadu_ps(x)
+                                              : _mm256_maskload_ps(x, k);
             }
-            _mm256_storeu_ps(dS + e, _mm256_mul_ps(_mm256_mul_ps(vs, p), _mm256_sub_ps(g, d)));
+            if (rows)
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(rows + (long)(j0 + i) * HSp + d0, r[i]);
+            if (tr && nd > 0) {
+                transpose8(r);
+                for (int i = 0; i < nd; i++) _mm256_storeu_ps(tr + (long)(d0 + i) * ldt + j0, r[i]);
+            }
         }
     }
 }
 
-const bq_attn_kernels bq_attn_avx2 = {"avx2", gemm_avx2, fwd_block_avx2, bwd_probs_avx2, bwd_dscores_avx2};
+const bq_attn_kernels bq_attn_avx2 = {"avx2", 1, 64, gemm_avx2, fwd_block_avx2, bwd_probs_avx2, bwd_dscores_avx2,
+                                      pack_avx2};
 #else
-const bq_attn_kernels bq_attn_avx2 = {NULL, NULL, NULL, NULL, NULL};   /* not built: bq_attn_kernels_named says so */
+const bq_attn_kernels bq_attn_avx2 = {NULL, 0, 0, NULL, NULL, NULL, NULL, NULL};   /* not built (named: NULL) */
 #endif
 
 /* ---- which table ------------------------------------------------------------------------------------------ */
@@ -247,36 +417,6 @@ static float *floats(size_t n) {
     return aligned_alloc(64, bytes ? bytes : 64);
 }
 
-/* A head's rows are HS floats ld apart: more rows in flight than the hardware prefetcher fetches on its own
- * (without this, packing a head's K waited on memory for a tenth of the forward). */
-#define PREFETCH_ROWS 8
-static inline void prefetch_row(const float *row, int HS, int write) {
-    for (int d = 0; d < HS; d += 16) {
-        if (write) __builtin_prefetch(row + d, 1);
-        else __builtin_prefetch(row + d, 0);
-    }
-}
-
-/* dst[d * Tp + j] = src[j * ld + d]: a head's [T,HS] operand transposed, columns T..Tp-1 zero */
-static void pack_transposed(float *dst, const float *src, int T, int Tp, int HS, long ld) {
-    for (int j = 0; j < T; j++) {   /* rows of src read once, in order; HS rows of dst written along */
-        if (j + PREFETCH_ROWS < T) prefetch_row(src + (long)(j + PREFETCH_ROWS) * ld, HS, 0);
-        for (int d = 0; d < HS; d++) dst[(long)d * Tp + j] = src[(long)j * ld + d];
-    }
-    for (int d = 0; d < HS; d++)
-        for (int j = T; j < Tp; j++) dst[(long)d * Tp + j] = 0.0f;
-}
-
-/* dst[j * HSp + d] = src[j * ld + d]: rows padded to HSp columns, rows T..Tp-1 zero */
-static void pack_rows(float *dst, const float *src, int T, int Tp, int HS, int HSp, long ld) {
-    for (int j = 0; j < T; j++) {
-        if (j + PREFETCH_ROWS < T) prefetch_row(src + (long)(j + PREFETCH_ROWS) * ld, HS, 0);
-        memcpy(dst + (long)j * HSp, src + (long)j * ld, (size_t)HS * sizeof(float));
-        memset(dst + (long)j * HSp + HS, 0, (size_t)(HSp - HS) * sizeof(float));
-    }
-    memset(dst + (long)T * HSp, 0, (size_t)(Tp - T) * HSp * sizeof(float));
-}
-
 /* dst[j * ld + d] = src[j * HSp + d], j < T, d < HS: a head's result rows back into its columns */
 static void unpack_rows(float *dst, const float *src, int T, int HS, int HSp, long ld) {
     for (int j = 0; j < T; j++) {
@@ -287,9 +427,11 @@ static void unpack_rows(float *dst, const float *src, int T, int HS, int HSp, lo
     }
 }
 
-/* The score bias of the keys: (1 - mask) * -10000 for the row's keys, -inf for the padding columns T..Tp-1. */
-static void key_bias(float *bias, const float *mk, int T, int Tp) {
-    for (int j = 0; j < T; j++) bias[j] = mk ? (1.0f - mk[j]) * -10000.0f : 0.0f;
+/* The score bias of the keys: (1 - mask) * -10000 for the row's keys, -inf for the padding columns T..Tp-1
+ * (times log2(e) for a table that works in base 2). */
+static void key_bias(float *bias, const float *mk, int T, int Tp, int base2) {
+    const float hole = base2 ? -10000.0f * BQ_LOG2E : -10000.0f;
+    for (int j = 0; j < T; j++) bias[j] = mk ? (1.0f - mk[j]) * hole : 0.0f;
     for (int j = T; j < Tp; j++) bias[j] = -INFINITY;
 }
 
@@ -359,20 +501,22 @@ int bq_attention_forward_rows_with(const bq_attn_kernels *kern, float *out, floa
     if (!tasks) return BQ_ERR_NOMEM;
     const int HSp = round_up(HS, BQ_ATTN_VEC), Tpm = round_up(Tmax, BQ_ATTN_VEC);
     const long N = off[B] - off[0];
-    const float scale = 1.0f / sqrtf((float)HS);
+    const float scale = 1.0f / sqrtf((float)HS), kscale = kern->base2 ? scale * BQ_LOG2E : scale;
+    const int nthreads = ntasks > 1 ? bq_num_threads() : 1;
     int status = BQ_OK;
-#pragma omp parallel num_threads(bq_num_threads()) if (ntasks > 1)
+#pragma omp parallel num_threads(nthreads) if (ntasks > 1)
     {
         /* this thread's scratch: K^T [HS,Tp], V [Tp,HSp], the key bias [Tp], a score block S [BQ,BK], the output
-         * block [BQ,HSp] and per query the running max and sum */
-        float *KT = floats((size_t)HS * Tpm), *Vp = floats((size_t)Tpm * HSp), *bias = floats(Tpm);
-        float *S = floats(BQ * BK), *O = floats((size_t)BQ * HSp), *ml = floats(2 * BQ);
+         * block [BQ,HSp] and per query the running max and the lanes of the running sum */
+        /* (K^T's rows are Tp + 16 floats apart: at T = 512 rows 2 KB apart would share a few L1 sets) */
+        float *KT = floats((size_t)HS * (Tpm + 16)), *Vp = floats((size_t)Tpm * HSp), *bias = floats(Tpm);
+        float *S = floats(BQ * BK), *O = floats((size_t)BQ * HSp), *ml = floats((1 + BQ_ATTN_LANES) * BQ);
         const int ok = KT && Vp && bias && S && O && ml;
         if (!ok) {
 #pragma omp atomic write
             status = BQ_ERR_NOMEM;
         }
-        float *mx = ml, *l = ml + BQ;
+        float *mx = ml, *l = ml + BQ;   /* l: BQ_ATTN_LANES per query */
         int last_b = -1, last_h = -1;   /* the head whose operands are packed */
 #pragma omp for schedule(dynamic, 1)
         for (int t = 0; t < ntasks; t++) {
@@ -382,32 +526,40 @@ int bq_attention_forward_rows_with(const bq_attn_kernels *kern, float *out, floa
             const float *qb = q + o;
             float *ob = out + o, *lse = saved ? saved + h * N + (off[b] - off[0]) : NULL;
             if (b != last_b || h != last_h) {
-                pack_transposed(KT, k + o, T, Tp, HS, ld);
-                pack_rows(Vp, v + o, T, Tp, HS, HSp, ld);
-                key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp);
+                kern->pack(NULL, KT, Tp + 16, k + o, T, Tp, HS, HSp, ld);
+                kern->pack(Vp, NULL, 0, v + o, T, Tp, HS, HSp, ld);
+                key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp, kern->base2);
                 last_b = b, last_h = h;
             }
+            bq_attn_dropout drop = {p, r.seed, r.step, tensor_id, 0, r.P};
             const uint64_t first = head_first(r, b, h, NH);
+            const int tn = t + nthreads < ntasks ? t + nthreads : -1;   /* likely this thread's next task */
+            const int Tn = tn < 0 ? 0 : off[tasks[tn].b + 1] - off[tasks[tn].b];
+            const long on = tn < 0 ? 0 : (long)off[tasks[tn].b] * ld + (long)tasks[tn].h * HS;
+            const int fresh = tn >= 0 && (tasks[tn].b != b || tasks[tn].h != h);
+            const int nblk = (tasks[t].i1 - tasks[t].i0 + BQ - 1) / BQ;
+            const float *next[3] = {k, v, q};
             for (int i0 = tasks[t].i0; i0 < tasks[t].i1; i0 += BQ) {
-                const int mq = imin(BQ, T - i0);
-                for (int m = 0; m < mq; m++) mx[m] = -INFINITY, l[m] = 0.0f;
+                const int mq = imin(BQ, T - i0), c = (i0 - tasks[t].i0) / BQ;
+                if (fresh) prefetch_next(next, 3, on, c * Tn / nblk, (c + 1) * Tn / nblk, HS, ld);
+                for (int m = 0; m < mq; m++) mx[m] = -INFINITY;
+                memset(l, 0, (size_t)mq * BQ_ATTN_LANES * sizeof(float));
                 memset(O, 0, (size_t)mq * HSp * sizeof(float));
-                for (int j0 = 0; j0 < T; j0 += BK) {
-                    const int nk = imin(BK, Tp - j0), nreal = imin(BK, T - j0);
-                    kern->fwd_block(mq, nk, HS, qb + (long)i0 * ld, ld, KT + j0, Tp, bias + j0, scale, S, BK, mx, l, O,
-                                    HSp, HSp);
-                    if (p > 0.0f)
-                        for (int m = 0; m < mq; m++)
-                            bq_dropout_slice(S + m * BK, S + m * BK, nreal, p, r.seed, r.step, tensor_id,
-                                             first + (uint64_t)(i0 + m) * r.P + j0);
+                for (int j0 = 0; j0 < T; j0 += kern->bk) {
+                    const int nk = imin(kern->bk, Tp - j0);
+                    drop.first = first + (uint64_t)i0 * r.P + j0;
+                    kern->fwd_block(mq, nk, HS, qb + (long)i0 * ld, ld, KT + j0, Tp + 16, bias + j0, kscale, S, BK, mx,
+                                    l, O, HSp, HSp, p > 0.0f ? &drop : NULL);
                     kern->gemm(mq, HSp, nk, S, BK, 1, Vp + (long)j0 * HSp, HSp, O, HSp, 1.0f, 1);   /* O += S v */
                 }
                 for (int m = 0; m < mq; m++) {
-                    const float inv = 1.0f / l[m];
+                    float sum = 0.0f;
+                    for (int e = 0; e < BQ_ATTN_LANES; e++) sum += l[BQ_ATTN_LANES * m + e];
+                    const float inv = 1.0f / sum;
                     float *orow = ob + (long)(i0 + m) * ld;
                     if (m + PREFETCH_ROWS < mq) prefetch_row(orow + PREFETCH_ROWS * ld, HS, 1);
                     for (int d = 0; d < HS; d++) orow[d] = O[m * HSp + d] * inv;
-                    if (lse) lse[i0 + m] = mx[m] + logf(l[m]);
+                    if (lse) lse[i0 + m] = kern->base2 ? (mx[m] + log2f(sum)) * ATTN_LN2 : mx[m] + logf(sum);
                 }
             }
         }
@@ -428,58 +580,61 @@ int bq_attention_backward_rows_with(const bq_attn_kernels *kern, float *dq, floa
     const int HSp = round_up(HS, BQ_ATTN_VEC), Tpm = round_up(Tmax, BQ_ATTN_VEC);
     const long N = off[B] - off[0];
     const size_t TH = (size_t)Tpm * HSp;
-    const float scale = 1.0f / sqrtf((float)HS);
+    const float scale = 1.0f / sqrtf((float)HS), kscale = kern->base2 ? scale * BQ_LOG2E : scale;
+    const int nthreads = ntasks > 1 ? bq_num_threads() : 1;
     int status = BQ_OK;
-#pragma omp parallel num_threads(bq_num_threads()) if (ntasks > 1)
+#pragma omp parallel num_threads(nthreads) if (ntasks > 1)
     {
         /* this thread's scratch: K^T, V^T [HS,Tp]; q, k, dout and the three gradient accumulators [Tp,HSp]; the
-         * key bias and D [Tp]; the blocks S, dP and the dropout mask [BQ,BK] */
-        float *KT = floats((size_t)HS * Tpm), *VT = floats((size_t)HS * Tpm), *rows = floats(6 * TH);
-        float *vec = floats(2 * (size_t)Tpm), *blk = floats(3 * BQ * BK);
+         * key bias, D and lse in the table's units [Tp]; the blocks S and dP [BQ,BK] */
+        float *KT = floats((size_t)HS * (Tpm + 16)), *VT = floats((size_t)HS * (Tpm + 16)), *rows = floats(6 * TH);
+        float *vec = floats(3 * (size_t)Tpm), *blk = floats(2 * BQ * BK);
         const int ok = KT && VT && rows && vec && blk;
         if (!ok) {
 #pragma omp atomic write
             status = BQ_ERR_NOMEM;
         }
         float *Qp = rows, *Kp = rows + TH, *dOp = rows + 2 * TH, *dQa = rows + 3 * TH, *dKa = rows + 4 * TH;
-        float *dVa = rows + 5 * TH, *bias = vec, *D = vec + Tpm, *S = blk, *dP = blk + BQ * BK;
-        float *keep = blk + 2 * BQ * BK;
+        float *dVa = rows + 5 * TH, *bias = vec, *D = vec + Tpm, *L = vec + 2 * Tpm, *S = blk, *dP = blk + BQ * BK;
 #pragma omp for schedule(dynamic, 1)
         for (int t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int b = tasks[t].b, h = tasks[t].h, T = off[b + 1] - off[b], Tp = round_up(T, BQ_ATTN_VEC);
             const long o = (long)off[b] * ld + (long)h * HS;
             const float *qb = q + o, *dob = dout + o, *lse = saved + h * N + (off[b] - off[0]);
-            pack_transposed(KT, k + o, T, Tp, HS, ld);
-            pack_transposed(VT, v + o, T, Tp, HS, ld);
-            pack_rows(Qp, qb, T, Tp, HS, HSp, ld);
-            pack_rows(Kp, k + o, T, Tp, HS, HSp, ld);
-            pack_rows(dOp, dob, T, Tp, HS, HSp, ld);
+            kern->pack(Kp, KT, Tp + 16, k + o, T, Tp, HS, HSp, ld);
+            kern->pack(NULL, VT, Tp + 16, v + o, T, Tp, HS, HSp, ld);
+            kern->pack(Qp, NULL, 0, qb, T, Tp, HS, HSp, ld);
+            kern->pack(dOp, NULL, 0, dob, T, Tp, HS, HSp, ld);
             memset(dQa, 0, (size_t)Tp * HSp * sizeof(float));
             memset(dKa, 0, (size_t)Tp * HSp * sizeof(float));
             memset(dVa, 0, (size_t)Tp * HSp * sizeof(float));
-            key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp);
+            key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp, kern->base2);
             for (int i = 0; i < T; i++) {   /* D = rowsum(dout * out), dout from its packed copy */
                 const float *g = dOp + (long)i * HSp, *y = out + o + (long)i * ld;
                 if (i + PREFETCH_ROWS < T) prefetch_row(y + PREFETCH_ROWS * ld, HS, 0);
                 float s = 0.0f;
+#pragma omp simd reduction(+ : s)
                 for (int d = 0; d < HS; d++) s += g[d] * y[d];
                 D[i] = s;
+                L[i] = kern->base2 ? lse[i] * BQ_LOG2E : lse[i];
             }
+            bq_attn_dropout drop = {p, r.seed, r.step, tensor_id, 0, r.P};
             const uint64_t first = head_first(r, b, h, NH);
+            const int tn = t + nthreads < ntasks ? t + nthreads : -1;   /* likely this thread's next task */
+            const int Tn = tn < 0 ? 0 : off[tasks[tn].b + 1] - off[tasks[tn].b], nblk = (T + BQ - 1) / BQ;
+            const long on = tn < 0 ? 0 : (long)off[tasks[tn].b] * ld + (long)tasks[tn].h * HS;
+            const float *next[5] = {k, v, q, dout, out};
             for (int i0 = 0; i0 < T; i0 += BQ) {
-                const int mq = imin(BQ, T - i0);
-                for (int j0 = 0; j0 < T; j0 += BK) {
-                    const int nk = imin(BK, Tp - j0), nreal = imin(BK, T - j0);
-                    kern->bwd_probs(mq, nk, HS, qb + (long)i0 * ld, ld, KT + j0, Tp, bias + j0, scale, lse + i0, S, BK);
-                    if (p > 0.0f)
-                        for (int m = 0; m < mq; m++) {
-                            bq_dropout_mask(keep + m * BK, nreal, p, r.seed, r.step, tensor_id,
-                                            first + (uint64_t)(i0 + m) * r.P + j0);
-                            for (int j = nreal; j < nk; j++) keep[m * BK + j] = 0.0f;
-                        }
-                    kern->bwd_dscores(mq, nk, HS, dob + (long)i0 * ld, ld, VT + j0, Tp, p > 0.0f ? keep : NULL, D + i0,
-                                      scale, S, dP, BK);
+                const int mq = imin(BQ, T - i0), c = i0 / BQ;
+                if (tn >= 0) prefetch_next(next, 5, on, c * Tn / nblk, (c + 1) * Tn / nblk, HS, ld);
+                for (int j0 = 0; j0 < T; j0 += kern->bk) {
+                    const int nk = imin(kern->bk, Tp - j0);
+                    drop.first = first + (uint64_t)i0 * r.P + j0;
+                    kern->bwd_probs(mq, nk, HS, qb + (long)i0 * ld, ld, KT + j0, Tp + 16, bias + j0, kscale, L + i0, S,
+                                    BK);
+                    kern->bwd_dscores(mq, nk, HS, dob + (long)i0 * ld, ld, VT + j0, Tp + 16, p > 0.0f ? &drop : NULL,
+                                      D + i0, scale, S, dP, BK);
                     /* dv[J] += S^T dout[I]; dk[J] += dS^T q[I]; dq[I] += dS k[J] */
                     kern->gemm(nk, HSp, mq, S, 1, BK, dOp + (long)i0 * HSp, HSp, dVa + (long)j0 * HSp, HSp, 1.0f, 1);
                     kern->gemm(nk, HSp, mq, dP, 1, BK, Qp + (long)i0 * HSp, HSp, dKa + (long)j0 * HSp, HSp, 1.0f, 1);

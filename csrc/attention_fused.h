@@ -1,38 +1,61 @@
 /* The fused attention kernel's inner pieces, one table per instruction set (attention_fused.c: portable C and
  * AVX2 + FMA; attention_fused_avx512.c: AVX-512F). The driver in attention_fused.c cuts every (row, head) into
  * blocks of BQ queries x BK keys and calls these on the blocks; what is per instruction set is only what runs
- * per element of a block. Internal to the C core (module.c uses it to force a path in tests).
+ * per element of a block. Internal to the C core (attention_py.c uses it to force a table in tests).
  */
 #ifndef BERTQA_ATTENTION_FUSED_H
 #define BERTQA_ATTENTION_FUSED_H
 #include "bertqa.h"
 
-/* Block sizes. BQ is a multiple of every micro-kernel's row count (6 for AVX2, 8 for AVX-512); BK and the padded
- * head size HSp are multiples of 16 (BQ_ATTN_VEC) so every product's output columns are whole vectors. */
+/* Block sizes: BQ queries x BK keys (a multiple of the micro-kernels' row counts, 6 for AVX2 and 4 or 8 for
+ * AVX-512, wastes no tile). BK and the padded head size HSp are multiples of 16 (BQ_ATTN_VEC), so every product's
+ * output columns are whole vectors. */
 #define BQ_ATTN_BQ 48
 #define BQ_ATTN_BK 64
 #define BQ_ATTN_VEC 16
+#define BQ_ATTN_LANES 16   /* floats of running sum per query (fwd_block's l) */
+
+/* Dropout on one block's probabilities: element (m, j) of the block is number first + m * P + j of the RNG's
+ * numbering (bq_rng), keep = uniform >= p, kept ones scaled by 1 / (1 - p). */
+typedef struct {
+    float p;
+    uint64_t seed;
+    uint32_t step, tensor_id;
+    uint64_t first;
+    long P;
+} bq_attn_dropout;
 
 typedef struct {
     const char *name;
+    /* 1: the score functions take scores in base-2 units (scale and bias times log2(e), lse times log2(e)) and
+     * their exp is 2^x; 0: natural units, exp. */
+    int base2;
+    int bk;   /* keys per block (a multiple of 16, at most BQ_ATTN_BK): what one row of a score tile holds */
     /* C[M,N] = alpha * A B (acc = 0) or C[M,N] += A B (acc = 1, alpha unused), A[m,k] at A[m*rsa + k*csa]
      * (row-major A: rsa = lda, csa = 1; a transposed one: rsa = 1, csa = lda), B [K,N] row-major, N a multiple
      * of 16. */
     void (*gemm)(int M, int N, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C,
                  long ldc, float alpha, int acc);
-    /* Forward, one block of mq queries x nk keys (nk a multiple of 16): s = scale * q KT + bias (q [mq,HS] rows
-     * ldq apart, KT [HS, nk] rows ldk apart); online softmax against the running max mx[m] and sum l[m]:
-     * m_new = max(mx, max_j s), S = exp(s - m_new), l = l * c + sum_j S, the output rows O[m, 0..no) *= c, with
-     * c = exp(mx - m_new) (0 while mx = -inf); mx = m_new. S [mq, nk] rows lds apart. */
+    /* Forward, one block of mq queries x nk keys (nk a multiple of 16, at most bk): s = scale * q KT + bias (q
+     * [mq,HS] rows ldq apart, KT [HS, nk] rows ldk apart); online softmax against the running max mx[m] and sum:
+     * m_new = max(mx, max_j s), e = exp(s - m_new), sum = sum * c + sum_j e, the output rows O[m, 0..no) *= c,
+     * with c = exp(mx - m_new) (0 while mx = -inf); mx = m_new. S [mq, nk] (rows lds apart) = e, times the
+     * dropout mask when drop is not NULL. The sum of row m is l[16 m] + ... + l[16 m + 15] (the lanes of a
+     * vector: the driver adds them up at the end). */
     void (*fwd_block)(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk, const float *bias,
-                      float scale, float *S, long lds, float *mx, float *l, float *O, long ldo, int no);
-    /* Backward: S = exp(scale * q KT + bias - lse[m]), the forward's probabilities again (the same s). */
+                      float scale, float *S, long lds, float *mx, float *l, float *O, long ldo, int no,
+                      const bq_attn_dropout *drop);
+    /* Backward: S = exp(scale * q KT + bias - lse[m]), the forward's probabilities again. */
     void (*bwd_probs)(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk, const float *bias,
                       float scale, const float *lse, float *S, long lds);
-    /* Backward: with g = dout VT (dout [mq,HS] rows ldd apart, VT [HS,nk]) and kp = keep[m,j] (keep NULL: 1):
-     * dS = scale * S * (g * kp - D[m]) (the score gradient, 1/sqrt(HS) folded in), then S *= kp. */
+    /* Backward: with g = dout VT (dout [mq,HS] rows ldd apart, VT [HS,nk]) and kp the dropout mask (drop NULL:
+     * 1): dS = scale * S * (g * kp - D[m]) (the score gradient, 1/sqrt(HS) folded in), then S *= kp. */
     void (*bwd_dscores)(int mq, int nk, int HS, const float *dout, long ldd, const float *VT, long ldv,
-                        const float *keep, const float *D, float scale, float *S, float *dS, long lds);
+                        const bq_attn_dropout *drop, const float *D, float scale, float *S, float *dS, long lds);
+    /* A head's [T,HS] operand (rows ld apart) copied, with one read of it: into rows [Tp,HSp] (rows T..Tp-1 and
+     * columns HS..HSp-1 zero) and/or transposed into tr [HS, Tp] (rows ldt apart, columns T..Tp-1 zero); either
+     * may be NULL. */
+    void (*pack)(float *rows, float *tr, long ldt, const float *src, int T, int Tp, int HS, int HSp, long ld);
 } bq_attn_kernels;
 
 extern const bq_attn_kernels bq_attn_generic, bq_attn_avx2;

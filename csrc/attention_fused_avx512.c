@@ -1,12 +1,16 @@
-/* AVX-512F kernels of the fused attention (the table of attention_fused.h), compiled for AVX-512 whatever the
+/* AVX-512 kernels of the fused attention (the table of attention_fused.h), compiled for AVX-512 whatever the
  * build's -m flags say (cpu.h's BQ_AVX512_BEGIN) and used when cpu.c has chosen AVX-512 (cpuid, BERTQA_CPU,
  * bertqa.ops.set_isa).
  *
  * The score products keep whole block rows in registers (4 queries x 64 keys = 16 of the 32 zmm registers), so
- * the softmax pieces run on the accumulators before anything is stored: the forward's bias, row max, exp, row
- * sum; the backward's exp(s - lse) and dS = scale * p * (dP * keep - D). exp here is the Cephes polynomial of
- * vmath.h evaluated with fused multiply-adds and vscalefps (inputs below -104, -inf included, give 0 or a
- * denormal: probability nothing).
+ * the softmax runs on the accumulators before anything is stored: the forward's bias, row max, exp, the row's
+ * sum (kept as 16 lanes, added up once at the end) and the dropout mask; the backward's exp(s - lse) and
+ * dS = scale * p * (dP * keep - D). Scores are in base 2 (log2(e) folded into the scale and the bias: the
+ * driver does it for base2 tables), so exp is 2^x = 2^n * poly5(x - n), a degree-5 minimax polynomial on
+ * [-1/2, 1/2] (relative error 1e-7 in float, as vmath.h's exp) and vscalefps. The dropout masks come from
+ * Philox4x32-10 computed here, sixteen blocks (one 64-key block row) per call, the numbering and threshold of
+ * rng.c, so they are its masks bit for bit; rows whose numbering does not start on a multiple of 4 (P % 4 != 0,
+ * only the ops API makes those) go through rng.c instead.
  */
 #include <math.h>
 #include "attention_fused.h"
@@ -21,20 +25,72 @@ BQ_AVX512_BEGIN
 #error "the fused score tiles hold a 64-key block row in four zmm registers"
 #endif
 
-static inline __m512 attn_exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(BQ_EXP_HI));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(BQ_LOG2E)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(BQ_LN2_HI), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(BQ_LN2_LO), r);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(BQ_P0), r, _mm512_set1_ps(BQ_P1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(BQ_P2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(BQ_P3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(BQ_P4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(BQ_P5));
-    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+/* 2^x for x <= 0 (-inf included: 0); poly5 fitted to 2^r on [-1/2, 1/2] (minimax in relative error). */
+static inline __m512 exp2_16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));   /* -inf - -inf would be NaN below; 2^-200 is 0 anyway */
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.327606849e-3f), r, _mm512_set1_ps(9.675409645e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550713465e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402212322e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931469440e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.000000119e+0f));
     return _mm512_scalef_ps(p, n);
 }
+
+/* ---- dropout masks: rng.c's numbering (element e = lane e % 4 of Philox block e / 4) ------------------------- */
+
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+static inline void mulhilo16(__m512i a, __m512i M, __m512i *lo, __m512i *hi) {
+    const __m512i even = _mm512_mul_epu32(a, M), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), M);
+    *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+/* keep[q] bit t: element first + 16 q + t is kept (first a multiple of 4: sixteen whole Philox blocks). */
+static inline void keep64(__mmask16 keep[4], const bq_attn_dropout *d, uint64_t first, __m512i thr_minus_1) {
+    const uint64_t block = first / 4;
+    const __m512i lo = _mm512_set1_epi32((int)(uint32_t)block);
+    __m512i c0 = _mm512_add_epi32(lo, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i c1 = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
+    c1 = _mm512_mask_add_epi32(c1, _mm512_cmplt_epu32_mask(c0, lo), c1, _mm512_set1_epi32(1));   /* carry */
+    __m512i c2 = _mm512_set1_epi32((int)d->tensor_id), c3 = _mm512_set1_epi32((int)d->step);
+    uint32_t k0 = (uint32_t)d->seed, k1 = (uint32_t)(d->seed >> 32);
+    const __m512i M0 = _mm512_set1_epi32((int)PHILOX_M0), M1 = _mm512_set1_epi32((int)PHILOX_M1);
+    for (int r = 0; r < 10; r++) {
+        __m512i lo0, hi0, lo1, hi1;
+        mulhilo16(c0, M0, &lo0, &hi0);
+        mulhilo16(c2, M1, &lo1, &hi1);
+        c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32((int)k0));
+        c1 = lo1;
+        c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32((int)k1));
+        c3 = lo0;
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+    }
+    /* word j of block b is element 4 b + j: a 4 x 16 transpose into element order (as rng_avx512.c) */
+    const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+    const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+    const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+    const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+    const __m512i x0 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i x1 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i x2 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i x3 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i w[4] = {_mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)),
+                          _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1))};
+    for (int q = 0; q < 4; q++) keep[q] = _mm512_cmpgt_epi32_mask(_mm512_srli_epi32(w[q], 8), thr_minus_1);
+}
+
+/* keep = (word >> 8) >= ceil(p 2^24), compared as (word >> 8) > thr - 1: rng.c's threshold */
+static inline __m512i keep_threshold(float p) { return _mm512_set1_epi32((int)ceil((double)p * 16777216.0) - 1); }
+static inline int aligned_numbering(const bq_attn_dropout *d) { return d->first % 4 == 0 && d->P % 4 == 0; }
 
 /* loops over tile rows and vectors unroll completely, so the accumulators live in registers */
 #define UNROLL _Pragma("GCC unroll 16")
@@ -115,12 +171,14 @@ static void gemm_avx512(int M, int N, int K, const float *A, long rsa, long csa,
     }
 }
 
-/* The forward's tile: scores, bias, the row max against the running one, exp, stored; the row's block sum in
- * rs[m] and mx_old - mx_new in dm[m] (exp'd for all rows at once by the caller). */
+/* The forward's tile: scores, bias, the row max against the running one, 2^(s - max) (times the dropout mask
+ * when drop is given: the row's sum takes the undropped values), stored; the row's block sum as 16 lanes in
+ * rs[16 m ..] and mx_old - mx_new in dm[m] (2^ taken for all rows at once by the caller). */
 static inline __attribute__((always_inline)) void fwd_tile(const int MR, const int NV, int HS, const float *q,
                                                             long ldq, const float *KT, long ldk, const float *bias,
                                                             float scale, float *S, long lds, float *mx, float *dm,
-                                                            float *rs) {
+                                                            float *rs, const bq_attn_dropout *drop, uint64_t first,
+                                                            __m512i thr_minus_1, __m512 vkeep) {
     __m512 c[8][4];
     TILE(MR, NV, HS, q, ldq, 1, KT, ldk, c);
     const __m512 vs = _mm512_set1_ps(scale);
@@ -132,37 +190,45 @@ static inline __attribute__((always_inline)) void fwd_tile(const int MR, const i
         }
         const float bmax = _mm512_reduce_max_ps(vmax), mnew = mx[m] > bmax ? mx[m] : bmax;
         const __m512 vm = _mm512_set1_ps(mnew);
+        __mmask16 keep[4];
+        if (drop) keep64(keep, drop, first + (uint64_t)m * drop->P, thr_minus_1);
         UNROLL for (int v = 0; v < NV; v++) {
-            const __m512 e = attn_exp16(_mm512_sub_ps(c[m][v], vm));
-            _mm512_storeu_ps(S + m * lds + 16 * v, e);
+            const __m512 e = exp2_16(_mm512_sub_ps(c[m][v], vm));
             vsum = _mm512_add_ps(vsum, e);
+            _mm512_storeu_ps(S + m * lds + 16 * v, drop ? _mm512_maskz_mul_ps(keep[v], e, vkeep) : e);
         }
-        dm[m] = mx[m] - mnew;   /* mx = -inf: -inf, exp 0 */
-        rs[m] = _mm512_reduce_add_ps(vsum);
+        dm[m] = mx[m] - mnew;   /* mx = -inf: -inf, 2^ 0 */
+        _mm512_storeu_ps(rs + 16 * m, vsum);
         mx[m] = mnew;
     }
 }
 
 static void fwd_block_avx512(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
                              const float *bias, float scale, float *S, long lds, float *mx, float *l, float *O,
-                             long ldo, int no) {
-    float cr[BQ_ATTN_BQ + 16], rs[BQ_ATTN_BQ + 16];
+                             long ldo, int no, const bq_attn_dropout *drop) {
+    float cr[BQ_ATTN_BQ + 16], rs[16 * (BQ_ATTN_BQ + 4)];
+    const bq_attn_dropout *inl = drop && aligned_numbering(drop) ? drop : NULL;   /* masks made here */
+    const __m512i thr = keep_threshold(drop ? drop->p : 0.0f);
+    const __m512 vkeep = _mm512_set1_ps(drop ? 1.0f / (1.0f - drop->p) : 1.0f);
     for (int m = 0; m < mq; m += 4) {
         COLS4(fwd_tile, nk / 16, mq - m, HS, q + m * ldq, ldq, KT, ldk, bias, scale, S + m * lds, lds, mx + m, cr + m,
-              rs + m)
+              rs + 16 * m, inl, inl ? inl->first + (uint64_t)m * inl->P : 0, thr, vkeep)
     }
-    for (int m = 0; m < mq; m += 16) {   /* l = l * exp(mx_old - mx_new) + block sum, 16 rows at a time */
+    for (int m = 0; m < mq; m += 16) {   /* the rescale factors 2^(mx_old - mx_new), 16 rows at a time */
         const __mmask16 k = mq - m >= 16 ? 0xFFFF : (__mmask16)((1u << (mq - m)) - 1);
-        const __m512 c = attn_exp16(_mm512_maskz_loadu_ps(k, cr + m));
-        _mm512_mask_storeu_ps(cr + m, k, c);
-        _mm512_mask_storeu_ps(l + m, k, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, l + m), c, _mm512_maskz_loadu_ps(k, rs + m)));
+        _mm512_mask_storeu_ps(cr + m, k, exp2_16(_mm512_maskz_loadu_ps(k, cr + m)));
     }
-    for (int m = 0; m < mq; m++)   /* the output rows follow their max */
-        if (cr[m] != 1.0f) {
-            const __m512 vc = _mm512_set1_ps(cr[m]);
+    for (int m = 0; m < mq; m++) {   /* the running sums and output rows follow their max */
+        const __m512 vc = _mm512_set1_ps(cr[m]);
+        float *lm = l + BQ_ATTN_LANES * m;
+        _mm512_storeu_ps(lm, _mm512_fmadd_ps(_mm512_loadu_ps(lm), vc, _mm512_loadu_ps(rs + 16 * m)));
+        if (cr[m] != 1.0f)
             for (int d = 0; d < no; d += 16)
                 _mm512_storeu_ps(O + m * ldo + d, _mm512_mul_ps(vc, _mm512_loadu_ps(O + m * ldo + d)));
-        }
+        if (drop && !inl)
+            bq_dropout_slice(S + m * lds, S + m * lds, nk, drop->p, drop->seed, drop->step, drop->tensor_id,
+                             drop->first + (uint64_t)m * drop->P);
+    }
 }
 
 static inline __attribute__((always_inline)) void probs_tile(const int MR, const int NV, int HS, const float *q,
@@ -175,7 +241,7 @@ static inline __attribute__((always_inline)) void probs_tile(const int MR, const
     UNROLL for (int m = 0; m < MR; m++) {
         const __m512 L = _mm512_set1_ps(lse[m]);
         UNROLL for (int v = 0; v < NV; v++)
-            _mm512_storeu_ps(S + m * lds + 16 * v, attn_exp16(_mm512_sub_ps(_mm512_fmadd_ps(c[m][v], vs, bv[v]), L)));
+            _mm512_storeu_ps(S + m * lds + 16 * v, exp2_16(_mm512_sub_ps(_mm512_fmadd_ps(c[m][v], vs, bv[v]), L)));
     }
 }
 
@@ -187,37 +253,118 @@ static void bwd_probs_avx512(int mq, int nk, int HS, const float *q, long ldq, c
 }
 
 static inline __attribute__((always_inline)) void dscores_tile(const int MR, const int NV, int HS, const float *dout,
-                                                                long ldd, const float *VT, long ldv, const float *keep,
-                                                                const float *D, float scale, float *S, float *dS,
-                                                                long lds) {
+                                                                long ldd, const float *VT, long ldv,
+                                                                const bq_attn_dropout *drop, uint64_t first,
+                                                                __m512i thr_minus_1, __m512 vkeep, const float *D,
+                                                                float scale, float *S, float *dS, long lds) {
     __m512 c[8][4];
     TILE(MR, NV, HS, dout, ldd, 1, VT, ldv, c);
     const __m512 vs = _mm512_set1_ps(scale);
     UNROLL for (int m = 0; m < MR; m++) {
         const __m512 d = _mm512_set1_ps(D[m]);
+        __mmask16 keep[4];
+        if (drop) keep64(keep, drop, first + (uint64_t)m * drop->P, thr_minus_1);
         UNROLL for (int v = 0; v < NV; v++) {
             const long e = m * lds + 16 * v;
             const __m512 p = _mm512_loadu_ps(S + e);
             __m512 g = c[m][v];
-            if (keep) {
-                const __m512 kp = _mm512_loadu_ps(keep + e);
-                g = _mm512_mul_ps(g, kp);
-                _mm512_storeu_ps(S + e, _mm512_mul_ps(p, kp));
+            if (drop) {
+                g = _mm512_maskz_mul_ps(keep[v], g, vkeep);
+                _mm512_storeu_ps(S + e, _mm512_maskz_mul_ps(keep[v], p, vkeep));
             }
             _mm512_storeu_ps(dS + e, _mm512_mul_ps(_mm512_mul_ps(vs, p), _mm512_sub_ps(g, d)));
         }
     }
 }
 
-static void bwd_dscores_avx512(int mq, int nk, int HS, const float *dout, long ldd, const float *VT, long ldv,
-                               const float *keep, const float *D, float scale, float *S, float *dS, long lds) {
-    for (int m = 0; m < mq; m += 4) {
-        COLS4(dscores_tile, nk / 16, mq - m, HS, dout + m * ldd, ldd, VT, ldv, keep ? keep + m * lds : NULL, D + m,
-              scale, S + m * lds, dS + m * lds, lds)
+/* The rows of a block whose numbering is not on a multiple of 4: the masks from rng.c, applied after the tiles. */
+static void dscores_rows_rng(int mq, int nk, const bq_attn_dropout *drop, const float *D, float scale, float *S,
+                             float *dS, long lds) {
+    float keep[BQ_ATTN_BK];
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int m = 0; m < mq; m++) {
+        bq_dropout_mask(keep, nk, drop->p, drop->seed, drop->step, drop->tensor_id,
+                        drop->first + (uint64_t)m * drop->P);
+        const __m512 d = _mm512_set1_ps(D[m]);
+        for (int j = 0; j < nk; j += 16) {
+            const long e = m * lds + j;
+            const __m512 p = _mm512_loadu_ps(S + e), kp = _mm512_loadu_ps(keep + j);
+            const __m512 g = _mm512_mul_ps(_mm512_loadu_ps(dS + e), kp);
+            _mm512_storeu_ps(dS + e, _mm512_mul_ps(_mm512_mul_ps(vs, p), _mm512_sub_ps(g, d)));
+            _mm512_storeu_ps(S + e, _mm512_mul_ps(p, kp));
+        }
     }
 }
 
-static const bq_attn_kernels table = {"avx512", gemm_avx512, fwd_block_avx512, bwd_probs_avx512, bwd_dscores_avx512};
+static void bwd_dscores_avx512(int mq, int nk, int HS, const float *dout, long ldd, const float *VT, long ldv,
+                               const bq_attn_dropout *drop, const float *D, float scale, float *S, float *dS,
+                               long lds) {
+    if (drop && !aligned_numbering(drop)) {
+        gemm_avx512(mq, nk, HS, dout, ldd, 1, VT, ldv, dS, lds, 1.0f, 0);
+        dscores_rows_rng(mq, nk, drop, D, scale, S, dS, lds);
+        return;
+    }
+    const __m512i thr = keep_threshold(drop ? drop->p : 0.0f);
+    const __m512 vkeep = _mm512_set1_ps(drop ? 1.0f / (1.0f - drop->p) : 1.0f);
+    for (int m = 0; m < mq; m += 4) {
+        COLS4(dscores_tile, nk / 16, mq - m, HS, dout + m * ldd, ldd, VT, ldv, drop,
+              drop ? drop->first + (uint64_t)m * drop->P : 0, thr, vkeep, D + m, scale, S + m * lds, dS + m * lds, lds)
+    }
+}
+
+/* r[j] = column j of the 16 x 16 block whose rows are r[0..15] (unpack, shuffle within 128-bit lanes, then two
+ * rounds of 128-bit lane shuffles). */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {   /* r[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i+3 */
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int c = 0; c < 4; c++) {
+        t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);        /* lanes 0, 2 of both */
+        t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);    /* lanes 1, 3 */
+        t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+        t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xDD);
+        r[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xDD);
+    }
+}
+
+/* 16 x 16 blocks: 16 rows read (the next 16 prefetched), written as padded rows and/or transposed in registers. */
+static void pack_avx512(float *rows, float *tr, long ldt, const float *src, int T, int Tp, int HS, int HSp, long ld) {
+    for (int j0 = 0; j0 < Tp; j0 += 16) {
+        for (int i = 0; i < 16 && j0 + 16 + i < T; i++)
+            for (int d = 0; d < HS; d += 16) __builtin_prefetch(src + (long)(j0 + 16 + i) * ld + d);
+        for (int d0 = 0; d0 < HSp; d0 += 16) {
+            const int nd = HS - d0 < 16 ? HS - d0 : 16;
+            const __mmask16 k = (__mmask16)((1u << nd) - 1);
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) {
+                const float *x = src + (long)(j0 + i) * ld + d0;
+                r[i] = j0 + i >= T ? _mm512_setzero_ps() : nd == 16 ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(k, x);
+            }
+            if (rows)
+                for (int i = 0; i < 16; i++) _mm512_storeu_ps(rows + (long)(j0 + i) * HSp + d0, r[i]);
+            if (tr) {
+                transpose16(r);
+                for (int i = 0; i < nd; i++) _mm512_storeu_ps(tr + (long)(d0 + i) * ldt + j0, r[i]);
+            }
+        }
+    }
+}
+
+static const bq_attn_kernels table = {"avx512", 1, BQ_ATTN_BK, gemm_avx512, fwd_block_avx512, bwd_probs_avx512,
+                                      bwd_dscores_avx512, pack_avx512};
 BQ_AVX512_END
 
 const bq_attn_kernels *bq_attn_avx512(void) { return &table; }

@@ -32,7 +32,8 @@ static void rows_free(rows_args *a) {
 
 static int rows_parse(rows_args *a, PyObject *qo, PyObject *ko, PyObject *vo, PyObject *offo, PyObject *mo,
                       PyObject *wo, const char *isa) {
-    if (!(a->q = f32_arg(qo, "q", 3, 3, 0)) || !(a->k = f32_arg(ko, "k", 3, 3, 0)) || !(a->v = f32_arg(vo, "v", 3, 3, 0)) ||
+    if (!(a->q = f32_arg(qo, "q", 3, 3, 0)) || !(a->k = f32_arg(ko, "k", 3, 3, 0)) ||
+        !(a->v = f32_arg(vo, "v", 3, 3, 0)) ||
         !same_shape(a->k, "k", a->q, "q") || !same_shape(a->v, "v", a->q, "q") ||
         !finite_in(a->p, "dropout_p", 0.0, 1.0, 1))
         return 0;

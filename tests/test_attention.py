@@ -149,14 +149,17 @@ def run_rows(q, k, v, dout, offsets, **kw):
 
 @pytest.mark.usefixtures("isa")
 @pytest.mark.parametrize("lengths,NH,HS", CASES)
-@pytest.mark.parametrize("p", [0.0, 0.15])
+@pytest.mark.parametrize("dropout", ["off", "P%4=0", "P%4=1"])
 @pytest.mark.parametrize("masked", [True, False])
-def test_attention_rows_matches_float64(rng, lengths, NH, HS, p, masked):
+def test_attention_rows_matches_float64(rng, lengths, NH, HS, dropout, masked):
+    """dropout: off, or p = 0.15 with the numbering's row width P (not the mask's) a multiple of 4 (the engine's
+    case: the vector kernels draw the masks themselves) or not (they take them from rng.c)."""
     offsets, (q, k, v, dout) = case_inputs(rng, lengths, NH, HS)
     mask = awkward_mask(rng, lengths) if masked else None
     B = len(lengths)
     window_ids = rng.choice(1 << 30, B, replace=False) + 1000   # not 0..B-1: masks follow the window
-    P = max(lengths) + int(rng.integers(0, 40))                  # the numbering's row width, not the mask's
+    P = 4 * ((max(lengths) + 3) // 4) + 4 * int(rng.integers(0, 10)) + (dropout == "P%4=1")
+    p = 0.0 if dropout == "off" else 0.15
     seed, step, tid = int(rng.integers(2**63)), int(rng.integers(2**31)), 7
     kw = dict(mask=mask, dropout_p=p, seed=seed, step=step, window_ids=window_ids, tensor_id=tid, positions=P)
     check_against_reference(run_rows(q, k, v, dout, offsets, **kw),
@@ -164,7 +167,8 @@ def test_attention_rows_matches_float64(rng, lengths, NH, HS, p, masked):
 
 
 @pytest.mark.parametrize("isa_name", ["generic", "avx2", "avx512"])
-def test_every_kernel_table_matches_float64(rng, isa_name):
+@pytest.mark.parametrize("P", [75, 80])
+def test_every_kernel_table_matches_float64(rng, isa_name, P):
     """The portable kernels (what another architecture runs) and each vector table, forced by name."""
     if isa_name == "avx512" and "avx512" not in ops.runtime_info()["isas"]:
         pytest.skip("this CPU cannot run the AVX-512 kernels")
@@ -172,10 +176,9 @@ def test_every_kernel_table_matches_float64(rng, isa_name):
     offsets, (q, k, v, dout) = case_inputs(rng, lengths, NH, HS)
     mask = awkward_mask(rng, lengths)
     seed, p = int(rng.integers(2**63)), 0.2
-    out, lse = ops._C.attention_rows(q, k, v, offsets, mask, p, seed, 3, None, 1, 0, True, isa_name)
-    grads = ops._C.attention_rows_backward(dout, q, k, v, out, lse, offsets, mask, p, seed, 3, None, 1, 0, isa_name)
-    check_against_reference(((out, lse), grads),
-                            reference_rows(q, k, v, dout, offsets, mask, p, seed, 3, None, 1, mask.shape[1]))
+    out, lse = ops._C.attention_rows(q, k, v, offsets, mask, p, seed, 3, None, 1, P, True, isa_name)
+    grads = ops._C.attention_rows_backward(dout, q, k, v, out, lse, offsets, mask, p, seed, 3, None, 1, P, isa_name)
+    check_against_reference(((out, lse), grads), reference_rows(q, k, v, dout, offsets, mask, p, seed, 3, None, 1, P))
 
 
 @pytest.mark.usefixtures("isa")
@@ -210,7 +213,8 @@ def test_masks_follow_the_window_not_the_place_in_the_batch(rng):
     perm = [2, 0, 3, 1]
     tok = np.concatenate([np.arange(offsets[b], offsets[b + 1]) for b in perm])
     poff = np.concatenate([[0], np.cumsum([lengths[b] for b in perm])])
-    (pout, plse), pgrads = run_rows(q[tok], k[tok], v[tok], dout[tok], poff, mask=mask[perm], window_ids=win[perm], **kw)
+    (pout, plse), pgrads = run_rows(q[tok], k[tok], v[tok], dout[tok], poff, mask=mask[perm], window_ids=win[perm],
+                                    **kw)
     assert np.array_equal(pout, out[tok]) and np.array_equal(plse, lse[:, tok])
     for g, pg in zip(grads, pgrads):
         assert np.array_equal(pg, g[tok])
