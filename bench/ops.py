@@ -5,6 +5,7 @@ it is importable) doing the same math.
     python bench/ops.py                 # B=8, T=384, hidden 384 (MiniLM) and 768 (BERT-base)
     python bench/ops.py --quick         # smaller repeat counts
     python bench/ops.py --json out.json
+    python bench/ops.py --fused         # fused attention over packed rows vs the [B,NH,T,T] kernels and SDPA
 
 The machine is shared and noisy: every figure is the median of several runs, and the ratios that matter
 (share of the sgemm peak, speed-up over NumPy / PyTorch) are taken within this one run.
@@ -109,14 +110,136 @@ def bench_attention(B, NH, T, HS, reps):
     return row
 
 
+# ---- the fused attention over packed rows (csrc/attention_fused.c) -------------------------------------------------
+
+def squad_lengths(B, T):
+    """Real tokens per row of a batch of SQuAD-like windows, as bench/engine.py draws them: normal(175, 70)
+    clipped to [48, T], one row of T."""
+    lengths = np.clip(np.random.default_rng(1).normal(175, 70, B), 48, T).astype(np.int64)
+    lengths[0] = T
+    return lengths
+
+
+def interleaved_times(fns, reps):
+    """Median seconds of each fn, the fns run in turn (ABC ABC ...) so that the machine's drift falls on all."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def bench_attention_fused(NH, HS, lengths, reps, p=0.1):
+    """Attention as training runs it, on packed rows of the given lengths: the fused kernel (ops.attention_rows:
+    forward keeping the log-sum-exp, forward + backward, and with dropout p), the [B,NH,T,T] kernels row by row
+    (ops.attention / attention_backward on each row: probabilities stored, what the engine ran before), and
+    PyTorch's scaled_dot_product_attention on the padded [B,NH,T,HS] batch with BERT's additive mask. GFLOP/s
+    count the useful matrix products of the real tokens: 4 NH HS sum_b T_b^2 forward, 3x that forward + backward
+    (the fused backward's recomputed q k^T is not counted)."""
+    rng = np.random.default_rng(3)
+    lengths = np.asarray(lengths, np.int64)
+    B, T, N = len(lengths), int(lengths.max()), int(lengths.sum())
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    q, k, v, dout = (rng.standard_normal((N, NH, HS)).astype(np.float32) for _ in range(4))
+    flops = {"fwd": 4.0 * NH * HS * float((lengths.astype(np.float64) ** 2).sum())}
+    flops["fb"] = flops["drop"] = 3 * flops["fwd"]
+
+    def fused(train, drop):
+        def run():
+            out, lse = ops.attention_rows(q, k, v, off, dropout_p=drop, seed=1, return_lse=True)
+            if train:
+                ops.attention_rows_backward(dout, q, k, v, out, lse, off, dropout_p=drop, seed=1)
+        return run
+
+    heads = [[np.ascontiguousarray(a[off[b]:off[b + 1]].transpose(1, 0, 2))[None] for a in (q, k, v, dout)]
+             for b in range(B)]   # [1, NH, T_b, HS] per row
+
+    def per_row(train, drop):
+        if train:   # ops.attention_backward runs the forward (probabilities kept) and the backward from them
+            return lambda: [ops.attention_backward(d, a, b, c, None, drop, 1) for a, b, c, d in heads]
+        return lambda: [ops.attention(a, b, c, None, drop, 1) for a, b, c, _ in heads]
+
+    fns = {("fused", "fwd"): fused(False, 0.0), ("fused", "fb"): fused(True, 0.0), ("fused", "drop"): fused(True, p),
+           ("rows", "fwd"): per_row(False, 0.0), ("rows", "fb"): per_row(True, 0.0), ("rows", "drop"): per_row(True, p)}
+    if torch is not None:
+        def padded(a):
+            x = np.zeros((B, T, NH, HS), np.float32)
+            for b in range(B):
+                x[b, :lengths[b]] = a[off[b]:off[b + 1]]
+            return torch.from_numpy(x.transpose(0, 2, 1, 3).copy())
+        tq, tk, tv, tdo = (padded(a) for a in (q, k, v, dout))
+        for t in (tq, tk, tv):
+            t.requires_grad_()
+        bias = torch.from_numpy(((np.arange(T)[None] >= lengths[:, None]) * -10000.0).astype(np.float32))[:, None, None]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def torch_fwd():
+            with torch.no_grad():
+                sdpa(tq, tk, tv, attn_mask=bias)
+
+        def torch_fb():
+            torch.autograd.grad(sdpa(tq, tk, tv, attn_mask=bias), (tq, tk, tv), tdo)
+
+        fns[("torch", "fwd")], fns[("torch", "fb")] = torch_fwd, torch_fb
+    secs = interleaved_times(fns, reps)
+    row = {"case": f"NH={NH} HS={HS}", "lengths": f"B={B} T={T}" if (lengths == T).all() else
+           f"B={B} mix {lengths.min()}-{T}, mean {lengths.mean():.0f}"}
+    for (system, mode), t in secs.items():
+        row[f"{system}_{mode}"] = flops[mode] / t / 1e9
+    return row
+
+
+def print_attention_fused(rows, peak, p):
+    cols = [("fused_fwd", "fused fwd"), ("fused_fb", "fused f+b"), ("fused_drop", f"fused f+b p={p}"),
+            ("rows_fwd", "[T,T] fwd"), ("rows_fb", "[T,T] f+b"), ("rows_drop", f"[T,T] f+b p={p}"),
+            ("torch_fwd", "SDPA fwd"), ("torch_fb", "SDPA f+b")]
+    print("GFLOP/s of the real tokens' attention products (higher is better)\n"
+          "| case | lengths | " + " | ".join(c[1] for c in cols) + " | fused/[T,T] f+b p | fused/SDPA f+b | "
+          "fused f+b % peak |")
+    print("|" + "---|" * (len(cols) + 5))
+    for r in rows:
+        vals = " | ".join(f"{r[c]:.1f}" if c in r else "-" for c, _ in cols)
+        vs_torch = f"{r['fused_fb'] / r['torch_fb']:.2f}x" if "torch_fb" in r else "-"
+        print(f"| {r['case']} | {r['lengths']} | {vals} | {r['fused_drop'] / r['rows_drop']:.2f}x | {vs_torch} | "
+              f"{100 * r['fused_fb'] / peak:.0f}% |")
+
+
+def run_fused(args, reps):
+    info = ops.runtime_info()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {info['omp_threads']} OpenMP "
+          f"threads, BLAS: {info['blas_config']} (core {info['blas_core']}), bertqa kernels {info.get('isa', '?')}, "
+          f"numpy {np.__version__}"
+          + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ", torch not installed"))
+    n = 2048 if args.quick else 3072
+    ours, numpy_peak = sgemm_peak(n, reps)
+    peak = max(ours, numpy_peak)
+    print(f"# sgemm {n}x{n}x{n} on the same cores: {ours:.1f} GFLOP/s through bertqa's BLAS path, "
+          f"{numpy_peak:.1f} through NumPy; peak = {peak:.1f} GFLOP/s\n")
+    B, T = args.batch, args.seq
+    rows = [bench_attention_fused(NH, HS, lengths, reps)
+            for NH, HS in ((12, 32), (12, 64)) for lengths in (np.full(B, T), squad_lengths(B, T))]
+    print_attention_fused(rows, peak, 0.1)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peak_gflops": peak, "runtime": info, "rows": rows}, f, indent=1)
+    return 0
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=384)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--fused", action="store_true",
+                    help="the fused attention over packed rows against the [B,NH,T,T] kernels and SDPA")
     args = ap.parse_args()
     reps = 3 if args.quick else 7
+    if args.fused:
+        return run_fused(args, reps)
     B, T = args.batch, args.seq
     info = ops.runtime_info()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {info['omp_threads']} OpenMP "
