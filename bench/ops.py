@@ -6,6 +6,8 @@ it is importable) doing the same math.
     python bench/ops.py --quick         # smaller repeat counts
     python bench/ops.py --json out.json
     python bench/ops.py --fused         # fused attention over packed rows vs the [B,NH,T,T] kernels and SDPA
+    python bench/ops.py --isa           # bertqa's own kernels, AVX2 against AVX-512: GB/s, share of a STREAM triad
+    python bench/ops.py --isa-engine    # bench/engine.py's training steps under BERTQA_CPU=avx2 and =avx512
 
 The machine is shared and noisy: every figure is the median of several runs, and the ratios that matter
 (share of the sgemm peak, speed-up over NumPy / PyTorch) are taken within this one run.
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -108,6 +111,158 @@ def bench_attention(B, NH, T, HS, reps):
 
         row["torch_bwd"] = (flops_f + flops_b) / median_time(tfb, reps) / 1e9
     return row
+
+
+# ---- bertqa's own kernels under each instruction set (csrc/cpu.h) ---------------------------------------------------
+
+def paired_times(fn, reps):
+    """Seconds of fn() under AVX2 and under AVX-512, the two interleaved (ABAB...) so that the machine's drift
+    falls on both alike: ({isa: median}, {isa: fastest}). fn gets the ISA's name."""
+    times = {"avx2": [], "avx512": []}
+    for isa in times:   # warm-up, and the first touch of every array
+        ops.set_isa(isa)
+        fn(isa)
+    for _ in range(reps):
+        for isa in times:
+            ops.set_isa(isa)
+            t0 = time.perf_counter()
+            fn(isa)
+            times[isa].append(time.perf_counter() - t0)
+    ops.set_isa("auto")
+    return {isa: float(np.median(t)) for isa, t in times.items()}, {isa: float(min(t)) for isa, t in times.items()}
+
+
+def stream_bandwidth(reps, n=1 << 24):
+    """GB/s of a STREAM copy (a = b: 8 bytes per element) and triad (a = b + s c: 12) over 64 MB arrays (past the
+    L3), on the same OpenMP threads as the kernels; the best of reps."""
+    a, b, c = (np.full(n, 1.0, np.float32) for _ in range(3))
+    out = {}
+    for kind, name, nbytes in ((0, "copy", 8), (1, "triad", 12)):
+        out[name] = nbytes * n / min(median_time(lambda: ops._C._stream(kind, a, b, c, 3.0), 1) for _ in range(reps)) / 1e9
+    return out
+
+
+def bench_isa(reps, N=3072, C=768):
+    """Each vectorised kernel at BERT-base shapes (N = 3072 tokens: B=8 x T=384; hidden 768, intermediate 3072;
+    AdamW over MiniLM's flat buffers; attention's rows on one head's [384, 384] block, 16 times), in place on
+    preallocated arrays, threads as in the engine. GB/s count the bytes a kernel must move at least (float32 reads
+    + writes of each array once; LayerNorm backward reads dy and x twice: dx, then the parameter gradients)."""
+    _C = ops._C
+    rng = np.random.default_rng(0)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)   # noqa: E731
+    x_ffn, dy_ffn, out_ffn = f(N, 4 * C), f(N, 4 * C), np.zeros((N, 4 * C), np.float32)
+    x, dy, out, dx = f(N, C), f(N, C), np.zeros((N, C), np.float32), np.zeros((N, C), np.float32)
+    w, b, dw, db = f(C), f(C), np.zeros(C, np.float32), np.zeros(C, np.float32)
+    mean, rstd = np.zeros(N, np.float32), np.zeros(N, np.float32)
+    _C._layernorm_into(out, mean, rstd, x, w, b, 1e-12)
+    NP = 22_700_000   # parameters of MiniLM-L6 + QA head: AdamW over the flat buffers (4 x 91 MB)
+    prm, grd, m1, m2 = f(NP), f(NP), np.zeros(NP, np.float32), np.zeros(NP, np.float32)
+    # attention's rows: one head's [T, T] block at a time, as the attention kernel runs them (in the cores' L2:
+    # the GB/s are cache bandwidth, not memory's), 16 blocks per timed call
+    T, R = 384, 16
+    scores, probs, mk = f(T, T), np.zeros((T, T), np.float32), np.ones((T, T), np.float32)
+    mk[:, T - T // 5:] = 0
+    g_rows, keep = f(T, T), np.where(rng.random((T, T)) < 0.9, np.float32(1 / 0.9), np.float32(0))
+    probs[...] = scores
+    _C._rows_into(0, probs, None, None, 0.0)
+    work = scores.copy()
+
+    def run_rows(kind, a, m, refresh):
+        for _ in range(R):
+            if refresh is not None:
+                np.copyto(work, refresh)
+            _C._rows_into(kind, work, a, m, 0.125)
+    cases = [   # (kernel, shape, bytes per element, elements, fn)
+        ("gelu forward", f"{N}x{4 * C}", 8, x_ffn.size, lambda isa: _C._gelu_into(out_ffn, x_ffn)),
+        ("gelu backward", f"{N}x{4 * C}", 16, x_ffn.size, lambda isa: _C._gelu_into(out_ffn, x_ffn, dy_ffn)),
+        ("layernorm forward", f"{N}x{C}", 8, x.size, lambda isa: _C._layernorm_into(out, mean, rstd, x, w, b, 1e-12)),
+        ("layernorm backward (dx, dw, db)", f"{N}x{C}", 24, x.size,
+         lambda isa: _C._layernorm_backward_into(dx, dw, db, dy, x, w, mean, rstd)),
+        ("dropout forward p=0.1", f"{N}x{C}", 8, x.size, lambda isa: _C._dropout_into(out, x, 0.1, 7, 1, 3, False)),
+        ("dropout backward p=0.1 (+=)", f"{N}x{C}", 12, x.size, lambda isa: _C._dropout_into(dx, dy, 0.1, 7, 1, 3, True)),
+        ("dropout forward p=0.1", f"{N}x{4 * C}", 8, x_ffn.size,
+         lambda isa: _C._dropout_into(out_ffn, x_ffn, 0.1, 7, 1, 3, False)),
+        ("adamw (flat buffer)", f"{NP / 1e6:.1f}M", 28, NP, lambda isa: ops.adamw(prm, grd, m1, m2, 3, 1e-5, weight_decay=0.01)),
+        ("sum of squares (flat gradient)", f"{NP / 1e6:.1f}M", 4, NP, lambda isa: ops.global_norm([grd])),
+        ("softmax rows, masked (in L2)", f"{R}x[{T}x{T}]", 12, R * scores.size, lambda isa: run_rows(0, None, mk, None)),
+        ("exp rows (in L2)", f"{R}x[{T}x{T}]", 8, R * scores.size, lambda isa: run_rows(1, None, None, None)),
+        ("softmax backward rows, dropout mask (in L2)", f"{R}x[{T}x{T}]", 16, R * scores.size,
+         lambda isa: run_rows(2, probs, keep, g_rows)),
+    ]
+    bw_before = stream_bandwidth(reps)
+    rows = []
+    for name, shape, per, n, fn in cases:
+        t, best = paired_times(fn, reps)
+        copy_t = 0.0
+        if "backward rows" in name:   # the np.copyto that refreshes its input: timed alone, taken off
+            copy_t = min(median_time(lambda: [np.copyto(work, g_rows) for _ in range(R)], 1) for _ in range(reps))
+        rows.append((name, shape, per, n, {k: max(v - copy_t, 1e-9) for k, v in t.items()},
+                     {k: max(v - copy_t, 1e-9) for k, v in best.items()}))
+    bw_after = stream_bandwidth(reps)
+    return rows, {k: max(bw_before[k], bw_after[k]) for k in bw_before}
+
+
+def print_isa(rows, bw):
+    info = ops.runtime_info()
+    print(f"# bertqa kernels' ISAs this CPU runs: {info['isas']}; STREAM on {info['omp_threads']} threads (64 MB "
+          f"arrays, best of the runs before and after): copy {bw['copy']:.1f} GB/s, triad {bw['triad']:.1f} GB/s\n")
+    print("(medians of interleaved runs; 'best' = the fastest run of each)\n")
+    print("| kernel | shape | bytes/elem | AVX2 ms | AVX-512 ms | AVX2 GB/s | AVX-512 GB/s | AVX2 % of triad | "
+          "AVX-512 % of triad | AVX-512 speed-up | speed-up, best runs |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, shape, per, n, t, best in rows:
+        g2, g5 = per * n / t["avx2"] / 1e9, per * n / t["avx512"] / 1e9
+        print(f"| {name} | {shape} | {per} | {1e3 * t['avx2']:.2f} | {1e3 * t['avx512']:.2f} | {g2:.1f} | {g5:.1f} | "
+              f"{100 * g2 / bw['triad']:.0f}% | {100 * g5 / bw['triad']:.0f}% | {t['avx2'] / t['avx512']:.2f}x | "
+              f"{best['avx2'] / best['avx512']:.2f}x |")
+
+
+def bench_isa_engine(cases, reps, rounds, T=384):
+    """bench/engine.py's bertqa cases (each in a fresh process, as there: step seconds, paired share, the engine's
+    profile of one more step) under BERTQA_CPU=avx2 and =avx512, the two alternating for `rounds` rounds."""
+    engine_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine.py")
+    out = {}
+    for index in cases:
+        runs = {"avx2": [], "avx512": []}
+        for _ in range(rounds):
+            for isa in runs:
+                for attempt in (1, 2):   # once more if the child fails (another build replacing _C meanwhile)
+                    r = subprocess.run([sys.executable, engine_py, "--case", "bertqa", str(index), "--seq", str(T),
+                                        "--reps", str(reps)], env={**os.environ, "BERTQA_CPU": isa},
+                                       capture_output=True, text=True)
+                    if r.returncode == 0:
+                        break
+                    print(f"# case {index} under {isa} failed (attempt {attempt}):\n{r.stderr[-2000:]}", file=sys.stderr)
+                r.check_returncode()
+                runs[isa].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        out[index] = runs
+    return out
+
+
+def print_isa_engine(results, T=384):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import engine as bench_engine   # bench/engine.py: its CASES
+
+    kinds = [("forward.attention", "backward.attention"), ("forward.gelu", "backward.gelu"),
+             ("forward.layernorm", "backward.layernorm"), ("forward.dropout_residual", "backward.dropout_residual"),
+             ("adamw",), ("forward.linear", "backward.linear")]
+    for index, runs in results.items():
+        name, what, B = bench_engine.CASES[index]
+        med = {isa: float(np.median([r["seconds"] for r in rs])) for isa, rs in runs.items()}
+        shares = {isa: float(np.median([r["share"] for r in rs])) for isa, rs in runs.items()}
+        print(f"\n{name}, {what}, B={B} x T={T}: median step over {len(runs['avx2'])} processes each, alternating: "
+              f"AVX2 {1e3 * med['avx2']:.0f} ms ({B / med['avx2']:.2f} seq/s, paired share {100 * shares['avx2']:.0f}%), "
+              f"AVX-512 {1e3 * med['avx512']:.0f} ms ({B / med['avx512']:.2f} seq/s, paired share "
+              f"{100 * shares['avx512']:.0f}%): {med['avx2'] / med['avx512']:.3f}x; per process "
+              + ", ".join(f"{isa} " + "/".join(f"{1e3 * r['seconds']:.0f}" for r in rs) for isa, rs in runs.items()))
+        print("| work (engine profile, median over the processes' profiled step) | AVX2 ms | AVX-512 ms | speed-up |")
+        print("|---|---:|---:|---:|")
+        for group in kinds:
+            ms = {isa: 1e3 * float(np.median([sum(r["breakdown"].get(k, 0.0) for k in group) for r in rs]))
+                  for isa, rs in runs.items()}
+            print(f"| {' + '.join(group)} | {ms['avx2']:.1f} | {ms['avx512']:.1f} | {ms['avx2'] / max(ms['avx512'], 1e-9):.2f}x |")
+        tot = {isa: 1e3 * float(np.median([r["breakdown"]["total"] for r in rs])) for isa, rs in runs.items()}
+        print(f"| whole profiled step | {tot['avx2']:.0f} | {tot['avx512']:.0f} | {tot['avx2'] / tot['avx512']:.2f}x |")
 
 
 # ---- the fused attention over packed rows (csrc/attention_fused.c) -------------------------------------------------
@@ -236,10 +391,41 @@ def main():
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--fused", action="store_true",
                     help="the fused attention over packed rows against the [B,NH,T,T] kernels and SDPA")
+    ap.add_argument("--isa", action="store_true", help="bertqa's own kernels under AVX2 and AVX-512 (csrc/cpu.h)")
+    ap.add_argument("--isa-engine", action="store_true",
+                    help="bench/engine.py's training steps (MiniLM B=8, BERT-base B=2) under BERTQA_CPU=avx2 / avx512")
+    ap.add_argument("--rounds", type=int, default=3, help="--isa-engine: processes per ISA, alternating")
     args = ap.parse_args()
     reps = 3 if args.quick else 7
     if args.fused:
         return run_fused(args, reps)
+    if args.isa or args.isa_engine:
+        reps = 5 if args.quick else 15
+        info = ops.runtime_info()
+        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {info['omp_threads']} OpenMP "
+              f"threads, BLAS: {info['blas_config']} (core {info['blas_core']}), numpy {np.__version__}")
+        if "avx512" not in info["isas"]:
+            print("# this CPU cannot run the AVX-512 kernels: nothing to compare")
+            return 1
+        result = {}
+        if args.isa:
+            rows, bw = bench_isa(reps)
+            print_isa(rows, bw)
+            result["kernels"] = {"stream": bw, "rows": [dict(kernel=r[0], shape=r[1], bytes_per_elem=r[2], n=r[3],
+                                                             seconds=r[4], best=r[5]) for r in rows]}
+        if args.isa_engine:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import engine as bench_engine   # bench/engine.py: its cases, by name
+
+            cases = [bench_engine.CASES.index(c) for c in (("MiniLM-L6 (H384, L6)", "train step", 8),
+                                                           ("BERT-base (H768, L12)", "train step", 2))]
+            engine = bench_isa_engine(cases, 2 if args.quick else 5, args.rounds)
+            print_isa_engine(engine)
+            result["engine"] = engine
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"runtime": info, **result}, f, indent=1)
+        return 0
     B, T = args.batch, args.seq
     info = ops.runtime_info()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {info['omp_threads']} OpenMP "
