@@ -156,7 +156,8 @@ def bench_torch(config, batch, train, reps):
 def export_for_ort(config, path):
     """bertqa's ONNX export of the model bench_bertqa times (BertQA(config, seed=0)), fused by ORT's transformer
     optimizer (one EmbedLayerNormalization, Attention + 2 SkipLayerNormalization + BiasGelu per layer); made in
-    the parent process, so the ORT case's peak RSS is the session's, not the exporter's."""
+    a process of its own, so the ORT case's peak RSS is the session's, not the exporter's (and the parent's, which
+    every child's ru_maxrss starts from, stays small)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     from bertqa import onnx as bq_onnx
@@ -171,15 +172,33 @@ def export_for_ort(config, path):
 
 
 def bench_ort(path, batch, reps):
-    """ONNX Runtime on the file export_for_ort wrote, with as many intra-op threads as cores and no spinning (idle
-    ORT threads would otherwise take the cores from the next case)."""
+    """(median seconds, peak RSS MB) of ONNX Runtime on the file export_for_ort wrote, with as many intra-op threads
+    as cores and no spinning (idle ORT threads would otherwise take the cores from the next case)."""
     so = onnxruntime.SessionOptions()
     so.intra_op_num_threads = os.cpu_count()
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     feed = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    return timed(lambda: session.run(None, feed), reps)
+    t = timed(lambda: session.run(None, feed), reps)
+    return t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, lambda: session.run(None, feed)
+
+
+def paired_ratio(config, batch, ort_step, reps):
+    """Median over reps of ORT's time / bertqa's for one call each, back to back in this process: the case's
+    figures come from separate processes minutes apart, and this shared machine's speed drifts by tens of
+    percent meanwhile, so the ratio that matters is taken pairwise too (both runtimes' threads sleep when idle)."""
+    step = engine_step(BertQA(config, seed=0), batch, False)
+    step()
+    ort_step()
+    ratios = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        ort_step()
+        ratios.append((time.perf_counter() - t1) / (t1 - t0))
+    return float(np.median(ratios))
 
 
 def sgemm_peak(sizes=(2048, 3072), reps=4):
@@ -281,9 +300,10 @@ def run_case(framework, index, T, reps, onnx_path=None):
     fn = bench_bertqa if framework == "bertqa" else bench_torch
     breakdown = {}
     train = what in TRAINING
-    if framework == "ort":
-        t = bench_ort(onnx_path, batch, reps)
-        local_peak = share = None
+    rss = None
+    if framework == "ort":   # share: here the paired ORT / bertqa time ratio
+        t, rss, ort_step = bench_ort(onnx_path, batch, reps)
+        local_peak, share = None, paired_ratio(config, batch, ort_step, reps)
     elif framework == "torch":
         torch.manual_seed(0)
         t = fn(config, batch, train, reps)
@@ -291,7 +311,7 @@ def run_case(framework, index, T, reps, onnx_path=None):
     else:
         t = fn(config, batch, train, reps, breakdown)
         local_peak, share = paired_share(config, batch, train, reps, case_flops(index, T))
-    print(json.dumps({"seconds": t, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"seconds": t, "max_rss_mb": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "breakdown": breakdown, "local_peak": local_peak, "share": share}))
 
 
@@ -310,6 +330,12 @@ def case_windows(index):
     return B * SQUAD_STEPS if what == "train, SQuAD batches" else B
 
 
+def export_in_child(index, path):
+    subprocess.run([sys.executable, __file__, "--export-onnx", str(index), str(path)], capture_output=True, text=True,
+                   check=True)
+    return path
+
+
 def in_child(framework, index, T, reps, onnx_path=None):
     out = subprocess.run([sys.executable, __file__, "--case", framework, str(index), "--seq", str(T), "--reps",
                           str(reps)] + (["--onnx", str(onnx_path)] if onnx_path else []),
@@ -326,9 +352,12 @@ def main():
                     help="run only the cases whose 'model work' contains TEXT (repeatable), e.g. --only SQuAD")
     ap.add_argument("--case", nargs=2, metavar=("FRAMEWORK", "INDEX"), help=argparse.SUPPRESS)
     ap.add_argument("--onnx", help=argparse.SUPPRESS)   # the ORT case's model file (export_for_ort)
+    ap.add_argument("--export-onnx", nargs=2, metavar=("INDEX", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     reps = args.reps or (2 if args.quick else 5)
     T = args.seq
+    if args.export_onnx:
+        return export_for_ort(case_batch(int(args.export_onnx[0]), T)[0], args.export_onnx[1]) and None
     if args.case:
         return run_case(args.case[0], int(args.case[1]), T, reps, args.onnx)
     info = ops.runtime_info()
@@ -355,7 +384,7 @@ def main():
             continue
         config, _, lengths = case_batch(i, T)
         if onnxruntime is not None and what not in TRAINING and name not in onnx_files:
-            onnx_files[name] = export_for_ort(config, os.path.join(onnx_dir.name, f"{len(onnx_files)}.onnx"))
+            onnx_files[name] = export_in_child(i, os.path.join(onnx_dir.name, f"{len(onnx_files)}.onnx"))
         ours = in_child("bertqa", i, T, reps)
         theirs = in_child("torch", i, T, reps) if torch is not None else None
         ort = in_child("ort", i, T, reps, onnx_files[name]) if name in onnx_files and what not in TRAINING else None
@@ -365,7 +394,7 @@ def main():
         B = case_windows(i)
         rows.append((name, what, B, B / t, gf, (ours["local_peak"], ours["share"]), ours["max_rss_mb"], (B / tt) if tt else None,
                      (tt / t) if tt else None, theirs["max_rss_mb"] if theirs else None,
-                     (B / to, to / t, ort["max_rss_mb"]) if to else None, ours.get("breakdown")))
+                     (B / to, to / t, ort["max_rss_mb"], ort["share"]) if to else None, ours.get("breakdown")))
         print(f"  {name} {what} B={B}: {B / t:.2f} seq/s" + (f" (torch {B / tt:.2f})" if tt else "")
               + (f" (ORT {B / to:.2f})" if to else ""), file=sys.stderr)
     onnx_dir.cleanup()
@@ -373,16 +402,19 @@ def main():
     peak = max(peak_before, peak_after)
     print(f"# sgemm peak on these cores: {peak:.1f} GFLOP/s (before the cases {peak_before:.1f}, after "
           f"{peak_after:.1f}). 'paired share': each step timed between two 2048^3 sgemm products, its rate as a "
-          f"share of the faster of the pair, median over {reps} pairs ('sgemm' column: the pairs' median rate)\n")
+          f"share of the faster of the pair, median over {reps} pairs ('sgemm' column: the pairs' median rate); "
+          f"'bertqa / ORT, paired': one bertqa and one ORT call back to back in one process, median over {reps} "
+          f"pairs of ORT's time / bertqa's\n")
     print("| model | work | B x T | bertqa seq/s | GFLOP/s | % of run's peak | sgemm (paired) | paired share | "
           "peak RSS | PyTorch seq/s | PyTorch peak RSS | bertqa speed-up | ORT seq/s | ORT peak RSS | "
-          "bertqa / ORT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "bertqa / ORT | bertqa / ORT, paired |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, what, B, sps, gf, (local, share), rss, tsps, ratio, trss, ort, _ in rows:
         print(f"| {name} | {what} | {B} x {T} | {sps:.2f} | {gf:.1f} | {100 * gf / peak:.0f}% | {local:.1f} | "
               f"**{100 * share:.0f}%** | {rss:.0f} MB | "
               + (f"{tsps:.2f} | {trss:.0f} MB | {ratio:.2f}x |" if tsps else "- | - | - |")
-              + (f" {ort[0]:.2f} | {ort[2]:.0f} MB | {ort[1]:.2f}x |" if ort else " - | - | - |"))
+              + (f" {ort[0]:.2f} | {ort[2]:.0f} MB | {ort[1]:.2f}x | **{ort[3]:.2f}x** |" if ort
+                 else " - | - | - | - |"))
     # Where one training step's time goes (the engine's own profile, BertQA.profile), per case trained.
     for name, what, B, *_, breakdown in rows:
         if what not in TRAINING or not breakdown:
