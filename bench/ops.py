@@ -290,7 +290,7 @@ def interleaved_times(fns, reps):
 
 def bench_attention_fused(NH, HS, lengths, reps, p=0.1):
     """Attention as training runs it, on packed rows of the given lengths: the fused kernel (ops.attention_rows:
-    forward keeping the log-sum-exp, forward + backward, and with dropout p), the [B,NH,T,T] kernels row by row
+    forward keeping each query's max and sum, forward + backward, and with dropout p), the [B,NH,T,T] kernels row by row
     (ops.attention / attention_backward on each row: probabilities stored, what the engine ran before), and
     PyTorch's scaled_dot_product_attention on the padded [B,NH,T,HS] batch with BERT's additive mask. GFLOP/s
     count the useful matrix products of the real tokens: 4 NH HS sum_b T_b^2 forward, 3x that forward + backward
@@ -305,9 +305,9 @@ def bench_attention_fused(NH, HS, lengths, reps, p=0.1):
 
     def fused(train, drop):
         def run():
-            out, lse = ops.attention_rows(q, k, v, off, dropout_p=drop, seed=1, return_lse=True)
+            out, state = ops.attention_rows(q, k, v, off, dropout_p=drop, seed=1, return_state=True)
             if train:
-                ops.attention_rows_backward(dout, q, k, v, out, lse, off, dropout_p=drop, seed=1)
+                ops.attention_rows_backward(dout, q, k, v, out, state, off, dropout_p=drop, seed=1)
         return run
 
     heads = [[np.ascontiguousarray(a[off[b]:off[b + 1]].transpose(1, 0, 2))[None] for a in (q, k, v, dout)]

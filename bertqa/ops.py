@@ -133,7 +133,7 @@ def attention_backward(dout, q, k, v, mask=None, dropout_p=0.0, seed=0, step=0, 
 
 
 def attention_rows(q, k, v, offsets, mask=None, dropout_p=0.0, seed=0, step=0, window_ids=None, tensor_id=0,
-                   positions=None, return_lse=False):
+                   positions=None, return_state=False):
     """Attention over packed rows of their own lengths (no padding stored), the fused kernel the engine trains with.
 
     Row b is tokens ``offsets[b] .. offsets[b+1]-1``; its T_b tokens attend to each other, head by head::
@@ -141,7 +141,8 @@ def attention_rows(q, k, v, offsets, mask=None, dropout_p=0.0, seed=0, step=0, w
         scores = q[r, h] @ k[r, h].T / sqrt(HS) + (1 - mask[b, :T_b]) * -10000    # r = the row's tokens
         out[r, h] = dropout(softmax(scores)) @ v[r, h]
 
-    Nothing [T, T] is stored: per block of queries, one pass over blocks of keys with a running max and sum.
+    Nothing [T, T] is stored: per block of queries, one pass over blocks of keys with a running max and sum; each
+    query's max and sum are all that :func:`attention_rows_backward` needs.
 
     Args:
         q, k, v: [N, NH, HS] float32, N = offsets[-1] (the [N, C] activations of a linear layer, reshaped).
@@ -152,28 +153,30 @@ def attention_rows(q, k, v, offsets, mask=None, dropout_p=0.0, seed=0, step=0, w
             ((w_b * NH + h) * P + i) * P + j (bq_rng in csrc/bertqa.h), w_b = window_ids[b] (None: b), keyed by
             (seed, step, tensor_id): the engine's numbering, a function of the window and not of the batch.
         positions: P >= the longest row (None: mask.shape[1], or the longest row without a mask).
-        return_lse: also return lse [NH, N] float32, each query's log-sum-exp of its scores: what
-            :func:`attention_rows_backward` needs.
+        return_state: also return state [2, NH, N] float32, what :func:`attention_rows_backward` needs: for
+            each head and query, the max of its scores in base-2 units (``max * log2(e)``) and 1 / the softmax
+            denominator (the sum of ``exp(score - max)``). Its log-sum-exp is
+            ``(state[0] - np.log2(state[1])) * np.log(2)``.
     Returns:
-        out [N, NH, HS] float32, or (out, lse).
+        out [N, NH, HS] float32, or (out, state).
     """
     return _C.attention_rows(q, k, v, _ints(offsets), mask, dropout_p, seed, step, _ints(window_ids), tensor_id,
-                             0 if positions is None else positions, return_lse)
+                             0 if positions is None else positions, return_state)
 
 
-def attention_rows_backward(dout, q, k, v, out, lse, offsets, mask=None, dropout_p=0.0, seed=0, step=0,
+def attention_rows_backward(dout, q, k, v, out, state, offsets, mask=None, dropout_p=0.0, seed=0, step=0,
                             window_ids=None, tensor_id=0, positions=None):
-    """Gradients of :func:`attention_rows`, recomputing the probabilities block by block from ``lse`` (and the
+    """Gradients of :func:`attention_rows`, recomputing the probabilities block by block from ``state`` (and the
     dropout masks from their key) instead of reading stored ones.
 
     Args:
         dout: [N, NH, HS] float32, the gradient of the loss with respect to out.
-        out, lse: what ``attention_rows(..., return_lse=True)`` returned for these inputs.
+        out, state: what ``attention_rows(..., return_state=True)`` returned for these inputs.
         q, k, v, offsets, mask, dropout_p, seed, step, window_ids, tensor_id, positions: as given to it.
     Returns:
         (dq, dk, dv), each [N, NH, HS] float32.
     """
-    return _C.attention_rows_backward(dout, q, k, v, out, lse, _ints(offsets), mask, dropout_p, seed, step,
+    return _C.attention_rows_backward(dout, q, k, v, out, state, _ints(offsets), mask, dropout_p, seed, step,
                                       _ints(window_ids), tensor_id, 0 if positions is None else positions)
 
 

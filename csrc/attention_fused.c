@@ -4,12 +4,13 @@
  * Per (row b, head h), T = T_b tokens, q, k, v, out [T,HS] views (row stride ld, head h's columns), keep the
  * dropout draw of element (b, h, i, j) (bq_rng numbering) and pd = dropout_p:
  *   s_ij = q_i . k_j / sqrt(HS) + (1 - mask_j) * -10000            (holes: BERT's additive rule)
- *   p_ij = exp(s_ij - lse_i),   lse_i = log sum_j exp(s_ij)
+ *   p_ij = exp(s_ij - m_i) / l_i,   m_i = max_j s_ij,   l_i = sum_j exp(s_ij - m_i)
  *   out_i = sum_j p_ij keep_ij / (1 - pd) v_j
  * Forward, per block of BQ queries: one pass over blocks of bk keys with a running max m_i, sum l_i and the
- * unnormalised output (online softmax: rescale by exp(m_old - m_new) when the max moves); `saved` keeps lse_i
- * only, [NH, N] (N = off[B] - off[0] tokens): saved[h * N + off[b] - off[0] + i].
- * Backward recomputes p block by block from lse (the same products in the same order: the same p), with
+ * unnormalised output (online softmax: rescale by exp(m_old - m_new) when the max moves); `saved` keeps m_i (in
+ * base-2 units: m_i log2(e)) and 1 / l_i, [2, NH, N] (N = off[B] - off[0] tokens): saved[h * N + t] and
+ * saved[NH * N + h * N + t] for token t = off[b] - off[0] + i.
+ * Backward recomputes p block by block from them (the same products in the same order: the same p), with
  * D_i = dout_i . out_i, which equals sum_j dP_ij p_ij with dropout too:
  *   dP_ij = (dout_i . v_j) keep_ij / (1 - pd),   dS_ij = p_ij (dP_ij - D_i) / sqrt(HS)
  *   dv_j = sum_i p_ij keep_ij / (1 - pd) dout_i,  dq_i = sum_j dS_ij k_j,  dk_j = sum_i dS_ij q_i
@@ -24,8 +25,8 @@
  * gradient. The per-element work runs through a table of kernels per instruction set (attention_fused.h;
  * AVX-512 in attention_fused_avx512.c, AVX2 and the portable reference here): register-blocked products (the
  * BLAS spends its time packing at K = HS = 32 or 64), and score tiles that hold a query's whole key block in
- * registers, so that bias, max, exp, sums and the dropout mask run on the accumulators. The vector tables work
- * in base 2 (log2(e) folded into the scale and the bias; 2^x by a degree-5 polynomial and the exponent field).
+ * registers, so that bias, max, exp, sums and the dropout mask run on the accumulators. Scores are in base 2
+ * (log2(e) folded into the scale and the bias; 2^x by a degree-5 polynomial and the exponent field).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -39,7 +40,6 @@
 
 #define BQ BQ_ATTN_BQ
 #define BK BQ_ATTN_BK
-#define ATTN_LN2 0.693147180559945309f
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
@@ -106,6 +106,18 @@ static void gemm_generic(int M, int N, int K, const float *A, long rsa, long csa
         }
 }
 
+/* 2^x for x <= 0 (-inf included: 0): EXP2_C's polynomial on r = x - rint(x), 2^n put into the exponent field
+ * (n = -127 gives the field 0: exactly 0). The vector tables compute the same. */
+static inline float exp2_scalar(float x) {
+    x = x > -127.0f ? x : -127.0f;
+    const float n = rintf(x), r = x - n;
+    float p = fmaf(fmaf(fmaf(fmaf(fmaf(EXP2_C5, r, EXP2_C4), r, EXP2_C3), r, EXP2_C2), r, EXP2_C1), r, EXP2_C0);
+    const int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
 /* Dropout of one block row in place, through rng.c (any alignment of the numbering). */
 static inline void drop_row(float *s, int nk, int m, const bq_attn_dropout *d) {
     bq_dropout_slice(s, s, nk, d->p, d->seed, d->step, d->tensor_id, d->first + (uint64_t)m * d->P);
@@ -120,8 +132,8 @@ static void fwd_rows_generic(int mq, int nk, const float *bias, float *S, long l
             s[j] += bias[j];
             bmax = s[j] > bmax ? s[j] : bmax;
         }
-        const float mnew = mx[m] > bmax ? mx[m] : bmax, c = bq_expf(mx[m] - mnew);   /* mx = -inf: c = 0 */
-        for (int j = 0; j < nk; j++) sum += (s[j] = bq_expf(s[j] - mnew));
+        const float mnew = mx[m] > bmax ? mx[m] : bmax, c = exp2_scalar(mx[m] - mnew);   /* mx = -inf: c = 0 */
+        for (int j = 0; j < nk; j++) sum += (s[j] = exp2_scalar(s[j] - mnew));
         l[BQ_ATTN_LANES * m] = l[BQ_ATTN_LANES * m] * c + sum;   /* lane 0 only */
         mx[m] = mnew;
         if (c != 1.0f)
@@ -138,10 +150,10 @@ static void fwd_block_generic(int mq, int nk, int HS, const float *q, long ldq, 
 }
 
 static void bwd_probs_generic(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
-                              const float *bias, float scale, const float *lse, float *S, long lds) {
+                              const float *bias, float scale, const float *mx, const float *inv, float *S, long lds) {
     gemm_generic(mq, nk, HS, q, ldq, 1, KT, ldk, S, lds, scale, 0);
     for (int m = 0; m < mq; m++)
-        for (int j = 0; j < nk; j++) S[m * lds + j] = bq_expf(S[m * lds + j] + bias[j] - lse[m]);
+        for (int j = 0; j < nk; j++) S[m * lds + j] = exp2_scalar(S[m * lds + j] + bias[j] - mx[m]) * inv[m];
 }
 
 static void dscores_rows_generic(int mq, int nk, const bq_attn_dropout *drop, const float *D, float scale, float *S,
@@ -167,7 +179,7 @@ static void bwd_dscores_generic(int mq, int nk, int HS, const float *dout, long 
     dscores_rows_generic(mq, nk, drop, D, scale, S, dS, lds);
 }
 
-const bq_attn_kernels bq_attn_generic = {"generic", 0, BQ_ATTN_BK, gemm_generic, fwd_block_generic, bwd_probs_generic,
+const bq_attn_kernels bq_attn_generic = {"generic", BQ_ATTN_BK, gemm_generic, fwd_block_generic, bwd_probs_generic,
                                          bwd_dscores_generic, pack_generic};
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------------------- */
@@ -217,16 +229,15 @@ static void gemm_avx2(int M, int N, int K, const float *A, long rsa, long csa, c
         }
 }
 
-/* 2^x for x <= 0 (-inf included: 0): poly5 on [-1/2, 1/2] as the AVX-512 table, 2^n put into the exponent
- * field (n = -127 gives the field 0: exactly 0). */
+/* exp2_scalar on 8 lanes */
 static inline __m256 exp2_8(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
     const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), r = _mm256_sub_ps(x, n);
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.327606849e-3f), r, _mm256_set1_ps(9.675409645e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550713465e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.402212322e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931469440e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.000000119e+0f));
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(EXP2_C5), r, _mm256_set1_ps(EXP2_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP2_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP2_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP2_C1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP2_C0));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -298,18 +309,21 @@ static void fwd_block_avx2(int mq, int nk, int HS, const float *q, long ldq, con
 }
 
 static inline __attribute__((always_inline)) void probs_tile8(const int NV, int HS, const float *q, const float *KT,
-                                                               long ldk, const float *bias, float scale, float lse,
-                                                               float *S) {
+                                                               long ldk, const float *bias, float scale, float mx,
+                                                               float inv, float *S) {
     __m256 c[8];
     TILE8(NV, HS, q, KT, ldk, c);
-    const __m256 vs = _mm256_set1_ps(scale), L = _mm256_set1_ps(lse);
-    UNROLL8 for (int v = 0; v < NV; v++)
-        _mm256_storeu_ps(S + 8 * v, exp2_8(_mm256_sub_ps(_mm256_fmadd_ps(c[v], vs, _mm256_loadu_ps(bias + 8 * v)), L)));
+    const __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(mx), vi = _mm256_set1_ps(inv);
+    UNROLL8 for (int v = 0; v < NV; v++) {
+        const __m256 s = _mm256_fmadd_ps(c[v], vs, _mm256_loadu_ps(bias + 8 * v));
+        _mm256_storeu_ps(S + 8 * v, _mm256_mul_ps(exp2_8(_mm256_sub_ps(s, vm)), vi));
+    }
 }
 
 static void bwd_probs_avx2(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
-                           const float *bias, float scale, const float *lse, float *S, long lds) {
-    for (int m = 0; m < mq; m++) COLS8(probs_tile8, nk, HS, q + m * ldq, KT, ldk, bias, scale, lse[m], S + m * lds)
+                           const float *bias, float scale, const float *mx, const float *inv, float *S, long lds) {
+    for (int m = 0; m < mq; m++)
+        COLS8(probs_tile8, nk, HS, q + m * ldq, KT, ldk, bias, scale, mx[m], inv[m], S + m * lds)
 }
 
 static inline __attribute__((always_inline)) void dscores_tile8(const int NV, int HS, const float *dout,
@@ -385,10 +399,10 @@ static void pack_avx2(float *rows, float *tr, long ldt, const float *src, int T,
     }
 }
 
-const bq_attn_kernels bq_attn_avx2 = {"avx2", 1, 64, gemm_avx2, fwd_block_avx2, bwd_probs_avx2, bwd_dscores_avx2,
+const bq_attn_kernels bq_attn_avx2 = {"avx2", 64, gemm_avx2, fwd_block_avx2, bwd_probs_avx2, bwd_dscores_avx2,
                                       pack_avx2};
 #else
-const bq_attn_kernels bq_attn_avx2 = {NULL, 0, 0, NULL, NULL, NULL, NULL, NULL};   /* not built (named: NULL) */
+const bq_attn_kernels bq_attn_avx2 = {NULL, 0, NULL, NULL, NULL, NULL, NULL};   /* not built (named: NULL) */
 #endif
 
 /* ---- which table ------------------------------------------------------------------------------------------ */
@@ -427,10 +441,10 @@ static void unpack_rows(float *dst, const float *src, int T, int HS, int HSp, lo
     }
 }
 
-/* The score bias of the keys: (1 - mask) * -10000 for the row's keys, -inf for the padding columns T..Tp-1
- * (times log2(e) for a table that works in base 2). */
-static void key_bias(float *bias, const float *mk, int T, int Tp, int base2) {
-    const float hole = base2 ? -10000.0f * BQ_LOG2E : -10000.0f;
+/* The score bias of the keys in base-2 units: (1 - mask) * -10000 * log2(e) for the row's keys, -inf for the
+ * padding columns T..Tp-1. */
+static void key_bias(float *bias, const float *mk, int T, int Tp) {
+    const float hole = -10000.0f * BQ_LOG2E;
     for (int j = 0; j < T; j++) bias[j] = mk ? (1.0f - mk[j]) * hole : 0.0f;
     for (int j = T; j < Tp; j++) bias[j] = -INFINITY;
 }
@@ -480,7 +494,7 @@ static attn_task *make_tasks(int B, const int *off, int NH, int split, int *ntas
     return t;
 }
 
-size_t attention_saved_floats(int B, const int *off, int NH) { return (size_t)NH * (size_t)(off[B] - off[0]); }
+size_t attention_saved_floats(int B, const int *off, int NH) { return 2 * (size_t)NH * (size_t)(off[B] - off[0]); }
 
 /* What the kernels cannot handle: BQ_ERR_ARG (nothing is written). */
 static int check_args(int B, const int *off, int NH, int HS, int ld, const float *mask, int Tpad, float p, bq_rng r) {
@@ -501,7 +515,7 @@ int bq_attention_forward_rows_with(const bq_attn_kernels *kern, float *out, floa
     if (!tasks) return BQ_ERR_NOMEM;
     const int HSp = round_up(HS, BQ_ATTN_VEC), Tpm = round_up(Tmax, BQ_ATTN_VEC);
     const long N = off[B] - off[0];
-    const float scale = 1.0f / sqrtf((float)HS), kscale = kern->base2 ? scale * BQ_LOG2E : scale;
+    const float scale = 1.0f / sqrtf((float)HS), kscale = scale * BQ_LOG2E;   /* base-2 scores */
     const int nthreads = ntasks > 1 ? bq_num_threads() : 1;
     int status = BQ_OK;
 #pragma omp parallel num_threads(nthreads) if (ntasks > 1)
@@ -524,11 +538,11 @@ int bq_attention_forward_rows_with(const bq_attn_kernels *kern, float *out, floa
             const int b = tasks[t].b, h = tasks[t].h, T = off[b + 1] - off[b], Tp = round_up(T, BQ_ATTN_VEC);
             const long o = (long)off[b] * ld + (long)h * HS;
             const float *qb = q + o;
-            float *ob = out + o, *lse = saved ? saved + h * N + (off[b] - off[0]) : NULL;
+            float *ob = out + o, *smx = saved ? saved + h * N + (off[b] - off[0]) : NULL, *sinv = smx + NH * N;
             if (b != last_b || h != last_h) {
                 kern->pack(NULL, KT, Tp + 16, k + o, T, Tp, HS, HSp, ld);
                 kern->pack(Vp, NULL, 0, v + o, T, Tp, HS, HSp, ld);
-                key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp, kern->base2);
+                key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp);
                 last_b = b, last_h = h;
             }
             bq_attn_dropout drop = {p, r.seed, r.step, tensor_id, 0, r.P};
@@ -559,7 +573,7 @@ int bq_attention_forward_rows_with(const bq_attn_kernels *kern, float *out, floa
                     float *orow = ob + (long)(i0 + m) * ld;
                     if (m + PREFETCH_ROWS < mq) prefetch_row(orow + PREFETCH_ROWS * ld, HS, 1);
                     for (int d = 0; d < HS; d++) orow[d] = O[m * HSp + d] * inv;
-                    if (lse) lse[i0 + m] = kern->base2 ? (mx[m] + log2f(sum)) * ATTN_LN2 : mx[m] + logf(sum);
+                    if (smx) smx[i0 + m] = mx[m], sinv[i0 + m] = inv;
                 }
             }
         }
@@ -580,28 +594,28 @@ int bq_attention_backward_rows_with(const bq_attn_kernels *kern, float *dq, floa
     const int HSp = round_up(HS, BQ_ATTN_VEC), Tpm = round_up(Tmax, BQ_ATTN_VEC);
     const long N = off[B] - off[0];
     const size_t TH = (size_t)Tpm * HSp;
-    const float scale = 1.0f / sqrtf((float)HS), kscale = kern->base2 ? scale * BQ_LOG2E : scale;
+    const float scale = 1.0f / sqrtf((float)HS), kscale = scale * BQ_LOG2E;   /* base-2 scores */
     const int nthreads = ntasks > 1 ? bq_num_threads() : 1;
     int status = BQ_OK;
 #pragma omp parallel num_threads(nthreads) if (ntasks > 1)
     {
         /* this thread's scratch: K^T, V^T [HS,Tp]; q, k, dout and the three gradient accumulators [Tp,HSp]; the
-         * key bias, D and lse in the table's units [Tp]; the blocks S and dP [BQ,BK] */
+         * key bias and D [Tp]; the blocks S and dP [BQ,BK] */
         float *KT = floats((size_t)HS * (Tpm + 16)), *VT = floats((size_t)HS * (Tpm + 16)), *rows = floats(6 * TH);
-        float *vec = floats(3 * (size_t)Tpm), *blk = floats(2 * BQ * BK);
+        float *vec = floats(2 * (size_t)Tpm), *blk = floats(2 * BQ * BK);
         const int ok = KT && VT && rows && vec && blk;
         if (!ok) {
 #pragma omp atomic write
             status = BQ_ERR_NOMEM;
         }
         float *Qp = rows, *Kp = rows + TH, *dOp = rows + 2 * TH, *dQa = rows + 3 * TH, *dKa = rows + 4 * TH;
-        float *dVa = rows + 5 * TH, *bias = vec, *D = vec + Tpm, *L = vec + 2 * Tpm, *S = blk, *dP = blk + BQ * BK;
+        float *dVa = rows + 5 * TH, *bias = vec, *D = vec + Tpm, *S = blk, *dP = blk + BQ * BK;
 #pragma omp for schedule(dynamic, 1)
         for (int t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int b = tasks[t].b, h = tasks[t].h, T = off[b + 1] - off[b], Tp = round_up(T, BQ_ATTN_VEC);
             const long o = (long)off[b] * ld + (long)h * HS;
-            const float *qb = q + o, *dob = dout + o, *lse = saved + h * N + (off[b] - off[0]);
+            const float *qb = q + o, *dob = dout + o, *smx = saved + h * N + (off[b] - off[0]), *sinv = smx + NH * N;
             kern->pack(Kp, KT, Tp + 16, k + o, T, Tp, HS, HSp, ld);
             kern->pack(NULL, VT, Tp + 16, v + o, T, Tp, HS, HSp, ld);
             kern->pack(Qp, NULL, 0, qb, T, Tp, HS, HSp, ld);
@@ -609,7 +623,7 @@ int bq_attention_backward_rows_with(const bq_attn_kernels *kern, float *dq, floa
             memset(dQa, 0, (size_t)Tp * HSp * sizeof(float));
             memset(dKa, 0, (size_t)Tp * HSp * sizeof(float));
             memset(dVa, 0, (size_t)Tp * HSp * sizeof(float));
-            key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp, kern->base2);
+            key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp);
             for (int i = 0; i < T; i++) {   /* D = rowsum(dout * out), dout from its packed copy */
                 const float *g = dOp + (long)i * HSp, *y = out + o + (long)i * ld;
                 if (i + PREFETCH_ROWS < T) prefetch_row(y + PREFETCH_ROWS * ld, HS, 0);
@@ -617,7 +631,6 @@ int bq_attention_backward_rows_with(const bq_attn_kernels *kern, float *dq, floa
 #pragma omp simd reduction(+ : s)
                 for (int d = 0; d < HS; d++) s += g[d] * y[d];
                 D[i] = s;
-                L[i] = kern->base2 ? lse[i] * BQ_LOG2E : lse[i];
             }
             bq_attn_dropout drop = {p, r.seed, r.step, tensor_id, 0, r.P};
             const uint64_t first = head_first(r, b, h, NH);
@@ -631,8 +644,8 @@ int bq_attention_backward_rows_with(const bq_attn_kernels *kern, float *dq, floa
                 for (int j0 = 0; j0 < T; j0 += kern->bk) {
                     const int nk = imin(kern->bk, Tp - j0);
                     drop.first = first + (uint64_t)i0 * r.P + j0;
-                    kern->bwd_probs(mq, nk, HS, qb + (long)i0 * ld, ld, KT + j0, Tp + 16, bias + j0, kscale, L + i0, S,
-                                    BK);
+                    kern->bwd_probs(mq, nk, HS, qb + (long)i0 * ld, ld, KT + j0, Tp + 16, bias + j0, kscale, smx + i0,
+                                    sinv + i0, S, BK);
                     kern->bwd_dscores(mq, nk, HS, dob + (long)i0 * ld, ld, VT + j0, Tp + 16, p > 0.0f ? &drop : NULL,
                                       D + i0, scale, S, dP, BK);
                     /* dv[J] += S^T dout[I]; dk[J] += dS^T q[I]; dq[I] += dS k[J] */

@@ -15,6 +15,15 @@
 #define BQ_ATTN_VEC 16
 #define BQ_ATTN_LANES 16   /* floats of running sum per query (fwd_block's l) */
 
+/* 2^r on [-1/2, 1/2] ~ C0 + r (C1 + r (C2 + r (C3 + r (C4 + r C5)))): fitted minimax in relative error, 1e-7 in
+ * float (as vmath.h's exp); every table's 2^x = 2^n 2^(x - n) with it. */
+#define EXP2_C5 1.327606849e-3f
+#define EXP2_C4 9.675409645e-3f
+#define EXP2_C3 5.550713465e-2f
+#define EXP2_C2 2.402212322e-1f
+#define EXP2_C1 6.931469440e-1f
+#define EXP2_C0 1.000000119e+0f
+
 /* Dropout on one block's probabilities: element (m, j) of the block is number first + m * P + j of the RNG's
  * numbering (bq_rng), keep = uniform >= p, kept ones scaled by 1 / (1 - p). */
 typedef struct {
@@ -27,9 +36,8 @@ typedef struct {
 
 typedef struct {
     const char *name;
-    /* 1: the score functions take scores in base-2 units (scale and bias times log2(e), lse times log2(e)) and
-     * their exp is 2^x; 0: natural units, exp. */
-    int base2;
+    /* Scores are in base-2 units in every table: the driver passes scale and bias times log2(e), and exp is 2^x
+     * (so a forward and a backward by different tables agree on the saved state). */
     int bk;   /* keys per block (a multiple of 16, at most BQ_ATTN_BK): what one row of a score tile holds */
     /* C[M,N] = alpha * A B (acc = 0) or C[M,N] += A B (acc = 1, alpha unused), A[m,k] at A[m*rsa + k*csa]
      * (row-major A: rsa = lda, csa = 1; a transposed one: rsa = 1, csa = lda), B [K,N] row-major, N a multiple
@@ -45,9 +53,10 @@ typedef struct {
     void (*fwd_block)(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk, const float *bias,
                       float scale, float *S, long lds, float *mx, float *l, float *O, long ldo, int no,
                       const bq_attn_dropout *drop);
-    /* Backward: S = exp(scale * q KT + bias - lse[m]), the forward's probabilities again. */
+    /* Backward: S = exp(scale * q KT + bias - mx[m]) * inv[m], the forward's probabilities again from its row max
+     * and 1 / sum (more exact than one log-sum-exp: that loses ulps of its own size, large for large scores). */
     void (*bwd_probs)(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk, const float *bias,
-                      float scale, const float *lse, float *S, long lds);
+                      float scale, const float *mx, const float *inv, float *S, long lds);
     /* Backward: with g = dout VT (dout [mq,HS] rows ldd apart, VT [HS,nk]) and kp the dropout mask (drop NULL:
      * 1): dS = scale * S * (g * kp - D[m]) (the score gradient, 1/sqrt(HS) folded in), then S *= kp. */
     void (*bwd_dscores)(int mq, int nk, int HS, const float *dout, long ldd, const float *VT, long ldv,

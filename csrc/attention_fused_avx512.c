@@ -5,9 +5,8 @@
  * The score products keep whole block rows in registers (4 queries x 64 keys = 16 of the 32 zmm registers), so
  * the softmax runs on the accumulators before anything is stored: the forward's bias, row max, exp, the row's
  * sum (kept as 16 lanes, added up once at the end) and the dropout mask; the backward's exp(s - lse) and
- * dS = scale * p * (dP * keep - D). Scores are in base 2 (log2(e) folded into the scale and the bias: the
- * driver does it for base2 tables), so exp is 2^x = 2^n * poly5(x - n), a degree-5 minimax polynomial on
- * [-1/2, 1/2] (relative error 1e-7 in float, as vmath.h's exp) and vscalefps. The dropout masks come from
+ * dS = scale * p * (dP * keep - D). Scores are in base 2 (log2(e) folded into the scale and the bias by the
+ * driver), so exp is 2^x = 2^n * poly5(x - n), attention_fused.c's polynomial, and vscalefps. The dropout masks come from
  * Philox4x32-10 computed here, sixteen blocks (one 64-key block row) per call, the numbering and threshold of
  * rng.c, so they are its masks bit for bit; rows whose numbering does not start on a multiple of 4 (P % 4 != 0,
  * only the ops API makes those) go through rng.c instead.
@@ -25,16 +24,16 @@ BQ_AVX512_BEGIN
 #error "the fused score tiles hold a 64-key block row in four zmm registers"
 #endif
 
-/* 2^x for x <= 0 (-inf included: 0); poly5 fitted to 2^r on [-1/2, 1/2] (minimax in relative error). */
+/* 2^x for x <= 0 (-inf included: 0): attention_fused.c's exp2_scalar on 16 lanes, 2^n by vscalefps. */
 static inline __m512 exp2_16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));   /* -inf - -inf would be NaN below; 2^-200 is 0 anyway */
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.327606849e-3f), r, _mm512_set1_ps(9.675409645e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550713465e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402212322e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931469440e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.000000119e+0f));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP2_C5), r, _mm512_set1_ps(EXP2_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP2_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP2_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP2_C1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP2_C0));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -233,22 +232,26 @@ static void fwd_block_avx512(int mq, int nk, int HS, const float *q, long ldq, c
 
 static inline __attribute__((always_inline)) void probs_tile(const int MR, const int NV, int HS, const float *q,
                                                               long ldq, const float *KT, long ldk, const float *bias,
-                                                              float scale, const float *lse, float *S, long lds) {
+                                                              float scale, const float *mx, const float *inv,
+                                                              float *S, long lds) {
     __m512 c[8][4], bv[4];
     TILE(MR, NV, HS, q, ldq, 1, KT, ldk, c);
     const __m512 vs = _mm512_set1_ps(scale);
     UNROLL for (int v = 0; v < NV; v++) bv[v] = _mm512_loadu_ps(bias + 16 * v);
     UNROLL for (int m = 0; m < MR; m++) {
-        const __m512 L = _mm512_set1_ps(lse[m]);
-        UNROLL for (int v = 0; v < NV; v++)
-            _mm512_storeu_ps(S + m * lds + 16 * v, exp2_16(_mm512_sub_ps(_mm512_fmadd_ps(c[m][v], vs, bv[v]), L)));
+        const __m512 vm = _mm512_set1_ps(mx[m]), vi = _mm512_set1_ps(inv[m]);
+        UNROLL for (int v = 0; v < NV; v++) {
+            const __m512 s = _mm512_fmadd_ps(c[m][v], vs, bv[v]);
+            _mm512_storeu_ps(S + m * lds + 16 * v, _mm512_mul_ps(exp2_16(_mm512_sub_ps(s, vm)), vi));
+        }
     }
 }
 
 static void bwd_probs_avx512(int mq, int nk, int HS, const float *q, long ldq, const float *KT, long ldk,
-                             const float *bias, float scale, const float *lse, float *S, long lds) {
+                             const float *bias, float scale, const float *mx, const float *inv, float *S, long lds) {
     for (int m = 0; m < mq; m += 4) {
-        COLS4(probs_tile, nk / 16, mq - m, HS, q + m * ldq, ldq, KT, ldk, bias, scale, lse + m, S + m * lds, lds)
+        COLS4(probs_tile, nk / 16, mq - m, HS, q + m * ldq, ldq, KT, ldk, bias, scale, mx + m, inv + m, S + m * lds,
+              lds)
     }
 }
 
@@ -363,7 +366,7 @@ static void pack_avx512(float *rows, float *tr, long ldt, const float *src, int 
     }
 }
 
-static const bq_attn_kernels table = {"avx512", 1, BQ_ATTN_BK, gemm_avx512, fwd_block_avx512, bwd_probs_avx512,
+static const bq_attn_kernels table = {"avx512", BQ_ATTN_BK, gemm_avx512, fwd_block_avx512, bwd_probs_avx512,
                                       bwd_dscores_avx512, pack_avx512};
 BQ_AVX512_END
 

@@ -4,7 +4,8 @@
  * q, k, v, out [N, NH, HS] float32 (the [N, C] activations of N packed tokens, heads side by side); offsets [B+1]
  * integers, 0 = offsets[0] <= ... <= offsets[B] = N: row b is tokens offsets[b] .. offsets[b+1]-1; mask [B, Tpad]
  * of 0/1 with Tpad >= every row's length, or None; dropout numbered as bq_rng says with P = positions (0: Tpad,
- * or the longest row without a mask) and window ids [B] (None: 0..B-1); lse [NH, N] what backward needs.
+ * or the longest row without a mask) and window ids [B] (None: 0..B-1); state [2, NH, N] what backward needs
+ * (attention_fused.c: each query's score max in base-2 units and 1 / its softmax denominator).
  */
 #include "pyutil.h"
 #include <limits.h>
@@ -119,52 +120,52 @@ static bq_rng rows_rng(const rows_args *a) {
 
 static PyObject *py_attention_rows(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"q", "k", "v", "offsets", "mask", "dropout_p", "seed", "step", "window_ids",
-                             "tensor_id", "positions", "return_lse", "isa", NULL};
+                             "tensor_id", "positions", "return_state", "isa", NULL};
     PyObject *qo, *ko, *vo, *offo, *mo = Py_None, *wo = Py_None, *result = NULL;
-    int return_lse = 0;
+    int return_state = 0;
     const char *isa = NULL;
     rows_args a = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|OdKIOIlpz:attention_rows", kwlist, &qo, &ko, &vo, &offo, &mo,
-                                     &a.p, &a.seed, &a.step, &wo, &a.tensor_id, &a.P, &return_lse, &isa))
+                                     &a.p, &a.seed, &a.step, &wo, &a.tensor_id, &a.P, &return_state, &isa))
         return NULL;
     if (a.P < 0) return PyErr_Format(PyExc_ValueError, "positions must be >= 0, got %ld", a.P);
-    PyArrayObject *out = NULL, *lse = NULL;
+    PyArrayObject *out = NULL, *state = NULL;
     if (!rows_parse(&a, qo, ko, vo, offo, mo, wo, isa)) goto done;
-    npy_intp ld[2] = {a.NH, a.N};
+    npy_intp sd[3] = {2, a.NH, a.N};
     out = (PyArrayObject *)PyArray_EMPTY(3, PyArray_DIMS(a.q), NPY_FLOAT32, 0);
-    if (!out || (return_lse && !(lse = (PyArrayObject *)PyArray_EMPTY(2, ld, NPY_FLOAT32, 0)))) goto done;
+    if (!out || (return_state && !(state = (PyArrayObject *)PyArray_EMPTY(3, sd, NPY_FLOAT32, 0)))) goto done;
     int st;
     const float *mask = a.mask ? F(a.mask) : NULL;
-    float *saved = lse ? F(lse) : NULL;
+    float *saved = state ? F(state) : NULL;
     Py_BEGIN_ALLOW_THREADS
     st = bq_attention_forward_rows_with(a.kern, F(out), saved, F(a.q), F(a.k), F(a.v), mask, a.Tpad, a.B, a.off, a.NH,
                                         a.HS, a.NH * a.HS, (float)a.p, rows_rng(&a), a.tensor_id);
     Py_END_ALLOW_THREADS
     if (st) { status_error(st, "attention_rows"); goto done; }
-    result = lse ? Py_BuildValue("(OO)", out, lse) : (Py_INCREF(out), (PyObject *)out);
+    result = state ? Py_BuildValue("(OO)", out, state) : (Py_INCREF(out), (PyObject *)out);
 done:
     Py_XDECREF(out);
-    Py_XDECREF(lse);
+    Py_XDECREF(state);
     rows_free(&a);
     return result;
 }
 
 static PyObject *py_attention_rows_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"dout", "q", "k", "v", "out", "lse", "offsets", "mask", "dropout_p", "seed", "step",
+    static char *kwlist[] = {"dout", "q", "k", "v", "out", "state", "offsets", "mask", "dropout_p", "seed", "step",
                              "window_ids", "tensor_id", "positions", "isa", NULL};
-    PyObject *dgo, *qo, *ko, *vo, *oo, *lo, *offo, *mo = Py_None, *wo = Py_None, *result = NULL;
+    PyObject *dgo, *qo, *ko, *vo, *oo, *so, *offo, *mo = Py_None, *wo = Py_None, *result = NULL;
     const char *isa = NULL;
     rows_args a = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO|OdKIOIlz:attention_rows_backward", kwlist, &dgo, &qo, &ko,
-                                     &vo, &oo, &lo, &offo, &mo, &a.p, &a.seed, &a.step, &wo, &a.tensor_id, &a.P, &isa))
+                                     &vo, &oo, &so, &offo, &mo, &a.p, &a.seed, &a.step, &wo, &a.tensor_id, &a.P, &isa))
         return NULL;
     if (a.P < 0) return PyErr_Format(PyExc_ValueError, "positions must be >= 0, got %ld", a.P);
-    PyArrayObject *dout, *out, *lse, *dq = NULL, *dk = NULL, *dv = NULL;
+    PyArrayObject *dout, *out, *state, *dq = NULL, *dk = NULL, *dv = NULL;
     if (!rows_parse(&a, qo, ko, vo, offo, mo, wo, isa) || !(dout = f32_arg(dgo, "dout", 3, 3, 0)) ||
         !same_shape(dout, "dout", a.q, "q") || !(out = f32_arg(oo, "out", 3, 3, 0)) ||
-        !same_shape(out, "out", a.q, "q") || !(lse = f32_arg(lo, "lse", 2, 2, 0)) ||
-        !dim_is(lse, "lse", 0, a.NH, "heads: lse is [NH, N], as attention_rows(..., return_lse=True) returns it") ||
-        !dim_is(lse, "lse", 1, a.N, "tokens: lse is [NH, N]"))
+        !same_shape(out, "out", a.q, "q") || !(state = f32_arg(so, "state", 3, 3, 0)) ||
+        !dim_is(state, "state", 0, 2, "state is [2, NH, N], as attention_rows(..., return_state=True) returns it") ||
+        !dim_is(state, "state", 1, a.NH, "heads") || !dim_is(state, "state", 2, a.N, "tokens"))
         goto done;
     dq = (PyArrayObject *)PyArray_EMPTY(3, PyArray_DIMS(a.q), NPY_FLOAT32, 0);
     dk = (PyArrayObject *)PyArray_EMPTY(3, PyArray_DIMS(a.q), NPY_FLOAT32, 0);
@@ -173,7 +174,7 @@ static PyObject *py_attention_rows_backward(PyObject *self, PyObject *args, PyOb
     int st;
     const float *mask = a.mask ? F(a.mask) : NULL;
     Py_BEGIN_ALLOW_THREADS
-    st = bq_attention_backward_rows_with(a.kern, F(dq), F(dk), F(dv), F(dout), F(out), F(lse), F(a.q), F(a.k), F(a.v),
+    st = bq_attention_backward_rows_with(a.kern, F(dq), F(dk), F(dv), F(dout), F(out), F(state), F(a.q), F(a.k), F(a.v),
                                          mask, a.Tpad, a.B, a.off, a.NH, a.HS, a.NH * a.HS, (float)a.p, rows_rng(&a),
                                          a.tensor_id);
     Py_END_ALLOW_THREADS
@@ -189,11 +190,12 @@ done:
 static PyMethodDef attention_methods[] = {
     {"attention_rows", (PyCFunction)(void (*)(void))py_attention_rows, KW,
      "attention_rows(q, k, v, offsets, mask=None, dropout_p=0.0, seed=0, step=0, window_ids=None, tensor_id=0, "
-     "positions=0, return_lse=False, isa=None)\n--\n\n"
+     "positions=0, return_state=False, isa=None)\n--\n\n"
      "Fused attention over packed rows: q, k, v [N, NH, HS] float32, offsets [B+1]. -> out [N, NH, HS], or "
-     "(out, lse [NH, N]) with return_lse. isa forces the kernel set ('generic', 'avx2', 'avx512'). See bertqa.ops."},
+     "(out, state [2, NH, N]) with return_state. isa forces the kernel set ('generic', 'avx2', 'avx512'). "
+     "See bertqa.ops."},
     {"attention_rows_backward", (PyCFunction)(void (*)(void))py_attention_rows_backward, KW,
-     "attention_rows_backward(dout, q, k, v, out, lse, offsets, mask=None, dropout_p=0.0, seed=0, step=0, "
+     "attention_rows_backward(dout, q, k, v, out, state, offsets, mask=None, dropout_p=0.0, seed=0, step=0, "
      "window_ids=None, tensor_id=0, positions=0, isa=None)\n--\n\n-> (dq, dk, dv), each [N, NH, HS]."},
     {NULL, NULL, 0, NULL},
 };

@@ -1,6 +1,6 @@
 """The fused attention over packed rows (csrc/attention_fused.c; bertqa.ops.attention_rows, what the engine trains
-with) against an independent float64 NumPy reference written from the formula, forward (out and the saved
-log-sum-exp) and backward (dq, dk, dv), on fresh random inputs of awkward shapes: odd lengths, a row of one token,
+with) against an independent float64 NumPy reference written from the formula, forward (out, and the
+log-sum-exp that the saved state gives) and backward (dq, dk, dv), on fresh random inputs of awkward shapes: odd lengths, a row of one token,
 an empty row, rows across the kernel's 48-query / 64-key blocks, HS in {12, 32, 64} (not a multiple of the vector
 width included), NH in {1, 3, 12}; masks with holes, trailing padding inside a row, a single real key and columns
 past a row's end that must not be read; with and without dropout, window ids that are not 0..B-1 and a numbering
@@ -131,8 +131,14 @@ def assert_close(actual, expected, rtol, name):
     assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g}"
 
 
+def state_lse(state):
+    """each query's log-sum-exp from the kernel's saved state: (max in base 2, 1 / sum of exp(s - max))"""
+    return (state[0].astype(np.float64) - np.log2(state[1].astype(np.float64))) * np.log(2.0)
+
+
 def check_against_reference(got, want):
-    (out, lse), grads = got
+    (out, state), grads = got
+    lse = state_lse(state)
     r_out, r_lse, *r_grads = want
     assert_close(out, r_out, OUT_TOL, "out")
     assert_close(lse, r_lse, OUT_TOL, "lse")
@@ -141,8 +147,8 @@ def check_against_reference(got, want):
 
 
 def run_rows(q, k, v, dout, offsets, **kw):
-    out, lse = ops.attention_rows(q, k, v, offsets, return_lse=True, **kw)
-    return (out, lse), ops.attention_rows_backward(dout, q, k, v, out, lse, offsets, **kw)
+    out, state = ops.attention_rows(q, k, v, offsets, return_state=True, **kw)
+    return (out, state), ops.attention_rows_backward(dout, q, k, v, out, state, offsets, **kw)
 
 
 # ---- tests --------------------------------------------------------------------------------------------------------
@@ -176,9 +182,9 @@ def test_every_kernel_table_matches_float64(rng, isa_name, P):
     offsets, (q, k, v, dout) = case_inputs(rng, lengths, NH, HS)
     mask = awkward_mask(rng, lengths)
     seed, p = int(rng.integers(2**63)), 0.2
-    out, lse = ops._C.attention_rows(q, k, v, offsets, mask, p, seed, 3, None, 1, P, True, isa_name)
-    grads = ops._C.attention_rows_backward(dout, q, k, v, out, lse, offsets, mask, p, seed, 3, None, 1, P, isa_name)
-    check_against_reference(((out, lse), grads), reference_rows(q, k, v, dout, offsets, mask, p, seed, 3, None, 1, P))
+    out, state = ops._C.attention_rows(q, k, v, offsets, mask, p, seed, 3, None, 1, P, True, isa_name)
+    grads = ops._C.attention_rows_backward(dout, q, k, v, out, state, offsets, mask, p, seed, 3, None, 1, P, isa_name)
+    check_against_reference(((out, state), grads), reference_rows(q, k, v, dout, offsets, mask, p, seed, 3, None, 1, P))
 
 
 @pytest.mark.usefixtures("isa")
@@ -209,13 +215,13 @@ def test_masks_follow_the_window_not_the_place_in_the_batch(rng):
     offsets, (q, k, v, dout) = case_inputs(rng, lengths, NH, HS)
     mask, win = awkward_mask(rng, lengths, extra=0), np.array([40, 7, 12, 99])
     kw = dict(dropout_p=0.25, seed=11, step=2, positions=64, tensor_id=4)
-    (out, lse), grads = run_rows(q, k, v, dout, offsets, mask=mask, window_ids=win, **kw)
+    (out, state), grads = run_rows(q, k, v, dout, offsets, mask=mask, window_ids=win, **kw)
     perm = [2, 0, 3, 1]
     tok = np.concatenate([np.arange(offsets[b], offsets[b + 1]) for b in perm])
     poff = np.concatenate([[0], np.cumsum([lengths[b] for b in perm])])
-    (pout, plse), pgrads = run_rows(q[tok], k[tok], v[tok], dout[tok], poff, mask=mask[perm], window_ids=win[perm],
+    (pout, pstate), pgrads = run_rows(q[tok], k[tok], v[tok], dout[tok], poff, mask=mask[perm], window_ids=win[perm],
                                     **kw)
-    assert np.array_equal(pout, out[tok]) and np.array_equal(plse, lse[:, tok])
+    assert np.array_equal(pout, out[tok]) and np.array_equal(pstate, state[:, :, tok])
     for g, pg in zip(grads, pgrads):
         assert np.array_equal(pg, g[tok])
 
@@ -224,14 +230,14 @@ def test_dropout_is_keyed_and_thread_count_free(rng):
     lengths, NH, HS = [90, 31], 2, 32
     offsets, (q, k, v, dout) = case_inputs(rng, lengths, NH, HS)
     kw = dict(dropout_p=0.1, seed=5, step=1)
-    (out, lse), grads = run_rows(q, k, v, dout, offsets, **kw)
+    (out, state), grads = run_rows(q, k, v, dout, offsets, **kw)
     threads = ops.runtime_info()["omp_threads"]
     try:
         ops.set_num_threads(1)   # other task splits (queries over threads in the forward): the same numbers
-        (out1, lse1), grads1 = run_rows(q, k, v, dout, offsets, **kw)
+        (out1, state1), grads1 = run_rows(q, k, v, dout, offsets, **kw)
     finally:
         ops.set_num_threads(threads)
-    assert np.array_equal(out1, out) and np.array_equal(lse1, lse)
+    assert np.array_equal(out1, out) and np.array_equal(state1, state)
     assert all(np.array_equal(a, b) for a, b in zip(grads1, grads))
     assert np.abs(ops.attention_rows(q, k, v, offsets, dropout_p=0.1, seed=5, step=2) - out).max() > 1e-3
     assert np.abs(ops.attention_rows(q, k, v, offsets, dropout_p=0.1, seed=6, step=1) - out).max() > 1e-3
@@ -271,12 +277,14 @@ def test_bad_arguments_raise_naming_them(what, bad, exc, words):
         ops.attention_rows(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("offsets"), **args)
 
 
-def test_backward_checks_out_and_lse():
+def test_backward_checks_out_and_state():
     q, off = np.zeros((5, 2, 4), np.float32), np.array([0, 2, 5])
-    out, lse = ops.attention_rows(q, q, q, off, return_lse=True)
-    with pytest.raises(ValueError, match="lse"):
-        ops.attention_rows_backward(q, q, q, q, out, lse[:1], off)
+    out, state = ops.attention_rows(q, q, q, off, return_state=True)
+    with pytest.raises(ValueError, match="state"):
+        ops.attention_rows_backward(q, q, q, q, out, state[:, :1], off)
+    with pytest.raises(ValueError, match="state"):
+        ops.attention_rows_backward(q, q, q, q, out, state[0], off)
     with pytest.raises(ValueError, match="out"):
-        ops.attention_rows_backward(q, q, q, q, out[:4], lse, off)
+        ops.attention_rows_backward(q, q, q, q, out[:4], state, off)
     with pytest.raises(ValueError, match="isa"):
         ops._C.attention_rows(q, q, q, off, isa="sse")
