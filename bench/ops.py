@@ -7,7 +7,7 @@ it is importable) doing the same math.
     python bench/ops.py --json out.json
     python bench/ops.py --fused         # fused attention over packed rows vs the [B,NH,T,T] kernels and SDPA
     python bench/ops.py --isa           # bertqa's own kernels, AVX2 against AVX-512: GB/s, share of a STREAM triad
-    python bench/ops.py --isa-engine    # bench/engine.py's training steps under BERTQA_CPU=avx2 and =avx512
+    python bench/ops.py --isa-engine    # bench/engine.py's training steps, AVX2 and AVX-512 steps in turns
 
 The machine is shared and noisy: every figure is the median of several runs, and the ratios that matter
 (share of the sgemm peak, speed-up over NumPy / PyTorch) are taken within this one run.
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -217,171 +216,60 @@ def print_isa(rows, bw):
               f"{best['avx2'] / best['avx512']:.2f}x |")
 
 
-def bench_isa_engine(cases, reps, rounds, T=384):
-    """bench/engine.py's bertqa cases (each in a fresh process, as there: step seconds, paired share, the engine's
-    profile of one more step) under BERTQA_CPU=avx2 and =avx512, the two alternating for `rounds` rounds."""
-    engine_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine.py")
+def bench_isa_engine(cases, reps, T=384):
+    """bench/engine.py's training-step cases in this process, one model each, its steps alternating between AVX2
+    and AVX-512 (ops.set_isa before each step: ABAB...), so that each pair of steps sees the same moment of the
+    machine; the engine's profile (BertQA.profile) of every step. Per case: {isa: [(seconds, profile), ...]}."""
+    import gc
+
+    from bertqa.model import BertQA
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import engine as bench_engine   # bench/engine.py: its cases, batches and step
+
     out = {}
-    for index in cases:
+    for case in cases:
+        config, batch, _ = bench_engine.case_batch(bench_engine.CASES.index(case), T)
+        model = BertQA(config, seed=0)
+        step = bench_engine.engine_step(model, batch, True)
         runs = {"avx2": [], "avx512": []}
-        for _ in range(rounds):
+        for isa in runs:   # warm-up: the arena, first touch, the BLAS's buffers
+            ops.set_isa(isa)
+            step()
+        for _ in range(reps):
             for isa in runs:
-                for attempt in (1, 2):   # once more if the child fails (another build replacing _C meanwhile)
-                    r = subprocess.run([sys.executable, engine_py, "--case", "bertqa", str(index), "--seq", str(T),
-                                        "--reps", str(reps)], env={**os.environ, "BERTQA_CPU": isa},
-                                       capture_output=True, text=True)
-                    if r.returncode == 0:
-                        break
-                    print(f"# case {index} under {isa} failed (attempt {attempt}):\n{r.stderr[-2000:]}", file=sys.stderr)
-                r.check_returncode()
-                runs[isa].append(json.loads(r.stdout.strip().splitlines()[-1]))
-        out[index] = runs
+                ops.set_isa(isa)
+                model.profile(reset=True)
+                t0 = time.perf_counter()
+                step()
+                runs[isa].append((time.perf_counter() - t0, model.profile()))
+        ops.set_isa("auto")
+        out[case] = runs
+        del model, step
+        gc.collect()
     return out
 
 
 def print_isa_engine(results, T=384):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import engine as bench_engine   # bench/engine.py: its CASES
-
     kinds = [("forward.attention", "backward.attention"), ("forward.gelu", "backward.gelu"),
              ("forward.layernorm", "backward.layernorm"), ("forward.dropout_residual", "backward.dropout_residual"),
              ("adamw",), ("forward.linear", "backward.linear")]
-    for index, runs in results.items():
-        name, what, B = bench_engine.CASES[index]
-        med = {isa: float(np.median([r["seconds"] for r in rs])) for isa, rs in runs.items()}
-        shares = {isa: float(np.median([r["share"] for r in rs])) for isa, rs in runs.items()}
-        print(f"\n{name}, {what}, B={B} x T={T}: median step over {len(runs['avx2'])} processes each, alternating: "
-              f"AVX2 {1e3 * med['avx2']:.0f} ms ({B / med['avx2']:.2f} seq/s, paired share {100 * shares['avx2']:.0f}%), "
-              f"AVX-512 {1e3 * med['avx512']:.0f} ms ({B / med['avx512']:.2f} seq/s, paired share "
-              f"{100 * shares['avx512']:.0f}%): {med['avx2'] / med['avx512']:.3f}x; per process "
-              + ", ".join(f"{isa} " + "/".join(f"{1e3 * r['seconds']:.0f}" for r in rs) for isa, rs in runs.items()))
-        print("| work (engine profile, median over the processes' profiled step) | AVX2 ms | AVX-512 ms | speed-up |")
-        print("|---|---:|---:|---:|")
+    for (name, what, B), runs in results.items():
+        t = {isa: np.array([r[0] for r in rs]) for isa, rs in runs.items()}
+        med = {isa: float(np.median(v)) for isa, v in t.items()}
+        pair = float(np.median(t["avx2"] / t["avx512"]))   # each AVX2 step over the AVX-512 step right after it
+        print(f"\n{name}, {what}, B={B} x T={T}, {len(t['avx2'])} steps of each in turns: AVX2 median "
+              f"{1e3 * med['avx2']:.0f} ms ({B / med['avx2']:.2f} seq/s), AVX-512 {1e3 * med['avx512']:.0f} ms "
+              f"({B / med['avx512']:.2f} seq/s): {med['avx2'] / med['avx512']:.3f}x; median of the pairs' ratios "
+              f"{pair:.3f}x (range {np.min(t['avx2'] / t['avx512']):.2f}-{np.max(t['avx2'] / t['avx512']):.2f})")
+        print("| work (engine profile, median over the steps) | AVX2 ms | AVX-512 ms | speed-up | AVX2 share of step |")
+        print("|---|---:|---:|---:|---:|")
         for group in kinds:
-            ms = {isa: 1e3 * float(np.median([sum(r["breakdown"].get(k, 0.0) for k in group) for r in rs]))
+            ms = {isa: 1e3 * float(np.median([sum(r[1].get(k, 0.0) for k in group) for r in rs]))
                   for isa, rs in runs.items()}
-            print(f"| {' + '.join(group)} | {ms['avx2']:.1f} | {ms['avx512']:.1f} | {ms['avx2'] / max(ms['avx512'], 1e-9):.2f}x |")
-        tot = {isa: 1e3 * float(np.median([r["breakdown"]["total"] for r in rs])) for isa, rs in runs.items()}
-        print(f"| whole profiled step | {tot['avx2']:.0f} | {tot['avx512']:.0f} | {tot['avx2'] / tot['avx512']:.2f}x |")
+            print(f"| {' + '.join(group)} | {ms['avx2']:.1f} | {ms['avx512']:.1f} | "
+                  f"{ms['avx2'] / max(ms['avx512'], 1e-9):.2f}x | {100 * ms['avx2'] / (1e3 * med['avx2']):.1f}% |")
 
-
-# ---- the fused attention over packed rows (csrc/attention_fused.c) -------------------------------------------------
-
-def squad_lengths(B, T):
-    """Real tokens per row of a batch of SQuAD-like windows, as bench/engine.py draws them: normal(175, 70)
-    clipped to [48, T], one row of T."""
-    lengths = np.clip(np.random.default_rng(1).normal(175, 70, B), 48, T).astype(np.int64)
-    lengths[0] = T
-    return lengths
-
-
-def interleaved_times(fns, reps):
-    """Median seconds of each fn, the fns run in turn (ABC ABC ...) so that the machine's drift falls on all."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def bench_attention_fused(NH, HS, lengths, reps, p=0.1):
-    """Attention as training runs it, on packed rows of the given lengths: the fused kernel (ops.attention_rows:
-    forward keeping each query's max and sum, forward + backward, and with dropout p), the [B,NH,T,T] kernels row by row
-    (ops.attention / attention_backward on each row: probabilities stored, what the engine ran before), and
-    PyTorch's scaled_dot_product_attention on the padded [B,NH,T,HS] batch with BERT's additive mask. GFLOP/s
-    count the useful matrix products of the real tokens: 4 NH HS sum_b T_b^2 forward, 3x that forward + backward
-    (the fused backward's recomputed q k^T is not counted)."""
-    rng = np.random.default_rng(3)
-    lengths = np.asarray(lengths, np.int64)
-    B, T, N = len(lengths), int(lengths.max()), int(lengths.sum())
-    off = np.concatenate([[0], np.cumsum(lengths)])
-    q, k, v, dout = (rng.standard_normal((N, NH, HS)).astype(np.float32) for _ in range(4))
-    flops = {"fwd": 4.0 * NH * HS * float((lengths.astype(np.float64) ** 2).sum())}
-    flops["fb"] = flops["drop"] = 3 * flops["fwd"]
-
-    def fused(train, drop):
-        def run():
-            out, state = ops.attention_rows(q, k, v, off, dropout_p=drop, seed=1, return_state=True)
-            if train:
-                ops.attention_rows_backward(dout, q, k, v, out, state, off, dropout_p=drop, seed=1)
-        return run
-
-    heads = [[np.ascontiguousarray(a[off[b]:off[b + 1]].transpose(1, 0, 2))[None] for a in (q, k, v, dout)]
-             for b in range(B)]   # [1, NH, T_b, HS] per row
-
-    def per_row(train, drop):
-        if train:   # ops.attention_backward runs the forward (probabilities kept) and the backward from them
-            return lambda: [ops.attention_backward(d, a, b, c, None, drop, 1) for a, b, c, d in heads]
-        return lambda: [ops.attention(a, b, c, None, drop, 1) for a, b, c, _ in heads]
-
-    fns = {("fused", "fwd"): fused(False, 0.0), ("fused", "fb"): fused(True, 0.0), ("fused", "drop"): fused(True, p),
-           ("rows", "fwd"): per_row(False, 0.0), ("rows", "fb"): per_row(True, 0.0), ("rows", "drop"): per_row(True, p)}
-    if torch is not None:
-        def padded(a):
-            x = np.zeros((B, T, NH, HS), np.float32)
-            for b in range(B):
-                x[b, :lengths[b]] = a[off[b]:off[b + 1]]
-            return torch.from_numpy(x.transpose(0, 2, 1, 3).copy())
-        tq, tk, tv, tdo = (padded(a) for a in (q, k, v, dout))
-        for t in (tq, tk, tv):
-            t.requires_grad_()
-        bias = torch.from_numpy(((np.arange(T)[None] >= lengths[:, None]) * -10000.0).astype(np.float32))[:, None, None]
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-
-        def torch_fwd():
-            with torch.no_grad():
-                sdpa(tq, tk, tv, attn_mask=bias)
-
-        def torch_fb():
-            torch.autograd.grad(sdpa(tq, tk, tv, attn_mask=bias), (tq, tk, tv), tdo)
-
-        fns[("torch", "fwd")], fns[("torch", "fb")] = torch_fwd, torch_fb
-    secs = interleaved_times(fns, reps)
-    row = {"case": f"NH={NH} HS={HS}", "lengths": f"B={B} T={T}" if (lengths == T).all() else
-           f"B={B} mix {lengths.min()}-{T}, mean {lengths.mean():.0f}"}
-    for (system, mode), t in secs.items():
-        row[f"{system}_{mode}"] = flops[mode] / t / 1e9
-    return row
-
-
-def print_attention_fused(rows, peak, p):
-    cols = [("fused_fwd", "fused fwd"), ("fused_fb", "fused f+b"), ("fused_drop", f"fused f+b p={p}"),
-            ("rows_fwd", "[T,T] fwd"), ("rows_fb", "[T,T] f+b"), ("rows_drop", f"[T,T] f+b p={p}"),
-            ("torch_fwd", "SDPA fwd"), ("torch_fb", "SDPA f+b")]
-    print("GFLOP/s of the real tokens' attention products (higher is better)\n"
-          "| case | lengths | " + " | ".join(c[1] for c in cols) + " | fused/[T,T] f+b p | fused/SDPA f+b | "
-          "fused f+b % peak |")
-    print("|" + "---|" * (len(cols) + 5))
-    for r in rows:
-        vals = " | ".join(f"{r[c]:.1f}" if c in r else "-" for c, _ in cols)
-        vs_torch = f"{r['fused_fb'] / r['torch_fb']:.2f}x" if "torch_fb" in r else "-"
-        print(f"| {r['case']} | {r['lengths']} | {vals} | {r['fused_drop'] / r['rows_drop']:.2f}x | {vs_torch} | "
-              f"{100 * r['fused_fb'] / peak:.0f}% |")
-
-
-def run_fused(args, reps):
-    info = ops.runtime_info()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {info['omp_threads']} OpenMP "
-          f"threads, BLAS: {info['blas_config']} (core {info['blas_core']}), bertqa kernels {info.get('isa', '?')}, "
-          f"numpy {np.__version__}"
-          + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ", torch not installed"))
-    n = 2048 if args.quick else 3072
-    ours, numpy_peak = sgemm_peak(n, reps)
-    peak = max(ours, numpy_peak)
-    print(f"# sgemm {n}x{n}x{n} on the same cores: {ours:.1f} GFLOP/s through bertqa's BLAS path, "
-          f"{numpy_peak:.1f} through NumPy; peak = {peak:.1f} GFLOP/s\n")
-    B, T = args.batch, args.seq
-    rows = [bench_attention_fused(NH, HS, lengths, reps)
-            for NH, HS in ((12, 32), (12, 64)) for lengths in (np.full(B, T), squad_lengths(B, T))]
-    print_attention_fused(rows, peak, 0.1)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"peak_gflops": peak, "runtime": info, "rows": rows}, f, indent=1)
-    return 0
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -393,8 +281,8 @@ def main():
                     help="the fused attention over packed rows against the [B,NH,T,T] kernels and SDPA")
     ap.add_argument("--isa", action="store_true", help="bertqa's own kernels under AVX2 and AVX-512 (csrc/cpu.h)")
     ap.add_argument("--isa-engine", action="store_true",
-                    help="bench/engine.py's training steps (MiniLM B=8, BERT-base B=2) under BERTQA_CPU=avx2 / avx512")
-    ap.add_argument("--rounds", type=int, default=3, help="--isa-engine: processes per ISA, alternating")
+                    help="bench/engine.py's training steps (MiniLM B=8, BERT-base B=2), AVX2 and AVX-512 in turns")
+    ap.add_argument("--steps", type=int, default=8, help="--isa-engine: training steps per ISA, in turns")
     args = ap.parse_args()
     reps = 3 if args.quick else 7
     if args.fused:
@@ -414,14 +302,11 @@ def main():
             result["kernels"] = {"stream": bw, "rows": [dict(kernel=r[0], shape=r[1], bytes_per_elem=r[2], n=r[3],
                                                              seconds=r[4], best=r[5]) for r in rows]}
         if args.isa_engine:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            import engine as bench_engine   # bench/engine.py: its cases, by name
-
-            cases = [bench_engine.CASES.index(c) for c in (("MiniLM-L6 (H384, L6)", "train step", 8),
-                                                           ("BERT-base (H768, L12)", "train step", 2))]
-            engine = bench_isa_engine(cases, 2 if args.quick else 5, args.rounds)
+            cases = [("MiniLM-L6 (H384, L6)", "train step", 8), ("BERT-base (H768, L12)", "train step", 2)]
+            engine = bench_isa_engine(cases, args.steps)
             print_isa_engine(engine)
-            result["engine"] = engine
+            result["engine"] = [dict(case=list(c), runs={isa: [dict(seconds=t, profile=p) for t, p in rs]
+                                                         for isa, rs in runs.items()}) for c, runs in engine.items()]
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"runtime": info, **result}, f, indent=1)
