@@ -6,7 +6,9 @@
  * to AVX-512 when cpuid says the CPU and the OS support it. Forcing a path:
  *   BERTQA_CPU=auto | avx2 | avx512   read by bq_cpu_init (avx512 on a CPU without it is an error, not a fallback)
  *   bq_cpu_set_isa / bertqa.ops.set_isa("avx2" | "avx512" | "auto")   at run time, e.g. from a test
- * A kernel reads bq_cpu() once per call, so a switch takes effect from the next call in every thread.
+ * A whole-tensor kernel reads bq_cpu() once per call (a row kernel once per row), so a switch takes effect from
+ * the next call in every thread. A BERTQA_NATIVE=1 build (-march=native) lets the compiler use the build
+ * machine's AVX-512 in the "avx2" variants too: forcing AVX2 there is no test of an AVX2-only CPU.
  *
  * Variants: the AVX2 one (with a scalar tail) stays in the kernel's own file (gelu.c, layernorm.c, adamw.c,
  * rng.c, softmax.c) as the reference; the AVX-512 one is <kernel>_avx512.c, compiled for AVX-512 by a
