@@ -39,51 +39,12 @@ static inline __m512 exp2_16(__m512 x) {
 
 /* ---- dropout masks: rng.c's numbering (element e = lane e % 4 of Philox block e / 4) ------------------------- */
 
-#define PHILOX_M0 0xD2511F53u
-#define PHILOX_M1 0xCD9E8D57u
-#define PHILOX_W0 0x9E3779B9u
-#define PHILOX_W1 0xBB67AE85u
-
-static inline void mulhilo16(__m512i a, __m512i M, __m512i *lo, __m512i *hi) {
-    const __m512i even = _mm512_mul_epu32(a, M), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), M);
-    *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-    *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-}
+#include "philox_avx512.h"
 
 /* keep[q] bit t: element first + 16 q + t is kept (first a multiple of 4: sixteen whole Philox blocks). */
 static inline void keep64(__mmask16 keep[4], const bq_attn_dropout *d, uint64_t first, __m512i thr_minus_1) {
-    const uint64_t block = first / 4;
-    const __m512i lo = _mm512_set1_epi32((int)(uint32_t)block);
-    __m512i c0 = _mm512_add_epi32(lo, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    __m512i c1 = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
-    c1 = _mm512_mask_add_epi32(c1, _mm512_cmplt_epu32_mask(c0, lo), c1, _mm512_set1_epi32(1));   /* carry */
-    __m512i c2 = _mm512_set1_epi32((int)d->tensor_id), c3 = _mm512_set1_epi32((int)d->step);
-    uint32_t k0 = (uint32_t)d->seed, k1 = (uint32_t)(d->seed >> 32);
-    const __m512i M0 = _mm512_set1_epi32((int)PHILOX_M0), M1 = _mm512_set1_epi32((int)PHILOX_M1);
-    for (int r = 0; r < 10; r++) {
-        __m512i lo0, hi0, lo1, hi1;
-        mulhilo16(c0, M0, &lo0, &hi0);
-        mulhilo16(c2, M1, &lo1, &hi1);
-        c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32((int)k0));
-        c1 = lo1;
-        c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32((int)k1));
-        c3 = lo0;
-        k0 += PHILOX_W0;
-        k1 += PHILOX_W1;
-    }
-    /* word j of block b is element 4 b + j: a 4 x 16 transpose into element order (as rng_avx512.c) */
-    const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
-    const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
-    const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
-    const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
-    const __m512i x0 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i x1 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i x2 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512i x3 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512i w[4] = {_mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
-                          _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)),
-                          _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0)),
-                          _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1))};
+    __m512i w[4];
+    philox16(w, d->seed, d->step, d->tensor_id, first / 4);
     for (int q = 0; q < 4; q++) keep[q] = _mm512_cmpgt_epi32_mask(_mm512_srli_epi32(w[q], 8), thr_minus_1);
 }
 
