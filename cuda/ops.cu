@@ -526,8 +526,12 @@ extern "C" int bq_cuda_adamw(float *param, const float *grad, float *m, float *v
     TRY(sc.up_f32(&dv, v, N));
     const double bc1 = 1.0 - pow(beta1, step), bc2 = 1.0 - pow(beta2, step);
     const bq_adam_blocks blocks = {nb, ds, dl, dt};
-    TRY(adamw_flat(sc.s, dp, nullptr, dg, dm, dv, blocks, decay, lr, beta1, beta2, eps, weight_decay,
-                   (float)(lr / bc1), (float)sqrt(bc2), grad_scale));
+    /* one tensor: its learning rate and step size lr / (1 - beta1^step) as the one-element arrays adamw_flat takes */
+    const float lrs[2] = {lr, (float)(lr / bc1)};
+    float *dlr;
+    TRY(sc.up_f32(&dlr, lrs, 2));
+    TRY(adamw_flat(sc.s, dp, nullptr, dg, dm, dv, blocks, decay, dlr, dlr + 1, beta1, beta2, eps, weight_decay,
+                   (float)sqrt(bc2), grad_scale));
     TRY(sc.down_f32(param, dp, N));
     TRY(sc.down_f32(m, dm, N));
     return sc.down_f32(v, dv, N);
