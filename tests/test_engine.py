@@ -313,8 +313,9 @@ def test_gradient_accumulation_equals_one_big_batch(rng):
     model.zero_grad()
     for i in range(2):
         model.forward_backward({k: v[i:i + 1] for k, v in batch.items()}, loss_scale=0.5)
-    # float32 sums over one batch of 2 or two of 1 differ in order: elements near 0 are held to 1e-5 of the largest
-    np.testing.assert_allclose(model.grads, full, rtol=1e-4, atol=1e-5 * np.abs(full).max())
+    # float32 sums over one batch of 2 or two of 1 differ in order, and small elements are sums of cancelling terms:
+    # those are held to 1e-3 of the largest gradient (a wrong loss_scale or a dropped row is off by 50% everywhere)
+    np.testing.assert_allclose(model.grads, full, rtol=1e-4, atol=1e-3 * np.abs(full).max())
 
 
 def test_weight_decay_rule():
