@@ -96,8 +96,10 @@ class TrainingArguments:
                            "finetune evaluate")
     per_device_train_batch_size: int = _arg(16, "sequences (windows) per micro-batch")
     per_device_eval_batch_size: int = _arg(64, "sequences per prediction batch", "finetune evaluate")
-    learning_rate: float = _arg(5e-5, "peak AdamW learning rate")
-    num_train_epochs: float = _arg(2.0, "epochs (fractions allowed); ignored when max_steps > 0")
+    # learning_rate, num_train_epochs (and the other defaults: warm-up 0.1, batch 16, 384/128, no layer-wise decay):
+    # the recipe chosen on valid.json by bench/recipe_search.py (BENCHMARKS.md, issue 15)
+    learning_rate: float = _arg(3e-4, "peak AdamW learning rate")
+    num_train_epochs: float = _arg(3.0, "epochs (fractions allowed); ignored when max_steps > 0")
     max_steps: int = _arg(-1, "optimizer steps in all; > 0 overrides num_train_epochs")
     warmup_ratio: float = _arg(0.1, "share of the steps spent warming the learning rate up from 0")
     warmup_steps: int = _arg(0, "warmup steps; > 0 overrides warmup_ratio")
@@ -1104,6 +1106,7 @@ def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file
 
         plot_run(output_dir)   # training_curve.png (needs matplotlib: bertqa[plot]; skipped with a log line)
     dist.barrier()   # the files are complete when any rank returns
+    dist.close()     # the NCCL communicator, if the run made one (every rank gets here)
     return results
 
 

@@ -205,7 +205,8 @@ def test_flags_come_from_training_arguments():
     ns = build_parser().parse_args(["finetune", "--model_name_or_path", "m", "--train_file", "t", "--output_dir",
                                     "o", "--num_train_epochs", "1.5", "--save_total_limit", "2", "--resume"])
     assert (ns.num_train_epochs, ns.save_total_limit, ns.resume_from_checkpoint) == (1.5, 2, "latest")
-    assert (ns.per_device_train_batch_size, ns.learning_rate, ns.max_seq_length, ns.doc_stride) == (16, 5e-5, 384, 128)
+    assert (ns.per_device_train_batch_size, ns.learning_rate, ns.max_seq_length, ns.doc_stride) == (16, 3e-4, 384, 128)
+    assert (ns.warmup_ratio, ns.layerwise_lr_decay, ns.eval_strategy, ns.load_best_model_at_end) == (0.1, 1.0, None, False)
     ns = build_parser().parse_args(["evaluate", "--model_name_or_path", "m", "--validation_file", "v",
                                     "--output_dir", "o"])
     assert not hasattr(ns, "learning_rate") and ns.per_device_eval_batch_size == 64
