@@ -82,6 +82,9 @@ def plot_run(output_dir: str | os.PathLike, path: Optional[str | os.PathLike] = 
         bottom.plot([at], [final["f1"]], "*", ms=13, color="tab:red", label=f"{which} F1 {final['f1']:.1f}")
         bottom.plot([at], [final["exact_match"]], "*", ms=13, color="tab:green",
                     label=f"{which} EM {final['exact_match']:.1f}")
+    scores = [v for line in bottom.get_lines() for v in line.get_ydata()]
+    if scores:   # from 0, so that EM and F1 stars are never cut at the edge
+        bottom.set_ylim(0, min(100.0, max(scores) * 1.1 + 2))
     bottom.set_xlabel("optimizer step")
     bottom.set_ylabel("validation EM / F1")
     bottom.grid(alpha=0.3)
