@@ -6,13 +6,14 @@
 The loop (Trainer.train), one optimizer step at a time:
 
     lr = linear_schedule(step, total_steps, warmup_steps, learning_rate)      # warmup, then linear decay
-    zero_grad; forward_backward on each of the gradient_accumulation_steps micro-batches (loss_scale 1/k)
+    zero_grad; forward_backward on this rank's share of each micro-batch (loss_scale = share / step's windows)
+    all-reduce the gradients (data parallel under mpirun; see Trainer)
     optimizer_step(lr, ...)                                                     # AdamW + global-norm clipping
-    log every logging_steps, evaluate every eval_steps, checkpoint every save_steps
+    log every logging_steps, evaluate per --eval_strategy, checkpoint every save_steps
 
 Data order: epoch e visits the training features in the order `np.random.default_rng([seed, e]).permutation`;
-micro-batches are consecutive slices of it, each trimmed to its longest row (rounded up to a multiple of 8).
-Dropout masks are keyed by (model.seed, model.rng_step) in the engine. A checkpoint therefore holds all the
+a step takes the next global batch of it, its micro-batches consecutive slices (the engine computes no padding).
+Dropout masks are keyed by (model.seed, epoch, the window's position in that order). A checkpoint therefore holds all the
 state the rest of the run depends on: the parameters, Adam moments and counters (model.save_training_state),
 and the epoch, the position in it and the data RNG state (trainer_state.json); resuming from it gives the
 same subsequent losses, bit for bit, as a run that was never interrupted.
