@@ -81,7 +81,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .inference import QAPipeline, TooMuchWork
+from ..inference import QAPipeline, TooMuchWork
 
 log = logging.getLogger("bertqa.serve")
 
@@ -711,8 +711,8 @@ class DynamicBatcher:
 
 def load_model(model_dir: str, device: str = "cpu"):
     """The engine: bertqa.model.BertQA from a folder, an archive or a packaged model name."""
-    from .model import BertQA
-    from .packaging import ModelDir
+    from ..model import BertQA
+    from ..packaging import ModelDir
 
     holder = ModelDir(model_dir)
     try:
@@ -767,7 +767,7 @@ class QAService:
         c = self.config
         if c.num_threads is not None or c.workers > 1:
             with contextlib.suppress(Exception):
-                from . import ops
+                from .. import ops
                 ops.set_num_threads(c.num_threads or max(1, (os.cpu_count() or 1) // c.workers))
         model = self.model_loader()
         pipeline = QAPipeline(model, c.max_seq_length, c.doc_stride, c.max_query_length, c.max_answer_length,
@@ -965,7 +965,7 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
         if service.batcher is not None:
             body.update(service.batcher.stats())
             if config.device == "cpu":
-                from . import ops
+                from .. import ops
                 body["engine_threads"] = ops.runtime_info()["omp_threads"]
         return JSONResponse(body)
 
@@ -1103,7 +1103,7 @@ def openapi_spec(config: ServeConfig) -> dict[str, Any]:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -1214,7 +1214,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from .packaging import PackageError
+    from ..packaging import PackageError
 
     names = {f.name for f in fields(ServeConfig)}
     try:

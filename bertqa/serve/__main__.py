@@ -1,0 +1,5 @@
+import sys
+
+from .batcher import main
+
+sys.exit(main())
