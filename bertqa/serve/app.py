@@ -1,11 +1,5 @@
-"""The ASGI application (Starlette): the routes, request bodies off the wire, errors as JSON, the page at /.
-
-    GET  /ping                   200 with an empty body once the model is loaded; 503 (JSON) before
-    POST /invocations            answers (bertqa.serve.contract); 504 past the timeout
-    GET  /execution-parameters   MaxConcurrentTransforms, BatchStrategy, MaxPayloadInMB for batch transform
-    GET  /openapi.json           OpenAPI 3.1 description of these routes (bertqa.serve.openapi)
-    GET  /stats                  batching statistics (engine calls, windows, batch sizes)
-    GET  /                       a small page to ask a question in a browser (index.html beside this file)
+"""The ASGI application (Starlette): the routes listed in bertqa.serve's docstring, request bodies read off the
+wire within the payload limit, errors as JSON, and the page at / (index.html beside this file).
 
 A client that disconnects has its queued windows dropped.
 """
