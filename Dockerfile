@@ -8,7 +8,7 @@
 #
 # SageMaker unpacks the model's model.tar.gz (`bertqa package`) into /opt/ml/model and starts the container
 # with the argument "serve"; the server then answers GET /ping and POST /invocations on $SAGEMAKER_BIND_TO_PORT
-# (8080), and stops cleanly on SIGTERM. See bertqa/serve.py for the environment variables it honours.
+# (8080), and stops cleanly on SIGTERM. See bertqa/serve/settings.py for the environment variables it honours.
 #
 # NOTE: not built or run on the development machine, which has no Docker engine. It is kept minimal and follows
 # the documented SageMaker contract; build and smoke-test it (the commands above) before deploying. Its entry

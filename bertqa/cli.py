@@ -84,7 +84,7 @@ def training_args(ns: argparse.Namespace, command: str) -> TrainingArguments:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bertqa", description="Fine-tune, evaluate and run BERT for extractive question "
                                                 "answering (SQuAD) on bertqa's C/CUDA engine.")
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"bertqa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -24,7 +24,9 @@ def _import():
     global _module, _import_error
     if _module is None and _import_error is None:
         try:
-            from . import _cuda  # noqa: PLC0415 - deliberately lazy
+            # deliberately lazy, and by the extension's own name: `from . import _cuda` would reach back up
+            # through the package bertqa, whose cuda_available() imports this module
+            import bertqa._cuda as _cuda  # noqa: PLC0415
             _module = _cuda
         except ImportError as e:
             _import_error = str(e)

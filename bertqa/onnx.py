@@ -285,7 +285,7 @@ def build_model(config: BertConfig, tensors: Mapping[str, np.ndarray], opset: in
     opsets = [helper.make_opsetid("", opset)]
     if fused:
         opsets.append(helper.make_opsetid("com.microsoft", 1))
-    from . import __version__
+    from ._version import __version__
 
     model = helper.make_model(graph, opset_imports=opsets, producer_name=producer, producer_version=__version__)
     # The oldest IR version that has these opsets: readable by the widest range of runtimes (a newer onnx
