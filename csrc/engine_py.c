@@ -91,17 +91,10 @@ static int check_ready(Engine *self, int training) {
 }
 
 static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", NULL};
-    PyObject *io, *to = Py_None, *mo = Py_None, *result = NULL;
-    if (!check_ready(self, 0) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "O|OO:forward", kwlist, &io, &to, &mo))
-        return NULL;
-    bq_batch b;
+    PyObject *result = NULL;
+    bq_batch b = {0};
     PyArrayObject *start = NULL, *end = NULL;
-    if (!bq_batch_parse(&b, io, to, mo, &self->model.cfg)) goto done;
-    npy_intp dims[2] = {b.B, b.T};
-    if (!(start = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)) ||
-        !(end = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)))
+    if (!check_ready(self, 0) || !bq_parse_forward(args, kw, &self->model.cfg, &b) || !bq_new_logits(&b, &start, &end))
         goto done;
     int st;
     bq_lock_wait(self->lock);
@@ -120,64 +113,37 @@ done:
 }
 
 static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
-                             "seed", "step", "loss_scale", "window_ids", NULL};
-    PyObject *io, *to, *mo, *spo, *epo, *wo = Py_None, *result = NULL;
-    unsigned long long seed = 0;
-    unsigned int step = 0;
-    double loss_scale = 1.0;
-    if (!check_ready(self, 1) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KIdO:forward_backward", kwlist, &io, &to, &mo, &spo, &epo, &seed,
-                                     &step, &loss_scale, &wo))
-        return NULL;
-    bq_batch b;
-    PyArrayObject *sp = NULL, *ep = NULL, *win = NULL;
-    /* window ids key the dropout masks (bq_rng) */
-    if (!bq_batch_parse(&b, io, to, mo, &self->model.cfg) ||
-        !bq_targets_parse(spo, epo, wo, b.B, &sp, &ep, &win) || !finite_in(loss_scale, "loss_scale", 0.0, 1e30, 0))
-        goto done;
+    PyObject *result = NULL;
+    bq_train_batch t = {0};
+    if (!check_ready(self, 1) || !bq_parse_forward_backward(args, kw, &self->model.cfg, &t)) goto done;
+    const bq_batch *b = &t.batch;
+    const int64_t *types = b->types ? I64(b->types) : NULL, *win = t.window_ids ? I64(t.window_ids) : NULL;
+    const float *mask = b->mask ? F(b->mask) : NULL;
     int st;
     float loss = 0.0f;
     bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
-    st = bq_forward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, b.B, b.T, 1,
-                    seed, step, win ? I64(win) : NULL, NULL, NULL);
+    st = bq_forward(&self->model, I64(b->ids), types, mask, b->B, b->T, 1, t.seed, t.step, win, NULL, NULL);
     if (!st)
-        st = bq_backward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, I64(sp),
-                         I64(ep), seed, step,
-                         win ? I64(win) : NULL, (float)loss_scale, &loss);
+        st = bq_backward(&self->model, I64(b->ids), types, mask, I64(t.start_positions), I64(t.end_positions), t.seed,
+                         t.step, win, (float)t.loss_scale, &loss);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) { status_error(st, "Engine.forward_backward"); goto done; }
     result = PyFloat_FromDouble(loss);
 done:
-    bq_batch_release(&b);
-    Py_XDECREF(sp);
-    Py_XDECREF(ep);
-    Py_XDECREF(win);
+    bq_train_batch_release(&t);
     return result;
 }
 
 static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm",
-                             "lr_scale", NULL};
-    PyObject *dobj, *sobj = Py_None;
-    int step;
-    double lr, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.0, max_norm = 1.0;
-    if (!check_ready(self, 1) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "Oid|dddddO:adamw_step", kwlist, &dobj, &step, &lr, &b1, &b2, &eps, &wd,
-                                     &max_norm, &sobj))
-        return NULL;
-    const float *lr_scale;   /* [ntensors] multipliers of lr, NULL: all 1 */
-    const uint8_t *decay;
-    if (!bq_lr_scale_arg(sobj, self->model.ntensors, &lr_scale) || !bq_decay_arg(dobj, self->model.ntensors, &decay) ||
-        !bq_adamw_args_check(step, lr, b1, b2, eps, wd) || !finite_in(max_norm, "max_grad_norm", 0.0, 1e30, 0))
-        return NULL;
+    bq_adamw_step_args a;
+    if (!check_ready(self, 1) || !bq_parse_adamw_step(args, kw, self->model.ntensors, &a)) return NULL;
     double norm;
     bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
-    norm = bq_adamw_step(&self->model, decay, lr_scale, (float)lr, (float)b1, (float)b2,
-                         (float)eps, (float)wd, (float)max_norm, step);
+    norm = bq_adamw_step(&self->model, a.decay, a.lr_scale, (float)a.lr, (float)a.beta1, (float)a.beta2, (float)a.eps,
+                         (float)a.weight_decay, (float)a.max_grad_norm, a.step);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     return PyFloat_FromDouble(norm);

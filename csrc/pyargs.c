@@ -315,7 +315,7 @@ int bq_batch_parse(bq_batch *b, PyObject *io, PyObject *to, PyObject *mo, const 
     return 1;
 }
 
-int bq_targets_parse(PyObject *spo, PyObject *epo, PyObject *wo, int B, PyArrayObject **sp, PyArrayObject **ep,
+static int targets_parse(PyObject *spo, PyObject *epo, PyObject *wo, int B, PyArrayObject **sp, PyArrayObject **ep,
                      PyArrayObject **win) {
     *sp = *ep = *win = NULL;
     return (*sp = ids_arg(spo, "start_positions", 1)) && (*ep = ids_arg(epo, "end_positions", 1)) &&
@@ -333,7 +333,7 @@ int bq_adamw_args_check(int step, double lr, double beta1, double beta2, double 
            finite_in(weight_decay, "weight_decay", 0.0, 1e3, 0);
 }
 
-int bq_decay_arg(PyObject *obj, int ntensors, const uint8_t **out) {
+static int decay_arg(PyObject *obj, int ntensors, const uint8_t **out) {
     if (!is_ndarray(obj, "decay", "uint8 flags, one per tensor")) return 0;
     PyArrayObject *d = (PyArrayObject *)obj;
     if (PyArray_TYPE(d) != NPY_UINT8 && PyArray_TYPE(d) != NPY_BOOL) {
@@ -346,7 +346,7 @@ int bq_decay_arg(PyObject *obj, int ntensors, const uint8_t **out) {
     return 1;
 }
 
-int bq_lr_scale_arg(PyObject *obj, int ntensors, const float **out) {
+static int lr_scale_arg(PyObject *obj, int ntensors, const float **out) {
     *out = NULL;
     if (obj == Py_None) return 1;
     PyArrayObject *a = f32_arg(obj, "lr_scale", 1, 1, 0);
@@ -356,6 +356,54 @@ int bq_lr_scale_arg(PyObject *obj, int ntensors, const float **out) {
         if (!finite_in(s[t], "lr_scale[i]", 0.0, 1e3, 0)) return 0;
     *out = s;
     return 1;
+}
+
+int bq_parse_forward(PyObject *args, PyObject *kw, const bq_config *c, bq_batch *b) {
+    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", NULL};
+    PyObject *io, *to = Py_None, *mo = Py_None;
+    memset(b, 0, sizeof *b);
+    return PyArg_ParseTupleAndKeywords(args, kw, "O|OO:forward", kwlist, &io, &to, &mo) &&
+           bq_batch_parse(b, io, to, mo, c);
+}
+
+void bq_train_batch_release(bq_train_batch *t) {
+    bq_batch_release(&t->batch);
+    Py_CLEAR(t->start_positions);
+    Py_CLEAR(t->end_positions);
+    Py_CLEAR(t->window_ids);
+}
+
+int bq_parse_forward_backward(PyObject *args, PyObject *kw, const bq_config *c, bq_train_batch *t) {
+    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
+                             "seed", "step", "loss_scale", "window_ids", NULL};
+    PyObject *io, *to, *mo, *spo, *epo, *wo = Py_None;
+    memset(t, 0, sizeof *t);
+    t->loss_scale = 1.0;
+    /* window ids key the dropout masks (bq_rng) */
+    return PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KIdO:forward_backward", kwlist, &io, &to, &mo, &spo, &epo,
+                                       &t->seed, &t->step, &t->loss_scale, &wo) &&
+           bq_batch_parse(&t->batch, io, to, mo, c) &&
+           targets_parse(spo, epo, wo, t->batch.B, &t->start_positions, &t->end_positions, &t->window_ids) &&
+           finite_in(t->loss_scale, "loss_scale", 0.0, 1e30, 0);
+}
+
+int bq_parse_adamw_step(PyObject *args, PyObject *kw, int ntensors, bq_adamw_step_args *a) {
+    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm",
+                             "lr_scale", NULL};
+    PyObject *dobj, *sobj = Py_None;
+    a->beta1 = 0.9, a->beta2 = 0.999, a->eps = 1e-8, a->weight_decay = 0.0, a->max_grad_norm = 1.0;
+    return PyArg_ParseTupleAndKeywords(args, kw, "Oid|dddddO:adamw_step", kwlist, &dobj, &a->step, &a->lr, &a->beta1,
+                                       &a->beta2, &a->eps, &a->weight_decay, &a->max_grad_norm, &sobj) &&
+           lr_scale_arg(sobj, ntensors, &a->lr_scale) && decay_arg(dobj, ntensors, &a->decay) &&
+           bq_adamw_args_check(a->step, a->lr, a->beta1, a->beta2, a->eps, a->weight_decay) &&
+           finite_in(a->max_grad_norm, "max_grad_norm", 0.0, 1e30, 0);
+}
+
+int bq_new_logits(const bq_batch *b, PyArrayObject **start, PyArrayObject **end) {
+    npy_intp dims[2] = {b->B, b->T};
+    *start = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0);
+    *end = *start ? (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0) : NULL;
+    return *end != NULL;
 }
 
 void bq_lock_wait(PyThread_type_lock lock) {

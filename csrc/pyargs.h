@@ -74,15 +74,34 @@ typedef struct {
 int bq_batch_parse(bq_batch *b, PyObject *io, PyObject *to, PyObject *mo, const bq_config *c);
 void bq_batch_release(bq_batch *b);
 
-/* start_positions, end_positions: B integers each (new references); window_ids as window_ids_arg */
-int bq_targets_parse(PyObject *spo, PyObject *epo, PyObject *wo, int B, PyArrayObject **sp, PyArrayObject **ep,
-                     PyArrayObject **win);
+/* The arguments of Engine.forward / forward_backward / adamw_step, the same for both engines (their signatures and
+ * docstrings: csrc/engine_py.c); each parse checks everything a backend needs before any work starts. */
+int bq_parse_forward(PyObject *args, PyObject *kw, const bq_config *c, bq_batch *b);
+
+typedef struct {
+    bq_batch batch;
+    PyArrayObject *start_positions, *end_positions;   /* int64 [B], new references */
+    PyArrayObject *window_ids;                        /* int64 [B] (window_ids_arg) or NULL: row b is window b */
+    unsigned long long seed;
+    unsigned int step;
+    double loss_scale;
+} bq_train_batch;
+int bq_parse_forward_backward(PyObject *args, PyObject *kw, const bq_config *c, bq_train_batch *t);
+void bq_train_batch_release(bq_train_batch *t);
+
+typedef struct {
+    const uint8_t *decay;   /* [ntensors] weight-decay flags */
+    const float *lr_scale;  /* [ntensors] lr multipliers, NULL: all 1 */
+    int step;
+    double lr, beta1, beta2, eps, weight_decay, max_grad_norm;
+} bq_adamw_step_args;
+int bq_parse_adamw_step(PyObject *args, PyObject *kw, int ntensors, bq_adamw_step_args *a);
 
 /* AdamW's step and hyperparameters as both adamw kernels and both engines accept them */
 int bq_adamw_args_check(int step, double lr, double beta1, double beta2, double eps, double weight_decay);
-/* decay: uint8/bool [ntensors] flags; lr_scale: None (*out = NULL) or float32 [ntensors] in [0, 1000] */
-int bq_decay_arg(PyObject *obj, int ntensors, const uint8_t **out);
-int bq_lr_scale_arg(PyObject *obj, int ntensors, const float **out);
+
+/* start, end: new float32 [B,T] arrays for the logits of batch b */
+int bq_new_logits(const bq_batch *b, PyArrayObject **start, PyArrayObject **end);
 
 /* Waits for an engine's lock with the GIL released (a call from another thread may hold it for seconds). */
 void bq_lock_wait(PyThread_type_lock lock);

@@ -114,17 +114,21 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
     return 0;
 }
 
+static int training_ready(Engine *self) {
+    if (!ready(self)) return 0;
+    if (!bq_cuda_model_training(self->model)) {
+        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
+        return 0;
+    }
+    return 1;
+}
+
+/* Engine.forward / forward_backward / adamw_step take the CPU engine's arguments (csrc/pyargs.c parses both) */
 static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", NULL};
-    PyObject *io, *to = Py_None, *mo = Py_None, *result = NULL;
-    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "O|OO:forward", kwlist, &io, &to, &mo)) return NULL;
-    bq_batch b;
+    PyObject *result = NULL;
+    bq_batch b = {0};
     PyArrayObject *start = NULL, *end = NULL;
-    if (!bq_batch_parse(&b, io, to, mo, &self->cfg)) goto done;
-    npy_intp dims[2] = {b.B, b.T};
-    if (!(start = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)) ||
-        !(end = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)))
-        goto done;
+    if (!ready(self) || !bq_parse_forward(args, kw, &self->cfg, &b) || !bq_new_logits(&b, &start, &end)) goto done;
     int st;
     bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
@@ -142,70 +146,37 @@ done:
 }
 
 static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
-                             "seed", "step", "loss_scale", "window_ids", NULL};
-    PyObject *io, *to, *mo, *spo, *epo, *wo = Py_None, *result = NULL;
-    unsigned long long seed = 0;
-    unsigned int step = 0;
-    double loss_scale = 1.0;
-    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KIdO:forward_backward", kwlist, &io, &to, &mo,
-                                                     &spo, &epo, &seed, &step, &loss_scale, &wo))
-        return NULL;
-    if (!bq_cuda_model_training(self->model)) {
-        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
-        return NULL;
-    }
-    bq_batch b;
-    PyArrayObject *sp = NULL, *ep = NULL, *win = NULL;
-    if (!bq_batch_parse(&b, io, to, mo, &self->cfg) || !bq_targets_parse(spo, epo, wo, b.B, &sp, &ep, &win) ||
-        !finite_in(loss_scale, "loss_scale", 0.0, 1e30, 0))
-        goto done;
+    PyObject *result = NULL;
+    bq_train_batch t = {0};
+    if (!training_ready(self) || !bq_parse_forward_backward(args, kw, &self->cfg, &t)) goto done;
+    const bq_batch *b = &t.batch;
     int st;
     float loss = 0.0f;
     bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), I64N(win), b.B, b.T, 1, seed, step, NULL,
-                         NULL);
+    st = bq_cuda_forward(self->model, I64(b->ids), I64N(b->types), FN(b->mask), I64N(t.window_ids), b->B, b->T, 1,
+                         t.seed, t.step, NULL, NULL);
     if (!st)
-        st = bq_cuda_backward(self->model, I64(b.ids), I64N(b.types), I64(sp), I64(ep), seed, step, (float)loss_scale,
-                              &loss);
+        st = bq_cuda_backward(self->model, I64(b->ids), I64N(b->types), I64(t.start_positions), I64(t.end_positions),
+                              t.seed, t.step, (float)t.loss_scale, &loss);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) { raise_status(st, "Engine.forward_backward"); goto done; }
     result = PyFloat_FromDouble(loss);
 done:
-    bq_batch_release(&b);
-    Py_XDECREF(sp);
-    Py_XDECREF(ep);
-    Py_XDECREF(win);
+    bq_train_batch_release(&t);
     return result;
 }
 
 static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm",
-                             "lr_scale", NULL};
-    PyObject *dobj, *sobj = Py_None;
-    int step;
-    double lr, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.0, max_norm = 1.0;
-    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "Oid|dddddO:adamw_step", kwlist, &dobj, &step, &lr, &b1,
-                                                     &b2, &eps, &wd, &max_norm, &sobj))
-        return NULL;
-    const int nt = bq_cuda_model_ntensors(self->model);
-    const float *lr_scale;   /* [nt] multipliers of lr (layer-wise decay), NULL: all 1 */
-    const uint8_t *decay;
-    if (!bq_lr_scale_arg(sobj, nt, &lr_scale) || !bq_decay_arg(dobj, nt, &decay) ||
-        !bq_adamw_args_check(step, lr, b1, b2, eps, wd) || !finite_in(max_norm, "max_grad_norm", 0.0, 1e30, 0))
-        return NULL;
-    if (!bq_cuda_model_training(self->model)) {
-        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
-        return NULL;
-    }
+    bq_adamw_step_args a;
+    if (!training_ready(self) || !bq_parse_adamw_step(args, kw, bq_cuda_model_ntensors(self->model), &a)) return NULL;
     double norm = 0.0;
     int st;
     bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_adamw_step(self->model, decay, lr_scale, (float)lr,
-                            (float)b1, (float)b2, (float)eps, (float)wd, (float)max_norm, step, &norm);
+    st = bq_cuda_adamw_step(self->model, a.decay, a.lr_scale, (float)a.lr, (float)a.beta1, (float)a.beta2,
+                            (float)a.eps, (float)a.weight_decay, (float)a.max_grad_norm, a.step, &norm);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) return raise_status(st, "Engine.adamw_step");
