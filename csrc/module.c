@@ -5,7 +5,6 @@
  * argument, what was expected and what it got. Kernels run with the GIL released. Gradient outputs are
  * fresh arrays (the kernels accumulate into zeros). bertqa.ops wraps these with documented signatures.
  */
-#define BQ_IMPORT_ARRAY
 #include "pymodule.h"
 #include <limits.h>
 #include <math.h>
@@ -626,7 +625,7 @@ static struct PyModuleDef moduledef = {
 };
 
 PyMODINIT_FUNC PyInit__C(void) {
-    import_array();
+    if (bq_import_numpy() < 0) return NULL;
     bq_init_threads();
     char err[256];
     if (bq_cpu_init(err, sizeof err) != BQ_OK) {   /* BERTQA_CPU names an ISA this CPU cannot run, or no ISA */

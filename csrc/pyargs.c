@@ -1,9 +1,15 @@
 /* The argument layer of bertqa._C and bertqa._cuda (see pyargs.h). Plain CPython + NumPy C API; it calls nothing
  * of either backend, so both extensions link it as it is. */
+#define BQ_IMPORT_ARRAY   /* the NumPy API table of the extension is defined here */
 #include "pyargs.h"
 #include <limits.h>
 #include <math.h>
 #include <string.h>
+
+int bq_import_numpy(void) {
+    import_array1(-1);
+    return 0;
+}
 
 /* ---- arrays ---------------------------------------------------------------------------------------------- */
 

@@ -4,8 +4,8 @@
  * dtype) or ValueError (shape, layout, range) set that names the argument, what was expected and what was
  * received; MemoryError only for allocations.
  *
- * Include it first (it includes Python.h). Exactly one file per extension defines BQ_IMPORT_ARRAY before
- * including it: the one that calls import_array() (csrc/module.c, cuda/module.c). */
+ * Include it first (it includes Python.h). The NumPy API table lives in pyargs.c (BQ_IMPORT_ARRAY): each module's
+ * init calls bq_import_numpy() before anything else, so no file depends on the module file for it. */
 #ifndef BERTQA_PYARGS_H
 #define BERTQA_PYARGS_H
 #define PY_SSIZE_T_CLEAN
@@ -30,6 +30,8 @@
 
 #define F(a) ((float *)PyArray_DATA(a))
 #define I64(a) ((const int64_t *)PyArray_DATA(a))
+
+int bq_import_numpy(void);   /* import_array(): 0, or -1 with the ImportError set */
 
 /* ---- arrays ---------------------------------------------------------------------------------------------- */
 

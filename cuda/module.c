@@ -18,7 +18,6 @@
  * RuntimeError (a CUDA/cuBLAS error or no usable device), each with the backend's message (the failing call,
  * the CUDA error string and file:line).
  */
-#define BQ_IMPORT_ARRAY
 #include "pyargs.h"   /* csrc/pyargs.c, linked into this module too: the argument checks both engines share */
 
 #include <structmember.h>
@@ -1100,7 +1099,7 @@ static struct PyModuleDef moduledef = {
 };
 
 PyMODINIT_FUNC PyInit__cuda(void) {
-    import_array();
+    if (bq_import_numpy() < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     if (PyType_Ready(&EngineType) < 0) goto fail;
