@@ -3,8 +3,9 @@ with plain setuptools.
 
 bertqa._cuda is a separate extension, so `import bertqa` and the CPU engine never need the CUDA libraries: the
 package imports it only when device="cuda" is asked for. Its .cu files are compiled by nvcc (in parallel, for
-sm_80 and sm_90 plus PTX for newer GPUs), its CPython glue (cuda/module.c) by the C compiler, and it links the CUDA
-runtime statically and cuBLASLt/cuBLAS dynamically (rpath to the toolkit's lib64). The toolkit is CUDA_HOME, else
+sm_80 and sm_90 plus PTX for newer GPUs), its CPython glue (cuda/module.c, and csrc/pyargs.c, the argument checks
+bertqa._C uses too) by the C compiler, and it links the CUDA runtime statically and cuBLASLt/cuBLAS dynamically
+(rpath to the toolkit's lib64). The toolkit is CUDA_HOME, else
 /usr/local/cuda, else the nvcc on PATH; a compile error fails the build.
 
 Environment switches:
@@ -123,9 +124,15 @@ class BuildExt(build_ext):
     """Compiles cuda/*.cu with nvcc into objects linked into bertqa._cuda; bertqa._C builds as before."""
 
     def build_extension(self, ext):
-        if getattr(ext, "cuda_sources", None):
-            ext.extra_objects = self.compile_cuda(ext)
-        super().build_extension(ext)
+        if not getattr(ext, "cuda_sources", None):
+            return super().build_extension(ext)
+        ext.extra_objects = self.compile_cuda(ext)
+        # csrc/pyargs.c is compiled into both extensions with each one's flags: keep the two objects apart
+        build_temp, self.build_temp = self.build_temp, str(Path(self.build_temp) / "bertqa_cuda")
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = build_temp
 
     def compile_cuda(self, ext):
         home = ext.cuda_home
@@ -177,14 +184,16 @@ def cuda_extension(home):
     nccl_h = nccl_include(home)
     ext = Extension(
         "bertqa._cuda",
-        sources=["cuda/module.c", "cuda/nccl.c"],   # nccl.c dlopen()s libnccl at run time: no -lnccl
+        # nccl.c dlopen()s libnccl at run time: no -lnccl; csrc/pyargs.c: the argument checks bertqa._C shares
+        sources=["cuda/module.c", "cuda/nccl.c", "csrc/pyargs.c"],
         depends=sorted(str(p) for p in list(Path("cuda").glob("*.cu")) + list(Path("cuda").glob("*.cuh")) +
-                       list(Path("cuda").glob("*.h"))) + ["csrc/bertqa.h", "csrc/model.h"],
+                       list(Path("cuda").glob("*.h"))) + ["csrc/bertqa.h", "csrc/model.h", "csrc/pyargs.h"],
         include_dirs=["cuda", "csrc", numpy.get_include(), str(Path(home) / "include")] + [nccl_h] * bool(nccl_h),
         library_dirs=[str(lib)],
         libraries=["cublasLt", "cublas", "cudart_static", "stdc++", "dl", "rt", "pthread", "m"],
         runtime_library_dirs=[str(lib)],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")] + [("BERTQA_HAVE_NCCL_H", "1")] * bool(nccl_h),
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("BQ_ARRAY_API", "bertqa_cuda_ARRAY_API")] +
+                      [("BERTQA_HAVE_NCCL_H", "1")] * bool(nccl_h),
         extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                             "-Wno-missing-field-initializers"],
     )

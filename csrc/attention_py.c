@@ -7,7 +7,7 @@
  * or the longest row without a mask) and window ids [B] (None: 0..B-1); state [2, NH, N] what backward needs
  * (attention_fused.c: each query's score max in base-2 units and 1 / its softmax denominator).
  */
-#include "pyutil.h"
+#include "pymodule.h"
 #include <limits.h>
 #include <stdlib.h>
 #include "attention_fused.h"
@@ -96,9 +96,7 @@ static int rows_parse(rows_args *a, PyObject *qo, PyObject *ko, PyObject *vo, Py
     }
     double wmax = a->B;
     if (wo != Py_None) {
-        if (!(a->win = ids_arg(wo, "window_ids", 1)) || !dim_is(a->win, "window_ids", 0, a->B, "one per row") ||
-            !check_id_range(a->win, "window_ids", 1L << 40, "a window id"))
-            return 0;
+        if (!window_ids_arg(wo, a->B, &a->win)) return 0;
         for (int b = 0; b < a->B; b++)
             if (I64(a->win)[b] + 1.0 > wmax) wmax = I64(a->win)[b] + 1.0;
     }

@@ -2,7 +2,7 @@
  * one by one on NumPy arrays, for tests; and the vectorised kernels in place on caller-given arrays (no output
  * allocated, threads as in the engine) with a STREAM copy / triad beside them, for bench/ops.py. The underscore
  * names are not part of bertqa.ops. */
-#include "pyutil.h"
+#include "pymodule.h"
 #include "bertqa.h"
 #include "cpu.h"
 

@@ -5,9 +5,8 @@
  * One call = one forward (or forward + backward, or optimizer step) with the GIL released; a per-engine lock
  * serialises calls from several threads, since they share the activation arena.
  */
-#include "pyutil.h"
-#include <pythread.h>
-#include <math.h>
+#include "pymodule.h"
+#include <stdlib.h>
 
 #include "bertqa.h"
 #include "model.h"
@@ -30,48 +29,10 @@ static void engine_dealloc(Engine *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int config_int(PyObject *cfg, const char *key, int *out) {
-    PyObject *v = PyDict_GetItemString(cfg, key);   /* borrowed */
-    if (!v) {
-        PyErr_Format(PyExc_ValueError, "config is missing %s", key);
-        return 0;
-    }
-    long x = PyLong_AsLong(v);
-    if (x == -1 && PyErr_Occurred()) return 0;
-    if (x < 1 || x > (1L << 30)) {
-        PyErr_Format(PyExc_ValueError, "config %s must be a positive integer, got %ld", key, x);
-        return 0;
-    }
-    *out = (int)x;
-    return 1;
-}
-
-static int config_float(PyObject *cfg, const char *key, float *out, double lo, double hi) {
-    PyObject *v = PyDict_GetItemString(cfg, key);
-    if (!v) {
-        PyErr_Format(PyExc_ValueError, "config is missing %s", key);
-        return 0;
-    }
-    double x = PyFloat_AsDouble(v);
-    if (x == -1.0 && PyErr_Occurred()) return 0;
-    if (!finite_in(x, key, lo, hi, 1)) return 0;
-    *out = (float)x;
-    return 1;
-}
-
-/* A 1-D float32 buffer of exactly n elements, or None when optional. New reference in *out. */
+/* A 1-D float32 buffer of the model's n parameters, or None when optional. New reference in *out. */
 static int flat_arg(PyObject *obj, const char *name, size_t n, int optional, PyArrayObject **out) {
-    *out = NULL;
-    if (obj == Py_None && optional) return 1;
-    PyArrayObject *a = f32_arg(obj, name, 1, 1, 1);
-    if (!a) return 0;
-    if ((size_t)PyArray_DIM(a, 0) != n) {
-        PyErr_Format(PyExc_ValueError, "%s must have %zu elements (the model's parameter count), got %ld", name, n,
-                     (long)PyArray_DIM(a, 0));
-        return 0;
-    }
-    Py_INCREF(a);
-    *out = a;
+    if (!f32_sized(obj, name, 1, n, "the model's parameter count", 1, optional, out)) return 0;
+    Py_XINCREF(*out);
     return 1;
 }
 
@@ -85,20 +46,7 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|OOO:Engine", kwlist, &PyDict_Type, &cfg, &po, &go, &mo, &vo))
         return -1;
     bq_config c;
-    if (!config_int(cfg, "vocab_size", &c.V) || !config_int(cfg, "max_position_embeddings", &c.P) ||
-        !config_int(cfg, "type_vocab_size", &c.NT) || !config_int(cfg, "hidden_size", &c.C) ||
-        !config_int(cfg, "num_hidden_layers", &c.L) || !config_int(cfg, "num_attention_heads", &c.NH) ||
-        !config_int(cfg, "intermediate_size", &c.FF) || !config_float(cfg, "layer_norm_eps", &c.eps, 0.0, 1.0) ||
-        !config_float(cfg, "hidden_dropout_prob", &c.hidden_dropout, 0.0, 1.0) ||
-        !config_float(cfg, "attention_probs_dropout_prob", &c.attn_dropout, 0.0, 1.0))
-        return -1;
-    PyObject *pad = PyDict_GetItemString(cfg, "pad_token_id");
-    c.pad_id = -1;
-    if (pad && pad != Py_None && (c.pad_id = PyLong_AsLongLong(pad)) == -1 && PyErr_Occurred()) return -1;
-    if (c.C % c.NH) {
-        PyErr_Format(PyExc_ValueError, "hidden_size %d is not a multiple of num_attention_heads %d", c.C, c.NH);
-        return -1;
-    }
+    if (!bq_config_from_dict(cfg, &c)) return -1;
     int ntensors = bq_tensor_sizes(&c, NULL);
     size_t *sizes = malloc(sizeof(size_t) * ntensors);
     if (!sizes) {
@@ -142,62 +90,14 @@ static int check_ready(Engine *self, int training) {
     return 1;
 }
 
-/* The token batch: ids [B,T] (int), optional types [B,T], optional mask [B,T] (0/1). New refs in *ids etc. */
-typedef struct {
-    PyArrayObject *ids, *types, *mask;
-    int B, T;
-} batch_args;
-
-static void batch_release(batch_args *b) {
-    Py_XDECREF(b->ids);
-    Py_XDECREF(b->types);
-    Py_XDECREF(b->mask);
-}
-
-static int batch_parse(Engine *self, batch_args *b, PyObject *io, PyObject *to, PyObject *mo) {
-    const bq_config *c = &self->model.cfg;
-    memset(b, 0, sizeof *b);
-    if (!(b->ids = ids_arg(io, "input_ids", 2))) return 0;
-    b->B = (int)PyArray_DIM(b->ids, 0);
-    b->T = (int)PyArray_DIM(b->ids, 1);
-    if (b->T > c->P) {
-        PyErr_Format(PyExc_ValueError, "input_ids has %d tokens per row, more than max_position_embeddings (%d)", b->T,
-                     c->P);
-        return 0;
-    }
-    if (!check_id_range(b->ids, "input_ids", c->V, "vocab_size")) return 0;
-    if (to != Py_None) {
-        if (!(b->types = ids_arg(to, "token_type_ids", 2)) || !same_shape(b->types, "token_type_ids", b->ids, "input_ids") ||
-            !check_id_range(b->types, "token_type_ids", c->NT, "type_vocab_size"))
-            return 0;
-    }
-    if (mo != Py_None && !(b->mask = mask_arg(mo, "attention_mask", b->B, b->T))) return 0;
-    return 1;
-}
-
-static void lock_engine(Engine *self) {
-    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
-        Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(self->lock, WAIT_LOCK);
-        Py_END_ALLOW_THREADS
-    }
-}
-
 static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", NULL};
-    PyObject *io, *to = Py_None, *mo = Py_None, *result = NULL;
-    if (!check_ready(self, 0) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "O|OO:forward", kwlist, &io, &to, &mo))
-        return NULL;
-    batch_args b;
+    PyObject *result = NULL;
+    bq_batch b = {0};
     PyArrayObject *start = NULL, *end = NULL;
-    if (!batch_parse(self, &b, io, to, mo)) goto done;
-    npy_intp dims[2] = {b.B, b.T};
-    if (!(start = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)) ||
-        !(end = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)))
+    if (!check_ready(self, 0) || !bq_parse_forward(args, kw, &self->model.cfg, &b) || !bq_new_logits(&b, &start, &end))
         goto done;
     int st;
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
     st = bq_forward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, b.B, b.T, 0,
                     0, 0, NULL, F(start), F(end));
@@ -206,93 +106,44 @@ static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
     if (st) { status_error(st, "Engine.forward"); goto done; }
     result = Py_BuildValue("(OO)", start, end);
 done:
-    batch_release(&b);
+    bq_batch_release(&b);
     Py_XDECREF(start);
     Py_XDECREF(end);
     return result;
 }
 
 static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
-                             "seed", "step", "loss_scale", "window_ids", NULL};
-    PyObject *io, *to, *mo, *spo, *epo, *wo = Py_None, *result = NULL;
-    unsigned long long seed = 0;
-    unsigned int step = 0;
-    double loss_scale = 1.0;
-    if (!check_ready(self, 1) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KIdO:forward_backward", kwlist, &io, &to, &mo, &spo, &epo, &seed,
-                                     &step, &loss_scale, &wo))
-        return NULL;
-    batch_args b;
-    PyArrayObject *sp = NULL, *ep = NULL, *win = NULL;
-    if (!batch_parse(self, &b, io, to, mo) || !(sp = ids_arg(spo, "start_positions", 1)) ||
-        !(ep = ids_arg(epo, "end_positions", 1)) || !dim_is(sp, "start_positions", 0, b.B, "batch size") ||
-        !dim_is(ep, "end_positions", 0, b.B, "batch size") || !finite_in(loss_scale, "loss_scale", 0.0, 1e30, 0))
-        goto done;
-    /* window ids key the dropout masks (bq_rng); 2^40 keeps every RNG element index below 2^64 */
-    if (wo != Py_None && (!(win = ids_arg(wo, "window_ids", 1)) || !dim_is(win, "window_ids", 0, b.B, "batch size") ||
-                          !check_id_range(win, "window_ids", 1L << 40, "a window id")))
-        goto done;
+    PyObject *result = NULL;
+    bq_train_batch t = {0};
+    if (!check_ready(self, 1) || !bq_parse_forward_backward(args, kw, &self->model.cfg, &t)) goto done;
+    const bq_batch *b = &t.batch;
+    const int64_t *types = b->types ? I64(b->types) : NULL, *win = t.window_ids ? I64(t.window_ids) : NULL;
+    const float *mask = b->mask ? F(b->mask) : NULL;
     int st;
     float loss = 0.0f;
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
-    st = bq_forward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, b.B, b.T, 1,
-                    seed, step, win ? I64(win) : NULL, NULL, NULL);
+    st = bq_forward(&self->model, I64(b->ids), types, mask, b->B, b->T, 1, t.seed, t.step, win, NULL, NULL);
     if (!st)
-        st = bq_backward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, I64(sp),
-                         I64(ep), seed, step,
-                         win ? I64(win) : NULL, (float)loss_scale, &loss);
+        st = bq_backward(&self->model, I64(b->ids), types, mask, I64(t.start_positions), I64(t.end_positions), t.seed,
+                         t.step, win, (float)t.loss_scale, &loss);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) { status_error(st, "Engine.forward_backward"); goto done; }
     result = PyFloat_FromDouble(loss);
 done:
-    batch_release(&b);
-    Py_XDECREF(sp);
-    Py_XDECREF(ep);
-    Py_XDECREF(win);
+    bq_train_batch_release(&t);
     return result;
 }
 
 static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm",
-                             "lr_scale", NULL};
-    PyObject *dobj, *sobj = Py_None;
-    int step;
-    double lr, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.0, max_norm = 1.0;
-    if (!check_ready(self, 1) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "Oid|dddddO:adamw_step", kwlist, &dobj, &step, &lr, &b1, &b2, &eps, &wd,
-                                     &max_norm, &sobj))
-        return NULL;
-    const float *lr_scale = NULL;   /* [ntensors] multipliers of lr, None: all 1 */
-    if (sobj != Py_None) {
-        PyArrayObject *sa = f32_arg(sobj, "lr_scale", 1, 1, 0);
-        if (!sa || !dim_is(sa, "lr_scale", 0, self->model.ntensors, "one multiplier per parameter tensor"))
-            return NULL;
-        lr_scale = F(sa);
-        for (int t = 0; t < self->model.ntensors; t++)
-            if (!finite_in(lr_scale[t], "lr_scale[i]", 0.0, 1e3, 0)) return NULL;
-    }
-    if (!is_ndarray(dobj, "decay", "uint8 flags, one per tensor")) return NULL;
-    PyArrayObject *d = (PyArrayObject *)dobj;
-    if (PyArray_TYPE(d) != NPY_UINT8 && PyArray_TYPE(d) != NPY_BOOL) {
-        PyErr_SetString(PyExc_TypeError, "decay must be a uint8 or bool array");
-        return NULL;
-    }
-    if (!check_layout(d, "decay", 1, 1, 0) ||
-        !dim_is(d, "decay", 0, self->model.ntensors, "one flag per parameter tensor"))
-        return NULL;
-    if (step < 1) return PyErr_Format(PyExc_ValueError, "step counts from 1, got %d", step);
-    if (!finite_in(lr, "lr", 0.0, 1e3, 0) || !finite_in(b1, "beta1", 0.0, 1.0, 1) ||
-        !finite_in(b2, "beta2", 0.0, 1.0, 1) || !finite_in(eps, "eps", 0.0, 1.0, 0) ||
-        !finite_in(wd, "weight_decay", 0.0, 1e3, 0) || !finite_in(max_norm, "max_grad_norm", 0.0, 1e30, 0))
-        return NULL;
+    bq_adamw_step_args a;
+    if (!check_ready(self, 1) || !bq_parse_adamw_step(args, kw, self->model.ntensors, &a)) return NULL;
     double norm;
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
-    norm = bq_adamw_step(&self->model, (const uint8_t *)PyArray_DATA(d), lr_scale, (float)lr, (float)b1, (float)b2,
-                         (float)eps, (float)wd, (float)max_norm, step);
+    norm = bq_adamw_step(&self->model, a.decay, a.lr_scale, (float)a.lr, (float)a.beta1, (float)a.beta2, (float)a.eps,
+                         (float)a.weight_decay, (float)a.max_grad_norm, a.step);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     return PyFloat_FromDouble(norm);
@@ -320,7 +171,7 @@ static PyObject *engine_profile(Engine *self, PyObject *args, PyObject *kwargs) 
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p:profile", kwlist, &reset)) return NULL;
     PyObject *d = PyDict_New();
     if (!d) return NULL;
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     for (int i = 0; i < BQ_PROF_N; i++) {
         PyObject *v = PyFloat_FromDouble(self->model.prof[i]);
         if (!v || PyDict_SetItemString(d, bq_prof_names[i], v) < 0) {
@@ -337,7 +188,7 @@ static PyObject *engine_profile(Engine *self, PyObject *args, PyObject *kwargs) 
 }
 
 static PyObject *engine_release_arena(Engine *self, PyObject *noargs) {
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     free(self->model.arena);
     self->model.arena = NULL;
     self->model.arena_floats = 0;

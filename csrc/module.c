@@ -5,8 +5,7 @@
  * argument, what was expected and what it got. Kernels run with the GIL released. Gradient outputs are
  * fresh arrays (the kernels accumulate into zeros). bertqa.ops wraps these with documented signatures.
  */
-#define BQ_IMPORT_ARRAY
-#include "pyutil.h"
+#include "pymodule.h"
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
@@ -14,146 +13,7 @@
 #include "bertqa.h"
 #include "cpu.h"
 
-/* ---- argument helpers ------------------------------------------------------------------------- */
-
-void shape_str(PyArrayObject *a, char *buf, size_t n) {
-    int nd = PyArray_NDIM(a), off = 0;
-    off += snprintf(buf + off, n - off, "(");
-    for (int i = 0; i < nd && off < (int)n; i++)
-        off += snprintf(buf + off, n - off, "%s%ld", i ? ", " : "", (long)PyArray_DIM(a, i));
-    if (off < (int)n) snprintf(buf + off, n - off, nd == 1 ? ",)" : ")");
-}
-
-/* Checks that hold for every array argument; returns 0 and sets an exception on failure. */
-int check_layout(PyArrayObject *a, const char *name, int min_nd, int max_nd, int writeable) {
-    char shp[128];
-    int nd = PyArray_NDIM(a);
-    shape_str(a, shp, sizeof shp);
-    if (nd < min_nd || nd > max_nd) {
-        if (min_nd == max_nd)
-            PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d (shape %s)", name, min_nd, nd, shp);
-        else
-            PyErr_Format(PyExc_ValueError, "%s must have %d to %d dimensions, got %d (shape %s)", name, min_nd,
-                         max_nd, nd, shp);
-        return 0;
-    }
-    if (PyArray_SIZE(a) == 0) {
-        PyErr_Format(PyExc_ValueError, "%s is empty (shape %s)", name, shp);
-        return 0;
-    }
-    if (!PyArray_IS_C_CONTIGUOUS(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous (shape %s); pass np.ascontiguousarray(%s)", name,
-                     shp, name);
-        return 0;
-    }
-    if (!PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be aligned and in native byte order", name);
-        return 0;
-    }
-    if (writeable && !PyArray_ISWRITEABLE(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be writeable: it is updated in place", name);
-        return 0;
-    }
-    for (int i = 0; i < nd; i++)
-        if (PyArray_DIM(a, i) > INT_MAX) {
-            PyErr_Format(PyExc_ValueError, "%s: dimension %d is %ld, larger than %d", name, i,
-                         (long)PyArray_DIM(a, i), INT_MAX);
-            return 0;
-        }
-    return 1;
-}
-
-int is_ndarray(PyObject *obj, const char *name, const char *what) {
-    if (obj == NULL || obj == Py_None || !PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of %s, got %s", name, what,
-                     obj ? Py_TYPE(obj)->tp_name : "nothing");
-        return 0;
-    }
-    return 1;
-}
-
-/* A borrowed float32 array (no copy is ever made: a float64 input is an error, not a silent cast). */
-PyArrayObject *f32_arg(PyObject *obj, const char *name, int min_nd, int max_nd, int writeable) {
-    if (!is_ndarray(obj, name, "float32")) return NULL;
-    PyArrayObject *a = (PyArrayObject *)obj;
-    if (PyArray_TYPE(a) != NPY_FLOAT32) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype float32, got %s; convert with %s.astype(np.float32)",
-                     name, PyArray_DESCR(a)->typeobj->tp_name, name);
-        return NULL;
-    }
-    return check_layout(a, name, min_nd, max_nd, writeable) ? a : NULL;
-}
-
-/* A new reference to an int64 copy/view of an integer array (int32 ids are widened). */
-PyArrayObject *ids_arg(PyObject *obj, const char *name, int nd) {
-    if (!is_ndarray(obj, name, "integers (int64 or int32)")) return NULL;
-    PyArrayObject *a = (PyArrayObject *)obj;
-    if (!PyArray_ISINTEGER(a)) {
-        PyErr_Format(PyExc_TypeError, "%s must have an integer dtype (int64 or int32), got %s", name,
-                     PyArray_DESCR(a)->typeobj->tp_name);
-        return NULL;
-    }
-    if (!check_layout(a, name, nd, nd, 0)) return NULL;
-    return (PyArrayObject *)PyArray_FROMANY(obj, NPY_INT64, nd, nd, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
-                                                                         NPY_ARRAY_FORCECAST);
-}
-
-/* A new reference to a float32 [B,T] padding mask of 0/1 from any bool/int/float array. */
-PyArrayObject *mask_arg(PyObject *obj, const char *name, int B, int T) {
-    if (!is_ndarray(obj, name, "0/1 values (bool, int or float)")) return NULL;
-    PyArrayObject *a = (PyArrayObject *)obj;
-    if (!(PyArray_ISBOOL(a) || PyArray_ISINTEGER(a) || PyArray_ISFLOAT(a))) {
-        PyErr_Format(PyExc_TypeError, "%s must be a bool, integer or float array, got %s", name,
-                     PyArray_DESCR(a)->typeobj->tp_name);
-        return NULL;
-    }
-    if (!check_layout(a, name, 2, 2, 0)) return NULL;
-    if (PyArray_DIM(a, 0) != B || PyArray_DIM(a, 1) != T) {
-        char shp[128];
-        shape_str(a, shp, sizeof shp);
-        PyErr_Format(PyExc_ValueError, "%s must have shape (B, T) = (%d, %d), got %s", name, B, T, shp);
-        return NULL;
-    }
-    PyArrayObject *m = (PyArrayObject *)PyArray_FROMANY(obj, NPY_FLOAT32, 2, 2,
-                                                        NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
-    if (!m) return NULL;
-    const float *p = PyArray_DATA(m);
-    for (npy_intp i = 0; i < PyArray_SIZE(m); i++)
-        if (p[i] != 0.0f && p[i] != 1.0f) {
-            PyErr_Format(PyExc_ValueError, "%s must hold only 0 (padding) and 1 (real token), found %g at flat index %ld",
-                         name, (double)p[i], (long)i);
-            Py_DECREF(m);
-            return NULL;
-        }
-    return m;
-}
-
-int same_shape(PyArrayObject *a, const char *an, PyArrayObject *b, const char *bn) {
-    if (PyArray_NDIM(a) == PyArray_NDIM(b) &&
-        PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(b), PyArray_NDIM(a)))
-        return 1;
-    char sa[128], sb[128];
-    shape_str(a, sa, sizeof sa);
-    shape_str(b, sb, sizeof sb);
-    PyErr_Format(PyExc_ValueError, "%s must have the same shape as %s: %s has shape %s, %s has shape %s", an, bn,
-                 an, sa, bn, sb);
-    return 0;
-}
-
-/* dim(a, axis) == expected, else ValueError "<name>.shape[axis] must be <expected> (<why>), got <n>" */
-int dim_is(PyArrayObject *a, const char *name, int axis, npy_intp expected, const char *why) {
-    if (axis < 0) axis += PyArray_NDIM(a);
-    if (PyArray_DIM(a, axis) == expected) return 1;
-    PyErr_Format(PyExc_ValueError, "%s.shape[%d] must be %ld (%s), got %ld", name, axis, (long)expected, why,
-                 (long)PyArray_DIM(a, axis));
-    return 0;
-}
-
-int finite_in(double x, const char *name, double lo, double hi, int hi_open) {
-    if (isfinite(x) && x >= lo && (hi_open ? x < hi : x <= hi)) return 1;
-    PyErr_Format(PyExc_ValueError, "%s must be in [%g, %g%s, got %g", name, lo, hi, hi_open ? ")" : "]", x);
-    return 0;
-}
+/* ---- argument helpers of the kernels (the shared checks are pyargs.c's) ----------------------- */
 
 /* Rows of an [..., C] array viewed as [N, C]; fails if N exceeds int range. */
 static int rows_of(PyArrayObject *a, const char *name, int *N) {
@@ -178,11 +38,6 @@ static PyArrayObject *new_f32(int nd, const npy_intp *dims, int zero) {
     return (PyArrayObject *)(zero ? PyArray_ZEROS(nd, d, NPY_FLOAT32, 0) : PyArray_EMPTY(nd, d, NPY_FLOAT32, 0));
 }
 
-
-PyObject *status_error(int st, const char *what) {
-    if (st == BQ_ERR_NOMEM) return PyErr_Format(PyExc_MemoryError, "%s: out of memory", what);
-    return PyErr_Format(PyExc_ValueError, "%s: %s", what, bq_status_string(st));
-}
 
 /* ---- layernorm -------------------------------------------------------------------------------- */
 
@@ -445,17 +300,6 @@ static int embed_ids(PyObject *io, PyObject *to, PyArrayObject **ids, PyArrayObj
     return 1;
 }
 
-int check_id_range(PyArrayObject *a, const char *name, long limit, const char *table) {
-    const int64_t *p = I64(a);
-    for (npy_intp i = 0; i < PyArray_SIZE(a); i++)
-        if (p[i] < 0 || p[i] >= limit) {
-            PyErr_Format(PyExc_ValueError, "%s holds %lld at flat index %ld, outside [0, %ld) (%s)", name,
-                         (long long)p[i], (long)i, limit, table);
-            return 0;
-        }
-    return 1;
-}
-
 static PyObject *py_embedding(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input_ids", "token_type_ids", "word_embeddings", "position_embeddings",
                              "token_type_embeddings", NULL};
@@ -635,11 +479,7 @@ static PyObject *py_adamw(PyObject *self, PyObject *args, PyObject *kw) {
         !(m = f32_arg(mo, "m", 0, NPY_MAXDIMS, 1)) || !(v = f32_arg(vo, "v", 0, NPY_MAXDIMS, 1)) ||
         !same_shape(g, "grad", p, "param") || !same_shape(m, "m", p, "param") || !same_shape(v, "v", p, "param"))
         return NULL;
-    if (step < 1) return PyErr_Format(PyExc_ValueError, "step counts from 1, got %d", step);
-    if (!finite_in(lr, "lr", 0.0, 1e3, 0) || !finite_in(b1, "beta1", 0.0, 1.0, 1) ||
-        !finite_in(b2, "beta2", 0.0, 1.0, 1) || !finite_in(eps, "eps", 0.0, 1.0, 0) ||
-        !finite_in(wd, "weight_decay", 0.0, 1e3, 0) || !finite_in(gs, "grad_scale", 0.0, 1e30, 0))
-        return NULL;
+    if (!bq_adamw_args_check(step, lr, b1, b2, eps, wd) || !finite_in(gs, "grad_scale", 0.0, 1e30, 0)) return NULL;
     if (p == m || p == v || m == v || PyArray_DATA(p) == PyArray_DATA(m) || PyArray_DATA(p) == PyArray_DATA(v) ||
         PyArray_DATA(m) == PyArray_DATA(v)) {
         PyErr_SetString(PyExc_ValueError, "param, m and v must be three different arrays");
@@ -785,7 +625,7 @@ static struct PyModuleDef moduledef = {
 };
 
 PyMODINIT_FUNC PyInit__C(void) {
-    import_array();
+    if (bq_import_numpy() < 0) return NULL;
     bq_init_threads();
     char err[256];
     if (bq_cpu_init(err, sizeof err) != BQ_OK) {   /* BERTQA_CPU names an ISA this CPU cannot run, or no ISA */

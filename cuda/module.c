@@ -18,11 +18,7 @@
  * RuntimeError (a CUDA/cuBLAS error or no usable device), each with the backend's message (the failing call,
  * the CUDA error string and file:line).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <pythread.h>
-#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
-#include <numpy/arrayobject.h>
+#include "pyargs.h"   /* csrc/pyargs.c, linked into this module too: the argument checks both engines share */
 
 #include <structmember.h>
 
@@ -32,17 +28,11 @@
 
 #include "bertqa_cuda.h"
 
-#define F(a) ((float *)PyArray_DATA(a))
 #define FN(a) ((a) ? (float *)PyArray_DATA(a) : NULL)
-#define I64(a) ((const int64_t *)PyArray_DATA(a))
 #define I64N(a) ((a) ? (const int64_t *)PyArray_DATA(a) : NULL)
 
 static PyObject *raise_status(int st, const char *what) {
-    const char *msg = bq_cuda_last_error();
-    PyObject *type = st == BQ_ERR_NOMEM ? PyExc_MemoryError
-                     : (st == BQ_ERR_ARG || st == BQ_ERR_INDEX) ? PyExc_ValueError
-                                                                : PyExc_RuntimeError;
-    return PyErr_Format(type, "%s: %s%s%s", what, bq_cuda_status_string(st), msg && *msg ? ": " : "", msg ? msg : "");
+    return bq_raise_status(st, what, bq_cuda_status_string(st), bq_cuda_last_error());
 }
 
 static int parse_precision(const char *s, int *out) {
@@ -51,132 +41,6 @@ static int parse_precision(const char *s, int *out) {
     else {
         PyErr_Format(PyExc_ValueError, "precision must be 'fp32' or 'bf16', got '%s'", s);
         return 0;
-    }
-    return 1;
-}
-
-/* ---- argument checks ----------------------------------------------------------------------------------- */
-
-/* A borrowed float32 C-contiguous array of exactly n elements (writeable when out); None gives NULL when optional. */
-static int f32_exact(PyObject *obj, const char *name, size_t n, int out, int optional, PyArrayObject **res) {
-    *res = NULL;
-    if (obj == Py_None && optional) return 1;
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of float32, got %s", name, Py_TYPE(obj)->tp_name);
-        return 0;
-    }
-    PyArrayObject *a = (PyArrayObject *)obj;
-    if (PyArray_TYPE(a) != NPY_FLOAT32) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype float32, got %s", name, PyArray_DESCR(a)->typeobj->tp_name);
-        return 0;
-    }
-    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous, aligned and in native byte order", name);
-        return 0;
-    }
-    if (out && !PyArray_ISWRITEABLE(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be writeable", name);
-        return 0;
-    }
-    if ((size_t)PyArray_SIZE(a) != n) {
-        PyErr_Format(PyExc_ValueError, "%s must have %zu elements, got %zd", name, n, (Py_ssize_t)PyArray_SIZE(a));
-        return 0;
-    }
-    *res = a;
-    return 1;
-}
-
-/* A new reference: int64 C-contiguous copy/view of an integer array of exactly n elements (None -> NULL when
- * optional). */
-static int ids_exact(PyObject *obj, const char *name, size_t n, int optional, PyArrayObject **res) {
-    *res = NULL;
-    if (obj == Py_None && optional) return 1;
-    if (!PyArray_Check(obj) || !PyArray_ISINTEGER((PyArrayObject *)obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of integers (int64 or int32)", name);
-        return 0;
-    }
-    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(obj, NPY_INT64, 0, 0,
-                                                        NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
-    if (!a) return 0;
-    if ((size_t)PyArray_SIZE(a) != n) {
-        PyErr_Format(PyExc_ValueError, "%s must have %zu elements, got %zd", name, n, (Py_ssize_t)PyArray_SIZE(a));
-        Py_DECREF(a);
-        return 0;
-    }
-    *res = a;
-    return 1;
-}
-
-/* The token batch of an Engine call: ids [B,T] (int), types [B,T] or None, mask [B,T] 0/1 or None. */
-typedef struct {
-    PyArrayObject *ids, *types, *mask;
-    int B, T;
-} batch_args;
-
-static void batch_release(batch_args *b) {
-    Py_XDECREF(b->ids);
-    Py_XDECREF(b->types);
-    Py_XDECREF(b->mask);
-}
-
-static int batch_parse(batch_args *b, PyObject *io, PyObject *to, PyObject *mo, const bq_config *c) {
-    memset(b, 0, sizeof *b);
-    if (!PyArray_Check(io) || PyArray_NDIM((PyArrayObject *)io) != 2) {
-        PyErr_SetString(PyExc_ValueError, "input_ids must be a 2-D numpy.ndarray [B, T] of integers");
-        return 0;
-    }
-    const npy_intp B = PyArray_DIM((PyArrayObject *)io, 0), T = PyArray_DIM((PyArrayObject *)io, 1);
-    if (B < 1 || T < 1 || B * T > (1L << 30)) {
-        PyErr_Format(PyExc_ValueError, "input_ids has shape (%zd, %zd): need 1 <= B, T", (Py_ssize_t)B, (Py_ssize_t)T);
-        return 0;
-    }
-    if (T > c->P) {
-        PyErr_Format(PyExc_ValueError, "input_ids has %zd tokens per row, more than max_position_embeddings (%d)",
-                     (Py_ssize_t)T, c->P);
-        return 0;
-    }
-    b->B = (int)B;
-    b->T = (int)T;
-    if (!ids_exact(io, "input_ids", (size_t)(B * T), 0, &b->ids)) return 0;
-    if (to != Py_None) {
-        if (!PyArray_Check(to) || PyArray_NDIM((PyArrayObject *)to) != 2 ||
-            PyArray_DIM((PyArrayObject *)to, 0) != B || PyArray_DIM((PyArrayObject *)to, 1) != T) {
-            PyErr_Format(PyExc_ValueError, "token_type_ids must be a [B, T] = [%zd, %zd] integer array", (Py_ssize_t)B,
-                         (Py_ssize_t)T);
-            return 0;
-        }
-        if (!ids_exact(to, "token_type_ids", (size_t)(B * T), 0, &b->types)) return 0;
-    }
-    const int64_t *ids = I64(b->ids);
-    for (npy_intp i = 0; i < B * T; i++) {
-        if (ids[i] < 0 || ids[i] >= c->V) {
-            PyErr_Format(PyExc_ValueError, "input_ids holds %lld at flat index %zd, outside [0, vocab_size=%d)",
-                         (long long)ids[i], (Py_ssize_t)i, c->V);
-            return 0;
-        }
-        if (b->types && (I64(b->types)[i] < 0 || I64(b->types)[i] >= c->NT)) {
-            PyErr_Format(PyExc_ValueError, "token_type_ids holds %lld at flat index %zd, outside [0, type_vocab_size=%d)",
-                         (long long)I64(b->types)[i], (Py_ssize_t)i, c->NT);
-            return 0;
-        }
-    }
-    if (mo != Py_None) {
-        if (!PyArray_Check(mo) || PyArray_NDIM((PyArrayObject *)mo) != 2 || PyArray_DIM((PyArrayObject *)mo, 0) != B ||
-            PyArray_DIM((PyArrayObject *)mo, 1) != T) {
-            PyErr_Format(PyExc_ValueError, "attention_mask must be a [B, T] = [%zd, %zd] array of 0/1", (Py_ssize_t)B,
-                         (Py_ssize_t)T);
-            return 0;
-        }
-        b->mask = (PyArrayObject *)PyArray_FROMANY(mo, NPY_FLOAT32, 2, 2,
-                                                   NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
-        if (!b->mask) return 0;
-        const float *p = F(b->mask);
-        for (npy_intp i = 0; i < B * T; i++)
-            if (p[i] != 0.0f && p[i] != 1.0f) {
-                PyErr_Format(PyExc_ValueError, "attention_mask must hold only 0 and 1, found %g at flat index %zd",
-                             (double)p[i], (Py_ssize_t)i);
-                return 0;
-            }
     }
     return 1;
 }
@@ -195,46 +59,6 @@ static void engine_dealloc(Engine *self) {
     if (self->model) bq_cuda_model_free(self->model);
     if (self->lock) PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static void lock_engine(Engine *self) {
-    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
-        Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(self->lock, WAIT_LOCK);
-        Py_END_ALLOW_THREADS
-    }
-}
-
-static int config_int(PyObject *cfg, const char *key, int *out) {
-    PyObject *v = PyDict_GetItemString(cfg, key);
-    if (!v) {
-        PyErr_Format(PyExc_ValueError, "config is missing %s", key);
-        return 0;
-    }
-    long x = PyLong_AsLong(v);
-    if (x == -1 && PyErr_Occurred()) return 0;
-    if (x < 1 || x > (1L << 30)) {
-        PyErr_Format(PyExc_ValueError, "config %s must be a positive integer, got %ld", key, x);
-        return 0;
-    }
-    *out = (int)x;
-    return 1;
-}
-
-static int config_float(PyObject *cfg, const char *key, float *out, double lo, double hi) {
-    PyObject *v = PyDict_GetItemString(cfg, key);
-    if (!v) {
-        PyErr_Format(PyExc_ValueError, "config is missing %s", key);
-        return 0;
-    }
-    double x = PyFloat_AsDouble(v);
-    if (x == -1.0 && PyErr_Occurred()) return 0;
-    if (!isfinite(x) || x < lo || x >= hi) {
-        PyErr_Format(PyExc_ValueError, "config %s must be in [%g, %g), got %g", key, lo, hi, x);
-        return 0;
-    }
-    *out = (float)x;
-    return 1;
 }
 
 static int ready(Engine *self) {
@@ -259,25 +83,12 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
         return -1;
     if (!parse_precision(prec, &precision)) return -1;
     bq_config c;
-    if (!config_int(cfg, "vocab_size", &c.V) || !config_int(cfg, "max_position_embeddings", &c.P) ||
-        !config_int(cfg, "type_vocab_size", &c.NT) || !config_int(cfg, "hidden_size", &c.C) ||
-        !config_int(cfg, "num_hidden_layers", &c.L) || !config_int(cfg, "num_attention_heads", &c.NH) ||
-        !config_int(cfg, "intermediate_size", &c.FF) || !config_float(cfg, "layer_norm_eps", &c.eps, 0.0, 1.0) ||
-        !config_float(cfg, "hidden_dropout_prob", &c.hidden_dropout, 0.0, 1.0) ||
-        !config_float(cfg, "attention_probs_dropout_prob", &c.attn_dropout, 0.0, 1.0))
-        return -1;
-    PyObject *pad = PyDict_GetItemString(cfg, "pad_token_id");
-    c.pad_id = -1;
-    if (pad && pad != Py_None && (c.pad_id = PyLong_AsLongLong(pad)) == -1 && PyErr_Occurred()) return -1;
-    if (c.C % c.NH) {
-        PyErr_Format(PyExc_ValueError, "hidden_size %d is not a multiple of num_attention_heads %d", c.C, c.NH);
-        return -1;
-    }
+    if (!bq_config_from_dict(cfg, &c)) return -1;
     /* the parameter count, from the same table as the engine */
     size_t n = (size_t)c.V * c.C + (size_t)c.P * c.C + (size_t)c.NT * c.C + 2 * (size_t)c.C + 2 * (size_t)c.C + 2 +
                (size_t)c.L * (4 * ((size_t)c.C * c.C + c.C) + 2 * (size_t)c.FF * c.C + c.FF + c.C + 4 * (size_t)c.C);
     PyArrayObject *params;
-    if (!f32_exact(po, "params", n, 0, 0, &params)) return -1;
+    if (!f32_sized(po, "params", 1, n, "the model's parameter count", 0, 0, &params)) return -1;
     if (!(self->lock = PyThread_allocate_lock())) {
         PyErr_NoMemory();
         return -1;
@@ -302,19 +113,23 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
     return 0;
 }
 
+static int training_ready(Engine *self) {
+    if (!ready(self)) return 0;
+    if (!bq_cuda_model_training(self->model)) {
+        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
+        return 0;
+    }
+    return 1;
+}
+
+/* Engine.forward / forward_backward / adamw_step take the CPU engine's arguments (csrc/pyargs.c parses both) */
 static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", NULL};
-    PyObject *io, *to = Py_None, *mo = Py_None, *result = NULL;
-    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "O|OO:forward", kwlist, &io, &to, &mo)) return NULL;
-    batch_args b;
+    PyObject *result = NULL;
+    bq_batch b = {0};
     PyArrayObject *start = NULL, *end = NULL;
-    if (!batch_parse(&b, io, to, mo, &self->cfg)) goto done;
-    npy_intp dims[2] = {b.B, b.T};
-    if (!(start = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)) ||
-        !(end = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_FLOAT32, 0)))
-        goto done;
+    if (!ready(self) || !bq_parse_forward(args, kw, &self->cfg, &b) || !bq_new_logits(&b, &start, &end)) goto done;
     int st;
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
     st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), NULL, b.B, b.T, 0, 0, 0, F(start),
                          F(end));
@@ -323,133 +138,44 @@ static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
     if (st) { raise_status(st, "Engine.forward"); goto done; }
     result = Py_BuildValue("(OO)", start, end);
 done:
-    batch_release(&b);
+    bq_batch_release(&b);
     Py_XDECREF(start);
     Py_XDECREF(end);
     return result;
 }
 
-/* window_ids: None, or B integers in [0, 2^40) (the CPU engine's range: every dropout index stays below 2^64 at
- * BERT's sizes); a new reference in *res, NULL for None. */
-static int window_ids_parse(PyObject *obj, int B, PyArrayObject **res) {
-    *res = NULL;
-    if (obj == Py_None) return 1;
-    /* safe casting only: integers of any width that fit, not floats */
-    PyArrayObject *a =
-        (PyArrayObject *)PyArray_FROMANY(obj, NPY_INT64, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
-    if (!a) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "window_ids must be None or a 1-D array of %d integers (int64), got %s", B,
-                     Py_TYPE(obj)->tp_name);
-        return 0;
-    }
-    if (PyArray_NDIM(a) != 1 || PyArray_DIM(a, 0) != B) {
-        PyErr_Format(PyExc_ValueError, "window_ids must be a 1-D array of %d integers (one per batch row), got %d-D "
-                     "with %zd elements", B, PyArray_NDIM(a), (Py_ssize_t)PyArray_SIZE(a));
-        Py_DECREF(a);
-        return 0;
-    }
-    for (int i = 0; i < B; i++)
-        if (I64(a)[i] < 0 || I64(a)[i] >= (1LL << 40)) {
-            PyErr_Format(PyExc_ValueError, "window_ids[%d] is %lld: a window id must be in [0, 2^40)", i,
-                         (long long)I64(a)[i]);
-            Py_DECREF(a);
-            return 0;
-        }
-    *res = a;
-    return 1;
-}
-
 static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
-                             "seed", "step", "loss_scale", "window_ids", NULL};
-    PyObject *io, *to, *mo, *spo, *epo, *wo = Py_None, *result = NULL;
-    unsigned long long seed = 0;
-    unsigned int step = 0;
-    double loss_scale = 1.0;
-    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|KIdO:forward_backward", kwlist, &io, &to, &mo,
-                                                     &spo, &epo, &seed, &step, &loss_scale, &wo))
-        return NULL;
-    if (!bq_cuda_model_training(self->model)) {
-        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
-        return NULL;
-    }
-    if (!isfinite(loss_scale) || loss_scale < 0 || loss_scale > 1e30) {
-        PyErr_Format(PyExc_ValueError, "loss_scale must be in [0, 1e30], got %g", loss_scale);
-        return NULL;
-    }
-    batch_args b;
-    PyArrayObject *sp = NULL, *ep = NULL, *win = NULL;
-    if (!batch_parse(&b, io, to, mo, &self->cfg) || !ids_exact(spo, "start_positions", b.B, 0, &sp) ||
-        !ids_exact(epo, "end_positions", b.B, 0, &ep) || !window_ids_parse(wo, b.B, &win))
-        goto done;
+    PyObject *result = NULL;
+    bq_train_batch t = {0};
+    if (!training_ready(self) || !bq_parse_forward_backward(args, kw, &self->cfg, &t)) goto done;
+    const bq_batch *b = &t.batch;
     int st;
     float loss = 0.0f;
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), I64N(win), b.B, b.T, 1, seed, step, NULL,
-                         NULL);
+    st = bq_cuda_forward(self->model, I64(b->ids), I64N(b->types), FN(b->mask), I64N(t.window_ids), b->B, b->T, 1,
+                         t.seed, t.step, NULL, NULL);
     if (!st)
-        st = bq_cuda_backward(self->model, I64(b.ids), I64N(b.types), I64(sp), I64(ep), seed, step, (float)loss_scale,
-                              &loss);
+        st = bq_cuda_backward(self->model, I64(b->ids), I64N(b->types), I64(t.start_positions), I64(t.end_positions),
+                              t.seed, t.step, (float)t.loss_scale, &loss);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) { raise_status(st, "Engine.forward_backward"); goto done; }
     result = PyFloat_FromDouble(loss);
 done:
-    batch_release(&b);
-    Py_XDECREF(sp);
-    Py_XDECREF(ep);
-    Py_XDECREF(win);
+    bq_train_batch_release(&t);
     return result;
 }
 
 static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"decay", "step", "lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm",
-                             "lr_scale", NULL};
-    PyObject *dobj, *sobj = Py_None;
-    int step;
-    double lr, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.0, max_norm = 1.0;
-    if (!ready(self) || !PyArg_ParseTupleAndKeywords(args, kw, "Oid|dddddO:adamw_step", kwlist, &dobj, &step, &lr, &b1,
-                                                     &b2, &eps, &wd, &max_norm, &sobj))
-        return NULL;
-    const int nt = bq_cuda_model_ntensors(self->model);
-    const float *lr_scale = NULL;   /* [nt] multipliers of lr (layer-wise decay), None: all 1 */
-    if (sobj != Py_None) {
-        PyArrayObject *sa = (PyArrayObject *)sobj;
-        if (!PyArray_Check(sobj) || PyArray_TYPE(sa) != NPY_FLOAT32 || PyArray_NDIM(sa) != 1 ||
-            PyArray_DIM(sa, 0) != nt || !PyArray_IS_C_CONTIGUOUS(sa)) {
-            PyErr_Format(PyExc_TypeError, "lr_scale must be a contiguous float32 array of %d multipliers (one per "
-                         "tensor)", nt);
-            return NULL;
-        }
-        lr_scale = (const float *)PyArray_DATA(sa);
-        for (int t = 0; t < nt; t++)
-            if (!isfinite(lr_scale[t]) || lr_scale[t] < 0.0f || lr_scale[t] > 1e3f)
-                return PyErr_Format(PyExc_ValueError, "lr_scale[%d] must be in [0, 1000], got %g", t, lr_scale[t]);
-    }
-    if (!PyArray_Check(dobj) ||
-        (PyArray_TYPE((PyArrayObject *)dobj) != NPY_UINT8 && PyArray_TYPE((PyArrayObject *)dobj) != NPY_BOOL) ||
-        PyArray_NDIM((PyArrayObject *)dobj) != 1 || PyArray_DIM((PyArrayObject *)dobj, 0) != nt ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)dobj)) {
-        PyErr_Format(PyExc_TypeError, "decay must be a contiguous uint8/bool array of %d flags (one per tensor)", nt);
-        return NULL;
-    }
-    if (step < 1) return PyErr_Format(PyExc_ValueError, "step counts from 1, got %d", step);
-    if (!isfinite(lr) || lr < 0 || !(b1 >= 0 && b1 < 1) || !(b2 >= 0 && b2 < 1) || !(eps > 0 && eps <= 1) ||
-        !isfinite(wd) || wd < 0 || !isfinite(max_norm) || max_norm < 0)
-        return PyErr_Format(PyExc_ValueError, "bad AdamW hyperparameters (lr=%g beta1=%g beta2=%g eps=%g wd=%g "
-                            "max_grad_norm=%g)", lr, b1, b2, eps, wd, max_norm);
-    if (!bq_cuda_model_training(self->model)) {
-        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
-        return NULL;
-    }
+    bq_adamw_step_args a;
+    if (!training_ready(self) || !bq_parse_adamw_step(args, kw, bq_cuda_model_ntensors(self->model), &a)) return NULL;
     double norm = 0.0;
     int st;
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_adamw_step(self->model, (const uint8_t *)PyArray_DATA((PyArrayObject *)dobj), lr_scale, (float)lr,
-                            (float)b1, (float)b2, (float)eps, (float)wd, (float)max_norm, step, &norm);
+    st = bq_cuda_adamw_step(self->model, a.decay, a.lr_scale, (float)a.lr, (float)a.beta1, (float)a.beta2,
+                            (float)a.eps, (float)a.weight_decay, (float)a.max_grad_norm, a.step, &norm);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (st) return raise_status(st, "Engine.adamw_step");
@@ -461,7 +187,7 @@ typedef int (*model_fn)(bq_cuda_model *);
 static PyObject *engine_call0(Engine *self, model_fn fn, const char *what) {
     if (!ready(self)) return NULL;
     int st;
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
     st = fn(self->model);
     Py_END_ALLOW_THREADS
@@ -498,10 +224,11 @@ static PyObject *engine_copy(Engine *self, PyObject *args, int to_device) {
     if (!ready(self) || !PyArg_ParseTuple(args, "sO", &name, &ao)) return NULL;
     const int which = buffer_number(name);
     PyArrayObject *a;
-    if (which < 0 || !f32_exact(ao, to_device ? "array" : "out", bq_cuda_model_nparams(self->model), !to_device, 0, &a))
+    if (which < 0 || !f32_sized(ao, to_device ? "array" : "out", 0, bq_cuda_model_nparams(self->model), "the model's parameter count",
+                                   !to_device, 0, &a))
         return NULL;
     int st;
-    lock_engine(self);
+    bq_lock_wait(self->lock);
     Py_BEGIN_ALLOW_THREADS
     st = to_device ? bq_cuda_model_upload(self->model, which, F(a)) : bq_cuda_model_download(self->model, which, F(a));
     Py_END_ALLOW_THREADS
@@ -638,8 +365,8 @@ static PyObject *py_versions(PyObject *self, PyObject *noargs) {
 /* Arguments are positional; sizes come first-class from the caller (bertqa.cuda.ops), every array is checked
  * against them. */
 
-#define CHECK_F(obj, name, n, out, opt, var) if (!f32_exact(obj, name, n, out, opt, &var)) goto done
-#define CHECK_I(obj, name, n, opt, var) if (!ids_exact(obj, name, n, opt, &var)) goto done
+#define CHECK_F(obj, name, n, out, opt, var) if (!f32_sized(obj, name, 0, n, NULL, out, opt, &var)) goto done
+#define CHECK_I(obj, name, n, opt, var) if (!ids_sized(obj, name, n, opt, &var)) goto done
 #define RUN(call, what)                          \
     do {                                         \
         int st_;                                 \
@@ -655,8 +382,7 @@ static PyObject *py_uniform(PyObject *self, PyObject *args) {
     unsigned int step, site;
     PyArrayObject *u;
     if (!PyArg_ParseTuple(args, "OKII|K:uniform", &uo, &seed, &step, &site, &first)) return NULL;
-    if (!PyArray_Check(uo)) return PyErr_Format(PyExc_TypeError, "u must be a float32 numpy.ndarray");
-    CHECK_F(uo, "u", (size_t)PyArray_SIZE((PyArrayObject *)uo), 1, 0, u);
+    if (!(u = f32_arg(uo, "u", 0, NPY_MAXDIMS, 1))) return NULL;
     RUN(bq_cuda_uniform(F(u), (size_t)PyArray_SIZE(u), seed, step, site, first), "uniform");
     result = Py_None;
     Py_INCREF(result);
@@ -675,9 +401,8 @@ static PyObject *py_dropout(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOfKIIs:dropout", &oo, &io, &p, &seed, &step, &site, &prec) ||
         !parse_precision(prec, &precision))
         return NULL;
-    if (!PyArray_Check(io)) return PyErr_Format(PyExc_TypeError, "x must be a float32 numpy.ndarray");
-    const size_t n = (size_t)PyArray_SIZE((PyArrayObject *)io);
-    CHECK_F(io, "x", n, 0, 0, inp);
+    if (!(inp = f32_arg(io, "x", 0, NPY_MAXDIMS, 0))) return NULL;
+    const size_t n = (size_t)PyArray_SIZE(inp);
     CHECK_F(oo, "out", n, 1, 0, out);
     RUN(bq_cuda_dropout(F(out), F(inp), n, p, seed, step, site, precision), "dropout");
     result = Py_None;
@@ -823,9 +548,8 @@ static PyObject *py_gelu(PyObject *self, PyObject *args) {
     int precision;
     PyArrayObject *out, *inp;
     if (!PyArg_ParseTuple(args, "OOs:gelu", &oo, &io, &prec) || !parse_precision(prec, &precision)) return NULL;
-    if (!PyArray_Check(io)) return PyErr_Format(PyExc_TypeError, "x must be a float32 numpy.ndarray");
-    const size_t n = (size_t)PyArray_SIZE((PyArrayObject *)io);
-    CHECK_F(io, "x", n, 0, 0, inp);
+    if (!(inp = f32_arg(io, "x", 0, NPY_MAXDIMS, 0))) return NULL;
+    const size_t n = (size_t)PyArray_SIZE(inp);
     CHECK_F(oo, "out", n, 1, 0, out);
     RUN(bq_cuda_gelu(F(out), F(inp), n, precision), "gelu");
     result = Py_None;
@@ -841,9 +565,8 @@ static PyObject *py_gelu_backward(PyObject *self, PyObject *args) {
     PyArrayObject *dinp, *inp, *dout;
     if (!PyArg_ParseTuple(args, "OOOs:gelu_backward", &oo, &io, &go, &prec) || !parse_precision(prec, &precision))
         return NULL;
-    if (!PyArray_Check(io)) return PyErr_Format(PyExc_TypeError, "x must be a float32 numpy.ndarray");
-    const size_t n = (size_t)PyArray_SIZE((PyArrayObject *)io);
-    CHECK_F(io, "x", n, 0, 0, inp);
+    if (!(inp = f32_arg(io, "x", 0, NPY_MAXDIMS, 0))) return NULL;
+    const size_t n = (size_t)PyArray_SIZE(inp);
     CHECK_F(go, "dout", n, 0, 0, dout);
     CHECK_F(oo, "dinp", n, 1, 0, dinp);
     RUN(bq_cuda_gelu_backward(F(dinp), F(inp), F(dout), n, precision), "gelu_backward");
@@ -985,9 +708,8 @@ static PyObject *py_adamw(PyObject *self, PyObject *args) {
     PyArrayObject *p, *g, *m, *v;
     if (!PyArg_ParseTuple(args, "OOOOfffffif:adamw", &po, &go, &mo, &vo, &lr, &b1, &b2, &eps, &wd, &step, &scale))
         return NULL;
-    if (!PyArray_Check(po)) return PyErr_Format(PyExc_TypeError, "param must be a float32 numpy.ndarray");
-    const size_t n = (size_t)PyArray_SIZE((PyArrayObject *)po);
-    CHECK_F(po, "param", n, 1, 0, p);
+    if (!(p = f32_arg(po, "param", 0, NPY_MAXDIMS, 1))) return NULL;
+    const size_t n = (size_t)PyArray_SIZE(p);
     CHECK_F(go, "grad", n, 0, 0, g);
     CHECK_F(mo, "m", n, 1, 0, m);
     CHECK_F(vo, "v", n, 1, 0, v);
@@ -1003,8 +725,7 @@ static PyObject *py_sum_squares(PyObject *self, PyObject *args) {
     PyArrayObject *g;
     double out = 0.0;
     if (!PyArg_ParseTuple(args, "O:sum_squares", &go)) return NULL;
-    if (!PyArray_Check(go)) return PyErr_Format(PyExc_TypeError, "g must be a float32 numpy.ndarray");
-    CHECK_F(go, "g", (size_t)PyArray_SIZE((PyArrayObject *)go), 0, 0, g);
+    if (!(g = f32_arg(go, "g", 0, NPY_MAXDIMS, 0))) return NULL;
     RUN(bq_cuda_sum_squares(&out, F(g), (size_t)PyArray_SIZE(g)), "sum_squares");
     result = PyFloat_FromDouble(out);
 done:
@@ -1136,7 +857,7 @@ static PyObject *nccl_comm_allreduce_sum_grads(NcclComm *self, PyObject *args, P
     void *stream;
     int dev, st = bq_cuda_model_grad_buffer(engine->model, &grads, &n, &stream, &dev);
     if (st) return raise_status(st, "NcclComm.allreduce_sum_grads");
-    lock_engine(engine);
+    bq_lock_wait(engine->lock);
     Py_BEGIN_ALLOW_THREADS
     st = bq_nccl_allreduce_sum(self->comm, grads, n, stream, dev, timeout);
     Py_END_ALLOW_THREADS
@@ -1228,8 +949,7 @@ static PyObject *py_host_uniform(PyObject *self, PyObject *args) {
     unsigned int step, site;
     PyArrayObject *u;
     if (!PyArg_ParseTuple(args, "OKII|K:host_uniform", &uo, &seed, &step, &site, &first)) return NULL;
-    if (!PyArray_Check(uo)) return PyErr_Format(PyExc_TypeError, "u must be a float32 numpy.ndarray");
-    if (!f32_exact(uo, "u", (size_t)PyArray_SIZE((PyArrayObject *)uo), 1, 0, &u)) return NULL;
+    if (!(u = f32_arg(uo, "u", 0, NPY_MAXDIMS, 1))) return NULL;
     bq_cuda_host_uniform(F(u), (size_t)PyArray_SIZE(u), seed, step, site, first);
     Py_RETURN_NONE;
 }
@@ -1245,7 +965,8 @@ static PyObject *py_host_dropout_rows(PyObject *self, PyObject *args) {
                           &first))
         return NULL;
     if (rows < 1 || cols < 1) return PyErr_Format(PyExc_ValueError, "rows and cols must be positive");
-    if (!f32_exact(oo, "out", (size_t)rows * cols, 1, 0, &out) || !f32_exact(xo, "x", (size_t)rows * cols, 0, 0, &x))
+    if (!f32_sized(oo, "out", 0, (size_t)rows * cols, NULL, 1, 0, &out) ||
+        !f32_sized(xo, "x", 0, (size_t)rows * cols, NULL, 0, 0, &x))
         return NULL;
     bq_cuda_host_dropout_rows(F(out), F(x), rows, cols, p, seed, step, site, first);
     Py_RETURN_NONE;
@@ -1267,7 +988,8 @@ static PyObject *py_host_dropout_windows(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "need B, T >= 1, NH >= 0, C >= 1 when NH == 0 and P >= T (got B=%d NH=%d "
                             "T=%d C=%d P=%d)", B, NH, T, C, P);
     const size_t n = NH ? (size_t)B * NH * T * T : (size_t)B * T * C;
-    if (!f32_exact(oo, "out", n, 1, 0, &out) || !f32_exact(xo, "x", n, 0, 0, &x) || !window_ids_parse(wo, B, &win))
+    if (!f32_sized(oo, "out", 0, n, NULL, 1, 0, &out) || !f32_sized(xo, "x", 0, n, NULL, 0, 0, &x) ||
+        !window_ids_arg(wo, B, &win))
         return NULL;
     if (NH)
         bq_cuda_host_dropout_attention(F(out), F(x), B, NH, T, P, I64N(win), p, seed, step, site);
@@ -1377,7 +1099,7 @@ static struct PyModuleDef moduledef = {
 };
 
 PyMODINIT_FUNC PyInit__cuda(void) {
-    import_array();
+    if (bq_import_numpy() < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     if (PyType_Ready(&EngineType) < 0) goto fail;
