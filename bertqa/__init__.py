@@ -15,3 +15,13 @@ def cuda_available() -> bool:
     from .cuda import available
 
     return available()
+
+
+def __getattr__(name):
+    if name == "BertQA":
+        from .model import BertQA
+        return BertQA
+    if name == "QAPipeline":
+        from .inference import QAPipeline
+        return QAPipeline
+    raise AttributeError(f"module 'bertqa' has no attribute {name!r}")
