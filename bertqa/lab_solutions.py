@@ -35,7 +35,7 @@ def attention(q, k, v, mask=None):
     """BERT's self-attention, every batch row and head at once. q, k, v: [B, NH, T, HS]; mask: [B, T] of 0/1
     (1 = real token) or None. A masked key gets -10000 added to its score, so it takes no probability."""
     HS = q.shape[-1]
-    scores = q @ k.swapaxes(-1, -2) / np.sqrt(HS)                                  # [B, NH, T, T]
+    scores = q @ k.swapaxes(-1, -2) / math.sqrt(HS)  # [B, NH, T, T]; a Python float keeps float32 (np.sqrt: float64)
     if mask is not None:
         scores = scores + (1.0 - np.asarray(mask, q.dtype))[:, None, None, :] * -10000.0  # on the keys
     scores = scores - scores.max(axis=-1, keepdims=True)  # exp cannot overflow; softmax does not change
