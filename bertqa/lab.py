@@ -9,7 +9,7 @@ implementation (the C kernels in bertqa.ops, the decoder and the official metric
     lab.check_gelu(my_gelu, seed=1234)   # replay the exact inputs of an earlier run (the seed is printed)
     lab.show_solution("gelu")            # a reference solution (bertqa/lab_solutions.py)
 
-Exercises: gelu, layernorm, span_loss, best_span, f1 (see EXERCISES).
+Exercises: gelu, layernorm, attention, adamw, span_loss, best_span, f1 (see EXERCISES).
 
 A checker never raises because of the learner's code: an exception inside it, a wrong shape or a wrong value
 is reported and the checker returns a falsy CheckResult, so "Run all" goes on through a half-done notebook.
@@ -40,6 +40,8 @@ SOLUTIONS_ENV = "BERTQA_LAB_SOLUTIONS"
 EXERCISES = {
     "gelu": "my_gelu(x) -> GELU(x) in the exact erf form, elementwise, same shape",
     "layernorm": "my_layernorm(x, weight, bias, eps) -> LayerNorm over the last axis",
+    "attention": "my_attention(q, k, v, mask=None) -> softmax(q k^T / sqrt(HS) + mask) v, [B, NH, T, HS]",
+    "adamw": "my_adamw(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay) -> (param, m, v)",
     "span_loss": "my_span_loss(start_logits, end_logits, start_positions, end_positions) -> float",
     "best_span": "my_best_span(start_logits, end_logits, max_answer_length) -> (start, end), end inclusive",
     "f1": "my_f1(prediction, ground_truth) -> SQuAD F1 in [0, 1]",
@@ -81,6 +83,7 @@ class Case:
     expected: Any
     note: str = ""  # shown when this case fails: what it is there to catch
     tol: Optional[tuple[float, float]] = None  # (atol, rtol) when this case needs other than the checker's
+    call: Optional[Callable] = None  # call(fn, *args) when the case is more than fn(*args) (several AdamW steps)
 
 
 class _Mismatch(Exception):
@@ -163,10 +166,14 @@ def _copy_args(args: tuple) -> tuple:
     return tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args)
 
 
+def _apply(fn: Callable, case: Case, args: tuple):
+    return case.call(fn, *args) if case.call is not None else fn(*args)
+
+
 def _call(fn: Callable, case: Case):
     """fn(*case.args) on copies of the inputs; _Mismatch if it modified them in place."""
     args = _copy_args(case.args)
-    out = fn(*args)
+    out = _apply(fn, case, args)
     for k, (before, after) in enumerate(zip(case.args, args)):
         if isinstance(before, np.ndarray) and not np.array_equal(before, after, equal_nan=True):
             raise _Mismatch(f"your function changed its input argument {k + 1} in place (e.g. `x *= ...` or "
@@ -234,7 +241,7 @@ def _diagnose(got, case: Case, compare, mistakes) -> str:
     hints = []
     for wrong, hint in mistakes:
         try:
-            theirs = _quietly(wrong, *_copy_args(case.args))
+            theirs = _quietly(_apply, wrong, case, _copy_args(case.args))
             # Within the checker's own tolerance of the mistake's answer: the learner may have made that mistake.
             if not compare(got, dataclasses.replace(case, expected=theirs)):
                 hints.append(hint)
@@ -342,6 +349,28 @@ def _best_span64(s, e, max_answer_length):
             if s[i] + e[j] > best_score:
                 best, best_score = (i, j), s[i] + e[j]
     return best
+
+
+def _attention64(q, k, v, mask):
+    """softmax(q k^T / sqrt(HS) + (1 - mask) * -10000) v per batch row and head; einsum, unlike the solution."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scores = np.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])  # [B, NH, T, T]
+    if mask is not None:
+        scores = scores + (1.0 - np.asarray(mask, np.float64))[:, None, None, :] * -10000.0
+    scores = scores - scores.max(-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhij,bhjd->bhid", probs, v)
+
+
+def _adamw64(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    """One step of torch.optim.AdamW (decoupled decay first, then the bias-corrected Adam update)."""
+    p, g, m, v = (np.asarray(a, np.float64) for a in (param, grad, m, v))
+    p = p - lr * weight_decay * p
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    m_hat, v_hat = m / (1 - beta1**step), v / (1 - beta2**step)
+    return p - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
 
 
 # =============================================================================================================
@@ -509,7 +538,313 @@ def check_layernorm(fn: Optional[Callable], seed: Optional[int] = None, verbose:
 
 
 # =============================================================================================================
-# Exercise 3: the span loss
+# Exercise 3: attention
+# =============================================================================================================
+
+
+def _attention_mistakes():
+    def attn(q, k, v, mask, scale=None, masking="add", axis=-1, stable=True, dtype=np.float64):
+        q, k, v = (np.asarray(a, dtype) for a in (q, k, v))
+        HS, T = q.shape[-1], q.shape[-2]
+        scores = q @ k.swapaxes(-1, -2) * (1 / math.sqrt(HS) if scale is None else scale(HS, T))
+        real = None if mask is None else np.asarray(mask, dtype)
+        if real is not None:
+            if masking == "add":
+                scores = scores + (1 - real[:, None, None, :]) * -10000.0
+            elif masking == "sign":  # -10000 on the real tokens
+                scores = scores + real[:, None, None, :] * -10000.0
+            elif masking == "multiply":
+                scores = scores * real[:, None, None, :]
+        if stable:
+            scores = scores - scores.max(axis, keepdims=True)
+        probs = np.exp(scores)
+        probs = probs / probs.sum(axis, keepdims=True)
+        if real is not None and masking == "after":
+            probs = probs * real[:, None, None, :]
+        return probs @ v
+
+    return [
+        (lambda q, k, v, mask=None: attn(q, k, v, mask, scale=lambda HS, T: 1 / HS),
+         "wrong scale: divide the scores by sqrt(HS) (HS = q.shape[-1], the head size), not by HS"),
+        (lambda q, k, v, mask=None: attn(q, k, v, mask, scale=lambda HS, T: 1.0),
+         "wrong scale: the scores are q @ k^T / sqrt(HS) (HS = q.shape[-1]); you did not scale them"),
+        (lambda q, k, v, mask=None: attn(q, k, v, mask, scale=lambda HS, T: 1 / math.sqrt(T)),
+         "wrong scale: divide by sqrt(HS), the head size q.shape[-1], not by sqrt(T), the sequence length"),
+        # Masking the queries instead of the keys adds one constant to a query's whole row of scores, which the
+        # softmax ignores: the same answer as no mask at all. mask * -10000 and (1 - mask) * +10000 differ by a
+        # constant too. One hint each.
+        (lambda q, k, v, mask=None: attn(q, k, v, None),
+         "mask ignored (or put on the queries, mask[:, None, :, None], which comes to the same: a constant added "
+         "to a query's whole row of scores changes nothing): a padded key (mask == 0) must take no attention, so "
+         "add (1 - mask) * -10000 to the scores of the keys, the last axis: mask[:, None, None, :]"),
+        (lambda q, k, v, mask=None: attn(q, k, v, mask, masking="sign"),
+         "the mask is the wrong way round or has the wrong sign: 1 marks a real token and 0 padding, and the "
+         "padding gets -10000 added: (1 - mask) * -10000 (not mask * -10000, not (1 - mask) * +10000)"),
+        (lambda q, k, v, mask=None: attn(q, k, v, mask, masking="multiply"),
+         "add -10000 to the scores of masked keys; multiplying the scores by the mask sets them to 0, which still "
+         "takes probability"),
+        (lambda q, k, v, mask=None: attn(q, k, v, mask, masking="after"),
+         "mask the scores before the softmax; zeroing probabilities afterwards leaves rows that no longer sum to 1"),
+        (lambda q, k, v, mask=None: attn(q, k, v, mask, axis=-2),
+         "softmax over the wrong axis: each query's weights are a softmax over the keys, the last axis (axis=-1) "
+         "of the scores [B, NH, T, T]"),
+        (lambda q, k, v, mask=None: attn(q, k, v, mask, stable=False),
+         "exp overflows for large scores: subtract each row's max first, scores - scores.max(-1, keepdims=True) "
+         "(softmax does not change)"),
+    ]
+
+
+def check_attention(fn: Optional[Callable], seed: Optional[int] = None, verbose: bool = True) -> CheckResult:
+    """Check fn(q, k, v, mask=None) -> out: BERT's multi-head self-attention for every batch row b and head h,
+
+        scores = q[b, h] @ k[b, h].T / sqrt(HS) + (1 - mask[b]) * -10000     # [T, T]; the mask is on the keys
+        out[b, h] = softmax(scores, axis=-1) @ v[b, h]                         # [T, HS]
+
+    q, k, v: [B, NH, T, HS] float32; mask: [B, T] of 0/1 (1 = real token, 0 = padding; float or int), or None
+    for no padding. Tolerance: 2e-5 absolute + 2e-5 relative against a float64 reference (float32 attention
+    is within ~1e-6 at these sizes; tests/test_ops.py holds bertqa.ops.attention to 2e-5 too).
+    """
+    seed = _fresh_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    def qkv(B, NH, T, HS, scale=1.0):
+        return tuple((scale * rng.standard_normal((B, NH, T, HS))).astype(np.float32) for _ in range(3))
+
+    T = int(rng.integers(9, 40)) | 1  # odd: never a multiple of 8 (or of any tile)
+    HS = int(rng.choice([5, 7, 9, 13]))
+    n_real = int(rng.integers(3, T - 2))
+    padded = np.ones((2, T), np.float32)
+    padded[1, n_real:] = 0
+    many = np.zeros((3, 41), np.int32)  # integers, as Features.batch gives them
+    many[0, :3] = 1
+    many[1, rng.choice(41, 7, replace=False)] = 1  # holes anywhere, not only padding at the end
+    many[2, :20] = 1
+    single = np.ones((2, 12), np.float32)
+    single[0, 1:] = 0
+    T2 = int(rng.integers(5, 30))
+    large = qkv(2, 2, 17, 8)
+    large[0][1, 0, 3] = large[1][1, 0, 5] = 20.0  # that query's score for that key: 20 * 20 * 8 / sqrt(8) = 1131
+    specs = [
+        (f"B=2, NH=3, T={T}, HS={HS}; row 1 has {n_real} real tokens, then padding", (*qkv(2, 3, T, HS), padded),
+         "padding at the end of a row: its keys take no attention"),
+        (f"B=1, NH=2, T={T2}, HS=16, mask=None", (*qkv(1, 2, T2, 16), None), "no mask: mask=None means no padding"),
+        ("B=3, NH=2, T=41, HS=8; rows with 3, 7 (scattered) and 20 real keys; mask of int32", (*qkv(3, 2, 41, 8), many),
+         "most keys masked; the 0s of the mask are anywhere in the row"),
+        ("B=2, NH=1, T=12, HS=6; row 0 has a single real key (token 0)", (*qkv(2, 1, 12, 6), single),
+         "with one real key, every query of that row gets exactly that key's value vector"),
+        ("B=2, NH=2, T=17, HS=8; one query-key score of 1131", (*large, np.ones((2, 17))),
+         "numerical stability: exp(1131) overflows (float64 too) unless each row's max is subtracted first"),
+        ("B=1, NH=1, T=1, HS=1", (*qkv(1, 1, 1, 1), np.ones((1, 1), np.float32)),
+         "a single token attends only to itself: out = v"),
+    ]
+    cases = [Case(what, args, _attention64(*args), note) for what, args, note in specs]
+
+    def compare(got, case):
+        mask = case.args[3]
+
+        def where(i):
+            b, h, t, d = i
+            real = "no mask" if mask is None else f"{int(np.sum(mask[b] != 0))} real keys of {mask.shape[1]}"
+            return f"out[{b}, {h}, {t}, {d}] (batch row {b}: {real}; head {h}, query {t})"
+
+        return _compare_arrays(got, case.expected, 2e-5, 2e-5, where)
+
+    def on_pass(outputs):
+        yours = max(_max_error(o, c.expected) for o, c in zip(outputs, cases))
+        kernel = max(_max_error(ops.attention(*c.args), c.expected) for c in cases)
+        return (f"Largest difference from the float64 reference: yours {yours:.1e}, "
+                f"bertqa.ops.attention (the C kernel) {kernel:.1e}.")
+
+    return _run("attention", fn, cases, compare, _attention_mistakes(),
+                "scores = q @ k.swapaxes(-1, -2) / sqrt(HS); scores += (1 - mask[:, None, None, :]) * -10000; "
+                "subtract each row's max, exp, divide by the row's sum (over the keys, axis=-1); out = probs @ v",
+                seed, verbose, on_pass, "my_attention")
+
+
+# =============================================================================================================
+# Exercise 4: AdamW
+# =============================================================================================================
+
+
+def _adamw_mistakes():
+    def step64(p, g, m, v, step, lr, b1, b2, eps, wd, *, correct=True, l2=False, t=None, eps_in=False,
+               no_eps=False, corrected_out=False, decay_lr=True, decay_after=False, v_abs=False, ema_swap=False,
+               correct_after_sqrt=False):
+        p, g, m, v = (np.asarray(a, np.float64) for a in (p, g, m, v))
+        t = step if t is None else t(step)
+        if l2:
+            g = g + wd * p
+        decay = (lr if decay_lr else 1.0) * wd
+        if not (l2 or decay_after):
+            p = p - decay * p
+        if ema_swap:
+            m, v = b1 * g + (1 - b1) * m, b2 * g * g + (1 - b2) * v
+        else:
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * (np.abs(g) if v_abs else g * g)
+        c1, c2 = (1 - b1**t, 1 - b2**t) if correct else (1.0, 1.0)
+        m_hat, v_hat = m / c1, v / c2
+        if eps_in:
+            denom = np.sqrt(v_hat + eps)
+        elif correct_after_sqrt:
+            denom = np.sqrt(v) / c2 + eps
+        else:
+            denom = np.sqrt(v_hat) + (0.0 if no_eps else eps)
+        new = p - lr * m_hat / denom
+        if decay_after:
+            new = new - decay * new
+        return (new, m_hat, v_hat) if corrected_out else (new, m, v)
+
+    def mistake(**kw):
+        def fn(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+            return step64(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, **kw)
+        return fn
+
+    return [
+        (mistake(correct=False), "no bias correction: m and v start at 0, so divide them by (1 - beta1**step) and "
+                                 "(1 - beta2**step) before the update: m_hat = m / (1 - beta1**step), ..."),
+        (mistake(l2=True), "L2 added to the gradient (that is Adam with L2, not AdamW): decay the parameter "
+                           "itself, param -= lr * weight_decay * param, and leave the gradient, m and v alone"),
+        (mistake(t=lambda s: s + 1), "step counts from 1: the first update has step = 1, bias corrections "
+                                     "1 - beta**step with that step (do not add 1)"),
+        (mistake(eps_in=True), "eps goes outside the square root: sqrt(v_hat) + eps, not sqrt(v_hat + eps)"),
+        (mistake(no_eps=True), "add eps to the denominator, sqrt(v_hat) + eps: a zero gradient at step 1 gives "
+                               "m_hat / sqrt(v_hat) = 0 / 0"),
+        (mistake(corrected_out=True), "return the moments m and v themselves, not the bias-corrected m_hat and "
+                                      "v_hat (the next step corrects them again)"),
+        (mistake(decay_lr=False), "the decay is scaled by the learning rate: param -= lr * weight_decay * param"),
+        (mistake(decay_after=True), "decay the parameter as it was before this step (torch.optim.AdamW: param *= "
+                                    "1 - lr * weight_decay, then the Adam update)"),
+        (mistake(v_abs=True), "v is the moving average of the squared gradient: v = beta2 * v + (1 - beta2) * "
+                              "grad**2"),
+        (mistake(ema_swap=True), "the moving averages keep beta of the old value: m = beta1 * m + (1 - beta1) * "
+                                 "grad (likewise v with beta2)"),
+        (mistake(correct_after_sqrt=True), "bias-correct v before the square root: sqrt(v / (1 - beta2**step)), "
+                                           "not sqrt(v) / (1 - beta2**step)"),
+    ]
+
+
+def _adamw_steps(fn, param, grads, m, v, first_step, *hyper):
+    """Several steps in a row, each step's (param, m, v) fed to the next: grads[j] is the gradient of step
+    first_step + j."""
+    for step, grad in enumerate(grads, first_step):
+        out = fn(param, grad, m, v, step, *hyper)
+        if not (isinstance(out, (tuple, list)) and len(out) == 3):
+            raise _Mismatch(f"at step {step}: expected the tuple (param, m, v), got {type(out).__name__}")
+        param, m, v = out
+    return param, m, v
+
+
+def check_adamw(fn: Optional[Callable], seed: Optional[int] = None, verbose: bool = True) -> CheckResult:
+    """Check fn(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0) -> (param, m, v):
+    one step of torch.optim.AdamW, returning new arrays (the inputs are left as they are)::
+
+        param = param - lr * weight_decay * param                  # decoupled weight decay
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * grad**2
+        param = param - lr * m_hat / (sqrt(v_hat) + eps)           # m_hat = m / (1 - beta1**step), v_hat likewise
+
+    with step counting from 1. Tolerance against a float64 reference: param 1e-6 absolute + 1e-6 relative (an
+    update is ~lr); m and v 1e-4 relative, plus 1e-6 of the largest input they are made of.
+    """
+    seed = _fresh_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    def f32(*arrays):
+        return tuple(np.asarray(a, np.float32) for a in arrays)
+
+    def history(shape, steps, b1, b2):
+        """m and v after `steps` steps of gradients of std 1 (exactly as a run would leave them)."""
+        m, v = np.zeros(shape), np.zeros(shape)
+        for _ in range(steps):
+            g = rng.standard_normal(shape)
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        return m, v
+
+    n = int(rng.integers(50, 200)) | 1
+    zeros = np.zeros(n, np.float32)
+    tiny = (1e-6 * rng.standard_normal(n)).astype(np.float32)
+    tiny[::7] = 0.0
+    m7, v7 = history((7, 5), 6, 0.8, 0.99)
+    late_m = 0.3 * rng.standard_normal((3, 4, 5))
+    late_v = (np.abs(rng.standard_normal((3, 4, 5))) + 0.1) ** 2
+    m3, v3 = history((16,), 2, 0.9, 0.999)
+    chain = rng.standard_normal((6, 33))
+    specs = [
+        (f"step 1 (m = v = 0), param of shape ({n},), lr=1e-3, weight_decay=0.01",
+         (*f32(rng.standard_normal(n), rng.standard_normal(n), zeros, zeros), 1, 1e-3, 0.9, 0.999, 1e-8, 0.01),
+         "the first step: the bias corrections 1 - beta**1 matter most here", None),
+        ("step 7 (m, v from 6 earlier steps), param of shape (7, 5), lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-8, "
+         "weight_decay=0.1",
+         (*f32(rng.standard_normal((7, 5)), rng.standard_normal((7, 5)), m7, v7), 7, 1e-2, 0.8, 0.99, 1e-8, 0.1),
+         "betas other than the defaults, and a strong weight decay (decoupled: param -= lr * wd * param)", None),
+        (f"step 1, gradients of size ~1e-6 (every 7th exactly 0), eps=1e-8, weight_decay=0",
+         (*f32(rng.standard_normal(n), tiny, zeros, zeros), 1, 1e-3, 0.9, 0.999, 1e-8, 0.0),
+         "where eps goes: sqrt(v_hat) + eps; a zero gradient gives a zero update", None),
+        ("step 10000 (a late step: the bias corrections are ~1), param of shape (3, 4, 5), lr=5e-4, "
+         "weight_decay=0.01",
+         (*f32(rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 4, 5)), late_m, late_v), 10000, 5e-4,
+          0.9, 0.999, 1e-8, 0.01),
+         "a large step number (the step comes from the argument, not from a counter of calls)", None),
+        ("step 3, param of shape (16,), lr=1e-2 and the defaults (beta1=0.9, beta2=0.999, eps=1e-8, "
+         "weight_decay=0.0) left out of the call",
+         (*f32(rng.standard_normal(16), rng.standard_normal(16), m3, v3), 3, 1e-2),
+         "the defaults are torch.optim.AdamW's betas and eps, with weight_decay=0.0", None),
+        ("steps 1 to 6 in a row from m = v = 0 (each step's param, m, v fed to the next), param of shape (33,), "
+         "lr=3e-3, weight_decay=0.01",
+         (*f32(rng.standard_normal(33), chain, np.zeros(33), np.zeros(33)), 1, 3e-3, 0.9, 0.999, 1e-8, 0.01),
+         "several steps: the returned m and v are the ones the next step needs", _adamw_steps),
+    ]
+    cases = []
+    for what, args, note, call in specs:
+        expected = _adamw_steps(_adamw64, *args) if call else _adamw64(*args)
+        cases.append(Case(what, args, expected, note, call=call))
+
+    def compare(got, case):
+        if got is None:
+            return "your function returned None: did you forget `return param, m, v`?"
+        if not (isinstance(got, (tuple, list)) and len(got) == 3):
+            size = f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""
+            return f"expected the tuple (param, m, v) of three arrays, got {type(got).__name__}{size}"
+        param, grad, m, v = case.args[:4]
+        # m and v: relative to the size of the terms summed (beta1 * m and (1 - beta1) * grad may nearly cancel),
+        # 1e-4 because 1 - beta2 in float32 (as bertqa's kernel computes it) is off by 1.3e-5 already
+        g = float(np.max(np.abs(grad)))
+        tols = [(1e-6, 1e-6), (1e-6 * (float(np.max(np.abs(m))) + g) + 1e-30, 1e-4),
+                (1e-6 * (float(np.max(np.abs(v))) + g * g) + 1e-30, 1e-4)]
+        for name, theirs, expected, (atol, rtol) in zip(("param", "m", "v"), got, case.expected, tols):
+
+            def where(i, name=name):
+                if case.call is not None:
+                    return f"{name}{list(i)} after the last step"
+                return (f"{name}{list(i)} (inputs there: param {_fmt(param[i])}, grad {_fmt(grad[i])}, "
+                        f"m {_fmt(m[i])}, v {_fmt(v[i])})")
+
+            problem = _compare_arrays(theirs, expected, atol, rtol, where)
+            if problem:
+                return f"{name}: {problem}"
+        return ""
+
+    def kernel(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        param, m, v = (np.array(a, np.float32) for a in (param, m, v))  # copies: ops.adamw works in place
+        ops.adamw(param, np.ascontiguousarray(grad, np.float32), m, v, step, lr, beta1, beta2, eps, weight_decay)
+        return param, m, v
+
+    def on_pass(outputs):
+        yours = max(_max_error(o[0], c.expected[0]) for o, c in zip(outputs, cases))
+        theirs = max(_max_error(_apply(kernel, c, c.args)[0], c.expected[0]) for c in cases)
+        return (f"Largest difference of param from the float64 reference: yours {yours:.1e}, "
+                f"bertqa.ops.adamw (the C kernel, which updates in place) {theirs:.1e}.")
+
+    return _run("adamw", fn, cases, compare, _adamw_mistakes(),
+                "p = param - lr * weight_decay * param; m = beta1 * m + (1 - beta1) * grad; v = beta2 * v + "
+                "(1 - beta2) * grad**2; m_hat = m / (1 - beta1**step); v_hat = v / (1 - beta2**step); "
+                "return p - lr * m_hat / (sqrt(v_hat) + eps), m, v",
+                seed, verbose, on_pass, "my_adamw")
+
+
+# =============================================================================================================
+# Exercise 5: the span loss
 # =============================================================================================================
 
 
@@ -589,7 +924,7 @@ def check_span_loss(fn: Optional[Callable], seed: Optional[int] = None, verbose:
 
 
 # =============================================================================================================
-# Exercise 4: best-span decoding
+# Exercise 6: best-span decoding
 # =============================================================================================================
 
 
@@ -684,7 +1019,7 @@ def check_best_span(fn: Optional[Callable], seed: Optional[int] = None, verbose:
 
 
 # =============================================================================================================
-# Exercise 5: the SQuAD F1
+# Exercise 7: the SQuAD F1
 # =============================================================================================================
 
 _F1_FIXED = [

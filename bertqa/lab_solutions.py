@@ -31,6 +31,30 @@ def layernorm(x, weight, bias, eps=1e-12):
     return y.astype(np.float32)
 
 
+def attention(q, k, v, mask=None):
+    """BERT's self-attention, every batch row and head at once. q, k, v: [B, NH, T, HS]; mask: [B, T] of 0/1
+    (1 = real token) or None. A masked key gets -10000 added to its score, so it takes no probability."""
+    HS = q.shape[-1]
+    scores = q @ k.swapaxes(-1, -2) / math.sqrt(HS)  # [B, NH, T, T]; a Python float keeps float32 (np.sqrt: float64)
+    if mask is not None:
+        scores = scores + (1.0 - np.asarray(mask, q.dtype))[:, None, None, :] * -10000.0  # on the keys
+    scores = scores - scores.max(axis=-1, keepdims=True)  # exp cannot overflow; softmax does not change
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)            # a softmax over the keys of each query
+    return (probs @ v).astype(np.float32)                                        # [B, NH, T, HS]
+
+
+def adamw(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    """One step of torch.optim.AdamW, step counting from 1; returns new (param, m, v), the inputs unchanged."""
+    param = param - lr * weight_decay * param             # decoupled weight decay: not through the gradient
+    m = beta1 * m + (1 - beta1) * grad                    # moving averages of the gradient and its square
+    v = beta2 * v + (1 - beta2) * grad * grad
+    m_hat = m / (1 - beta1**step)                         # bias correction: m and v started at 0
+    v_hat = v / (1 - beta2**step)
+    param = param - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return param, m, v
+
+
 def span_loss(start_logits, end_logits, start_positions, end_positions):
     """(CE(start_logits, start_positions) + CE(end_logits, end_positions)) / 2, each CE the mean over the batch.
 

@@ -189,6 +189,289 @@ def test_layernorm_accepts_float32_two_pass_near_500(rng):
 
 
 # =============================================================================================================
+# Attention
+# =============================================================================================================
+
+
+def _softmax32(s, axis=-1):
+    p = np.exp(s - s.max(axis, keepdims=True))
+    return p / p.sum(axis, keepdims=True)
+
+
+def _keys_mask(mask):
+    return 0.0 if mask is None else (1.0 - mask.astype(np.float32))[:, None, None, :] * -10000.0
+
+
+def att_float32(q, k, v, mask=None):
+    return _softmax32(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]) + _keys_mask(mask)) @ v
+
+
+def att_minus_inf(q, k, v, mask=None):
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = np.where(mask[:, None, None, :] == 0, -np.inf, scores)
+    return _softmax32(scores) @ v
+
+
+def att_loops(q, k, v, mask=None):
+    B, NH, T, HS = q.shape
+    out = np.zeros_like(q)
+    for b in range(B):
+        keys = np.ones(T, bool) if mask is None else mask[b] != 0
+        for h in range(NH):
+            for i in range(T):
+                s = k[b, h, keys] @ q[b, h, i] / math.sqrt(HS)
+                w = np.exp(s - s.max())
+                out[b, h, i] = (w / w.sum()) @ v[b, h, keys]
+    return out
+
+
+def att_kernel(q, k, v, mask=None):
+    return ops.attention(q, k, v, mask)
+
+
+def att_scale_by_hs(q, k, v, mask=None):
+    return _softmax32(q @ k.transpose(0, 1, 3, 2) / q.shape[-1] + _keys_mask(mask)) @ v
+
+
+def att_no_scale(q, k, v, mask=None):
+    return _softmax32(q @ k.transpose(0, 1, 3, 2) + _keys_mask(mask)) @ v
+
+
+def att_mask_ignored(q, k, v, mask=None):
+    return _softmax32(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])) @ v
+
+
+def att_mask_inverted(q, k, v, mask=None):
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask[:, None, None, :] * -10000.0
+    return _softmax32(scores) @ v
+
+
+def att_mask_plus(q, k, v, mask=None):
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + (1 - mask[:, None, None, :]) * 10000.0
+    return _softmax32(scores) @ v
+
+
+def att_mask_on_queries(q, k, v, mask=None):
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + (1 - mask[:, None, :, None]) * -10000.0
+    return _softmax32(scores) @ v
+
+
+def att_softmax_over_queries(q, k, v, mask=None):
+    return _softmax32(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]) + _keys_mask(mask), axis=-2) @ v
+
+
+def att_no_max(q, k, v, mask=None):
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]) + _keys_mask(mask)
+    p = np.exp(scores)
+    return p / p.sum(-1, keepdims=True) @ v
+
+
+def att_mask_after_softmax(q, k, v, mask=None):
+    p = _softmax32(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]))
+    if mask is not None:
+        p = p * mask[:, None, None, :]
+    return p @ v
+
+
+def att_merged_heads(q, k, v, mask=None):
+    B, NH, T, HS = q.shape
+    return att_float32(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
+
+
+def att_mask_required(q, k, v, mask):
+    return _softmax32(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+                      + (1 - mask[:, None, None, :]) * -10000.0) @ v
+
+
+def att_scales_q_in_place(q, k, v, mask=None):
+    q /= np.sqrt(q.shape[-1])
+    return _softmax32(q @ k.transpose(0, 1, 3, 2) + _keys_mask(mask)) @ v
+
+
+def att_float16(q, k, v, mask=None):
+    return att_float32(q, k, v, mask).astype(np.float16)
+
+
+@pytest.mark.parametrize("fn", [lab_solutions.attention, att_float32, att_minus_inf, att_loops, att_kernel])
+def test_attention_accepts(fn, seeds):
+    accepts(lab.check_attention, fn, seeds)
+
+
+@pytest.mark.parametrize("fn, hint", [
+    (att_scale_by_hs, "wrong scale"), (att_no_scale, "wrong scale"), (att_mask_ignored, "mask ignored"),
+    (att_mask_inverted, "wrong way round"), (att_mask_plus, "wrong sign"), (att_mask_on_queries, "on the queries"),
+    (att_softmax_over_queries, "wrong axis"), (att_no_max, "overflows"), (att_mask_after_softmax, "before the softmax"),
+    (att_merged_heads, "shape"), (att_mask_required, "TypeError"), (att_scales_q_in_place, "in place"),
+    (att_float16, None),
+])
+def test_attention_rejects(fn, hint, seeds):
+    rejects(lab.check_attention, fn, seeds, hint)
+
+
+def test_attention_accepts_float32_on_many_seeds(rng):
+    """The tolerance allows what float32 can do: a plain float32 NumPy attention passes on many seeds."""
+    for seed in rng.integers(0, 2**31, 40):
+        assert lab.check_attention(att_float32, seed=int(seed), verbose=False).passed
+
+
+# =============================================================================================================
+# AdamW
+# =============================================================================================================
+
+
+def adam_float64(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    p, g = param.astype(np.float64), grad.astype(np.float64)
+    return lab_solutions.adamw(p, g, m.astype(np.float64), v.astype(np.float64), step, lr, beta1, beta2, eps,
+                               weight_decay)
+
+
+def adam_torch_form(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    """As torch.optim.AdamW writes it: step_size = lr / bias_correction1, denom = sqrt(v) / sqrt(bc2) + eps."""
+    param = param * (1 - lr * weight_decay)
+    m = m * beta1 + grad * (1 - beta1)
+    v = v * beta2 + grad * grad * (1 - beta2)
+    denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + eps
+    return param - lr / (1 - beta1**step) * m / denom, m, v
+
+
+def adam_kernel(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    param, m, v = param.copy(), m.copy(), v.copy()
+    ops.adamw(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)
+    return param, m, v
+
+
+def _adam(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    param = param - lr * weight_decay * param
+    m = beta1 * m + (1 - beta1) * grad
+    v = beta2 * v + (1 - beta2) * grad**2
+    return param - lr * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + eps), m, v
+
+
+def adam_no_bias_correction(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    param = param - lr * weight_decay * param
+    m = beta1 * m + (1 - beta1) * grad
+    v = beta2 * v + (1 - beta2) * grad**2
+    return param - lr * m / (np.sqrt(v) + eps), m, v
+
+
+def adam_l2(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    return _adam(param, grad + weight_decay * param, m, v, step, lr, beta1, beta2, eps, 0.0)
+
+
+def adam_step_from_0(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    return _adam(param, grad, m, v, step + 1, lr, beta1, beta2, eps, weight_decay)
+
+
+def adam_eps_inside(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    param = param - lr * weight_decay * param
+    m = beta1 * m + (1 - beta1) * grad
+    v = beta2 * v + (1 - beta2) * grad**2
+    return param - lr * (m / (1 - beta1**step)) / np.sqrt(v / (1 - beta2**step) + eps), m, v
+
+
+def adam_no_eps(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    return _adam(param, grad, m, v, step, lr, beta1, beta2, 0.0, weight_decay)
+
+
+def adam_returns_corrected(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    param = param - lr * weight_decay * param
+    m = (beta1 * m + (1 - beta1) * grad) / (1 - beta1**step)
+    v = (beta2 * v + (1 - beta2) * grad**2) / (1 - beta2**step)
+    return param - lr * m / (np.sqrt(v) + eps), m, v
+
+
+def adam_decay_without_lr(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    new, m, v = _adam(param, grad, m, v, step, lr, beta1, beta2, eps, 0.0)
+    return new - weight_decay * param, m, v
+
+
+def adam_decay_after(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    new, m, v = _adam(param, grad, m, v, step, lr, beta1, beta2, eps, 0.0)
+    return new * (1 - lr * weight_decay), m, v
+
+
+def adam_in_place(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    ops.adamw(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)
+    return param, m, v
+
+
+def _counter():
+    calls = [0]
+
+    def adam_own_counter(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        calls[0] += 1  # counts its own calls instead of using `step`
+        return _adam(param, grad, m, v, calls[0], lr, beta1, beta2, eps, weight_decay)
+    return adam_own_counter
+
+
+def adam_fixed_betas(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    return _adam(param, grad, m, v, step, lr, 0.9, 0.999, eps, weight_decay)
+
+
+def adam_torch_default_decay(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
+    return _adam(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)
+
+
+def adam_param_only(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    return _adam(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)[0]
+
+
+def adam_swapped_moments(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    param, m, v = _adam(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)
+    return param, v, m
+
+
+@pytest.mark.parametrize("fn", [lab_solutions.adamw, adam_float64, adam_torch_form, adam_kernel])
+def test_adamw_accepts(fn, seeds):
+    accepts(lab.check_adamw, fn, seeds)
+
+
+@pytest.mark.parametrize("fn, hint", [
+    (adam_no_bias_correction, "no bias correction"), (adam_l2, "L2 added to the gradient"),
+    (adam_step_from_0, "step counts from 1"), (adam_eps_inside, "outside the square root"),
+    (adam_no_eps, "add eps to the denominator"), (adam_returns_corrected, "not the bias-corrected"),
+    (adam_decay_without_lr, "scaled by the learning rate"), (adam_decay_after, "before this step"),
+    (adam_in_place, "in place"), (adam_fixed_betas, None), (adam_torch_default_decay, None),
+    (adam_param_only, "tuple (param, m, v)"), (adam_swapped_moments, None),
+])
+def test_adamw_rejects(fn, hint, seeds):
+    rejects(lab.check_adamw, fn, seeds, hint)
+
+
+def test_adamw_rejects_a_step_counter_of_its_own(seeds):
+    for seed in seeds:  # a fresh counter per run: it is right at step 1, wrong from the first later step
+        assert not lab.check_adamw(_counter(), seed=seed, verbose=False).passed
+
+
+def test_adamw_accepts_float32_on_many_seeds(rng):
+    for seed in rng.integers(0, 2**31, 40):
+        assert lab.check_adamw(lab_solutions.adamw, seed=int(seed), verbose=False).passed
+        assert lab.check_adamw(adam_kernel, seed=int(seed), verbose=False).passed
+
+
+def test_adamw_several_steps_feed_each_step_the_last():
+    """The multi-step case calls the learner's function once per step with what the previous call returned."""
+    seen = []
+
+    def spy(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        seen.append((step, m.copy()))
+        return lab_solutions.adamw(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)
+
+    assert lab.check_adamw(spy, seed=0, verbose=False).passed
+    steps = [s for s, _ in seen]
+    k = steps.index(1, len(steps) - 6)
+    assert steps[k:] == [1, 2, 3, 4, 5, 6]
+    assert not seen[k][1].any() and seen[k + 1][1].any()  # m starts at 0, then is the returned one
+
+
+# =============================================================================================================
 # Span loss
 # =============================================================================================================
 
@@ -449,7 +732,8 @@ def test_f1_rejects(fn, hint, seeds):
 # The machinery: unattempted exercises, errors, solutions mode, replay, helpers
 # =============================================================================================================
 
-CHECKS = [lab.check_gelu, lab.check_layernorm, lab.check_span_loss, lab.check_best_span, lab.check_f1]
+CHECKS = [lab.check_gelu, lab.check_layernorm, lab.check_attention, lab.check_adamw, lab.check_span_loss,
+          lab.check_best_span, lab.check_f1]
 
 
 def not_written(*args):

@@ -19,7 +19,7 @@ NOTEBOOK = REPO / "notebooks" / "bert_qa_lab.ipynb"
 SECTIONS = ["Setup and hardware check", "The data", "Tokens and windows", "The kernels", "The pretrained model",
             "Fine-tuning", "Evaluation", "Save in the Hugging Face format", "Deploy locally",
             "Train on Amazon SageMaker", "Deploy to Amazon SageMaker", "Clean up"]
-EXERCISES = ["my_gelu", "my_layernorm", "my_span_loss", "my_best_span", "my_f1"]
+EXERCISES = ["my_gelu", "my_layernorm", "my_attention", "my_adamw", "my_span_loss", "my_best_span", "my_f1"]
 
 
 def load_json():
