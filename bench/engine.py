@@ -70,8 +70,15 @@ def ragged_lengths(rng, B, T):
     return lengths
 
 
-def timed(fn, reps):
-    fn()  # warm-up: arena allocation, page faults, thread start-up
+def timed(fn, reps, warmup_s=1.0):
+    """Median seconds of fn over reps calls, after warm-up calls for at least warmup_s (and at least one):
+    arena allocation, page faults, thread start-up. One call was not enough for ONNX Runtime: a fresh session's
+    first ~10 calls at B=1 took 61, 43, 36, ... ms before settling at 33 (2026-12-02), which made its
+    separate-process figure look 1.5x slower than bertqa when the two were level in the same process."""
+    t_end = time.perf_counter() + warmup_s
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
