@@ -131,7 +131,8 @@ static PyObject *engine_arena_bytes(Engine *self, PyObject *noargs) {
 static PyObject *engine_profile(Engine *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"reset", NULL};
     int reset = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p:profile", kwlist, &reset)) return NULL;
+    if (!bq_engine_ready(&self->base, 0) || !PyArg_ParseTupleAndKeywords(args, kwargs, "|p:profile", kwlist, &reset))
+        return NULL;
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     bq_lock_wait(self->base.lock);
@@ -151,6 +152,7 @@ static PyObject *engine_profile(Engine *self, PyObject *args, PyObject *kwargs) 
 }
 
 static PyObject *engine_release_arena(Engine *self, PyObject *noargs) {
+    if (!bq_engine_ready(&self->base, 0)) return NULL;
     bq_lock_wait(self->base.lock);
     free(self->model.arena);
     self->model.arena = NULL;
