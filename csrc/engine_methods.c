@@ -56,7 +56,7 @@ PyObject *bq_engine_adamw_step(bq_engine *e, PyObject *args, PyObject *kw) {
     bq_adamw_step_args a;
     int ntensors;
     if (!bq_engine_ready(e, 1)) return NULL;
-    e->backend->offsets(e->model, &ntensors);
+    e->backend->offsets(e->model, &ntensors);   /* decay and lr_scale hold one entry per tensor */
     if (!bq_parse_adamw_step(args, kw, ntensors, &a)) return NULL;
     double norm = 0.0;
     int st;

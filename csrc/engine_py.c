@@ -3,7 +3,9 @@
  * The four flat buffers (parameters, gradients, Adam m and v) are NumPy float32 arrays that Python creates and
  * the engine holds references to, so Python sees named tensors as zero-copy views for loading and saving.
  * One call = one forward (or forward + backward, or optimizer step) with the GIL released; a per-engine lock
- * serialises calls from several threads, since they share the activation arena.
+ * serialises calls from several threads, since they share the activation arena. forward, forward_backward,
+ * adamw_step and tensor_sizes are engine_methods.c's, shared with bertqa._cuda.Engine, through cpu_backend below;
+ * arena_bytes, profile and release_arena are this engine's own.
  */
 #include "pymodule.h"
 #include "engine_methods.h"
