@@ -3,10 +3,10 @@ with plain setuptools.
 
 bertqa._cuda is a separate extension, so `import bertqa` and the CPU engine never need the CUDA libraries: the
 package imports it only when device="cuda" is asked for. Its .cu files are compiled by nvcc (in parallel, for
-sm_80 and sm_90 plus PTX for newer GPUs), its CPython glue (cuda/module.c, and csrc/pyargs.c, the argument checks
-bertqa._C uses too) by the C compiler, and it links the CUDA runtime statically and cuBLASLt/cuBLAS dynamically
-(rpath to the toolkit's lib64). The toolkit is CUDA_HOME, else
-/usr/local/cuda, else the nvcc on PATH; a compile error fails the build.
+sm_80 and sm_90 plus PTX for newer GPUs), its CPython glue (cuda/module.c, and csrc/pyargs.c and
+csrc/engine_methods.c, the argument checks and Engine methods bertqa._C uses too) by the C compiler, and it links
+the CUDA runtime statically and cuBLASLt/cuBLAS dynamically (rpath to the toolkit's lib64). The toolkit is
+CUDA_HOME, else /usr/local/cuda, else the nvcc on PATH; a compile error fails the build.
 
 Environment switches:
   BERTQA_SANITIZE=1    build with AddressSanitizer + UndefinedBehaviorSanitizer (see README: run the tests with
@@ -127,7 +127,8 @@ class BuildExt(build_ext):
         if not getattr(ext, "cuda_sources", None):
             return super().build_extension(ext)
         ext.extra_objects = self.compile_cuda(ext)
-        # csrc/pyargs.c is compiled into both extensions with each one's flags: keep the two objects apart
+        # csrc/pyargs.c and engine_methods.c are compiled into both extensions with each one's flags: keep the
+        # two sets of objects apart
         build_temp, self.build_temp = self.build_temp, str(Path(self.build_temp) / "bertqa_cuda")
         try:
             super().build_extension(ext)
@@ -184,10 +185,12 @@ def cuda_extension(home):
     nccl_h = nccl_include(home)
     ext = Extension(
         "bertqa._cuda",
-        # nccl.c dlopen()s libnccl at run time: no -lnccl; csrc/pyargs.c: the argument checks bertqa._C shares
-        sources=["cuda/module.c", "cuda/nccl.c", "csrc/pyargs.c"],
+        # nccl.c dlopen()s libnccl at run time: no -lnccl; csrc/pyargs.c, csrc/engine_methods.c: the argument
+        # checks and the Engine methods bertqa._C shares
+        sources=["cuda/module.c", "cuda/nccl.c", "csrc/pyargs.c", "csrc/engine_methods.c"],
         depends=sorted(str(p) for p in list(Path("cuda").glob("*.cu")) + list(Path("cuda").glob("*.cuh")) +
-                       list(Path("cuda").glob("*.h"))) + ["csrc/bertqa.h", "csrc/model.h", "csrc/pyargs.h"],
+                       list(Path("cuda").glob("*.h"))) +
+                ["csrc/bertqa.h", "csrc/model.h", "csrc/pyargs.h", "csrc/engine_methods.h"],
         include_dirs=["cuda", "csrc", numpy.get_include(), str(Path(home) / "include")] + [nccl_h] * bool(nccl_h),
         library_dirs=[str(lib)],
         libraries=["cublasLt", "cublas", "cudart_static", "stdc++", "dl", "rt", "pthread", "m"],

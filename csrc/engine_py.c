@@ -3,29 +3,75 @@
  * The four flat buffers (parameters, gradients, Adam m and v) are NumPy float32 arrays that Python creates and
  * the engine holds references to, so Python sees named tensors as zero-copy views for loading and saving.
  * One call = one forward (or forward + backward, or optimizer step) with the GIL released; a per-engine lock
- * serialises calls from several threads, since they share the activation arena.
+ * serialises calls from several threads, since they share the activation arena. forward, forward_backward,
+ * adamw_step and tensor_sizes are engine_methods.c's, shared with bertqa._cuda.Engine, through cpu_backend below;
+ * arena_bytes, profile and release_arena are this engine's own.
  */
 #include "pymodule.h"
+#include "engine_methods.h"
 #include <stdlib.h>
 
 #include "bertqa.h"
 #include "model.h"
 
 typedef struct {
-    PyObject_HEAD
+    bq_engine base;                          /* base.model = &model once initialised */
     bq_model model;
     PyArrayObject *params, *grads, *m, *v;   /* owned; grads/m/v may be NULL (inference) */
-    PyThread_type_lock lock;
-    int ready;
 } Engine;
 
+/* ---- the backend for engine_methods.c ---------------------------------------------------------------------- */
+
+static int cpu_training(const void *model) { return ((const bq_model *)model)->grads != NULL; }
+
+static const size_t *cpu_offsets(const void *model, int *ntensors) {
+    const bq_model *m = model;
+    *ntensors = m->ntensors;
+    return m->offsets;
+}
+
+static int cpu_forward(void *model, const bq_batch *b, float *start, float *end) {
+    return bq_forward(model, I64(b->ids), b->types ? I64(b->types) : NULL, b->mask ? F(b->mask) : NULL, b->B, b->T,
+                      0, 0, 0, NULL, start, end);
+}
+
+static int cpu_forward_backward(void *model, const bq_train_batch *t, float *loss) {
+    const bq_batch *b = &t->batch;
+    const int64_t *types = b->types ? I64(b->types) : NULL, *win = t->window_ids ? I64(t->window_ids) : NULL;
+    const float *mask = b->mask ? F(b->mask) : NULL;
+    int st = bq_forward(model, I64(b->ids), types, mask, b->B, b->T, 1, t->seed, t->step, win, NULL, NULL);
+    if (!st)
+        st = bq_backward(model, I64(b->ids), types, mask, I64(t->start_positions), I64(t->end_positions), t->seed,
+                         t->step, win, (float)t->loss_scale, loss);
+    return st;
+}
+
+/* the CPU step cannot fail once its arguments are checked */
+static int cpu_adamw_step(void *model, const bq_adamw_step_args *a, double *norm) {
+    *norm = bq_adamw_step(model, a->decay, a->lr_scale, (float)a->lr, (float)a->beta1, (float)a->beta2,
+                          (float)a->eps, (float)a->weight_decay, (float)a->max_grad_norm, a->step);
+    return 0;
+}
+
+static const bq_engine_backend cpu_backend = {
+    .inference_only = "this Engine was built for inference (no grads, m, v buffers)",
+    .training = cpu_training,
+    .offsets = cpu_offsets,
+    .forward = cpu_forward,
+    .forward_backward = cpu_forward_backward,
+    .adamw_step = cpu_adamw_step,
+    .raise = status_error,
+};
+
+/* ---- the type ----------------------------------------------------------------------------------------------- */
+
 static void engine_dealloc(Engine *self) {
-    if (self->ready) bq_model_free(&self->model);
+    if (self->base.model) bq_model_free(&self->model);
     Py_XDECREF(self->params);
     Py_XDECREF(self->grads);
     Py_XDECREF(self->m);
     Py_XDECREF(self->v);
-    if (self->lock) PyThread_free_lock(self->lock);
+    if (self->base.lock) PyThread_free_lock(self->base.lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -39,7 +85,7 @@ static int flat_arg(PyObject *obj, const char *name, size_t n, int optional, PyA
 static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"config", "params", "grads", "m", "v", NULL};
     PyObject *cfg, *po, *go = Py_None, *mo = Py_None, *vo = Py_None;
-    if (self->ready) {
+    if (self->base.model) {
         PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
         return -1;
     }
@@ -64,7 +110,7 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "pass grads, m and v together (training) or none of them (inference)");
         return -1;
     }
-    if (!(self->lock = PyThread_allocate_lock())) {
+    if (!(self->base.lock = PyThread_allocate_lock())) {
         PyErr_NoMemory();
         return -1;
     }
@@ -74,91 +120,10 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
         status_error(st, "Engine");
         return -1;
     }
-    self->ready = 1;
+    self->base.backend = &cpu_backend;
+    self->base.cfg = c;
+    self->base.model = &self->model;
     return 0;
-}
-
-static int check_ready(Engine *self, int training) {
-    if (!self->ready) {
-        PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised");
-        return 0;
-    }
-    if (training && !self->grads) {
-        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference (no grads, m, v buffers)");
-        return 0;
-    }
-    return 1;
-}
-
-static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
-    PyObject *result = NULL;
-    bq_batch b = {0};
-    PyArrayObject *start = NULL, *end = NULL;
-    if (!check_ready(self, 0) || !bq_parse_forward(args, kw, &self->model.cfg, &b) || !bq_new_logits(&b, &start, &end))
-        goto done;
-    int st;
-    bq_lock_wait(self->lock);
-    Py_BEGIN_ALLOW_THREADS
-    st = bq_forward(&self->model, I64(b.ids), b.types ? I64(b.types) : NULL, b.mask ? F(b.mask) : NULL, b.B, b.T, 0,
-                    0, 0, NULL, F(start), F(end));
-    Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
-    if (st) { status_error(st, "Engine.forward"); goto done; }
-    result = Py_BuildValue("(OO)", start, end);
-done:
-    bq_batch_release(&b);
-    Py_XDECREF(start);
-    Py_XDECREF(end);
-    return result;
-}
-
-static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
-    PyObject *result = NULL;
-    bq_train_batch t = {0};
-    if (!check_ready(self, 1) || !bq_parse_forward_backward(args, kw, &self->model.cfg, &t)) goto done;
-    const bq_batch *b = &t.batch;
-    const int64_t *types = b->types ? I64(b->types) : NULL, *win = t.window_ids ? I64(t.window_ids) : NULL;
-    const float *mask = b->mask ? F(b->mask) : NULL;
-    int st;
-    float loss = 0.0f;
-    bq_lock_wait(self->lock);
-    Py_BEGIN_ALLOW_THREADS
-    st = bq_forward(&self->model, I64(b->ids), types, mask, b->B, b->T, 1, t.seed, t.step, win, NULL, NULL);
-    if (!st)
-        st = bq_backward(&self->model, I64(b->ids), types, mask, I64(t.start_positions), I64(t.end_positions), t.seed,
-                         t.step, win, (float)t.loss_scale, &loss);
-    Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
-    if (st) { status_error(st, "Engine.forward_backward"); goto done; }
-    result = PyFloat_FromDouble(loss);
-done:
-    bq_train_batch_release(&t);
-    return result;
-}
-
-static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
-    bq_adamw_step_args a;
-    if (!check_ready(self, 1) || !bq_parse_adamw_step(args, kw, self->model.ntensors, &a)) return NULL;
-    double norm;
-    bq_lock_wait(self->lock);
-    Py_BEGIN_ALLOW_THREADS
-    norm = bq_adamw_step(&self->model, a.decay, a.lr_scale, (float)a.lr, (float)a.beta1, (float)a.beta2, (float)a.eps,
-                         (float)a.weight_decay, (float)a.max_grad_norm, a.step);
-    Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
-    return PyFloat_FromDouble(norm);
-}
-
-static PyObject *engine_tensor_sizes(Engine *self, PyObject *noargs) {
-    if (!check_ready(self, 0)) return NULL;
-    PyObject *list = PyList_New(self->model.ntensors);
-    if (!list) return NULL;
-    for (int i = 0; i < self->model.ntensors; i++) {
-        PyObject *n = PyLong_FromSize_t(self->model.offsets[i + 1] - self->model.offsets[i]);
-        if (!n) { Py_DECREF(list); return NULL; }
-        PyList_SET_ITEM(list, i, n);
-    }
-    return list;
 }
 
 static PyObject *engine_arena_bytes(Engine *self, PyObject *noargs) {
@@ -168,53 +133,55 @@ static PyObject *engine_arena_bytes(Engine *self, PyObject *noargs) {
 static PyObject *engine_profile(Engine *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"reset", NULL};
     int reset = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p:profile", kwlist, &reset)) return NULL;
+    if (!bq_engine_ready(&self->base, 0) || !PyArg_ParseTupleAndKeywords(args, kwargs, "|p:profile", kwlist, &reset))
+        return NULL;
     PyObject *d = PyDict_New();
     if (!d) return NULL;
-    bq_lock_wait(self->lock);
+    bq_lock_wait(self->base.lock);
     for (int i = 0; i < BQ_PROF_N; i++) {
         PyObject *v = PyFloat_FromDouble(self->model.prof[i]);
         if (!v || PyDict_SetItemString(d, bq_prof_names[i], v) < 0) {
             Py_XDECREF(v);
             Py_DECREF(d);
-            PyThread_release_lock(self->lock);
+            PyThread_release_lock(self->base.lock);
             return NULL;
         }
         Py_DECREF(v);
         if (reset) self->model.prof[i] = 0.0;
     }
-    PyThread_release_lock(self->lock);
+    PyThread_release_lock(self->base.lock);
     return d;
 }
 
 static PyObject *engine_release_arena(Engine *self, PyObject *noargs) {
-    bq_lock_wait(self->lock);
+    if (!bq_engine_ready(&self->base, 0)) return NULL;
+    bq_lock_wait(self->base.lock);
     free(self->model.arena);
     self->model.arena = NULL;
     self->model.arena_floats = 0;
     self->model.train = 0;
-    PyThread_release_lock(self->lock);
+    PyThread_release_lock(self->base.lock);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef engine_methods[] = {
-    {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
+    {"forward", (PyCFunction)(void (*)(void))bq_engine_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(input_ids, token_type_ids=None, attention_mask=None)\n--\n\n"
      "Eval-mode forward: int [B,T] ids -> (start_logits, end_logits), float32 [B,T]; -inf after each row's last "
      "real token (padding is not computed)."},
-    {"forward_backward", (PyCFunction)(void (*)(void))engine_forward_backward, METH_VARARGS | METH_KEYWORDS,
+    {"forward_backward", (PyCFunction)(void (*)(void))bq_engine_forward_backward, METH_VARARGS | METH_KEYWORDS,
      "forward_backward(input_ids, token_type_ids, attention_mask, start_positions, end_positions, seed=0, step=0, "
      "loss_scale=1.0, window_ids=None)\n--\n\n"
      "Train-mode forward and backward; gradients ADD into grads (times loss_scale). Dropout masks are keyed by "
      "(seed, step, window, position, feature): window_ids int [B] (default 0..B-1) names each row's window, so a "
      "window draws the same masks in any batch. Returns the loss."},
-    {"adamw_step", (PyCFunction)(void (*)(void))engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
+    {"adamw_step", (PyCFunction)(void (*)(void))bq_engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
      "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, "
      "lr_scale=None)\n--\n\n"
      "Global-norm clipping (max_grad_norm <= 0: none) and one AdamW step; decay[i] marks tensors with weight "
      "decay; lr_scale (float32 [ntensors], None: all 1) multiplies the learning rate of each tensor (layer-wise "
      "decay). Returns the gradient norm before clipping; a non-finite norm leaves everything unchanged."},
-    {"tensor_sizes", (PyCFunction)engine_tensor_sizes, METH_NOARGS,
+    {"tensor_sizes", (PyCFunction)bq_engine_tensor_sizes, METH_NOARGS,
      "tensor_sizes()\n--\n\nElement counts of the parameter tensors in buffer order."},
     {"arena_bytes", (PyCFunction)engine_arena_bytes, METH_NOARGS,
      "arena_bytes()\n--\n\nBytes of the activation arena now allocated."},

@@ -19,6 +19,7 @@
  * the CUDA error string and file:line).
  */
 #include "pyargs.h"   /* csrc/pyargs.c, linked into this module too: the argument checks both engines share */
+#include "engine_methods.h"   /* csrc/engine_methods.c, linked in too: the Engine methods both engines share */
 
 #include <structmember.h>
 
@@ -48,33 +49,64 @@ static int parse_precision(const char *s, int *out) {
 /* ---- Engine ---------------------------------------------------------------------------------------------- */
 
 typedef struct {
-    PyObject_HEAD
-    bq_cuda_model *model;
-    bq_config cfg;
-    PyThread_type_lock lock;
+    bq_engine base;   /* base.model: the bq_cuda_model, once initialised */
     int device;
 } Engine;
 
+/* ---- the backend for csrc/engine_methods.c (Engine.forward, forward_backward, adamw_step, tensor_sizes) ---- */
+
+static int cuda_training(const void *model) { return bq_cuda_model_training(model); }
+
+static const size_t *cuda_offsets(const void *model, int *ntensors) {
+    *ntensors = bq_cuda_model_ntensors(model);
+    return bq_cuda_model_offsets(model);
+}
+
+static int cuda_forward(void *model, const bq_batch *b, float *start, float *end) {
+    return bq_cuda_forward(model, I64(b->ids), I64N(b->types), FN(b->mask), NULL, b->B, b->T, 0, 0, 0, start, end);
+}
+
+static int cuda_forward_backward(void *model, const bq_train_batch *t, float *loss) {
+    const bq_batch *b = &t->batch;
+    int st = bq_cuda_forward(model, I64(b->ids), I64N(b->types), FN(b->mask), I64N(t->window_ids), b->B, b->T, 1,
+                             t->seed, t->step, NULL, NULL);
+    if (!st)
+        st = bq_cuda_backward(model, I64(b->ids), I64N(b->types), I64(t->start_positions), I64(t->end_positions),
+                              t->seed, t->step, (float)t->loss_scale, loss);
+    return st;
+}
+
+static int cuda_adamw_step(void *model, const bq_adamw_step_args *a, double *norm) {
+    return bq_cuda_adamw_step(model, a->decay, a->lr_scale, (float)a->lr, (float)a->beta1, (float)a->beta2,
+                              (float)a->eps, (float)a->weight_decay, (float)a->max_grad_norm, a->step, norm);
+}
+
+static const bq_engine_backend cuda_backend = {
+    .inference_only = "this Engine was built for inference: call enable_training() first",
+    .training = cuda_training,
+    .offsets = cuda_offsets,
+    .forward = cuda_forward,
+    .forward_backward = cuda_forward_backward,
+    .adamw_step = cuda_adamw_step,
+    .raise = raise_status,
+};
+
+/* ---- the type ----------------------------------------------------------------------------------------------- */
+
 static void engine_dealloc(Engine *self) {
-    if (self->model) bq_cuda_model_free(self->model);
-    if (self->lock) PyThread_free_lock(self->lock);
+    if (self->base.model) bq_cuda_model_free(self->base.model);
+    if (self->base.lock) PyThread_free_lock(self->base.lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int ready(Engine *self) {
-    if (!self->model) {
-        PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised");
-        return 0;
-    }
-    return 1;
-}
+static int ready(Engine *self) { return bq_engine_ready(&self->base, 0); }
 
 static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"config", "params", "training", "precision", "device", NULL};
     PyObject *cfg, *po;
     int training = 0, device = 0, precision;
     const char *prec = "bf16";
-    if (self->model) {
+    if (self->base.model) {
         PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
         return -1;
     }
@@ -89,7 +121,7 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
                (size_t)c.L * (4 * ((size_t)c.C * c.C + c.C) + 2 * (size_t)c.FF * c.C + c.FF + c.C + 4 * (size_t)c.C);
     PyArrayObject *params;
     if (!f32_sized(po, "params", 1, n, "the model's parameter count", 0, 0, &params)) return -1;
-    if (!(self->lock = PyThread_allocate_lock())) {
+    if (!(self->base.lock = PyThread_allocate_lock())) {
         PyErr_NoMemory();
         return -1;
     }
@@ -107,79 +139,11 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "bertqa internal error: CUDA engine parameter count mismatch");
         return -1;
     }
-    self->model = m;
-    self->cfg = c;
+    self->base.backend = &cuda_backend;
+    self->base.cfg = c;
+    self->base.model = m;
     self->device = device;
     return 0;
-}
-
-static int training_ready(Engine *self) {
-    if (!ready(self)) return 0;
-    if (!bq_cuda_model_training(self->model)) {
-        PyErr_SetString(PyExc_RuntimeError, "this Engine was built for inference: call enable_training() first");
-        return 0;
-    }
-    return 1;
-}
-
-/* Engine.forward / forward_backward / adamw_step take the CPU engine's arguments (csrc/pyargs.c parses both) */
-static PyObject *engine_forward(Engine *self, PyObject *args, PyObject *kw) {
-    PyObject *result = NULL;
-    bq_batch b = {0};
-    PyArrayObject *start = NULL, *end = NULL;
-    if (!ready(self) || !bq_parse_forward(args, kw, &self->cfg, &b) || !bq_new_logits(&b, &start, &end)) goto done;
-    int st;
-    bq_lock_wait(self->lock);
-    Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_forward(self->model, I64(b.ids), I64N(b.types), FN(b.mask), NULL, b.B, b.T, 0, 0, 0, F(start),
-                         F(end));
-    Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
-    if (st) { raise_status(st, "Engine.forward"); goto done; }
-    result = Py_BuildValue("(OO)", start, end);
-done:
-    bq_batch_release(&b);
-    Py_XDECREF(start);
-    Py_XDECREF(end);
-    return result;
-}
-
-static PyObject *engine_forward_backward(Engine *self, PyObject *args, PyObject *kw) {
-    PyObject *result = NULL;
-    bq_train_batch t = {0};
-    if (!training_ready(self) || !bq_parse_forward_backward(args, kw, &self->cfg, &t)) goto done;
-    const bq_batch *b = &t.batch;
-    int st;
-    float loss = 0.0f;
-    bq_lock_wait(self->lock);
-    Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_forward(self->model, I64(b->ids), I64N(b->types), FN(b->mask), I64N(t.window_ids), b->B, b->T, 1,
-                         t.seed, t.step, NULL, NULL);
-    if (!st)
-        st = bq_cuda_backward(self->model, I64(b->ids), I64N(b->types), I64(t.start_positions), I64(t.end_positions),
-                              t.seed, t.step, (float)t.loss_scale, &loss);
-    Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
-    if (st) { raise_status(st, "Engine.forward_backward"); goto done; }
-    result = PyFloat_FromDouble(loss);
-done:
-    bq_train_batch_release(&t);
-    return result;
-}
-
-static PyObject *engine_adamw_step(Engine *self, PyObject *args, PyObject *kw) {
-    bq_adamw_step_args a;
-    if (!training_ready(self) || !bq_parse_adamw_step(args, kw, bq_cuda_model_ntensors(self->model), &a)) return NULL;
-    double norm = 0.0;
-    int st;
-    bq_lock_wait(self->lock);
-    Py_BEGIN_ALLOW_THREADS
-    st = bq_cuda_adamw_step(self->model, a.decay, a.lr_scale, (float)a.lr, (float)a.beta1, (float)a.beta2,
-                            (float)a.eps, (float)a.weight_decay, (float)a.max_grad_norm, a.step, &norm);
-    Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
-    if (st) return raise_status(st, "Engine.adamw_step");
-    return PyFloat_FromDouble(norm);
 }
 
 typedef int (*model_fn)(bq_cuda_model *);
@@ -187,11 +151,11 @@ typedef int (*model_fn)(bq_cuda_model *);
 static PyObject *engine_call0(Engine *self, model_fn fn, const char *what) {
     if (!ready(self)) return NULL;
     int st;
-    bq_lock_wait(self->lock);
+    bq_lock_wait(self->base.lock);
     Py_BEGIN_ALLOW_THREADS
-    st = fn(self->model);
+    st = fn(self->base.model);
     Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
+    PyThread_release_lock(self->base.lock);
     if (st) return raise_status(st, what);
     Py_RETURN_NONE;
 }
@@ -224,53 +188,40 @@ static PyObject *engine_copy(Engine *self, PyObject *args, int to_device) {
     if (!ready(self) || !PyArg_ParseTuple(args, "sO", &name, &ao)) return NULL;
     const int which = buffer_number(name);
     PyArrayObject *a;
-    if (which < 0 || !f32_sized(ao, to_device ? "array" : "out", 0, bq_cuda_model_nparams(self->model), "the model's parameter count",
-                                   !to_device, 0, &a))
+    if (which < 0 || !f32_sized(ao, to_device ? "array" : "out", 0, bq_cuda_model_nparams(self->base.model),
+                                "the model's parameter count", !to_device, 0, &a))
         return NULL;
     int st;
-    bq_lock_wait(self->lock);
+    bq_lock_wait(self->base.lock);
     Py_BEGIN_ALLOW_THREADS
-    st = to_device ? bq_cuda_model_upload(self->model, which, F(a)) : bq_cuda_model_download(self->model, which, F(a));
+    st = to_device ? bq_cuda_model_upload(self->base.model, which, F(a))
+                   : bq_cuda_model_download(self->base.model, which, F(a));
     Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
+    PyThread_release_lock(self->base.lock);
     if (st) return raise_status(st, to_device ? "Engine.upload" : "Engine.download");
     Py_RETURN_NONE;
 }
 static PyObject *engine_download(Engine *self, PyObject *args) { return engine_copy(self, args, 0); }
 static PyObject *engine_upload(Engine *self, PyObject *args) { return engine_copy(self, args, 1); }
 
-static PyObject *engine_tensor_sizes(Engine *self, PyObject *noargs) {
-    if (!ready(self)) return NULL;
-    const int nt = bq_cuda_model_ntensors(self->model);
-    const size_t *off = bq_cuda_model_offsets(self->model);
-    PyObject *list = PyList_New(nt);
-    if (!list) return NULL;
-    for (int i = 0; i < nt; i++) {
-        PyObject *n = PyLong_FromSize_t(off[i + 1] - off[i]);
-        if (!n) { Py_DECREF(list); return NULL; }
-        PyList_SET_ITEM(list, i, n);
-    }
-    return list;
-}
-
 static PyObject *engine_arena_bytes(Engine *self, PyObject *noargs) {
     if (!ready(self)) return NULL;
-    return PyLong_FromSize_t(bq_cuda_model_arena_bytes(self->model));
+    return PyLong_FromSize_t(bq_cuda_model_arena_bytes(self->base.model));
 }
 
 static PyObject *engine_get_precision(Engine *self, void *closure) {
     if (!ready(self)) return NULL;
-    return PyUnicode_FromString(bq_cuda_model_precision(self->model) == BQ_BF16 ? "bf16" : "fp32");
+    return PyUnicode_FromString(bq_cuda_model_precision(self->base.model) == BQ_BF16 ? "bf16" : "fp32");
 }
 static PyObject *engine_get_training(Engine *self, void *closure) {
     if (!ready(self)) return NULL;
-    return PyBool_FromLong(bq_cuda_model_training(self->model));
+    return PyBool_FromLong(bq_cuda_model_training(self->base.model));
 }
 static PyObject *engine_get_device(Engine *self, void *closure) { return PyLong_FromLong(self->device); }
 static PyObject *engine_get_gemm_stats(Engine *self, void *closure) {
     if (!ready(self)) return NULL;
     long lt, fb;
-    bq_cuda_model_gemm_stats(self->model, &lt, &fb);
+    bq_cuda_model_gemm_stats(self->base.model, &lt, &fb);
     return Py_BuildValue("{s:l,s:l}", "cublaslt", lt, "cublas_fallback", fb);
 }
 
@@ -284,10 +235,10 @@ static PyGetSetDef engine_getset[] = {
 };
 
 static PyMethodDef engine_methods[] = {
-    {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
+    {"forward", (PyCFunction)(void (*)(void))bq_engine_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(input_ids, token_type_ids=None, attention_mask=None)\n--\n\n"
      "Eval-mode forward on the GPU: int [B,T] ids -> (start_logits, end_logits), float32 [B,T] host arrays."},
-    {"forward_backward", (PyCFunction)(void (*)(void))engine_forward_backward, METH_VARARGS | METH_KEYWORDS,
+    {"forward_backward", (PyCFunction)(void (*)(void))bq_engine_forward_backward, METH_VARARGS | METH_KEYWORDS,
      "forward_backward(input_ids, token_type_ids, attention_mask, start_positions, end_positions, seed=0, step=0, "
      "loss_scale=1.0, window_ids=None)\n--\n\n"
      "Train-mode forward (dropout keyed by seed, step as on the CPU) and backward; gradients ADD into the device "
@@ -296,7 +247,7 @@ static PyMethodDef engine_methods[] = {
      "window, not by place in the batch: hidden element (b, t, c) is (window_ids[b] * P + t) * C + c, attention "
      "element (b, h, i, j) ((window_ids[b] * NH + h) * P + i) * P + j, P = max_position_embeddings, as the CPU "
      "engine."},
-    {"adamw_step", (PyCFunction)(void (*)(void))engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
+    {"adamw_step", (PyCFunction)(void (*)(void))bq_engine_adamw_step, METH_VARARGS | METH_KEYWORDS,
      "adamw_step(decay, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, "
      "lr_scale=None)\n--\n\n"
      "Global-norm clipping and one AdamW step on the device; lr_scale (float32 [ntensors], None: all 1) multiplies "
@@ -311,7 +262,7 @@ static PyMethodDef engine_methods[] = {
      "upload(buffer, array)\n--\n\nCopy a float32 host array into 'params', 'grads', 'm' or 'v' on the device."},
     {"synchronize", (PyCFunction)engine_synchronize, METH_NOARGS,
      "synchronize()\n--\n\nWait for the engine's queued GPU work (surfaces an asynchronous error)."},
-    {"tensor_sizes", (PyCFunction)engine_tensor_sizes, METH_NOARGS,
+    {"tensor_sizes", (PyCFunction)bq_engine_tensor_sizes, METH_NOARGS,
      "tensor_sizes()\n--\n\nElement counts of the parameter tensors in buffer order."},
     {"arena_bytes", (PyCFunction)engine_arena_bytes, METH_NOARGS,
      "arena_bytes()\n--\n\nBytes of the device activation arena now allocated."},
@@ -855,13 +806,13 @@ static PyObject *nccl_comm_allreduce_sum_grads(NcclComm *self, PyObject *args, P
     float *grads;
     size_t n;
     void *stream;
-    int dev, st = bq_cuda_model_grad_buffer(engine->model, &grads, &n, &stream, &dev);
+    int dev, st = bq_cuda_model_grad_buffer(engine->base.model, &grads, &n, &stream, &dev);
     if (st) return raise_status(st, "NcclComm.allreduce_sum_grads");
-    bq_lock_wait(engine->lock);
+    bq_lock_wait(engine->base.lock);
     Py_BEGIN_ALLOW_THREADS
     st = bq_nccl_allreduce_sum(self->comm, grads, n, stream, dev, timeout);
     Py_END_ALLOW_THREADS
-    PyThread_release_lock(engine->lock);
+    PyThread_release_lock(engine->base.lock);
     if (st) return raise_status(st, "NcclComm.allreduce_sum_grads");
     Py_RETURN_NONE;
 }

@@ -113,6 +113,21 @@ needs_extension = pytest.mark.skipif(bcuda._import() is None, reason="bertqa._cu
 
 
 @needs_extension
+def test_an_uninitialised_gpu_engine_refuses_every_call():
+    """No GPU needed: csrc/engine_methods.c's shared methods and the CUDA engine's own check for a model first."""
+    ext = bcuda._import()
+    bare = ext.Engine.__new__(ext.Engine)
+    calls = {"forward": (np.ones((1, 3), np.int64),), "forward_backward": (), "adamw_step": (), "tensor_sizes": (),
+             "arena_bytes": (), "release_arena": (), "zero_grad": (), "enable_training": (), "synchronize": (),
+             "download": ("params", np.zeros(1, np.float32))}
+    for name, args in calls.items():
+        with pytest.raises(RuntimeError, match="Engine is not initialised"):
+            getattr(bare, name)(*args)
+    with pytest.raises(RuntimeError, match="Engine is not initialised"):
+        bare.precision
+
+
+@needs_extension
 @pytest.mark.parametrize("first", [0, 3, 2**33 + 1])
 def test_host_build_of_the_kernel_rng_is_the_cpu_rng(first):
     """The kernels' Philox code, compiled for the host, against csrc/rng.c (no GPU needed)."""

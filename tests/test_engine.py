@@ -495,6 +495,30 @@ def test_bad_input(rng):
         model.tensor("bert.pooler.dense.weight")
 
 
+def test_an_engine_refuses_calls_it_cannot_serve(rng):
+    """The methods csrc/engine_methods.c shares, and the CPU engine's own, check the engine before its lock."""
+    from bertqa._core import _C
+    bare = _C.Engine.__new__(_C.Engine)   # __init__ never ran: no model, no lock
+    calls = {"forward": (np.ones((1, 3), np.int64),), "forward_backward": (), "adamw_step": (),
+             "tensor_sizes": (), "profile": (), "release_arena": ()}
+    for name, args in calls.items():
+        with pytest.raises(RuntimeError, match="Engine is not initialised"):
+            getattr(bare, name)(*args)
+    model = tiny_model(rng)
+    inference = _C.Engine(model._engine_config(), model.params)
+    assert inference.tensor_sizes() == [int(np.prod(shape)) for _, shape in model.layout.values()]
+    batch = tiny_batch(rng)
+    with pytest.raises(RuntimeError, match=r"built for inference \(no grads, m, v buffers\)"):
+        inference.forward_backward(batch["input_ids"], None, batch["attention_mask"], batch["start_positions"],
+                                   batch["end_positions"])
+    with pytest.raises(RuntimeError, match="built for inference"):
+        inference.adamw_step(np.zeros(len(model.layout), np.uint8), 1, 1e-3)
+    start, end = inference.forward(batch["input_ids"], None, batch["attention_mask"])
+    want = model.forward(batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_array_equal(start, want[0])
+    np.testing.assert_array_equal(end, want[1])
+
+
 def test_concurrent_forward_calls_are_serialised(rng):
     import threading
     model = tiny_model(rng)
