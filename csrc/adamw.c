@@ -1,32 +1,9 @@
 /* AdamW (torch.optim.AdamW semantics: decoupled weight decay first, then the bias-corrected Adam step)
- * and the pieces of global gradient-norm clipping. This file holds the threads and the AVX2 variants (the
- * compiler vectorises their `omp simd` loops); adamw_avx512.c the AVX-512 ones, chosen through bq_cpu(). */
+ * and the pieces of global gradient-norm clipping. This file holds the entry points and their threads; the
+ * variants are adamw_avx2.c and adamw_avx512.c, chosen at run time through bq_cpu() (cpu.h). */
 #include <math.h>
 #include "bertqa.h"
 #include "cpu.h"
-
-void adamw_avx2(float *param, const float *grad, float *m, float *v, long n, const bq_adamw_scalars *s) {
-    const float beta1 = s->beta1, beta2 = s->beta2, omb1 = s->one_minus_beta1, omb2 = s->one_minus_beta2;
-    const float decay = s->decay, step_size = s->step_size, bc2_sqrt = s->bc2_sqrt, eps = s->eps;
-    const float grad_scale = s->grad_scale;
-#pragma omp simd
-    for (long i = 0; i < n; i++) {
-        float g = grad[i] * grad_scale;
-        float p = param[i] * decay;
-        float mi = beta1 * m[i] + omb1 * g;
-        float vi = beta2 * v[i] + omb2 * g * g;
-        m[i] = mi;
-        v[i] = vi;
-        param[i] = p - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-    }
-}
-
-double sum_squares_avx2(const float *g, long n) {
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (long i = 0; i < n; i++) s += (double)g[i] * g[i];
-    return s;
-}
 
 #define CHUNK 16384L   /* elements per task: a multiple of 16 */
 

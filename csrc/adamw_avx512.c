@@ -1,4 +1,4 @@
-/* AdamW and the sum of squares (adamw.c) sixteen lanes at a time. AdamW computes the AVX2 variant's
+/* AdamW and the sum of squares (adamw.c, adamw_avx2.c) sixteen lanes at a time. AdamW computes the AVX2 variant's
  * expressions in its order (bit-identical results); the sum of squares adds in double in another order (its
  * products are exact in double, so only the additions' rounding differs, ~1e-16 relative). The last n % 16
  * elements go to the AVX2 variants. */

@@ -44,7 +44,7 @@ void bq_sgemm1(int transA, int transB, int M, int N, int K, float alpha, const f
 void bq_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
 
-/* ---- counter-based RNG and dropout (rng.c) ---------------------------------------------------- */
+/* ---- counter-based RNG (philox.c) and dropout (rng.c) ---------------------------------------- */
 /* Philox4x32-10 (Salmon et al., SC'11): out = philox(counter[4], key[2]). */
 void bq_philox4x32(uint32_t out[4], const uint32_t counter[4], const uint32_t key[2]);
 /* Uniform float in [0, 1) for element `idx` of tensor `tensor_id` at training step `step`:

@@ -1,4 +1,5 @@
-/* The dispatch tables of cpu.h and the run-time choice between them (cpuid, BERTQA_CPU, bq_cpu_set_isa). */
+/* The dispatch tables of cpu.h and the run-time choice between them (cpuid, BERTQA_CPU, bq_cpu_set_isa). It
+ * depends on the variant files only (*_avx2.c, *_avx512.c); the kernels' entry points depend on it. */
 #include "cpu.h"
 #include <stdio.h>
 #include <stdlib.h>

@@ -10,9 +10,13 @@
  * the next call in every thread. A BERTQA_NATIVE=1 build (-march=native) lets the compiler use the build
  * machine's AVX-512 in the "avx2" variants too: forcing AVX2 there is no test of an AVX2-only CPU.
  *
- * Variants: the AVX2 one (with a scalar tail) stays in the kernel's own file (gelu.c, layernorm.c, adamw.c,
- * rng.c, softmax.c) as the reference; the AVX-512 one is <kernel>_avx512.c, compiled for AVX-512 by a
- * `#pragma GCC target` so that the module still loads and runs on an AVX2-only CPU.
+ * Variants: <kernel>_avx2.c (with a scalar tail) is the reference; <kernel>_avx512.c is compiled for AVX-512 by a
+ * `#pragma GCC target` so that the module still loads and runs on an AVX2-only CPU. A kernel's entry points
+ * and their threads are <kernel>.c (gelu.c, layernorm.c, adamw.c, rng.c; softmax's are attention's).
+ * Link-level layers, no file calling back up (tests/test_c_layering.py checks it):
+ *   entry points (gelu.c, ...) -> cpu.c (the tables) -> variants (*_avx2.c, *_avx512.c) -> leaves (philox.c)
+ * An AVX-512 variant may hand its last elements to the AVX2 variant of the same kernel (never the reverse), and
+ * shared helpers are static inline in headers (vmath.h, vmath_avx512.h, philox.h, philox_avx512.h).
  *
  * Agreement between the two paths (tests/test_isa.py checks each): elementwise kernels compute the same
  * formula operation for operation (no FMA contraction: -std=c11 means -ffp-contract=off), so GELU, AdamW, the
@@ -47,11 +51,11 @@
 
 typedef enum { BQ_ISA_AVX2 = 0, BQ_ISA_AVX512 = 1, BQ_ISA_COUNT = 2, BQ_ISA_AUTO = -1 } bq_isa;
 
-/* What dropout_slice writes (rng.c): y = x * keep / (1 - p); y += x * keep / (1 - p); y = keep / (1 - p);
+/* What dropout_slice writes (rng_avx2.c, rng_avx512.c): y = x * keep / (1 - p); y += x * keep / (1 - p); y = keep / (1 - p);
  * y = the uniform itself. */
 enum { BQ_DROPOUT_APPLY, BQ_DROPOUT_ACCUMULATE, BQ_DROPOUT_MASK, BQ_DROPOUT_UNIFORM };
 
-/* AdamW's per-step scalars (adamw.c) */
+/* AdamW's per-step scalars (filled by adamw.c) */
 typedef struct {
     float beta1, beta2, one_minus_beta1, one_minus_beta2;
     float decay;       /* 1 - lr * weight_decay */
@@ -62,10 +66,10 @@ typedef struct {
 
 typedef struct {
     const char *name;   /* "avx2", "avx512" */
-    /* gelu.c: elements [0, n): out = gelu(inp); dinp += dout * gelu'(inp) */
+    /* gelu_avx*.c: elements [0, n): out = gelu(inp); dinp += dout * gelu'(inp) */
     void (*gelu_forward)(float *out, const float *inp, long n);
     void (*gelu_backward)(float *dinp, const float *inp, const float *dout, long n);
-    /* layernorm.c, one row x [C]: out = (x - mean) * rstd * weight + bias (*mean, *rstd written);
+    /* layernorm_avx*.c, one row x [C]: out = (x - mean) * rstd * weight + bias (*mean, *rstd written);
      * dx [C] += rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight;
      * aw[c - c0] += sum_n dy[n,c] xhat[n,c], ab[c - c0] += sum_n dy[n,c] over channels c0 <= c < c1 <= c0 + 64 */
     void (*layernorm_forward_row)(float *out, float *mean, float *rstd, const float *x, const float *weight,
@@ -74,13 +78,13 @@ typedef struct {
                                    float rstd, int C);
     void (*layernorm_param_grad)(float *aw, float *ab, const float *dout, const float *inp, const float *mean,
                                  const float *rstd, long N, int C, int c0, int c1);
-    /* adamw.c: one AdamW step over [n]; sum of squares of [n] in double */
+    /* adamw_avx*.c: one AdamW step over [n]; sum of squares of [n] in double */
     void (*adamw)(float *param, const float *grad, float *m, float *v, long n, const bq_adamw_scalars *s);
     double (*sum_squares)(const float *g, long n);
-    /* rng.c: elements first .. first+n-1 of a tensor's dropout numbering, in a BQ_DROPOUT_* mode (y may alias x) */
+    /* rng_avx*.c: elements first .. first+n-1 of a tensor's dropout numbering, in a BQ_DROPOUT_* mode (y may alias x) */
     void (*dropout_slice)(float *y, const float *x, size_t n, float p, uint64_t seed, uint32_t step,
                           uint32_t tensor_id, uint64_t first, int mode);
-    /* softmax.c, attention's rows: row[0..T) = softmax(row + (1 - mk) * -10000) in place (mk NULL: no mask);
+    /* softmax_avx*.c, attention's rows: row[0..T) = softmax(row + (1 - mk) * -10000) in place (mk NULL: no mask);
      * max of x[0..n); y = exp(x - shift) returning the sum (y may alias x);
      * g = scale * a * (g * mk - <g * mk, a>)   (mk: the row's scaled dropout mask, or NULL) */
     void (*softmax_row)(float *row, const float *mk, int T);
@@ -105,7 +109,8 @@ bq_isa bq_cpu_parse_isa(const char *name);
  * returns BQ_ERR_ARG with a sentence in err (and keeps the floor); BQ_OK otherwise. */
 int bq_cpu_init(char *err, size_t errlen);
 
-/* The variants (filled into the tables by cpu.c; call them through bq_cpu()). */
+/* The variants, <kernel>_avx2.c and <kernel>_avx512.c (filled into the tables by cpu.c; call them through
+ * bq_cpu()). */
 void gelu_forward_avx2(float *out, const float *inp, long n);
 void gelu_backward_avx2(float *dinp, const float *inp, const float *dout, long n);
 void layernorm_forward_row_avx2(float *out, float *mean, float *rstd, const float *x, const float *weight,

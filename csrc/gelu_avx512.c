@@ -1,5 +1,6 @@
-/* GELU (gelu.c) sixteen lanes at a time: the AVX2 variant's formula, operation for operation, so results are
- * bit-identical to it; the last n % 16 elements go to the AVX2 variant (eight lanes, then its scalar tail). */
+/* GELU (gelu.c, gelu_avx2.c) sixteen lanes at a time: the AVX2 variant's formula, operation for operation, so
+ * results are bit-identical to it; the last n % 16 elements go to the AVX2 variant (eight lanes, then its scalar
+ * tail). */
 #include "bertqa.h"
 #include "cpu.h"
 #include "vmath.h"

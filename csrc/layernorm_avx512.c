@@ -1,4 +1,4 @@
-/* LayerNorm's row kernels (layernorm.c) sixteen channels at a time, the last C % 16 through lane masks.
+/* LayerNorm's row kernels (layernorm_avx2.c) sixteen channels at a time, the last C % 16 through lane masks.
  * Elementwise parts compute the AVX2 variant's expressions in its order; the row sums (mean, variance, the two
  * backward means) add sixteen partial sums instead of the compiler's eight, so mean and rstd, and with them out
  * and dx, can differ from the AVX2 path by a few float32 ulps. The parameter gradients sum over rows in row

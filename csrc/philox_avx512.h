@@ -1,11 +1,11 @@
-/* Philox4x32-10 on sixteen blocks at once (AVX-512), rng.c's generator: key = seed, counter = (block as 64 bits,
+/* Philox4x32-10 on sixteen blocks at once (AVX-512), philox.h's generator: key = seed, counter = (block as 64 bits,
  * tensor_id, step); element e of a tensor is word e % 4 of block e / 4. Shared by rng_avx512.c (dropout slices)
  * and attention_fused_avx512.c (masks drawn in the score tiles). Include it after BQ_AVX512_BEGIN (and
  * <immintrin.h>), inside the AVX-512 part of the including file. */
 #ifndef BERTQA_PHILOX_AVX512_H
 #define BERTQA_PHILOX_AVX512_H
 
-#define PHILOX_M0 0xD2511F53u   /* as rng.c */
+#define PHILOX_M0 0xD2511F53u   /* as philox.h */
 #define PHILOX_M1 0xCD9E8D57u
 #define PHILOX_W0 0x9E3779B9u
 #define PHILOX_W1 0xBB67AE85u

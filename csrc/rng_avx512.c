@@ -1,4 +1,4 @@
-/* dropout_slice (rng.c) with sixteen Philox4x32-10 blocks at once: 64 elements per group, in element order
+/* dropout_slice (rng_avx2.c) with sixteen Philox4x32-10 blocks at once: 64 elements per group, in element order
  * after a 4 x 16 transpose of the output words. keep is (word >> 8) >= ceil(p * 2^24) on the integers, as the
  * AVX2 and scalar paths compute it, so masks and uniforms are the same bit for bit (the CUDA backend draws them
  * too). A slice that starts off a multiple of 4 takes its first 1-3 elements from the AVX2 variant (its scalar

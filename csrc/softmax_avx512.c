@@ -1,4 +1,4 @@
-/* Attention's row kernels (softmax.c) sixteen lanes at a time, the last n % 16 through lane masks (rows of their
+/* Attention's row kernels (softmax_avx2.c) sixteen lanes at a time, the last n % 16 through lane masks (rows of their
  * own lengths are often short: a scalar tail would cost as much as the body). exp, the mask's -10000 and the max
  * are the AVX2 variant's operations (bit-identical); sums and dot products add sixteen partial sums instead of
  * eight, so a normalised row and the softmax-backward row can differ from AVX2 by a few float32 ulps. */

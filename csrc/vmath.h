@@ -118,7 +118,7 @@ static inline __m256 bq_erff8(__m256 z, __m256 *e) {
 #endif
 
 /* row[0..T) = softmax(row + (1 - mk) * -10000) in place; mk [T] of 0/1, or NULL. Through the run-time dispatch
- * (cpu.h): softmax_row_avx2 (softmax.c) or softmax_row_avx512 (softmax_avx512.c). */
+ * (cpu.h): softmax_row_avx2 (softmax_avx2.c) or softmax_row_avx512 (softmax_avx512.c). */
 #include "cpu.h"
 static inline void bq_softmax_row(float *row, const float *mk, int T) { bq_cpu()->softmax_row(row, mk, T); }
 #endif
