@@ -194,7 +194,7 @@ int bq_cuda_sum_squares(double *out, const float *g, size_t N);
 /* The kernels' Philox code compiled for the host: u[i] = uniform of element first + i. */
 void bq_cuda_host_uniform(float *u, size_t n, uint64_t seed, uint32_t step, uint32_t tensor_id, uint64_t first);
 /* The kernels' row walk (for_row_quads, 32 lanes) on the host: out = dropout(x) over rows [rows, cols] numbered
- * from `first`; must equal dropout_forward of csrc/rng.c. */
+ * from `first`; must equal dropout_forward of csrc/rng.c (its Philox: csrc/philox.c). */
 void bq_cuda_host_dropout_rows(float *out, const float *x, int rows, int cols, float p, uint64_t seed, uint32_t step,
                                uint32_t tensor_id, uint64_t first);
 /* The same walk with the engine's window-keyed numbering (bq_drop in common.cuh): out = dropout(x) of a hidden

@@ -61,9 +61,9 @@ template <> struct dtype_of<bf16> { static constexpr cudaDataType_t value = CUDA
 
 static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 
-/* ---- dropout: Philox4x32-10, keyed exactly as csrc/rng.c ------------------------------------------ */
+/* ---- dropout: Philox4x32-10, keyed exactly as csrc/philox.c (the dropout entry points: csrc/rng.c) ------------------------------------------ */
 /* Host-and-device functions: the host build is what bq_cuda_host_uniform / bq_cuda_host_dropout_rows run, so the
- * RNG and the quad walk of the kernels are tested against csrc/rng.c on machines without a GPU. */
+ * RNG and the quad walk of the kernels are tested against csrc/philox.c and csrc/rng.c on machines without a GPU. */
 #ifdef __CUDA_ARCH__
 #define BQ_UNROLL _Pragma("unroll")
 #else

@@ -1,5 +1,5 @@
-/* Dropout on the GPU with the CPU's Philox4x32-10 keying (csrc/rng.c), so masks agree bit for bit, and the
- * fp32 <-> bf16 copies. */
+/* Dropout on the GPU with the CPU's Philox4x32-10 keying (csrc/philox.c; dropout in csrc/rng.c), so masks agree
+ * bit for bit, and the fp32 <-> bf16 copies. */
 #include "common.cuh"
 
 /* One thread per Philox quad: elements 4q .. 4q+3 of the numbering [first, first + N). */
