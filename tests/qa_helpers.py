@@ -2,7 +2,9 @@
 and FakeQAModel, a test double with BertQA's training API (no engine) for the trainer's bookkeeping tests."""
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +165,21 @@ class FakeQAModel:
         with np.load(path) as z:
             self.w, self.momentum = z["w"].copy(), z["momentum"].copy()
             self.step, self.rng_step, self.seed = int(z["step"]), int(z["rng_step"]), int(z["seed"])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_call(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    """(status, body) of one HTTP request to 127.0.0.1:port (JSON content type when there is a body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

@@ -14,11 +14,9 @@ tests skip with a reason that names what is missing and the command that install
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
-import socket
 import string
 import subprocess
 import sys
@@ -27,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from qa_helpers import free_port, http_call
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_CMD = ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"]
@@ -184,25 +184,9 @@ def write_answering_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 10):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def invoke(port: int, record: dict) -> tuple[int, dict]:
     """POST /invocations with one JSON record: (status, decoded JSON body)."""
-    status, raw = _request(port, "POST", "/invocations", json.dumps(record).encode())
+    status, raw = http_call(port, "POST", "/invocations", json.dumps(record).encode())
     return status, json.loads(raw)
 
 
@@ -210,7 +194,7 @@ def invoke(port: int, record: dict) -> tuple[int, dict]:
 def server_port(tmp_path_factory):
     """`python -m bertqa serve` on the answering model, ready (GET /ping 200); terminated, then killed if need be."""
     model = write_answering_model(tmp_path_factory.mktemp("answering_model"))
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("server_log") / "serve.log", "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "bertqa", "serve", "--model-dir", str(model), "--host",
                              "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
@@ -222,7 +206,7 @@ def server_port(tmp_path_factory):
                 log.seek(0)
                 pytest.fail(f"bertqa serve exited with {proc.returncode}: {log.read().decode()[-2000:]}")
             with contextlib.suppress(OSError):
-                if _request(port, "GET", "/ping", timeout=2)[0] == 200:
+                if http_call(port, "GET", "/ping", timeout=2)[0] == 200:
                     break
             assert time.monotonic() < deadline, "bertqa serve did not answer GET /ping within 60 s"
             time.sleep(0.1)

@@ -11,13 +11,11 @@ tested as data; a real 2-process job runs when the data-parallel trainer (bertqa
 from __future__ import annotations
 
 import contextlib
-import http.client
 import importlib.util
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -31,7 +29,7 @@ from bertqa import training_job as tj
 from bertqa.cli import build_parser, main, training_args
 from bertqa.packaging import model_files
 from bertqa.train import TrainingArguments, list_checkpoints, read_log
-from qa_helpers import engine_available, make_tiny_model, write_squad_subset
+from qa_helpers import engine_available, free_port, http_call, make_tiny_model, write_squad_subset
 
 REPO = Path(__file__).resolve().parents[1]
 needs_engine = pytest.mark.skipif(not engine_available(), reason="bertqa.model (the engine) is not built")
@@ -174,22 +172,6 @@ def test_bad_channels_and_config_files(tmp_path, capsys):
 # ---- end to end ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def sagemaker_model_tar(model_dir: Path, archive: Path) -> Path:
     """What SageMaker makes of /opt/ml/model at the end of a job (tar -C model -czf model.tar.gz .)."""
     with tarfile.open(archive, "w:gz") as tar:
@@ -244,12 +226,12 @@ def test_job_trains_writes_model_dir_and_serve_answers_from_it(tiny_inputs, tmp_
         while True:
             assert server.poll() is None, server.communicate()[0].decode()[-2000:]
             with contextlib.suppress(OSError):
-                if call(port, "GET", "/ping")[0] == 200:
+                if http_call(port, "GET", "/ping")[0] == 200:
                     break
             assert time.monotonic() < deadline, "the server did not load the job's model"
             time.sleep(0.1)
         context = "The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889."
-        status, body = call(port, "POST", "/invocations",
+        status, body = http_call(port, "POST", "/invocations",
                             json.dumps({"question": "Where is the tower?", "context": context}).encode())
         assert status == 200, body
         answer = json.loads(body)
