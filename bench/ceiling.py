@@ -54,7 +54,7 @@ def _peak_pair():
 
 
 def paired(fn, flops, peak_rate, reps, unit_s=0.05):
-    """(median seconds of one call, median share of the faster neighbouring sgemm) of fn: calls repeated in units
+    """Median share of the faster neighbouring sgemm's rate that fn reaches: calls repeated in units
     of about unit_s (a 2048^3 product's time, so a small product cannot slip into a gap of a loaded machine that
     the sgemm on either side of it did not see), each unit between two sgemm products."""
     fn()
@@ -62,16 +62,15 @@ def paired(fn, flops, peak_rate, reps, unit_s=0.05):
     t0 = time.perf_counter()
     fn()
     n = max(1, int(unit_s / max(time.perf_counter() - t0, 1e-6)))
-    ts, shares = [], []
+    shares = []
     for _ in range(reps):
         before = peak_rate()
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         t = (time.perf_counter() - t0) / n
-        ts.append(t)
         shares.append(flops / t / 1e9 / max(before, peak_rate()))
-    return float(np.median(ts)), float(np.median(shares))
+    return float(np.median(shares))
 
 
 def products(config, B, T, train):
@@ -152,8 +151,7 @@ def main():
     peak_rate = _peak_pair()
     rows = []
     for name, count, fl, fn in products(config, B, T, train):
-        t, share = paired(fn, fl, peak_rate, args.reps)
-        rows.append((name, count, fl, t, share))
+        rows.append((name, count, fl, paired(fn, fl, peak_rate, args.reps)))
     peaks = [peak_rate() for _ in range(3)]
     # the engine's step in its own process, paired with bertqa's own sgemm as bench/engine.py does: NumPy's
     # OpenBLAS threads busy-wait after each product above and would take a core from the engine in this process
@@ -169,7 +167,7 @@ def main():
           "step's sgemm rate) | share of sgemm |")
     print("|---|---:|---:|---:|---:|")
     lin_t = lin_f = att_t = att_f = 0.0
-    for name, count, fl, t, share in rows:
+    for name, count, fl, share in rows:
         t = fl / (share * peak * 1e9)   # at the step's peak: comparable with the engine's profiled step
         print(f"| {name} | {count} | {fl / 1e9:.2f} | {t * 1e3:.2f} | {share:.0%} |")
         if name.startswith("attention "):
@@ -191,7 +189,7 @@ def main():
     print(f"| everything else (LayerNorm, GELU, dropout, AdamW, ...) | {other * 1e3:.1f} | - | - |")
     print(f"| whole step (paired median; split as profiled) | {t_step * 1e3:.1f} | | |")
     # in units of the sgemm peak (load-proof): a product's time is its flops over (its share x peak)
-    norm_products = sum(count * fl / share for name, count, fl, t, share in rows)
+    norm_products = sum(count * fl / share for name, count, fl, share in rows)
     norm_other = other / t_step * flops / share_step
     bound_all = flops / norm_products
     bound_other = flops / (norm_products + norm_other)
