@@ -157,7 +157,8 @@ class QAPipeline:
     def decode_one(self, prepared: Prepared, k: int, start_logits: np.ndarray, end_logits: np.ndarray,
                    top_k: int = 1, max_answer_length: Optional[int] = None) -> list[dict[str, Any]]:
         """The top_k answers of pair k, best first; score = softmax over the n-best spans (utils_qa.py's
-        "probability"). [NO_ANSWER] when no span is valid (a context with no tokens)."""
+        "probability"). [NO_ANSWER] when no span is valid: a context with no tokens, or (utils_qa's "empty" case)
+        none of the n_best_size highest start and end logits lies in the context."""
         f = prepared.features
         max_len = self.max_answer_length if max_answer_length is None else int(max_answer_length)
         candidates = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bertqa.inference import QAPipeline, TooMuchWork
+from bertqa.inference import NO_ANSWER, QAPipeline, TooMuchWork
 from bertqa.squad import Example, build_features, predict_example
 
 from test_serve import SMALL, WORDS, ScriptedEngine, write_tiny_model
@@ -36,6 +36,11 @@ def test_decode_matches_squad_predict_example(engine, rng):
                                max_answer_length=7)
         got = qa.decode_one(prepared, k, start, end, top_k=20, max_answer_length=7)
         assert got[0]["answer"] == want.text
+        if not want.nbest:
+            # utils_qa's "empty" case: none of the n_best top starts/ends lies in the context (a context of a few
+            # tokens in a 64-token window does this with random logits); serving answers NO_ANSWER instead
+            assert got == [NO_ANSWER]
+            continue
         assert [g["answer"] for g in got] == [w["text"] for w in want.nbest]
         np.testing.assert_allclose([g["score"] for g in got], [w["probability"] for w in want.nbest], rtol=1e-12)
         for g in got:
