@@ -91,6 +91,11 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
     }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|OOO:Engine", kwlist, &PyDict_Type, &cfg, &po, &go, &mo, &vo))
         return -1;
+    /* __init__ may run again after a failed one: drop what that one took */
+    Py_CLEAR(self->params);
+    Py_CLEAR(self->grads);
+    Py_CLEAR(self->m);
+    Py_CLEAR(self->v);
     bq_config c;
     if (!bq_config_from_dict(cfg, &c)) return -1;
     int ntensors = bq_tensor_sizes(&c, NULL);
@@ -110,7 +115,7 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "pass grads, m and v together (training) or none of them (inference)");
         return -1;
     }
-    if (!(self->base.lock = PyThread_allocate_lock())) {
+    if (!self->base.lock && !(self->base.lock = PyThread_allocate_lock())) {   /* kept from a failed __init__ */
         PyErr_NoMemory();
         return -1;
     }
@@ -127,6 +132,7 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *engine_arena_bytes(Engine *self, PyObject *noargs) {
+    if (!bq_engine_ready(&self->base, 0)) return NULL;
     return PyLong_FromSize_t(self->model.arena_floats * sizeof(float));
 }
 

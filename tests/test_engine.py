@@ -500,7 +500,7 @@ def test_an_engine_refuses_calls_it_cannot_serve(rng):
     from bertqa._core import _C
     bare = _C.Engine.__new__(_C.Engine)   # __init__ never ran: no model, no lock
     calls = {"forward": (np.ones((1, 3), np.int64),), "forward_backward": (), "adamw_step": (),
-             "tensor_sizes": (), "profile": (), "release_arena": ()}
+             "tensor_sizes": (), "profile": (), "release_arena": (), "arena_bytes": ()}
     for name, args in calls.items():
         with pytest.raises(RuntimeError, match="Engine is not initialised"):
             getattr(bare, name)(*args)
@@ -517,6 +517,30 @@ def test_an_engine_refuses_calls_it_cannot_serve(rng):
     want = model.forward(batch["input_ids"], batch["attention_mask"])
     np.testing.assert_array_equal(start, want[0])
     np.testing.assert_array_equal(end, want[1])
+
+
+def test_an_engine_init_that_failed_can_run_again_without_leaking(rng):
+    """A failed Engine.__init__ (grads of the wrong size, after params was taken) leaves nothing behind: a second
+    __init__ on the same object works, and once the engine is gone the arrays it was given are referenced as
+    before (the first call's reference to params, and its lock, are released, not leaked)."""
+    import sys
+    from bertqa._core import _C
+    model = tiny_model(rng)
+    params = model.params.copy()
+    before = sys.getrefcount(params)
+    engine = _C.Engine.__new__(_C.Engine)
+    with pytest.raises(ValueError, match="grads"):
+        engine.__init__(model._engine_config(), params, np.zeros(3, np.float32), None, None)
+    engine.__init__(model._engine_config(), params)
+    batch = tiny_batch(rng)
+    start, end = engine.forward(batch["input_ids"], None, batch["attention_mask"])
+    want = model.forward(batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_array_equal(start, want[0])
+    np.testing.assert_array_equal(end, want[1])
+    with pytest.raises(RuntimeError, match="already initialised"):
+        engine.__init__(model._engine_config(), params)
+    del engine
+    assert sys.getrefcount(params) == before
 
 
 def test_concurrent_forward_calls_are_serialised(rng):
