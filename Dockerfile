@@ -24,6 +24,7 @@ RUN apt-get update \
 
 WORKDIR /opt/bertqa
 COPY pyproject.toml setup.py README.md ./
+COPY buildtools ./buildtools
 COPY csrc ./csrc
 COPY bertqa ./bertqa
 # No cuda/ folder: this is the CPU image (setup.py then builds bertqa._C only; uvicorn and starlette come as

@@ -6,7 +6,11 @@ package imports it only when device="cuda" is asked for. Its .cu files are compi
 sm_80 and sm_90 plus PTX for newer GPUs), its CPython glue (cuda/module.c, and csrc/pyargs.c and
 csrc/engine_methods.c, the argument checks and Engine methods bertqa._C uses too) by the C compiler, and it links
 the CUDA runtime statically and cuBLASLt/cuBLAS dynamically (rpath to the toolkit's lib64). The toolkit is
-CUDA_HOME, else /usr/local/cuda, else the nvcc on PATH; a compile error fails the build.
+CUDA_HOME, else /usr/local/cuda, else the nvcc on PATH; a compile error fails the build. Where a cuDNN 9 and the
+cudnn-frontend headers are found too (buildtools/bertqa_build.py, which also makes pip fetch the
+nvidia-cudnn-frontend wheel for such builds), bertqa._cuda links libcudnn and runs attention through cuDNN's fused
+scaled-dot-product attention (cuda/cudnn_attention.cu); without them it is built with its own attention kernels
+only, and says so.
 
 Environment switches:
   BERTQA_SANITIZE=1    build with AddressSanitizer + UndefinedBehaviorSanitizer (see README: run the tests with
@@ -16,10 +20,12 @@ Environment switches:
   BERTQA_SYSTEM_BLAS=1 link the system's cblas/openblas instead of the scipy-openblas32 wheel
   BERTQA_NO_CUDA=1     do not build bertqa._cuda even when a CUDA toolkit is found (sanitizer builds never do)
   BERTQA_CUDA_ARCHS    GPU targets for nvcc, default "80;90" (each as machine code; PTX of the last one too)
+  BERTQA_NO_CUDNN=1    build bertqa._cuda without cuDNN
+  CUDNN_HOME           a cuDNN install (include/, lib64/ or lib/) to use before the toolkit's and PyTorch's wheel's
+  CUDNN_FRONTEND_INCLUDE  a folder with cudnn_frontend.h (else the nvidia-cudnn-frontend wheel's on sys.path)
 """
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,9 +35,8 @@ import numpy
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-
-def env_flag(name):
-    return os.environ.get(name, "").strip() not in ("", "0", "false", "no")
+sys.path.insert(0, str(Path(__file__).resolve().parent / "buildtools"))
+from bertqa_build import cuda_home, cudnn_frontend_include, cudnn_paths, env_flag  # noqa: E402
 
 
 def blas_config():
@@ -90,26 +95,10 @@ ext = Extension(
 
 # ---- the CUDA backend ------------------------------------------------------------------------------------------
 
-def cuda_home():
-    """The CUDA toolkit to build with, or None (then only the CPU package is built): also None without the cuda/
-    sources (a copy of the CPU core alone, as tests/sanitize.sh makes) and for sanitizer builds (BERTQA_SANITIZE
-    instruments the CPU core; the CUDA runtime does not run under ASan's default shadow layout)."""
-    if env_flag("BERTQA_NO_CUDA") or env_flag("BERTQA_SANITIZE") or not Path("cuda", "module.c").is_file():
-        return None
-    candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    for home in candidates:
-        if home and (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cublasLt.h").is_file():
-            return home
-    return None
-
-
-def nvcc_flags():
+def nvcc_flags(extra=()):
     archs = [a.strip() for a in os.environ.get("BERTQA_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
     flags = ["-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wall", "-lineinfo", "-Icsrc", "-Icuda",
-             "--expt-relaxed-constexpr"]
+             "--expt-relaxed-constexpr", *extra]
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]   # PTX: runs on newer GPUs too
@@ -141,7 +130,7 @@ class BuildExt(build_ext):
         out_dir.mkdir(parents=True, exist_ok=True)
         headers = [Path(p) for p in ext.depends if p.endswith((".h", ".cuh"))]
         newest_header = max((h.stat().st_mtime for h in headers), default=0)
-        flags = nvcc_flags()
+        flags = nvcc_flags(getattr(ext, "nvcc_extra", ()))
         jobs = []
         for src in ext.cuda_sources:
             obj = out_dir / (Path(src).stem + ".o")
@@ -180,9 +169,30 @@ def nccl_include(home):
     return None
 
 
+def cudnn_config(home):
+    """nvcc flags, library dir and link flag for cuDNN's fused attention, or None (with the reason printed): the
+    engine then runs its own attention kernels only."""
+    cudnn = cudnn_paths(home)
+    fe = cudnn_frontend_include()
+    if not cudnn or not fe:
+        missing = ("cuDNN 9 (cudnn_graph.h + libcudnn; CUDNN_HOME)" if not cudnn else
+                   "the cudnn-frontend headers (pip install nvidia-cudnn-frontend, or CUDNN_FRONTEND_INCLUDE)")
+        if not env_flag("BERTQA_NO_CUDNN"):
+            print(f"bertqa: building bertqa._cuda without cuDNN's fused attention: no {missing}", flush=True)
+        return None
+    inc, lib, link = cudnn
+    print(f"bertqa: cuDNN's fused attention: cuDNN from {inc}, {lib}; cudnn-frontend from {fe}", flush=True)
+    # CUDNN_FRONTEND_SKIP_JSON_LIB: no nlohmann/json (graph serialisation, unused here), a much shorter compile
+    # (-diag-suppress=128: an unreachable loop inside the frontend's own headers)
+    return dict(nvcc=["-DBERTQA_HAVE_CUDNN", "-DCUDNN_FRONTEND_SKIP_JSON_LIB", "-diag-suppress=128", "-I" + inc,
+                      "-I" + fe], lib=lib,
+                link=link)
+
+
 def cuda_extension(home):
     lib = Path(home) / ("lib64" if (Path(home) / "lib64").is_dir() else "lib")
     nccl_h = nccl_include(home)
+    cudnn = cudnn_config(home)
     ext = Extension(
         "bertqa._cuda",
         # nccl.c dlopen()s libnccl at run time: no -lnccl; csrc/pyargs.c, csrc/engine_methods.c: the argument
@@ -192,9 +202,11 @@ def cuda_extension(home):
                        list(Path("cuda").glob("*.h"))) +
                 ["csrc/bertqa.h", "csrc/model.h", "csrc/pyargs.h", "csrc/engine_methods.h"],
         include_dirs=["cuda", "csrc", numpy.get_include(), str(Path(home) / "include")] + [nccl_h] * bool(nccl_h),
-        library_dirs=[str(lib)],
+        library_dirs=[str(lib)] + [cudnn["lib"]] * bool(cudnn),
         libraries=["cublasLt", "cublas", "cudart_static", "stdc++", "dl", "rt", "pthread", "m"],
-        runtime_library_dirs=[str(lib)],
+        runtime_library_dirs=[str(lib)] + [cudnn["lib"]] * bool(cudnn and cudnn["lib"] != str(lib)),
+        # cudnn-frontend's experimental engines call NVRTC (the toolkit's runtime compiler) too
+        extra_link_args=[cudnn["link"], "-lnvrtc"] if cudnn else [],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("BQ_ARRAY_API", "bertqa_cuda_ARRAY_API")] +
                       [("BERTQA_HAVE_NCCL_H", "1")] * bool(nccl_h),
         extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
@@ -202,6 +214,8 @@ def cuda_extension(home):
     )
     ext.cuda_sources = sorted(str(p) for p in Path("cuda").glob("*.cu"))
     ext.cuda_home = home
+    ext.nvcc_extra = cudnn["nvcc"] if cudnn else []
+    ext.has_cudnn = bool(cudnn)
     return ext
 
 

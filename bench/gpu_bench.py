@@ -6,7 +6,8 @@ milliseconds per call, model TFLOP/s (matrix-product FLOPs of the model, trainin
 large bf16 matrix product measured at the start of the same run.
 
 bertqa: BertQA(device="cuda", precision="bf16"), random weights, the inputs as numpy arrays (host -> device per
-call, the loss / logits back to the host). PyTorch: transformers' BertForQuestionAnswering with random weights,
+call, the loss / logits back to the host); its attention is cuDNN's fused kernel (the default), and the system
+"bertqa-own" is the same engine with its own attention kernels (attention="own"), for the cuDNN / own ratio. PyTorch: transformers' BertForQuestionAnswering with random weights,
 SDPA attention, bf16 autocast, torch.optim.AdamW(fused=True), clip_grad_norm_; the same inputs, the logits copied
 back to the host for inference.
 
@@ -78,13 +79,15 @@ def timed(fn, warmup, iters, sync):
 
 # ---- the systems ---------------------------------------------------------------------------------------------
 
-def bertqa_runner(shape, B, T, train, device="cuda"):
+def bertqa_runner(shape, B, T, train, device="cuda", attention="cudnn"):
     from bertqa.config import BertConfig
     from bertqa.model import BertQA
 
     config = BertConfig.from_dict(model_config(shape))
     # transformers-style random init; bf16 on the GPU (the CPU engine, for --cpu code-path checks, is fp32)
     model = BertQA(config, seed=1, device=device, precision="bf16" if device == "cuda" else None)
+    if device == "cuda":
+        model._engine.attention = attention
     batch = make_batch(B, T, config.vocab_size)
     if train:
         def step():
@@ -174,8 +177,9 @@ def measure(system, row, device, peak, iters):
     label, shape, B, T, train = row
     model = None
     try:
-        if system == "bertqa":
-            model, step, sync = bertqa_runner(shape, B, T, train, device)
+        if system in ("bertqa", "bertqa-own"):
+            model, step, sync = bertqa_runner(shape, B, T, train, device,
+                                              attention="own" if system == "bertqa-own" else "cudnn")
         else:
             model, step, sync = torch_runner(shape, B, T, train, device)
         n = iters if B > 1 else iters * 5
@@ -184,8 +188,9 @@ def measure(system, row, device, peak, iters):
         tflops = flops / t / 1e12
         r = dict(system=system, row=label, ms=t * 1e3, seq_per_s=B / t, tflops=tflops,
                  mfu=tflops / peak if peak else float("nan"))
-        if system == "bertqa" and hasattr(model._engine, "gemm_stats"):
+        if system.startswith("bertqa") and hasattr(model._engine, "gemm_stats"):
             r["gemm_calls"] = model._engine.gemm_stats   # how many products found a cuBLASLt algorithm
+            r["attention_used"] = model._engine.attention_used
         return r
     except Exception as e:   # noqa: BLE001 - report and go on with the next row
         traceback.print_exc()
@@ -204,7 +209,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="run the torch half on the CPU (code-path check)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (code-path check)")
-    p.add_argument("--systems", default="bertqa,torch")
+    p.add_argument("--systems", default="bertqa,torch,bertqa-own")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -216,15 +221,19 @@ def main(argv=None):
     if device == "cuda":
         import bertqa
         from bertqa import cuda
-        if "bertqa" in systems and not bertqa.cuda_available():
+        if not bertqa.cuda_available():
             print(f"bertqa CUDA backend unavailable: {cuda.unavailable_reason()}", flush=True)
-            systems = [s for s in systems if s != "bertqa"]
+            systems = [s for s in systems if not s.startswith("bertqa")]
+        else:
+            print(f"cuDNN linked: {cuda.cudnn_version()} (0: built without it)", flush=True)
         if bertqa.cuda_available():
             results["gpu"] = cuda.device_info()
             print(f"GPU: {results['gpu']}", flush=True)
-    elif "bertqa" in systems:
-        print("--cpu: bertqa runs its CPU engine (fp32), torch runs on the CPU: a code-path check, not a benchmark",
-              flush=True)
+    else:
+        systems = [s for s in systems if s != "bertqa-own"]   # one attention on the CPU
+        if "bertqa" in systems:
+            print("--cpu: bertqa runs its CPU engine (fp32), torch runs on the CPU: a code-path check, not a "
+                  "benchmark", flush=True)
 
     peak = None
     try:
@@ -244,20 +253,23 @@ def main(argv=None):
                 print(f"  {system:7s} {row[0]}: {r['error']}", flush=True)
             else:
                 print(f"  {system:7s} {row[0]}: {r['seq_per_s']:.1f} seq/s, {r['ms']:.3f} ms, {r['tflops']:.1f} "
-                      f"TFLOP/s, MFU {100 * r['mfu']:.1f}%{'  ' + str(r['gemm_calls']) if 'gemm_calls' in r else ''}",
-                      flush=True)
+                      f"TFLOP/s, MFU {100 * r['mfu']:.1f}%{'  ' + str(r['gemm_calls']) if 'gemm_calls' in r else ''}"
+                      f"{'  attention: ' + r['attention_used'] if 'attention_used' in r else ''}", flush=True)
     results["rows"] = measured
 
     print()
     head = f"{'':32s} | {'bertqa seq/s':>10} {'ms':>9} {'TFLOP/s':>8} {'MFU':>6} | {'torch seq/s':>10} {'ms':>9} " \
-           f"{'TFLOP/s':>8} {'MFU':>6} | {'ratio':>6}"
+           f"{'TFLOP/s':>8} {'MFU':>6} | {'ratio':>6} | {'own-attn seq/s':>14} {'cuDNN/own':>9}"
     print(head)
     print("-" * len(head))
     for label, *_ in rows:
         got = {r["system"]: r for r in measured if r["row"] == label}
-        b, t = got.get("bertqa"), got.get("torch")
-        ratio = (b["seq_per_s"] / t["seq_per_s"]) if b and t and "error" not in b and "error" not in t else math.nan
-        print(f"{label:32s} | {fmt(b)} | {fmt(t)} | {ratio:6.2f}")
+        b, t, o = got.get("bertqa"), got.get("torch"), got.get("bertqa-own")
+        ok = lambda r: r is not None and "error" not in r   # noqa: E731
+        ratio = b["seq_per_s"] / t["seq_per_s"] if ok(b) and ok(t) else math.nan
+        own = o["seq_per_s"] if ok(o) else math.nan
+        vs_own = b["seq_per_s"] / own if ok(b) and ok(o) else math.nan
+        print(f"{label:32s} | {fmt(b)} | {fmt(t)} | {ratio:6.2f} | {own:14.1f} {vs_own:9.2f}")
     print(f"\nMFU against the bf16 product above ({peak if peak else float('nan'):.1f} TFLOP/s); model TFLOP/s "
           "counts matrix-product FLOPs only (training = 3 x forward).")
     if args.json:

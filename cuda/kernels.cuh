@@ -112,6 +112,24 @@ template <typename T>
 int attention_backward(bq_gemm *g, T *dq, T *dk, T *dv, const T *dctx, const T *att, const T *qh, const T *kh,
                        const T *vh, int B, int NH, int T_, int HS, bq_drop d, bq_attn_bufs bufs);
 
+/* ---- attention through cuDNN's fused SDPA (cudnn_attention.cu; bf16) ------------------------------------------ */
+/* q, k, v, o, dout, dq, dk, dv: the engine's [B*T, NH*HS] buffers; stats [B,NH,T] fp32; seq_kv [B] (device) each
+ * row's key length. Every function is there in a build without cuDNN too (create then says why). */
+struct bq_cudnn;
+int bq_cudnn_create(bq_cudnn **out, char *why, size_t n);   /* 1, or 0 with the reason in why */
+void bq_cudnn_destroy(bq_cudnn *c);
+/* 1 when cuDNN takes this shape (its graphs, forward and for training backward, built and cached), else 0 with
+ * the reason in bq_cudnn_why; no CUDA error is left behind either way */
+int bq_cudnn_prepare(bq_cudnn *c, int B, int T, int NH, int HS, float p, int training);
+const char *bq_cudnn_why(const bq_cudnn *c);
+size_t bq_cudnn_version(void);   /* cudnnGetVersion() of the library in use; 0 in a build without cuDNN */
+int bq_cudnn_forward(bq_cudnn *c, cudaStream_t s, bf16 *o, float *stats, const bf16 *q, const bf16 *k,
+                     const bf16 *v, const int *seq_kv, int B, int T, int NH, int HS, float p, uint64_t seed,
+                     int training);
+int bq_cudnn_backward(bq_cudnn *c, cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *o,
+                      const float *stats, const bf16 *q, const bf16 *k, const bf16 *v, const int *seq_kv, int B,
+                      int T, int NH, int HS, float p, uint64_t seed);
+
 /* ---- head and loss (span_loss.cu) -------------------------------------------------------------------------- */
 /* start[n] = logits[2n] + qab[0], end[n] = logits[2n+1] + qab[1] */
 int qa_split(cudaStream_t s, float *start, float *end, const float *logits, const float *qab, int N);

@@ -20,6 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cstdio>
+#include <type_traits>
+
 #include "kernels.cuh"
 
 #define SITE_EMB 0u
@@ -77,6 +80,14 @@ struct bq_cuda_model {
     int64_t *win;      /* [B] window ids of the batch rows (dropout numbering), when has_win */
     float *mask;
     int has_types, has_mask, has_win;
+    /* attention: cuDNN's fused SDPA (cudnn_attention.cu, bf16) or the own kernels (attention.cu) */
+    int attn_mode;          /* BQ_ATTN_CUDNN (default: where cuDNN takes the batch) or BQ_ATTN_OWN */
+    bq_cudnn *cudnn;        /* created by the first forward that may use it */
+    int cudnn_tried;
+    char cudnn_why[256];    /* why there is no handle */
+    int mask_prefix;        /* every row of this batch: real tokens, then padding only (no hole) */
+    int batch_cudnn;        /* this batch's forward ran on cuDNN: so does its backward */
+    char attn_used[400];    /* what the last forward used, and why */
     /* host staging */
     int *h_ids, *h_types, *h_pos, *h_len, *h_uniq, *h_start, *h_tok, *h_count;
     size_t h_cap;
@@ -136,6 +147,7 @@ extern "C" void bq_cuda_model_free(bq_cuda_model *m) {
     for (void *p : dev_ptrs)
         if (p) cudaFree(p);
     if (m->gemm_ready) bq_gemm_destroy(&m->gemm);
+    bq_cudnn_destroy(m->cudnn);
     if (m->stream) cudaStreamDestroy(m->stream);
     free(m->offsets);
     free(m->acts);
@@ -184,6 +196,8 @@ static int init(bq_cuda_model *m, const bq_config *c, const float *host_params, 
     if (dev < 0 || dev >= ndev) return bq_cuda_fail(BQ_ERR_DEVICE, "CUDA device %d requested, %d usable", dev, ndev);
     m->cfg = *c;
     m->precision = precision;
+    m->attn_mode = BQ_ATTN_CUDNN;
+    snprintf(m->attn_used, sizeof m->attn_used, "none yet (no forward)");
     m->dev = dev;
     TRY(select_device(m));
     m->ntensors = tensor_sizes(c, nullptr);
@@ -261,6 +275,19 @@ extern "C" int bq_cuda_model_init(bq_cuda_model **out, const bq_config *cfg, con
     *out = m;
     return BQ_OK;
 }
+
+extern "C" int bq_cuda_model_set_attention(bq_cuda_model *m, int mode) {
+    if (mode != BQ_ATTN_OWN && mode != BQ_ATTN_CUDNN)
+        return bq_cuda_fail(BQ_ERR_ARG, "attention must be 'cudnn' or 'own'");
+    m->attn_mode = mode;
+    return BQ_OK;
+}
+
+extern "C" int bq_cuda_model_attention(const bq_cuda_model *m) { return m->attn_mode; }
+
+extern "C" const char *bq_cuda_model_attention_used(const bq_cuda_model *m) { return m->attn_used; }
+
+extern "C" size_t bq_cuda_cudnn_version(void) { return bq_cudnn_version(); }
 
 extern "C" int bq_cuda_model_zero_grad(bq_cuda_model *m) {
     if (!m->training) return bq_cuda_fail(BQ_ERR_ARG, "zero_grad: this model has no gradients (inference only)");
@@ -426,6 +453,52 @@ template <typename T> static T *weights(bq_cuda_model *m, int idx) {
 }
 static float *grad(bq_cuda_model *m, int idx) { return m->grads + m->offsets[idx]; }
 
+/* cuDNN's Philox seed for one dropout site of one step (cudnn_attention.cu): splitmix64 of the three */
+static uint64_t cudnn_seed(uint64_t seed, uint32_t step, uint32_t site) {
+    uint64_t z = seed ^ ((uint64_t)step << 32 | site) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* cuDNN or the own kernels for this batch's attention (every layer alike); the choice and its reason go to
+ * attn_used. A refusal is not an error: the own kernels take the batch. */
+static void choose_attention(bq_cuda_model *m, int B, int T_, float pa, int train) {
+    const int NH = m->cfg.NH, HS = m->cfg.C / m->cfg.NH;
+    const size_t n = sizeof m->attn_used;
+    m->batch_cudnn = 0;
+    if (m->attn_mode == BQ_ATTN_OWN) {
+        snprintf(m->attn_used, n, "own (attention='own')");
+        return;
+    }
+    if (m->precision != BQ_BF16) {
+        snprintf(m->attn_used, n, "own (cuDNN's fused attention takes bf16; this engine is fp32)");
+        return;
+    }
+    if (T_ < 2) {
+        snprintf(m->attn_used, n, "own (T = 1)");
+        return;
+    }
+    if (!m->mask_prefix) {
+        snprintf(m->attn_used, n, "own (a row's mask has a hole: cuDNN takes per-row key lengths only)");
+        return;
+    }
+    if (!m->cudnn_tried) {
+        m->cudnn_tried = 1;
+        if (!bq_cudnn_create(&m->cudnn, m->cudnn_why, sizeof m->cudnn_why)) m->cudnn = nullptr;
+    }
+    if (!m->cudnn) {
+        snprintf(m->attn_used, n, "own (%s)", m->cudnn_why);
+        return;
+    }
+    if (!bq_cudnn_prepare(m->cudnn, B, T_, NH, HS, pa, train)) {
+        snprintf(m->attn_used, n, "own (cuDNN refused the %s)", bq_cudnn_why(m->cudnn));
+        return;
+    }
+    m->batch_cudnn = 1;
+    snprintf(m->attn_used, n, "cudnn");
+}
+
 template <typename T>
 static int forward_impl(bq_cuda_model *m, int B, int T_, int train, uint64_t seed, uint32_t step) {
     const bq_config *c = &m->cfg;
@@ -442,17 +515,29 @@ static int forward_impl(bq_cuda_model *m, int B, int T_, int train, uint64_t see
                                        c->eps, drop(m, pd, seed, step, SITE_EMB)));
     const T *x = (const T *)m->h0;
     T *q = (T *)m->qkv, *k = q + NC, *v = k + NC, *y = (T *)m->ytmp;
+    choose_attention(m, B, T_, pa, train);
+    const bool fused = std::is_same<T, bf16>::value && m->batch_cudnn;
     for (int l = 0; l < c->L; l++) {
         layer_acts *a = &m->acts[l];
 #define W(i) weights<T>(m, LT(l, i))
-        TRY(linear_forward<T>(g, q, x, W(QW), W(QB), N, C, C));
-        TRY(linear_forward<T>(g, k, x, W(KW), W(KB), N, C, C));
-        TRY(linear_forward<T>(g, v, x, W(VW), W(VB), N, C, C));
-        TRY(split_heads<T>(s, (T *)a->qh, q, B, T_, NH, HS));
-        TRY(split_heads<T>(s, (T *)a->kh, k, B, T_, NH, HS));
-        TRY(split_heads<T>(s, (T *)a->vh, v, B, T_, NH, HS));
-        TRY(attention_forward<T>(g, (T *)a->ctx, (T *)a->att, (T *)a->qh, (T *)a->kh, (T *)a->vh, mask, B, NH, T_, HS,
-                                 drop(m, pa, seed, step, SITE_ATT(l)), bufs));
+        if (fused) {
+            /* cuDNN reads q, k, v as [B,NH,T,HS] in place (strides): qh/kh/vh hold them [N,C], att the Stats */
+            TRY(linear_forward<T>(g, (T *)a->qh, x, W(QW), W(QB), N, C, C));
+            TRY(linear_forward<T>(g, (T *)a->kh, x, W(KW), W(KB), N, C, C));
+            TRY(linear_forward<T>(g, (T *)a->vh, x, W(VW), W(VB), N, C, C));
+            TRY(bq_cudnn_forward(m->cudnn, s, (bf16 *)a->ctx, (float *)a->att, (const bf16 *)a->qh,
+                                 (const bf16 *)a->kh, (const bf16 *)a->vh, m->len, B, T_, NH, HS, pa,
+                                 cudnn_seed(seed, step, SITE_ATT(l)), train));
+        } else {
+            TRY(linear_forward<T>(g, q, x, W(QW), W(QB), N, C, C));
+            TRY(linear_forward<T>(g, k, x, W(KW), W(KB), N, C, C));
+            TRY(linear_forward<T>(g, v, x, W(VW), W(VB), N, C, C));
+            TRY(split_heads<T>(s, (T *)a->qh, q, B, T_, NH, HS));
+            TRY(split_heads<T>(s, (T *)a->kh, k, B, T_, NH, HS));
+            TRY(split_heads<T>(s, (T *)a->vh, v, B, T_, NH, HS));
+            TRY(attention_forward<T>(g, (T *)a->ctx, (T *)a->att, (T *)a->qh, (T *)a->kh, (T *)a->vh, mask, B, NH, T_,
+                                     HS, drop(m, pa, seed, step, SITE_ATT(l)), bufs));
+        }
         TRY(linear_forward<T>(g, y, (T *)a->ctx, W(AOW), W(AOB), N, C, C));
         TRY(residual_layernorm_forward<T>(s, (T *)a->res1, (T *)a->h1, a->mean1, a->rstd1, x, y, W(LN1W), W(LN1B), N, C,
                                           c->eps, drop(m, pd, seed, step, SITE_AO(l))));
@@ -514,10 +599,14 @@ extern "C" int bq_cuda_forward(bq_cuda_model *m, const int64_t *ids, const int64
     if (mask) CUDA_TRY(cudaMemcpyAsync(m->mask, mask, N * sizeof(float), cudaMemcpyHostToDevice, m->stream));
     /* each row's length as the CPU engine cuts it (bq_row_length: up to its last real token, all T for an
      * all-padding row): the span loss runs over it */
+    m->mask_prefix = 1;
     for (int b = 0; b < B; b++) {
         int L = T;
-        if (mask)
+        if (mask) {
             while (L > 0 && mask[(size_t)b * T + L - 1] == 0.0f) L--;
+            for (int t = 0; t < L; t++)   /* a hole inside the row: cuDNN's per-row key lengths cannot say it */
+                if (mask[(size_t)b * T + t] == 0.0f) m->mask_prefix = 0;
+        }
         m->h_len[b] = L ? L : T;
     }
     CUDA_TRY(cudaMemcpyAsync(m->len, m->h_len, (size_t)B * sizeof(int), cudaMemcpyHostToDevice, m->stream));
@@ -592,8 +681,14 @@ static int backward_impl(bq_cuda_model *m, uint64_t seed, uint32_t step, double 
         TRY(linear_backward_weight<T>(g, G(AOW), dy, (T *)a->ctx, N, C, C));
         TRY(colsum_add<T>(s, G(AOB), dy, N, C, nullptr, 0, scratch));
         TRY(linear_backward_input<T>(g, dres, 0.0f, dy, W(AOW), N, C, C));   /* dres = d ctx */
-        TRY(attention_backward<T>(g, dq, dk, dv, dres, (T *)a->att, (T *)a->qh, (T *)a->kh, (T *)a->vh, B, NH, T_, HS,
-                                  drop(m, pa, seed, step, SITE_ATT(l)), bufs));
+        if (std::is_same<T, bf16>::value && m->batch_cudnn)
+            TRY(bq_cudnn_backward(m->cudnn, s, (bf16 *)dq, (bf16 *)dk, (bf16 *)dv, (const bf16 *)dres,
+                                  (const bf16 *)a->ctx, (const float *)a->att, (const bf16 *)a->qh,
+                                  (const bf16 *)a->kh, (const bf16 *)a->vh, m->len, B, T_, NH, HS, pa,
+                                  cudnn_seed(seed, step, SITE_ATT(l))));
+        else
+            TRY(attention_backward<T>(g, dq, dk, dv, dres, (T *)a->att, (T *)a->qh, (T *)a->kh, (T *)a->vh, B, NH, T_,
+                                      HS, drop(m, pa, seed, step, SITE_ATT(l)), bufs));
         const int wi[3] = {QW, KW, VW};
         T *dqkv[3] = {dq, dk, dv};
         for (int j = 0; j < 3; j++) {

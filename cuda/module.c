@@ -101,19 +101,29 @@ static void engine_dealloc(Engine *self) {
 
 static int ready(Engine *self) { return bq_engine_ready(&self->base, 0); }
 
+static int parse_attention(const char *s, int *mode) {
+    if (!strcmp(s, "cudnn")) *mode = BQ_ATTN_CUDNN;
+    else if (!strcmp(s, "own")) *mode = BQ_ATTN_OWN;
+    else {
+        PyErr_Format(PyExc_ValueError, "attention must be 'cudnn' or 'own', got '%s'", s);
+        return 0;
+    }
+    return 1;
+}
+
 static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"config", "params", "training", "precision", "device", NULL};
+    static char *kwlist[] = {"config", "params", "training", "precision", "device", "attention", NULL};
     PyObject *cfg, *po;
-    int training = 0, device = 0, precision;
-    const char *prec = "bf16";
+    int training = 0, device = 0, precision, attention;
+    const char *prec = "bf16", *attn = "cudnn";
     if (self->base.model) {
         PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|psi:Engine", kwlist, &PyDict_Type, &cfg, &po, &training, &prec,
-                                     &device))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|psis:Engine", kwlist, &PyDict_Type, &cfg, &po, &training, &prec,
+                                     &device, &attn))
         return -1;
-    if (!parse_precision(prec, &precision)) return -1;
+    if (!parse_precision(prec, &precision) || !parse_attention(attn, &attention)) return -1;
     bq_config c;
     if (!bq_config_from_dict(cfg, &c)) return -1;
     /* the parameter count, from the same table as the engine */
@@ -121,7 +131,7 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
                (size_t)c.L * (4 * ((size_t)c.C * c.C + c.C) + 2 * (size_t)c.FF * c.C + c.FF + c.C + 4 * (size_t)c.C);
     PyArrayObject *params;
     if (!f32_sized(po, "params", 1, n, "the model's parameter count", 0, 0, &params)) return -1;
-    if (!(self->base.lock = PyThread_allocate_lock())) {
+    if (!self->base.lock && !(self->base.lock = PyThread_allocate_lock())) {   /* kept from a failed __init__ */
         PyErr_NoMemory();
         return -1;
     }
@@ -139,6 +149,7 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "bertqa internal error: CUDA engine parameter count mismatch");
         return -1;
     }
+    bq_cuda_model_set_attention(m, attention);
     self->base.backend = &cuda_backend;
     self->base.cfg = c;
     self->base.model = m;
@@ -218,6 +229,31 @@ static PyObject *engine_get_training(Engine *self, void *closure) {
     return PyBool_FromLong(bq_cuda_model_training(self->base.model));
 }
 static PyObject *engine_get_device(Engine *self, void *closure) { return PyLong_FromLong(self->device); }
+static PyObject *engine_get_attention(Engine *self, void *closure) {
+    if (!ready(self)) return NULL;
+    return PyUnicode_FromString(bq_cuda_model_attention(self->base.model) == BQ_ATTN_CUDNN ? "cudnn" : "own");
+}
+static int engine_set_attention(Engine *self, PyObject *value, void *closure) {
+    if (!ready(self)) return -1;
+    if (!value || !PyUnicode_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "attention must be the string 'cudnn' or 'own'");
+        return -1;
+    }
+    const char *s = PyUnicode_AsUTF8(value);
+    int mode;
+    if (!s || !parse_attention(s, &mode)) return -1;
+    bq_lock_wait(self->base.lock);   /* not between a running forward and its backward's choice */
+    bq_cuda_model_set_attention(self->base.model, mode);
+    PyThread_release_lock(self->base.lock);
+    return 0;
+}
+static PyObject *engine_get_attention_used(Engine *self, void *closure) {
+    if (!ready(self)) return NULL;
+    bq_lock_wait(self->base.lock);
+    PyObject *r = PyUnicode_FromString(bq_cuda_model_attention_used(self->base.model));
+    PyThread_release_lock(self->base.lock);
+    return r;
+}
 static PyObject *engine_get_gemm_stats(Engine *self, void *closure) {
     if (!ready(self)) return NULL;
     long lt, fb;
@@ -229,6 +265,12 @@ static PyGetSetDef engine_getset[] = {
     {"precision", (getter)engine_get_precision, NULL, "'fp32' or 'bf16'", NULL},
     {"training", (getter)engine_get_training, NULL, "whether gradients and Adam state are allocated", NULL},
     {"device", (getter)engine_get_device, NULL, "CUDA device number", NULL},
+    {"attention", (getter)engine_get_attention, (setter)engine_set_attention,
+     "'cudnn' (the default: cuDNN's fused attention wherever it takes the batch: bf16, masks of real tokens then "
+     "padding, T >= 2; the own kernels elsewhere) or 'own' (always the own kernels: exact CPU parity, attention "
+     "dropout included, whose cuDNN masks come from cuDNN's own Philox stream)", NULL},
+    {"attention_used", (getter)engine_get_attention_used, NULL,
+     "what the last forward's attention ran on: 'cudnn', or 'own (<why>)'", NULL},
     {"gemm_stats", (getter)engine_get_gemm_stats, NULL,
      "matrix products so far through cuBLASLt and through the cuBLAS fallback", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -304,6 +346,10 @@ static PyObject *py_device_info(PyObject *self, PyObject *args) {
     if (st) return raise_status(st, "device_info");
     return Py_BuildValue("{s:s,s:(ii),s:K,s:i}", "name", name, "capability", major, minor, "total_memory",
                          (unsigned long long)mem, "multiprocessors", sms);
+}
+
+static PyObject *py_cudnn_version(PyObject *self, PyObject *noargs) {
+    return PyLong_FromSize_t(bq_cuda_cudnn_version());
 }
 
 static PyObject *py_versions(PyObject *self, PyObject *noargs) {
@@ -595,6 +641,42 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     result = Py_None;
     Py_INCREF(result);
 done:
+    return result;
+}
+
+/* cudnn_attention(out, dq, dk, dv, dout, q, k, v, lengths, B, NH, T, HS, p, seed): dq, dk, dv, dout None for the
+ * forward alone */
+static PyObject *py_cudnn_attention(PyObject *self, PyObject *args) {
+    PyObject *oo, *a0, *a1, *a2, *doo, *qo, *ko, *vo, *lo, *result = NULL;
+    int B, NH, T, HS;
+    float p;
+    unsigned long long seed;
+    PyArrayObject *out, *dq, *dk, *dv, *dout, *q, *k, *v, *lens;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOiiiifK:cudnn_attention", &oo, &a0, &a1, &a2, &doo, &qo, &ko, &vo, &lo, &B,
+                          &NH, &T, &HS, &p, &seed))
+        return NULL;
+    if (B < 1 || NH < 1 || T < 1 || HS < 1) {
+        PyErr_Format(PyExc_ValueError, "cudnn_attention: B, NH, T, HS must be >= 1, got %d, %d, %d, %d", B, NH, T, HS);
+        return NULL;
+    }
+    const size_t NC = (size_t)B * T * NH * HS;
+    const int opt = doo == Py_None;   /* the forward alone: no gradients to write */
+    CHECK_F(oo, "out", NC, 1, 0, out);
+    CHECK_F(a0, "dq", NC, 1, opt, dq);
+    CHECK_F(a1, "dk", NC, 1, opt, dk);
+    CHECK_F(a2, "dv", NC, 1, opt, dv);
+    CHECK_F(doo, "dout", NC, 0, 1, dout);
+    CHECK_F(qo, "q", NC, 0, 0, q);
+    CHECK_F(ko, "k", NC, 0, 0, k);
+    CHECK_F(vo, "v", NC, 0, 0, v);
+    CHECK_I(lo, "lengths", (size_t)B, 0, lens);
+    RUN(bq_cuda_cudnn_attention(F(out), FN(dq), FN(dk), FN(dv), FN(dout), F(q), F(k), F(v), I64(lens), B, NH, T, HS, p,
+                                seed),
+        "cudnn_attention");
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(lens);
     return result;
 }
 
@@ -996,6 +1078,9 @@ static PyMethodDef methods[] = {
      "device_count() -> (n, reason)\n\nUsable CUDA devices (compute capability >= 8.0); reason says why n is 0."},
     {"device_info", py_device_info, METH_VARARGS, "device_info(dev=0) -> dict of name, capability, memory, SMs."},
     {"versions", py_versions, METH_NOARGS, "versions() -> (cuda_runtime, cuda_driver), e.g. 13000 for 13.0."},
+    {"cudnn_version", py_cudnn_version, METH_NOARGS,
+     "cudnn_version() -> cudnnGetVersion() of the cuDNN this module links (e.g. 91900 for 9.19.0), 0 when it was "
+     "built without cuDNN. Needs no GPU."},
     {"uniform", py_uniform, METH_VARARGS, "uniform(u, seed, step, tensor_id, first=0): Philox uniforms into u."},
     {"dropout", py_dropout, METH_VARARGS, "dropout(out, x, p, seed, step, tensor_id, precision)"},
     {"residual_layernorm", py_residual_layernorm, METH_VARARGS,
@@ -1015,6 +1100,9 @@ static PyMethodDef methods[] = {
      "linear_backward(dinp, dw, db, dout, x, w, N, IN, OUT, precision)"},
     {"attention", py_attention, METH_VARARGS,
      "attention(out, att, q, k, v, mask, B, NH, T, HS, p, seed, step, site, precision)"},
+    {"cudnn_attention", py_cudnn_attention, METH_VARARGS,
+     "cudnn_attention(out, dq, dk, dv, dout, q, k, v, lengths, B, NH, T, HS, p, seed): cuDNN's fused attention "
+     "(bf16 on the GPU)"},
     {"attention_backward", py_attention_backward, METH_VARARGS,
      "attention_backward(dq, dk, dv, dout, att, q, k, v, B, NH, T, HS, p, seed, step, site, precision)"},
     {"span_loss", py_span_loss, METH_VARARGS,

@@ -450,6 +450,56 @@ extern "C" int bq_cuda_attention_backward(float *dq, float *dk, float *dv, const
     return DISPATCH(precision, attention_backward_op, dq, dk, dv, dout, att, q, k, v, B, NH, T, HS, p, seed, step, site);
 }
 
+extern "C" int bq_cuda_cudnn_attention(float *out, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                                       const float *k, const float *v, const int64_t *lengths, int B, int NH, int T,
+                                       int HS, float p, uint64_t seed) {
+    scope sc;
+    TRY(sc.init());
+    char why[256];
+    bq_cudnn *c = nullptr;
+    if (!bq_cudnn_create(&c, why, sizeof why)) return bq_cuda_fail(BQ_ERR_ARG, "%s", why);
+    struct guard {
+        bq_cudnn *c;
+        cudaStream_t s;
+        ~guard() {
+            cudaStreamSynchronize(s);
+            bq_cudnn_destroy(c);
+        }
+    } g{c, sc.s};
+    const size_t NC = (size_t)B * T * NH * HS;
+    const int training = dout != nullptr;
+    std::vector<int> lens(B);
+    for (int b = 0; b < B; b++) {
+        if (lengths[b] < 1 || lengths[b] > T)
+            return bq_cuda_fail(BQ_ERR_ARG, "lengths[%d] = %lld: each row needs 1..T = %d keys", b,
+                                (long long)lengths[b], T);
+        lens[b] = (int)lengths[b];
+    }
+    bf16 *dq_, *dk_, *dv_, *ddo = nullptr, *o, *gq, *gk, *gv;
+    float *stats;
+    int *dlen;
+    TRY(sc.up(&dq_, q, NC));
+    TRY(sc.up(&dk_, k, NC));
+    TRY(sc.up(&dv_, v, NC));
+    TRY(sc.alloc(&o, NC));
+    TRY(sc.alloc(&stats, (size_t)B * NH * T));
+    TRY(sc.alloc(&dlen, (size_t)B));
+    CUDA_TRY(cudaMemcpyAsync(dlen, lens.data(), B * sizeof(int), cudaMemcpyHostToDevice, sc.s));
+    if (!bq_cudnn_prepare(c, B, T, NH, HS, p, training))
+        return bq_cuda_fail(BQ_ERR_ARG, "cuDNN refused the %s", bq_cudnn_why(c));
+    TRY(bq_cudnn_forward(c, sc.s, o, stats, dq_, dk_, dv_, dlen, B, T, NH, HS, p, seed, training));
+    TRY(sc.down(out, o, NC));
+    if (!training) return BQ_OK;
+    TRY(sc.up(&ddo, dout, NC));
+    TRY(sc.alloc(&gq, NC));
+    TRY(sc.alloc(&gk, NC));
+    TRY(sc.alloc(&gv, NC));
+    TRY(bq_cudnn_backward(c, sc.s, gq, gk, gv, ddo, o, stats, dq_, dk_, dv_, dlen, B, T, NH, HS, p, seed));
+    TRY(sc.down(dq, gq, NC));
+    TRY(sc.down(dk, gk, NC));
+    return sc.down(dv, gv, NC);
+}
+
 extern "C" int bq_cuda_span_loss(float *loss, float *dstart, float *dend, const float *start_logits,
                                  const float *end_logits, const int64_t *start_pos, const int64_t *end_pos, int B, int T,
                                  float grad_scale) {

@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}   # the interpreter whose numpy and scipy-openblas32 to bu
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp -r "$repo/csrc" "$repo/bertqa" "$repo/tests" "$repo/setup.py" "$repo/pyproject.toml" "$work/"
+cp -r "$repo/csrc" "$repo/bertqa" "$repo/tests" "$repo/buildtools" "$repo/setup.py" "$repo/pyproject.toml" "$work/"
 rm -f "$work"/bertqa/_C*.so
 cd "$work"
 BERTQA_SANITIZE=1 "$PY" setup.py -q build_ext --inplace >build.log 2>&1 || { cat build.log; exit 1; }

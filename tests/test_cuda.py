@@ -7,7 +7,10 @@ with the CUDA extension built, and asking for device="cuda" fails with a clear e
 Tolerances: fp32 mode, kernels 1e-5 and the whole engine 1e-4 relative (max |gpu - cpu| / max |cpu|), the
 difference being summation order only; bf16 mode 2e-2 (kernels: max-relative; the engine: relative L2 error
 ||gpu - cpu|| / ||cpu|| per tensor, since bf16 round-off is relative to each element, not to the tensor's largest).
-Dropout masks agree bit for bit (the Philox keying is the CPU's), so the comparisons run with dropout on.
+Dropout masks agree bit for bit (the Philox keying is the CPU's), so the comparisons run with dropout on, with the
+engine's own attention kernels (twin(..., attention="own")): cuDNN's fused attention, the default in bf16, draws its
+dropout masks from cuDNN's own Philox stream, so the tests of that path run without attention dropout or check its
+masks statistically.
 """
 import os
 import shutil
@@ -123,8 +126,26 @@ def test_an_uninitialised_gpu_engine_refuses_every_call():
     for name, args in calls.items():
         with pytest.raises(RuntimeError, match="Engine is not initialised"):
             getattr(bare, name)(*args)
+    for name in ("precision", "attention", "attention_used"):
+        with pytest.raises(RuntimeError, match="Engine is not initialised"):
+            getattr(bare, name)
     with pytest.raises(RuntimeError, match="Engine is not initialised"):
-        bare.precision
+        bare.attention = "own"
+
+
+@needs_extension
+def test_cudnn_is_linked_when_the_build_found_it():
+    """bertqa._cuda built with cuDNN's fused attention links libcudnn and reports the cuDNN 9 it loaded; a build
+    without it says 0 (the engine then runs its own attention kernels)."""
+    version = bcuda.cudnn_version()
+    if version == 0:
+        pytest.skip("bertqa._cuda was built without cuDNN (setup.py prints why: no cuDNN 9 or no cudnn-frontend "
+                    "headers at build time)")
+    assert 90000 <= version < 100000, version
+    readelf = shutil.which("readelf")
+    if readelf:
+        needed = subprocess.run([readelf, "-d", bcuda._import().__file__], capture_output=True, text=True).stdout
+        assert "libcudnn.so" in needed, needed
 
 
 @needs_extension
@@ -374,9 +395,11 @@ def random_model(config, rng, device="cpu", precision=None, scale=0.5, seed=None
                   precision=precision)
 
 
-def twin(cpu_model, precision):
-    """The same parameters and dropout seed on the GPU."""
-    return BertQA(cpu_model.config, cpu_model.state_dict(), seed=cpu_model.seed, device="cuda", precision=precision)
+def twin(cpu_model, precision, attention="own"):
+    """The same parameters and dropout seed on the GPU; attention="own" by default: the CPU's dropout masks."""
+    model = BertQA(cpu_model.config, cpu_model.state_dict(), seed=cpu_model.seed, device="cuda", precision=precision)
+    model._engine.attention = attention
+    return model
 
 
 # ---- kernels, one by one ------------------------------------------------------------------------------------
@@ -510,6 +533,139 @@ def test_attention(rng, precision, B, NH, T, HS):
         wants = ops.attention_backward(heads(dout), heads(q), heads(k), heads(v), mask, p, seed=7, step=3, tensor_id=4)
         for g, w_ in zip(got, wants):
             assert rel_err(heads(g), w_) < TOL[precision] * 10
+
+
+def to_bf16(a):
+    """float32 -> the nearest bf16 (round to nearest even), as float32: what the GPU reads in bf16 mode."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
+    return u.astype(np.uint32).view(np.float32)
+
+
+def needs_cudnn():
+    if bcuda.cudnn_version() == 0:
+        pytest.skip("bertqa._cuda was built without cuDNN")
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("B,T,NH,HS", [(2, 37, 3, 16), (3, 5, 2, 8), (1, 130, 4, 64), (2, 384, 12, 32)])
+def test_cudnn_attention_matches_float64(rng, B, T, NH, HS):
+    """cuDNN's fused attention (bf16) against the float64 reference on the same bf16-rounded inputs: rows of
+    different key lengths (one of 1 key), forward and backward."""
+    from reference import attention as ref_attention, attention_backward as ref_backward
+    needs_cudnn()
+    q, k, v, dout = (to_bf16(f32(rng, B, T, NH, HS)) for _ in range(4))
+    lengths = rng.integers(1, T + 1, B)
+    lengths[0] = T
+    lengths[-1] = 1 if B > 1 else lengths[-1]
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float64)
+    heads = lambda a: a.transpose(0, 2, 1, 3)   # [B,T,NH,HS] -> [B,NH,T,HS]  # noqa: E731
+    out, dq, dk, dv = bcuda.cudnn_attention(q, k, v, lengths, dout=dout)
+    want = ref_attention(heads(q), heads(k), heads(v), mask)
+    assert rel_err(heads(out), want) < TOL["bf16"], rel_err(heads(out), want)
+    assert np.array_equal(out, bcuda.cudnn_attention(q, k, v, lengths))   # the forward alone: the same bits
+    wants = ref_backward(heads(dout), heads(q), heads(k), heads(v), mask)
+    for name, g, w_ in zip("qkv", (dq, dk, dv), wants):
+        assert rel_l2(heads(g), w_) < TOL["bf16"] * 2, (name, rel_l2(heads(g), w_))
+    with pytest.raises(RuntimeError, match="lengths"):
+        bcuda.cudnn_attention(q, k, v, np.zeros(B, np.int64))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_cudnn_attention_dropout_keep_rate_and_backward_mask(rng, p):
+    """q = k = 0 makes every probability 1/T; V = the identity makes out = dropout(P) itself. The share of dropped
+    probabilities is p (within 5 sigma of a binomial), the kept ones read 1/(T(1-p)); the same seed gives the same
+    mask, another seed another one; and dV = dropout(P)^T dO shows the backward regenerates the forward's mask."""
+    needs_cudnn()
+    B, T, NH, HS = 4, 64, 1, 64
+    q = k = np.zeros((B, T, NH, HS), np.float32)
+    v = np.broadcast_to(np.eye(T, HS, dtype=np.float32)[None, :, None, :], (B, T, NH, HS)).copy()
+    dout = to_bf16(f32(rng, B, T, NH, HS))
+    out, dq, dk, dv = bcuda.cudnn_attention(q, k, v, dropout_p=p, seed=1234, dout=dout)
+    probs = out[:, :, 0, :T]                                  # [B, Tq, Tk]
+    dropped = (probs == 0).mean()
+    sigma = np.sqrt(p * (1 - p) / probs.size)
+    assert abs(dropped - p) < 5 * sigma, (dropped, p)
+    np.testing.assert_allclose(probs[probs != 0], 1.0 / (T * (1 - p)), rtol=1e-2)
+    assert np.array_equal(out, bcuda.cudnn_attention(q, k, v, dropout_p=p, seed=1234))
+    other = bcuda.cudnn_attention(q, k, v, dropout_p=p, seed=1235)
+    assert not np.array_equal(out, other)
+    want_dv = np.einsum("bij,bid->bjd", probs.astype(np.float64), dout[:, :, 0, :].astype(np.float64))
+    assert rel_l2(dv[:, :, 0, :], want_dv) < TOL["bf16"], rel_l2(dv[:, :, 0, :], want_dv)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_engine_attention_is_cudnn_by_default_in_bf16_and_matches_the_cpu(rng):
+    """bf16 engine, no dropout: the default attention is cuDNN's (attention_used says so), its logits and gradients
+    match the CPU engine to the bf16 tolerance, and the own kernels give the same to that tolerance."""
+    needs_cudnn()
+    cpu = random_model(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                   hidden_size=48, num_attention_heads=3), rng, scale=0.1)   # HS = 16: cuDNN's
+    dev = BertQA(cpu.config, cpu.state_dict(), seed=cpu.seed, device="cuda", precision="bf16")
+    assert dev._engine.attention == "cudnn"
+    batch = tiny_batch(rng, B=3)
+    start, end = dev.forward(*batch_inputs(batch))
+    assert dev._engine.attention_used == "cudnn", dev._engine.attention_used
+    want_start, want_end = cpu.forward(*batch_inputs(batch))
+    tol = ENGINE_TOL["bf16"]
+    assert rel_l2(start, want_start) < tol and rel_l2(end, want_end) < tol
+    for model in (cpu, dev):
+        model.zero_grad()
+    loss, want_loss = dev.forward_backward(batch), cpu.forward_backward(batch)
+    assert dev._engine.attention_used == "cudnn"
+    assert abs(loss - want_loss) < tol * max(1.0, abs(want_loss))
+    bad = {k: v for k, v in tensor_errors(dev, cpu, grads=True, err=rel_l2).items() if v > tol}
+    assert not bad, bad
+    dev._engine.attention = "own"
+    own_start, _ = dev.forward(*batch_inputs(batch))
+    assert dev._engine.attention_used == "own (attention='own')"
+    assert rel_l2(own_start, start) < tol
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_engine_attention_falls_back_to_the_own_kernels_and_says_why(rng):
+    needs_cudnn()
+    config = tiny_config(hidden_size=48, num_attention_heads=3)
+    fp32 = random_model(config, rng, device="cuda", precision="fp32", scale=0.1)
+    batch = tiny_batch(rng)
+    fp32.forward(*batch_inputs(batch))
+    assert fp32._engine.attention_used.startswith("own (cuDNN's fused attention takes bf16"), fp32._engine.attention_used
+    bf16 = random_model(config, rng, device="cuda", precision="bf16", scale=0.1)
+    holes = batch["attention_mask"].copy()
+    holes[1, 4] = 0
+    bf16.forward(batch["input_ids"], holes, batch["token_type_ids"])
+    assert bf16._engine.attention_used.startswith("own (a row's mask has a hole"), bf16._engine.attention_used
+    bf16.forward(batch["input_ids"][:, :1], None, None)
+    assert bf16._engine.attention_used == "own (T = 1)"
+    bf16.forward(*batch_inputs(batch))
+    assert bf16._engine.attention_used == "cudnn"
+    with pytest.raises(ValueError, match="attention must be 'cudnn' or 'own'"):
+        bf16._engine.attention = "flash"
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_engine_trains_through_cudnn_attention_with_dropout(rng):
+    """bf16, dropout on (cuDNN's masks in attention): twenty steps lower the loss, every step finite, and the same
+    seed twice gives the same losses bit for bit (the backward is cuDNN's deterministic one)."""
+    needs_cudnn()
+    runs = []
+    state = int(rng.integers(2**31))
+    for _ in range(2):
+        r = np.random.default_rng(state)
+        model = random_model(tiny_config(hidden_size=48, num_attention_heads=3, initializer_range=0.02), r,
+                             device="cuda", precision="bf16", scale=0.1)
+        batch = tiny_batch(r)
+        runs.append([model.train_step(batch, lr=1e-3) for _ in range(20)])
+        assert model._engine.attention_used == "cudnn"
+    losses = np.array(runs[0])
+    assert np.isfinite(losses).all() and losses[-5:].mean() < losses[:5].mean(), losses
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.cuda

@@ -113,6 +113,7 @@ def test_the_wheel_carries_the_serve_package_and_its_page(tmp_path):
         shutil.copy(REPO / name, src / name)
     skip = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.egg-info", "build")
     shutil.copytree(REPO / "csrc", src / "csrc", ignore=skip)
+    shutil.copytree(REPO / "buildtools", src / "buildtools", ignore=skip)
     shutil.copytree(REPO / "bertqa", src / "bertqa", ignore=skip)
     proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)], cwd=src,
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, BERTQA_NO_CUDA="1"))
