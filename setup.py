@@ -176,8 +176,9 @@ def cudnn_config(home):
     fe = cudnn_frontend_include()
     if not cudnn or not fe:
         missing = ("cuDNN 9 (cudnn_graph.h + libcudnn; CUDNN_HOME)" if not cudnn else
-                   "the cudnn-frontend headers (pip install nvidia-cudnn-frontend, or CUDNN_FRONTEND_INCLUDE)")
-        if not env_flag("BERTQA_NO_CUDNN"):
+                   "cudnn-frontend headers (pip install nvidia-cudnn-frontend, or CUDNN_FRONTEND_INCLUDE)")
+        # (quiet while pip only asks which build requirements there are: the frontend is not installed yet then)
+        if not env_flag("BERTQA_NO_CUDNN") and not env_flag("BERTQA_LISTING_BUILD_REQUIRES"):
             print(f"bertqa: building bertqa._cuda without cuDNN's fused attention: no {missing}", flush=True)
         return None
     inc, lib, link = cudnn
@@ -202,9 +203,9 @@ def cuda_extension(home):
                        list(Path("cuda").glob("*.h"))) +
                 ["csrc/bertqa.h", "csrc/model.h", "csrc/pyargs.h", "csrc/engine_methods.h"],
         include_dirs=["cuda", "csrc", numpy.get_include(), str(Path(home) / "include")] + [nccl_h] * bool(nccl_h),
-        library_dirs=[str(lib)] + [cudnn["lib"]] * bool(cudnn),
+        library_dirs=[str(lib)] + ([cudnn["lib"]] if cudnn else []),
         libraries=["cublasLt", "cublas", "cudart_static", "stdc++", "dl", "rt", "pthread", "m"],
-        runtime_library_dirs=[str(lib)] + [cudnn["lib"]] * bool(cudnn and cudnn["lib"] != str(lib)),
+        runtime_library_dirs=[str(lib)] + ([cudnn["lib"]] if cudnn and cudnn["lib"] != str(lib) else []),
         # cudnn-frontend's experimental engines call NVRTC (the toolkit's runtime compiler) too
         extra_link_args=[cudnn["link"], "-lnvrtc"] if cudnn else [],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("BQ_ARRAY_API", "bertqa_cuda_ARRAY_API")] +

@@ -76,9 +76,18 @@ def _extra_requires():
     return []
 
 
+def _listing(hook, config_settings):
+    """setuptools' hook runs setup.py, before the frontend is installed: setup.py then keeps its notice to itself."""
+    os.environ["BERTQA_LISTING_BUILD_REQUIRES"] = "1"
+    try:
+        return hook(config_settings) + _extra_requires()
+    finally:
+        del os.environ["BERTQA_LISTING_BUILD_REQUIRES"]
+
+
 def get_requires_for_build_wheel(config_settings=None):
-    return _setuptools.get_requires_for_build_wheel(config_settings) + _extra_requires()
+    return _listing(_setuptools.get_requires_for_build_wheel, config_settings)
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _setuptools.get_requires_for_build_editable(config_settings) + _extra_requires()
+    return _listing(_setuptools.get_requires_for_build_editable, config_settings)
