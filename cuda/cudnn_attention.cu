@@ -126,7 +126,8 @@ std::string build_graph(bq_cudnn *c, const graph_key &key, cached *out) {
         set_bthd(O, UID_O, B, T, NH, HS);
         if (training) {
             if (!stats) return "cuDNN gave no Stats output for a training forward";
-            stats->set_output(true).set_uid(UID_STATS).set_data_type(fe::DataType_t::FLOAT);
+            stats->set_output(true).set_uid(UID_STATS).set_data_type(fe::DataType_t::FLOAT)
+                .set_dim({B, NH, T, 1}).set_stride({(int64_t)NH * T, T, 1, 1});   /* as the backward reads it */
         }
     } else {
         auto O = bthd(*g, "O", UID_O, B, T, NH, HS), dO = bthd(*g, "dO", UID_DO, B, T, NH, HS);
