@@ -13,7 +13,11 @@ Stages, each built from the results so far (OUT/results.jsonl; a run already the
      same share of a window), batch 32 (same peak lr), no warm-up, each alone;
   4. seeds 43 and 44 for the best two recipes of at most 3 epochs (seed 42 ran already): the seed spread;
   5. the next lower learning rate at the best recipe, seeds 42-44 (added when stage 4 showed a seed of the best
-     recipe failing at 500 questions: is the highest learning rate stable?).
+     recipe failing at 500 questions: is the highest learning rate stable?);
+  6. full size only (run it without --quick): the chosen recipe (the defaults) at seeds 42-44, the runner-up
+     (2e-4) at seeds 42-43, and one change at a time at seed 42 (lr 5e-4, 4 epochs, 256-token windows, warm-up 0.2,
+     which also ran at seed 43), each evaluated after every epoch (--eval_strategy epoch). BENCHMARKS.md's full-size
+     table is these runs.
 
 --quick trains on the first --train_samples questions of train.json (default 500) and scores on the first
 --eval_samples of valid.json (default 500: a fixed subset, the same for every run), with --jobs runs at a time
@@ -99,10 +103,17 @@ def stage_configs(stage: int, results: list[dict]) -> list[dict]:
         top = b["config"] if b else BASE
         lower = max((lr for lr in (5e-5, 1e-4, 2e-4, 3e-4) if lr < top["learning_rate"]), default=None)
         return [] if lower is None else [{**top, "learning_rate": lower, "seed": s} for s in (42, 43, 44)]
+    if stage == 6:
+        chosen = {**BASE, "learning_rate": 3e-4, "num_train_epochs": 3.0}
+        return ([{**chosen, "seed": s} for s in (42, 43, 44)] +
+                [{**chosen, "learning_rate": 2e-4, "seed": s} for s in (42, 43)] +
+                [{**chosen, "learning_rate": 5e-4}, {**chosen, "num_train_epochs": 4.0},
+                 {**chosen, "max_seq_length": 256, "doc_stride": 85}] +
+                [{**chosen, "warmup_ratio": 0.2, "seed": s} for s in (42, 43)])
     raise ValueError(f"no stage {stage}")
 
 
-def command(cfg: dict, a, out_dir: Path) -> list[str]:
+def command(cfg: dict, a, out_dir: Path, stage: int = 0) -> list[str]:
     cmd = [sys.executable, "-m", "bertqa", "finetune", "--model_name_or_path", a.model,
            "--train_file", str(DATA / "squad" / "train.json"), "--validation_file", str(DATA / "squad" / "valid.json"),
            "--output_dir", str(out_dir), "--overwrite_output_dir", "--save_steps", "0", "--logging_steps", "10",
@@ -111,6 +122,8 @@ def command(cfg: dict, a, out_dir: Path) -> list[str]:
         cmd += [f"--{k}", f"{cfg[k]:g}" if isinstance(cfg[k], float) else str(cfg[k])]
     if a.quick:
         cmd += ["--max_train_samples", str(a.train_samples), "--max_eval_samples", str(a.eval_samples)]
+    if stage == 6:
+        cmd += ["--eval_strategy", "epoch"]   # the curve: EM / F1 after every epoch
     return cmd
 
 
@@ -119,7 +132,7 @@ def run_one(cfg: dict, stage: int, a, out: Path) -> dict:
     run_dir = out / name
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     env.update(OMP_NUM_THREADS=str(a.threads), PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    cmd = command(cfg, a, run_dir)
+    cmd = command(cfg, a, run_dir, stage)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -145,11 +158,13 @@ def run_one(cfg: dict, stage: int, a, out: Path) -> dict:
 def run_stage(stage: int, a, out: Path) -> None:
     results = load_results(out)
     done = {r["name"] for r in results if r.get("returncode") == 0}
+    if stage == 6 and a.quick:
+        raise SystemExit("stage 6 is the full-size comparison: run it without --quick")
     todo = [c for c in stage_configs(stage, results) if run_name(c) not in done]
     print(f"stage {stage}: {len(todo)} run(s): {', '.join(run_name(c) for c in todo) or 'none'}", flush=True)
     if a.dry_run:
         for c in todo:
-            print("  " + " ".join(command(c, a, out / run_name(c))))
+            print("  " + " ".join(command(c, a, out / run_name(c), stage)))
         return
     with ThreadPoolExecutor(max_workers=a.jobs) as pool, open(out / "results.jsonl", "a") as f:
         for record in pool.map(lambda c: run_one(c, stage, a, out), todo):
@@ -189,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="subsets of train.json and valid.json (see above)")
     p.add_argument("--train_samples", type=int, default=500)
     p.add_argument("--eval_samples", type=int, default=500)
-    p.add_argument("--stage", default="all", help="1, 2, 3, 4, 5 or all (in order)")
+    p.add_argument("--stage", default="all", help="1, 2, 3, 4, 5, 6 (full size) or all (1-5, in order)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads per run")
     p.add_argument("--model", default="all-MiniLM-L6-v2")
