@@ -28,7 +28,7 @@
 
 #include <cmath>
 #include <cstdio>
-#include <cstring>
+#include <cstring>   /* before cudnn_frontend.h, whose shim uses std::strlen without including it */
 
 #ifdef BERTQA_HAVE_CUDNN
 #include <cudnn.h>
