@@ -24,16 +24,8 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .squad import SquadFormatError
-from .tokenization import TokenizerFilesError
+from .errors import EXIT_USER_ERROR, USER_ERRORS, user_message
 from .train import TrainingArguments, TrainingError
-
-EXIT_USER_ERROR = 2
-# Exceptions that describe bad input rather than a bug: reported in one line, exit status 2.
-USER_ERRORS = (SquadFormatError, CheckpointError, ConfigError, TokenizerFilesError, TrainingError,
-               FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -244,12 +236,6 @@ def _bench(ns: argparse.Namespace) -> int:
 # ---- entry point -----------------------------------------------------------------------------------------
 
 
-def _message(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    return str(e)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     parser = build_parser()
@@ -271,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             warnings.showwarning = show_warning
             return ns.func(ns)
     except USER_ERRORS as e:
-        print(f"bertqa {ns.command}: error: {_rank()}{_message(e)}", file=sys.stderr)
+        print(f"bertqa {ns.command}: error: {_rank()}{user_message(e)}", file=sys.stderr)
         return _end_job(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         hint = " (checkpoints are kept: rerun with --resume to continue)" if ns.command == "finetune" else ""

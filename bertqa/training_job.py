@@ -625,10 +625,10 @@ class Job:
             return self._fail("interrupted (SIGTERM or SIGINT); the checkpoints in checkpoints/ are kept and a "
                               "restarted job resumes from them", 130)
         except BaseException as e:  # noqa: BLE001 - the job must always say why it failed
-            from .cli import USER_ERRORS, _message
+            from .errors import USER_ERRORS, user_message
 
             if isinstance(e, USER_ERRORS):
-                return self._fail(_message(e), EXIT_USER_ERROR)
+                return self._fail(user_message(e), EXIT_USER_ERROR)
             if isinstance(e, SystemExit) and e.code in (0, None):
                 raise
             logger.exception("job failed")
