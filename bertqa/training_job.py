@@ -579,6 +579,19 @@ def wait_for_master(done_file: Path, master: str, timeout: float = WAIT_FOR_HOST
 _RANK_ERROR = re.compile(r"bertqa \w+: error: (.*)$")
 # A rank's line as mpirun --tag-output relays it: "[1,0]<stderr>: OSError: ..." (Open MPI 5 adds the space).
 _EXCEPTION = re.compile(r"^(?:\[\d+,\d+\]<std\w+>:)?\s*((?:\w+\.)*\w+(?:Error|Exception): .*)$")
+# How Open MPI and ssh say that an instance has gone, most telling first: the launcher lost the daemon on a node
+# (PRTE in Open MPI 5, ORTE in 4), ssh's connection to it was cut, or a rank's peer disconnected. Seen with a
+# container killed mid-job (tests/test_containers.py); mpirun then exited 255 or, in some runs, 0.
+_LOST_HOST = (re.compile(r"Remote daemon:\s*\S+ on node (\S+)"),
+              re.compile(r"^Connection to (\S+) closed by remote host"),
+              re.compile(r"Peer host:\s*(\S+)"))
+
+
+class RelayResult(typing.NamedTuple):
+    status: int
+    first_error: Optional[str]  # the first error a rank reported
+    user_error: bool            # that error was `bertqa finetune: error: ...` (bad input, not a fault)
+    lost_host: Optional[str] = None  # an instance Open MPI lost during the run
 
 
 class Job:
@@ -685,12 +698,16 @@ class Job:
         logger.info("job: %s", shlex.join(cmd))
         status = None
         try:
-            status, first_error, user_error = _relay(cmd, env)
+            status, first_error, user_error, lost = _relay(cmd, env)
         finally:
             for host in others:  # always: the workers wait for it
                 _ssh(host, "sh", "-c", shlex.quote(f"echo {status if status is not None else -1} > {DONE_FILE}"))
             if sshd is not None:
                 sshd.terminate()
+        if lost is not None:  # whatever mpirun's status: it has exited 0 after losing a daemon
+            raise JobError(f"lost the instance {lost}: it stopped answering during training (it failed, ran out of "
+                           f"memory or was stopped); training processes failed (mpirun exit status {status})",
+                           EXIT_FAILURE)
         if status != 0:
             raise JobError(f"training processes failed (mpirun exit status {status})"
                            + (f": {first_error}" if first_error else ""),
@@ -751,10 +768,11 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}".rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
 
 
-def _relay(cmd: list[str], env: dict) -> tuple[int, Optional[str], bool]:
-    """Run cmd with its output copied to ours line by line; (exit status, the first error a rank reported, whether
-    that was a user error: `bertqa finetune: error: ...`)."""
+def _relay(cmd: list[str], env: dict) -> RelayResult:
+    """Run cmd with its output copied to ours line by line; its exit status, the first error a rank reported and
+    the host Open MPI lost, if any."""
     first_error, user_error = None, False
+    lost: list[Optional[str]] = [None] * len(_LOST_HOST)
     tail: deque[str] = deque(maxlen=20)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             errors="replace", bufsize=1, preexec_fn=_terminate_with_parent)
@@ -769,7 +787,13 @@ def _relay(cmd: list[str], env: dict) -> tuple[int, Optional[str], bool]:
                 m = m or _EXCEPTION.match(line.rstrip("\n"))
                 if m:
                     first_error = m.group(1).strip()
-        return proc.wait(), first_error, user_error
+            for i, pattern in enumerate(_LOST_HOST):
+                if lost[i] is None and (m := pattern.search(line)):
+                    lost[i] = m.group(1).rstrip(".,;:")
+        status = proc.wait()
+        # A rank's own error explains a peer's disconnect (its rank aborted); a lost daemon is never a consequence.
+        weak = [] if first_error else lost[1:]
+        return RelayResult(status, first_error, user_error, next((h for h in (lost[0], *weak) if h), None))
     except BaseException:
         proc.terminate()  # mpirun passes SIGTERM on to the ranks
         try:

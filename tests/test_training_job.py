@@ -366,14 +366,49 @@ def test_first_rank_error_becomes_the_failure_reason(tmp_path):
         print("[1,0]<stderr>:RuntimeError: later, a consequence")
         sys.exit(2)
     """))
-    status, first, user = tj._relay([sys.executable, str(script)], dict(os.environ))
-    assert (status, user) == (2, True)
+    status, first, user, lost = tj._relay([sys.executable, str(script)], dict(os.environ))
+    assert (status, user, lost) == (2, True, None)
     assert first == "/opt/ml/input/data/train/t.json: malformed JSON at line 1"
 
     script.write_text('import sys; print("[1,0]<stdout>: step=2"); print("[1,1]<stderr>: OSError: [Errno 28] No '
                       'space left on device"); sys.exit(1)')
     assert tj._relay([sys.executable, str(script)], dict(os.environ)) == \
-        (1, "OSError: [Errno 28] No space left on device", False)
+        (1, "OSError: [Errno 28] No space left on device", False, None)
+
+
+# What mpirun printed on algo-1 when the container algo-2 was killed mid-job (tests/test_containers.py), and it
+# exited 0 in one such run.
+LOST_ALGO_2 = """\
+[1,0]<stderr>: step=7 epoch=0.58 loss=5.49 lr=0.0009 grad_norm=4.3 seq_per_s=1449
+Connection to algo-2 closed by remote host.
+[1,0]<stderr>: An MPI communication peer process has unexpectedly disconnected.  This
+[1,0]<stderr>:   Local host: algo-1
+[1,0]<stderr>:   Peer host:  algo-2
+[1,0]<stderr>: [algo-1:00000] *** An error occurred in Socket closed
+PRTE has lost communication with a remote daemon.
+
+  HNP daemon   : [prterun-algo-1-19@0,0] on node algo-1
+  Remote daemon: [prterun-algo-1-19@0,1] on node algo-2
+"""
+
+
+@pytest.mark.parametrize("status", [0, 255])
+def test_a_lost_instance_is_named_whatever_mpiruns_status(tmp_path, monkeypatch, status):
+    script = tmp_path / "mpirun.py"
+    script.write_text(f"import sys; sys.stdout.write({LOST_ALGO_2!r}); sys.exit({status})")
+    assert tj._relay([sys.executable, str(script)], dict(os.environ)) == (status, None, False, "algo-2")
+    # only the peer's line: still algo-2; a rank's own error first: that error is the cause, no host is blamed
+    script.write_text('print("[1,0]<stderr>:   Peer host:  algo-2")')
+    assert tj._relay([sys.executable, str(script)], dict(os.environ)).lost_host == "algo-2"
+    script.write_text('print("[1,1]<stderr>: ValueError: bad"); print("[1,0]<stderr>:   Peer host:  algo-2")')
+    assert tj._relay([sys.executable, str(script)], dict(os.environ)).lost_host is None
+
+    # the job's failure names the host even when mpirun said 0
+    job = tj.Job(tj.JobPaths(tmp_path / "opt_ml"))
+    monkeypatch.setattr(tj, "_relay", lambda cmd, env: tj.RelayResult(status, None, False, "algo-2"))
+    monkeypatch.setattr(tj, "find_mpirun", lambda env: "mpirun")
+    with pytest.raises(tj.JobError, match=f"lost the instance algo-2.*mpirun exit status {status}"):
+        job._train_mpi(tj.ProcessPlan(("algo-1",), 2, 2), tj.ResourceConfig(), tj.JobSettings(), ["finetune"])
 
 
 @needs_engine
