@@ -53,3 +53,31 @@ def isa(request):
         yield request.param
     finally:
         ops.set_isa(os.environ.get("BERTQA_CPU") or "auto")
+
+
+# ---- containers (tests/containers.py): one private podman store and one build of the image per session ---------
+
+
+@pytest.fixture(scope="session")
+def podman():
+    """podman (runc, a private store with the stand-in base images); installs the tools or skips naming them."""
+    import containers as C
+
+    why = C.install_tools()
+    if why:
+        pytest.skip(why)
+    p = C.Podman()
+    p.remove_labelled()
+    C.ensure_base_images(p)
+    yield p
+    p.remove_labelled()
+
+
+@pytest.fixture(scope="session")
+def image(podman):
+    """The CPU image built from the repository's Dockerfile (tag localhost/bertqa:test in the private store)."""
+    import containers as C
+
+    took, _ = C.build_image(podman)
+    print(f"image build: {took:.0f} s")
+    return C.IMAGE

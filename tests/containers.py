@@ -183,6 +183,7 @@ def build_image(podman: Podman, tag: str = IMAGE, dockerfile: str = "Dockerfile"
     if r.returncode != 0:
         raise RuntimeError(f"building {dockerfile} failed after {took:.0f} s:\n{out[-6000:]}")
     log(f"{dockerfile} -> {tag}: built in {took:.0f} s")
+    podman("image", "prune", "-f", check=False, timeout=300)  # the previous build's image, now untagged
     return took, out
 
 

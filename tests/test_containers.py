@@ -32,25 +32,6 @@ LR = 1e-3
 
 
 @pytest.fixture(scope="module")
-def podman():
-    why = C.install_tools()
-    if why:
-        pytest.skip(why)
-    p = C.Podman()
-    p.remove_labelled()
-    C.ensure_base_images(p)
-    yield p
-    p.remove_labelled()
-
-
-@pytest.fixture(scope="module")
-def image(podman):
-    took, _ = C.build_image(podman)
-    print(f"image build: {took:.0f} s")
-    return C.IMAGE
-
-
-@pytest.fixture(scope="module")
 def inputs(shared_data_dir, tmp_path_factory):
     """A tiny random BERT (the job's model channel) and 48 training / 12 validation questions."""
     root = tmp_path_factory.mktemp("container_inputs")

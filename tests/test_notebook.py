@@ -72,7 +72,8 @@ def test_notebook_executes_in_small_mode(monkeypatch, tmp_path):
     monkeypatch.setenv("BERTQA_LAB_SOLUTIONS", "1")
     monkeypatch.setenv("BERTQA_DATA_DIR", str(DATA_DIR))
     monkeypatch.delenv("BERTQA_LAB_KEEP", raising=False)
-    for var in ("BERTQA_SAGEMAKER_IMAGE", "BERTQA_SAGEMAKER_ROLE"):  # never train or deploy on AWS from a test run
+    # never train or deploy on AWS from a test run; local mode has its own test (test_sagemaker_local.py)
+    for var in ("BERTQA_SAGEMAKER_IMAGE", "BERTQA_SAGEMAKER_ROLE", "BERTQA_SAGEMAKER_LOCAL_IMAGE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
 
@@ -105,6 +106,7 @@ def test_notebook_executes_in_small_mode(monkeypatch, tmp_path):
     assert re.search(r"server exited with status", everything)
     m = re.search(r"removed (\S+) \(", everything)
     assert m and not Path(m.group(1)).exists(), "the work folder was not cleaned up"
+    assert "SageMaker local mode skipped: missing" in everything
     assert "SageMaker training skipped: missing" in everything
     assert "SageMaker deployment skipped: missing" in everything
 
