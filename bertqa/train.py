@@ -44,6 +44,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -372,15 +373,39 @@ def features_fingerprint(features: Features) -> str:
 # =============================================================================================================
 
 
-def _progress(total: int, desc: str, disable: Optional[bool], unit: str, initial: int = 0):
+# Without a progress bar (not a terminal, or --disable_tqdm) an evaluation logs a line this often, as training
+# logs its steps.
+EVAL_LOG_INTERVAL_S = 15.0
+
+
+def _progress(total: int, desc: str, disable: Optional[bool], unit: str, initial: int = 0, leave: bool = True):
     from tqdm.auto import tqdm
 
     # disable=None: tqdm shows the bar only when stderr is a terminal.
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
+                leave=leave)
+
+
+def _bars_shown(disable: Optional[bool]) -> bool:
+    """Whether _progress(..., disable) draws a bar (tqdm's own rule for disable=None)."""
+    if disable is None:
+        return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return not disable
+
+
+def _say(line: str, bars_shown: bool) -> None:
+    """One log line; with progress bars on screen it goes above them (tqdm.write) instead of through them."""
+    if bars_shown:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+    else:
+        logger.info(line)
 
 
 def predict_features(model, features: Features, batch_size: int = 64,
-                     disable_tqdm: Optional[bool] = True, dist: Optional[Distributed] = None
+                     disable_tqdm: Optional[bool] = True, dist: Optional[Distributed] = None,
+                     desc: str = "predict", log_progress: bool = False, leave: bool = True
                      ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """Start and end logits [N, T] float32 of every feature (model.forward, eval mode).
 
@@ -388,6 +413,8 @@ def predict_features(model, features: Features, batch_size: int = 64,
     windows cost little; logits at padding positions are -inf (they are never part of an answer).
     With `dist` of several ranks each predicts every world_size-th row of that order (balanced shares) and rank
     0 gathers them: it gets the logits, the other ranks (None, None).
+    Progress: a tqdm bar named `desc` (disable_tqdm as TrainingArguments'; rank 0's alone); log_progress: where
+    the bar is not shown, a log line every EVAL_LOG_INTERVAL_S seconds instead.
     """
     n, width = len(features), features.seq_len
     lengths = features.attention_mask.sum(axis=1)
@@ -395,7 +422,8 @@ def predict_features(model, features: Features, batch_size: int = 64,
     if dist is not None and dist.enabled:
         mine = order[dist.rank::dist.world_size]
         start, end = predict_features(model, features.select(mine), batch_size,
-                                      disable_tqdm if dist.is_main else True)
+                                      disable_tqdm if dist.is_main else True, desc=desc,
+                                      log_progress=log_progress and dist.is_main, leave=leave)
         parts = dist.gather_object((mine, start, end))
         if not dist.is_main:
             return None, None
@@ -406,7 +434,8 @@ def predict_features(model, features: Features, batch_size: int = 64,
         return start, end
     start = np.full((n, width), -np.inf, dtype=np.float32)
     end = np.full((n, width), -np.inf, dtype=np.float32)
-    bar = _progress(n, "predict", disable_tqdm, "seq")
+    bar = _progress(n, desc, disable_tqdm, "seq", leave=leave)
+    t0 = last_line = time.perf_counter()
     try:
         for lo in range(0, n, batch_size):
             rows = order[lo:lo + batch_size]
@@ -417,6 +446,11 @@ def predict_features(model, features: Features, batch_size: int = 64,
             start[rows, :w] = np.where(real, s, -np.inf)
             end[rows, :w] = np.where(real, e, -np.inf)
             bar.update(len(rows))
+            now = time.perf_counter()
+            if log_progress and bar.disable and now - last_line >= EVAL_LOG_INTERVAL_S and lo + batch_size < n:
+                done = lo + len(rows)
+                logger.info("%s: %d/%d windows (%.0f%%), %.0f s", desc, done, n, 100 * done / n, now - t0)
+                last_line = now
     finally:
         bar.close()
     return start, end
@@ -435,16 +469,28 @@ def examples_dataset(examples: Sequence[Example]) -> dict:
 
 
 def evaluate_model(model, examples: Sequence[Example], features: Features, args: TrainingArguments,
-                   dist: Optional[Distributed] = None) -> tuple[dict[str, Any], dict[str, str]]:
+                   dist: Optional[Distributed] = None, during_training: bool = False
+                   ) -> tuple[dict[str, Any], dict[str, str]]:
     """(metrics, predictions): official EM/F1 of the model's answers to `examples` and the answers by id.
 
     metrics holds exact_match, f1 (and the v2.0 breakdown when asked), eval_seconds, eval_sequences_per_second,
     eval_examples and eval_features. With `dist` of several ranks the prediction is split over them; every rank
     gets the metrics, rank 0 alone the predictions (the others an empty dict).
+    Rank 0 logs the evaluation's size before it starts and shows an "evaluate" progress bar over the windows
+    (args.disable_tqdm; without a bar, a log line every EVAL_LOG_INTERVAL_S s); during_training: the bar goes
+    away when done (the training bar stays).
     """
+    main = dist is None or not dist.enabled or dist.is_main
+    if main:
+        bar_shown = _bars_shown(args.disable_tqdm)
+        split = f" over {dist.world_size} processes" if dist is not None and dist.enabled else ""
+        _say(f"evaluate: {len(examples)} questions, {len(features)} windows of up to {features.seq_len} tokens, "
+             f"batches of {args.per_device_eval_batch_size}{split}", bar_shown and during_training)
+    progress = dict(desc="evaluate", log_progress=True, leave=not during_training)
     if dist is not None and dist.enabled:
         t0 = time.perf_counter()
-        start, end = predict_features(model, features, args.per_device_eval_batch_size, args.disable_tqdm, dist)
+        start, end = predict_features(model, features, args.per_device_eval_batch_size, args.disable_tqdm, dist,
+                                      **progress)
         result = None
         if dist.is_main:
             metrics, predictions = _score(examples, features, start, end, args, t0)
@@ -452,7 +498,7 @@ def evaluate_model(model, examples: Sequence[Example], features: Features, args:
         metrics = dist.broadcast_object(None if result is None else result[0])
         return metrics, (result[1] if result is not None else {})
     t0 = time.perf_counter()
-    start, end = predict_features(model, features, args.per_device_eval_batch_size, args.disable_tqdm)
+    start, end = predict_features(model, features, args.per_device_eval_batch_size, args.disable_tqdm, **progress)
     return _score(examples, features, start, end, args, t0)
 
 
@@ -752,7 +798,7 @@ class Trainer:
                       (strategy == "epoch" and epoch_done)
                 if due and self.eval_features is not None:
                     t_eval = time.perf_counter()
-                    metrics, predictions = self.evaluate()
+                    metrics, predictions = self.evaluate(during_training=True)
                     self.last_eval = (state.global_step, metrics, predictions)
                     self._log(log, {"step": state.global_step, "epoch": record_epoch(state, plan),
                                     **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()}}, bar)
@@ -888,10 +934,11 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------------------
 
-    def evaluate(self) -> tuple[dict[str, Any], dict[str, str]]:
+    def evaluate(self, during_training: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
         if self.eval_features is None or self.eval_examples is None:
             raise TrainingError("Trainer.evaluate needs eval_examples and eval_features")
-        return evaluate_model(self.model, self.eval_examples, self.eval_features, self.args, self.dist)
+        return evaluate_model(self.model, self.eval_examples, self.eval_features, self.args, self.dist,
+                              during_training=during_training)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
 

@@ -354,6 +354,47 @@ def test_evaluate_model_with_oracle_logits_on_real_questions(data_dir, tmp_path)
     assert examples_dataset(examples)["data"][0]["paragraphs"][0]["qas"][0]["id"] == examples[0].id
 
 
+def _eval_set(data_dir, tmp_path, n=24):
+    from bertqa.squad import build_features
+    from bertqa.tokenization import BertQATokenizer
+
+    tokenizer = BertQATokenizer.from_vocab(data_dir / "vocab" / "bert-base-uncased-vocab.txt")
+    examples = load_squad(write_squad_subset(data_dir / "squad" / "valid.json", tmp_path / "v.json", n))
+    return examples, build_features(examples, tokenizer, max_seq_length=128, doc_stride=32, progress=False)
+
+
+class ZeroLogits(FakeQAModel):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return np.zeros(input_ids.shape, np.float32), np.zeros(input_ids.shape, np.float32)
+
+
+def test_evaluation_says_its_size_and_shows_a_bar(data_dir, tmp_path, caplog, capsys):
+    examples, features = _eval_set(data_dir, tmp_path)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=7, disable_tqdm=False)
+    with caplog.at_level("INFO", logger="bertqa.train"):
+        evaluate_model(ZeroLogits(), examples, features, args)
+    assert f"evaluate: 24 questions, {len(features)} windows of up to 128 tokens, batches of 7" in caplog.text
+    err = capsys.readouterr().err
+    assert "evaluate: 100%" in err and f"{len(features)}/{len(features)}" in err   # the bar, to its end
+
+
+def test_evaluation_without_a_bar_logs_its_progress(data_dir, tmp_path, caplog, capsys, monkeypatch):
+    """Not on a terminal (or --disable_tqdm): no bar, but log lines while it runs, as training logs its steps."""
+    import bertqa.train
+
+    monkeypatch.setattr(bertqa.train, "EVAL_LOG_INTERVAL_S", 0.0)
+    examples, features = _eval_set(data_dir, tmp_path)
+    for disable in (None, True):   # None: pytest's captured stderr is no terminal
+        caplog.clear()
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=7, disable_tqdm=disable)
+        with caplog.at_level("INFO", logger="bertqa.train"):
+            evaluate_model(ZeroLogits(), examples, features, args)
+        lines = caplog.messages
+        assert lines[0].startswith(f"evaluate: 24 questions, {len(features)} windows")
+        assert f"evaluate: 7/{len(features)} windows" in lines[1]
+        assert "%|" not in capsys.readouterr().err
+
+
 # ---- the real engine -------------------------------------------------------------------------------------
 
 
