@@ -10,10 +10,13 @@
 # with the argument "serve"; the server then answers GET /ping and POST /invocations on $SAGEMAKER_BIND_TO_PORT
 # (8080), and stops cleanly on SIGTERM. See bertqa/serve/settings.py for the environment variables it honours.
 #
-# NOTE: not built or run on the development machine, which has no Docker engine. It is kept minimal and follows
-# the documented SageMaker contract; build and smoke-test it (the commands above) before deploying. Its entry
-# points are tested without Docker: tests/test_training_job.py runs `python -m bertqa train` in a temporary
-# /opt/ml and serves the result, tests/test_serve.py `python -m bertqa serve`.
+# Built and run by the tests (tests/test_containers.py, tests/test_sagemaker_local.py) with podman from this file
+# unchanged: `podman build --pull=never` on a local stand-in for python:3.11-slim (Debian bookworm's Python 3.11
+# from debootstrap; registries are unreachable on the test machines, so the official image's own layout, Python
+# in /usr/local, is not what was tested). Run there as SageMaker runs it: `serve` with /opt/ml/model mounted (ping,
+# invocations, SIGTERM), `train` on one instance and on two (algo-1, algo-2 on one network: sshd, ssh, Open MPI),
+# an instance killed mid-job, a spot restart, and the SageMaker SDK v2's local mode (fit on two instances, deploy,
+# predict). Not tested here: pushing to ECR and running on SageMaker itself.
 FROM python:3.11-slim
 
 # gcc builds the C core (bertqa._C); libgomp1 is its OpenMP runtime at run time. openssh: a training job on several

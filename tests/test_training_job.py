@@ -1,7 +1,7 @@
 """`bertqa train`, the SageMaker training-job contract (bertqa.training_job), in temporary $SAGEMAKER_BASE_DIRs.
 
-End to end with `python -m bertqa train` (the image's ENTRYPOINT plus SageMaker's `train` argument; Docker
-itself cannot run here): string hyperparameters and tiny SQuAD channels -> a tiny random BERT trains -> model/
+End to end with `python -m bertqa train` (the image's ENTRYPOINT plus SageMaker's `train` argument; the image
+itself runs in tests/test_containers.py): string hyperparameters and tiny SQuAD channels -> a tiny random BERT trains -> model/
 holds what `bertqa serve` loads, and serve answers from the job's model.tar.gz; a bad hyperparameter ->
 output/failure names it and the exit status is non-zero; a job killed with SIGKILL mid-run and started again
 resumes from checkpoints/ and ends with the model an uninterrupted job makes, bit for bit. The multi-process
@@ -435,8 +435,8 @@ def test_two_process_job_on_one_host(tiny_inputs, tmp_path):
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
 def test_dockerfiles_run_bertqa_for_train_and_serve(dockerfile):
-    """Docker cannot run on the development machines: the images' contract is checked as text, and the entry
-    point itself (`python3 -m bertqa train` / `serve`) by the tests above."""
+    """The images' contract as text, checked everywhere (tests/test_containers.py builds and runs the CPU image
+    where podman is available)."""
     text = (REPO / dockerfile).read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert 'ENTRYPOINT ["python3", "-m", "bertqa"]' in lines
