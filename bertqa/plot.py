@@ -2,6 +2,10 @@
 eval_results.json when the run ends.
 
     plot_run("runs/minilm-squad")      # -> Path of the PNG, or None without matplotlib (pip install 'bertqa[plot]')
+    draw_run("runs/minilm-squad")      # -> the matplotlib Figure itself
+
+A series of a single point (one evaluation, one logged step) is drawn with a marker: a line through one point
+alone draws nothing.
 
 Top panel: the logged training loss per step (each point the mean over its logging window) and the learning rate
 on a second axis; bottom panel: EM and F1 of each evaluation during training, and the final model's (a star;
@@ -47,6 +51,23 @@ def plot_run(output_dir: str | os.PathLike, path: Optional[str | os.PathLike] = 
     or None (one log line) when matplotlib is missing or the log holds no step."""
     output_dir = Path(output_dir)
     path = Path(path) if path is not None else output_dir / "training_curve.png"
+    fig = draw_run(output_dir)
+    if fig is None:
+        return None
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _marked(n_points: int) -> dict:
+    """Line style arguments that keep a series visible: a line of one point draws nothing without a marker."""
+    return {"marker": "o", "ms": 4} if n_points == 1 else {}
+
+
+def draw_run(output_dir: str | os.PathLike):
+    """The training curve of the run in output_dir as a matplotlib Figure (two Axes: loss and learning rate, and
+    EM/F1), or None (one log line) when matplotlib is missing or the log holds no step."""
+    output_dir = Path(output_dir)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -62,11 +83,12 @@ def plot_run(output_dir: str | os.PathLike, path: Optional[str | os.PathLike] = 
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     x = [r["step"] for r in steps]
-    top.plot(x, [r["loss"] for r in steps], color="tab:blue", lw=1.2, label="training loss")
+    top.plot(x, [r["loss"] for r in steps], color="tab:blue", lw=1.2, label="training loss", **_marked(len(x)))
     top.set_ylabel("loss (mean over each logging window)")
     top.grid(alpha=0.3)
     lr_axis = top.twinx()
-    lr_axis.plot(x, [r["lr"] for r in steps], color="tab:orange", lw=1.0, ls="--", label="learning rate")
+    lr_axis.plot(x, [r["lr"] for r in steps], color="tab:orange", lw=1.0, ls="--", label="learning rate",
+                 **_marked(len(x)))
     lr_axis.set_ylabel("peak-layer learning rate")
     lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     lines = top.get_lines() + lr_axis.get_lines()
@@ -99,6 +121,4 @@ def plot_run(output_dir: str | os.PathLike, path: Optional[str | os.PathLike] = 
         title += f", {final['train_seconds'] / 60:.1f} min training"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return fig

@@ -180,3 +180,48 @@ def test_curve_from_a_log(tmp_path):
     path = plot_run(tmp_path)
     assert path == tmp_path / CURVE_NAME and path.read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".*.tmp"))   # written atomically: no temporary left behind
+
+
+SINGLE_POINT_RUNS = {
+    # the final evaluation alone (no evaluation during training): two stars at the last step
+    "final evaluation only": ([{"step": s, "loss": 5.0 / s, "lr": 1e-4} for s in range(1, 21)], [],
+                              {"exact_match": 30.0, "f1": 40.0, "train_steps": 20}),
+    # one evaluation during training, no eval_results.json (a run stopped before its end)
+    "one evaluation": ([{"step": s, "loss": 5.0 / s, "lr": 1e-4} for s in range(1, 21)],
+                       [{"step": 20, "eval_exact_match": 30.0, "eval_f1": 40.0}], None),
+    # a run of one logged step: loss and learning rate are single points too
+    "one step": ([{"step": 1, "loss": 5.0, "lr": 1e-4}], [{"step": 1, "eval_exact_match": 3.0, "eval_f1": 9.0}],
+                 {"exact_match": 3.0, "f1": 9.0, "train_steps": 1}),
+}
+
+
+@pytest.mark.parametrize("case", SINGLE_POINT_RUNS)
+def test_curve_shows_single_points(tmp_path, case):
+    """A series of one point (one evaluation, one logged step) is drawn with a marker, inside the axes' limits:
+    a line of one point without a marker draws nothing."""
+    pytest.importorskip("matplotlib")
+    from bertqa.plot import draw_run
+
+    steps, evals, final = SINGLE_POINT_RUNS[case]
+    (tmp_path / LOG_NAME).write_text("".join(json.dumps({"epoch": 0.5, **r}) + "\n" for r in steps + evals))
+    if final is not None:
+        (tmp_path / EVAL_RESULTS_NAME).write_text(json.dumps({**final, "eval_examples": 12}))
+    fig = draw_run(tmp_path)
+    top, bottom, lr_axis = fig.axes
+    drawn = {}
+    for ax in (top, lr_axis, bottom):
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        for line in ax.get_lines():
+            xs, ys = list(line.get_xdata()), list(line.get_ydata())
+            drawn.setdefault(ax, []).append((line.get_label(), xs, ys))
+            if len(xs) == 1:
+                assert line.get_marker() not in (None, "", " ", "None") and line.get_markersize() > 0, \
+                    (case, line.get_label())
+            assert line.get_visible() and all(x0 < x < x1 for x in xs) and all(y0 < y < y1 for y in ys), \
+                (case, line.get_label(), (x0, x1), (y0, y1), xs, ys)
+    scores = sorted(y for _, _, ys in drawn[bottom] for y in ys)
+    want = ([r[k] for r in evals for k in ("eval_exact_match", "eval_f1")] +
+            ([final["exact_match"], final["f1"]] if final else []))
+    assert scores == sorted(want)   # every evaluation is in the lower panel
+    assert len(drawn[top]) == len(drawn[lr_axis]) == 1
+
