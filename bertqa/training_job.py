@@ -548,12 +548,35 @@ def wait_until(ready: Callable[[], bool], what: str, timeout: float, interval: f
         sleep(interval)
 
 
-def wait_for_master(done_file: Path, master: str, timeout: float = WAIT_FOR_HOSTS_S, interval: float = 5.0,
-                    connect: Callable[[str], bool] = can_connect, sleep: Callable[[float], None] = time.sleep,
+class PinnedConnect:
+    """can_connect that keeps a host's address once it answered. A host that has gone stops resolving only
+    slowly (a container network's resolver then forwards the name and waits: a killed master took a worker 60 s
+    to notice), while a connection to its old address fails within the timeout."""
+
+    def __init__(self, timeout: float = 3.0):
+        self.timeout = timeout
+        self.addresses: dict[str, str] = {}
+
+    def __call__(self, host: str, port: int = 22) -> bool:
+        address = self.addresses.get(host)
+        if address is None:
+            try:
+                address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+            except (OSError, IndexError):
+                return False
+        if not can_connect(address, port, self.timeout):
+            return False
+        self.addresses[host] = address
+        return True
+
+
+def wait_for_master(done_file: Path, master: str, timeout: float = WAIT_FOR_HOSTS_S, interval: float = 2.0,
+                    connect: Optional[Callable[[str], bool]] = None, sleep: Callable[[float], None] = time.sleep,
                     clock: Callable[[], float] = time.monotonic) -> Optional[int]:
     """A worker's wait: the master's exit status once it has written done_file; None when the master stopped
-    answering on port 22 after it had answered (its container has ended without saying so).
-    JobError when it never answered within `timeout`."""
+    answering on port 22 after it had answered (its container has ended without saying so): three checks in a
+    row, at most ~15 s with PinnedConnect. JobError when it never answered within `timeout`."""
+    connect = connect or PinnedConnect()
     seen, misses, deadline = False, 0, clock() + timeout
     while True:
         if done_file.is_file():
@@ -722,8 +745,11 @@ class Job:
             status = wait_for_master(done, resource.master)
         finally:
             sshd.terminate()
-        logger.info("job: the master %s", "has gone" if status is None else f"ended with status {status}")
-        return 0
+        if status is None:  # its container ended without writing the status file: the job has lost it
+            raise JobError(f"lost the master instance {resource.master}: it stopped answering before the job ended "
+                           f"(it failed, ran out of memory or was stopped)", EXIT_FAILURE)
+        logger.info("job: the master %s ended with status %d", resource.master, status)
+        return 0  # the master's own failure file says why, when it failed
 
     # ---- results ------------------------------------------------------------------------------------------
 

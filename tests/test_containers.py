@@ -229,6 +229,21 @@ def test_a_killed_instance_ends_the_job_naming_it(podman, image, inputs, tmp_pat
     assert took < 30, log[-3000:]
 
 
+def test_a_killed_master_ends_the_worker_naming_it(podman, image, inputs, tmp_path):
+    bases = two_bases(tmp_path, inputs, max_steps="100000", save_steps="0", logging_steps="1")
+    with two_instances(podman, image, bases) as names:
+        wait_for(lambda: "step=2 " in podman.logs(names["algo-1"]), "training to start", 180)
+        podman("kill", names["algo-1"])
+        killed = time.monotonic()
+        code = C.wait_exit(podman, names["algo-2"], 120)
+        took = time.monotonic() - killed
+        log = podman.logs(names["algo-2"])
+    failure = (bases["algo-2"] / "output" / "failure").read_text()
+    print(f"algo-2 ended {took:.1f} s after algo-1 was killed; exit {code}; failure: {failure.strip()}")
+    assert code == 1 and "lost the master instance algo-1" in failure, (failure, log[-3000:])
+    assert took < 25, log[-3000:]  # three missed checks of port 22 (3 s timeout), 2 s apart
+
+
 def test_spot_restart_resumes_both_instances_to_the_same_model(podman, image, inputs, two_instance, tmp_path):
     bases = two_bases(tmp_path, inputs, max_steps="16", save_steps="4")
     with two_instances(podman, image, bases) as names:

@@ -448,3 +448,18 @@ def test_dockerfiles_run_bertqa_for_train_and_serve(dockerfile):
                 assert (REPO / src).exists(), (dockerfile, src)
     if dockerfile.endswith(".gpu"):
         assert re.search(r"^FROM nvidia/cuda:\S+-devel-", text, re.M) and "libnccl-dev" in text
+
+
+def test_pinned_connect_keeps_the_address_of_a_host_that_answered(monkeypatch):
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    connect = tj.PinnedConnect(timeout=2)
+    assert not connect("no-such-host.invalid", port)
+    assert connect("localhost", port) and connect.addresses["localhost"] in ("127.0.0.1", "::1")
+    # the name stops resolving (a gone container): the pinned address still answers while the server lives
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror("gone")))
+    assert connect("localhost", port)
+    server.close()
+    assert not connect("localhost", port)
