@@ -558,16 +558,18 @@ class PinnedConnect:
         self.addresses: dict[str, str] = {}
 
     def __call__(self, host: str, port: int = 22) -> bool:
-        address = self.addresses.get(host)
-        if address is None:
-            try:
-                address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
-            except (OSError, IndexError):
-                return False
-        if not can_connect(address, port, self.timeout):
+        address = self.addresses.get(host) or self.resolve(host, port)
+        if address is None or not can_connect(address, port, self.timeout):
             return False
         self.addresses[host] = address
         return True
+
+    @staticmethod
+    def resolve(host: str, port: int) -> Optional[str]:
+        try:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+        except (OSError, IndexError):
+            return None
 
 
 def wait_for_master(done_file: Path, master: str, timeout: float = WAIT_FOR_HOSTS_S, interval: float = 2.0,
