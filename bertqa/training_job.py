@@ -29,6 +29,7 @@ than one JSON file). output_dir and resume_from_checkpoint belong to the job and
 names (sagemaker_*, _tuning_objective_metric) are accepted; of those, the job reads the ones the SDK's MPI
 distribution writes: sagemaker_mpi_enabled, sagemaker_mpi_num_of_processes_per_host,
 sagemaker_mpi_num_processes and sagemaker_mpi_custom_mpi_options. Anything else fails the job, naming it.
+resourceconfig.json's hosts must be a list of distinct names.
 
 Processes. hosts come from resourceconfig.json, processes per host from sagemaker_mpi_num_of_processes_per_host,
 else the number of GPUs (nvidia-smi), else 1. One process in all trains in this process. More are launched the
@@ -37,7 +38,10 @@ sshd (the image holds one SSH key pair that all its containers trust) and the fi
 until it can ssh to each; then the master runs `mpirun --host algo-1:N,algo-2:N -np H*N [the toolkit's MCA
 options] python3 -m mpi4py -m bertqa finetune ...` (mpirun_command; `--host localhost:N` on one host), relaying
 its output to the log; the others wait until the master writes its status file onto them (DONE_FILE) or stops
-answering. Rank 0 runs on the master
+answering. Hosts wait for each other at most $BERTQA_WAIT_FOR_HOSTS_S seconds (default 1800: instances of one job
+can start minutes apart), logging every 30 s what they wait for; SIGTERM at any point stops sshd, mpirun and the
+ranks. A worker whose master stops answering fails within ~15 s naming it; the master names a lost worker in its
+failure file as soon as Open MPI reports it. Rank 0 runs on the master
 and is the only one to write files, so checkpoints/ and the model are the master's, and the master moves the
 model into model/ when mpirun has succeeded.
 
@@ -209,11 +213,16 @@ def read_resource_config(path: Path) -> ResourceConfig:
     if not path.is_file():
         return ResourceConfig()
     raw = _read_json(path, "resource config")
-    try:
-        hosts = tuple(str(h) for h in raw["hosts"])
-        current = str(raw["current_host"])
-    except (KeyError, TypeError):
-        raise JobError(f"{path}: expected an object with 'current_host' and 'hosts'") from None
+    if not isinstance(raw, dict) or "hosts" not in raw or "current_host" not in raw:
+        raise JobError(f"{path}: expected an object with 'current_host' and 'hosts'")
+    hosts, current = raw["hosts"], raw["current_host"]
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
+        raise JobError(f"{path}: 'hosts' must be a list of host names, got {json.dumps(hosts)[:200]}")
+    if len(set(hosts)) != len(hosts):
+        raise JobError(f"{path}: 'hosts' names a host twice: {hosts}")
+    if not isinstance(current, str):
+        raise JobError(f"{path}: 'current_host' must be a host name, got {json.dumps(current)[:200]}")
+    hosts = tuple(hosts)
     if not hosts or current not in hosts:
         raise JobError(f"{path}: current_host {current!r} is not one of the hosts {list(hosts)}")
     return ResourceConfig(current, hosts, str(raw.get("network_interface_name") or "eth0"))
@@ -539,12 +548,32 @@ def can_connect(host: str, port: int = 22, timeout: float = 5) -> bool:
         return False
 
 
+def wait_for_hosts_s(env=os.environ) -> float:
+    """How long the master waits for every host to answer over ssh: $BERTQA_WAIT_FOR_HOSTS_S, else 30 minutes
+    (instances of one job can start minutes apart)."""
+    raw = env.get("BERTQA_WAIT_FOR_HOSTS_S", "").strip()
+    try:
+        value = float(raw) if raw else WAIT_FOR_HOSTS_S
+    except ValueError:
+        raise JobError(f"BERTQA_WAIT_FOR_HOSTS_S={raw!r}: expected a number of seconds") from None
+    if not value > 0:
+        raise JobError(f"BERTQA_WAIT_FOR_HOSTS_S={raw!r}: must be positive")
+    return value
+
+
 def wait_until(ready: Callable[[], bool], what: str, timeout: float, interval: float = 1.0,
-               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
-    deadline = clock() + timeout
+               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+               report_every: float = 30.0) -> None:
+    """Polls ready() until it is true; logs how long it has waited every `report_every` s; JobError at timeout."""
+    start = clock()
+    deadline, next_report = start + timeout, start + report_every
     while not ready():
-        if clock() > deadline:
+        now = clock()
+        if now > deadline:
             raise JobError(f"timed out after {timeout:.0f} s waiting for {what}", EXIT_FAILURE)
+        if now >= next_report:
+            logger.info("job: still waiting for %s: %.0f s of at most %.0f s", what, now - start, timeout)
+            next_report = now + report_every
         sleep(interval)
 
 
@@ -579,7 +608,8 @@ def wait_for_master(done_file: Path, master: str, timeout: float = WAIT_FOR_HOST
     answering on port 22 after it had answered (its container has ended without saying so): three checks in a
     row, at most ~15 s with PinnedConnect. JobError when it never answered within `timeout`."""
     connect = connect or PinnedConnect()
-    seen, misses, deadline = False, 0, clock() + timeout
+    start = clock()
+    seen, misses, deadline, next_report = False, 0, start + timeout, start + 30
     while True:
         if done_file.is_file():
             text = done_file.read_text().strip()
@@ -593,6 +623,10 @@ def wait_for_master(done_file: Path, master: str, timeout: float = WAIT_FOR_HOST
             if not seen and clock() > deadline:
                 raise JobError(f"the master host {master} did not answer on port 22 within {timeout:.0f} s",
                                EXIT_FAILURE)
+            if not seen and clock() >= next_report:
+                logger.info("job: still waiting for the master %s to answer: %.0f s of at most %.0f s", master,
+                            clock() - start, timeout)
+                next_report = clock() + 30
         sleep(interval)
 
 
@@ -711,24 +745,31 @@ class Job:
                    argv: list[str]) -> None:
         others = [h for h in plan.hosts if h != resource.current_host]
         sshd = None
-        if others:
-            # mpirun reaches every host over ssh, this one too when it does not know itself by its job name.
-            sshd = start_sshd()
-            for host in plan.hosts:
-                wait_until(lambda: _ssh(host, "true") == 0, f"ssh to {host}", WAIT_FOR_HOSTS_S, interval=2.0)
-                logger.info("job: %s answers over ssh", host)
-        env, export = rank_environment({**self.env, "SAGEMAKER_BASE_DIR": str(self.paths.base)})
-        cmd = mpirun_command(plan, rank_program(argv), resource.network_interface_name, settings.custom_mpi_options,
-                             export, mpirun=find_mpirun(env))
-        logger.info("job: %s", shlex.join(cmd))
-        status = None
+        status, reached = None, False
         try:
+            if others:
+                # mpirun reaches every host over ssh, this one too when it does not know itself by its job name.
+                sshd = start_sshd()
+                timeout = wait_for_hosts_s(self.env)
+                for host in plan.hosts:
+                    wait_until(lambda: _ssh(host, "true") == 0, f"ssh to {host}", timeout, interval=2.0)
+                    logger.info("job: %s answers over ssh", host)
+            env, export = rank_environment({**self.env, "SAGEMAKER_BASE_DIR": str(self.paths.base)})
+            cmd = mpirun_command(plan, rank_program(argv), resource.network_interface_name,
+                                 settings.custom_mpi_options, export, mpirun=find_mpirun(env))
+            logger.info("job: %s", shlex.join(cmd))
+            reached = True
             status, first_error, user_error, lost = _relay(cmd, env)
-        finally:
-            for host in others:  # always: the workers wait for it
-                _ssh(host, "sh", "-c", shlex.quote(f"echo {status if status is not None else -1} > {DONE_FILE}"))
+        finally:  # also on SIGTERM while waiting for the hosts: nothing the job started outlives it
+            if reached:
+                for host in others:  # the workers wait for it
+                    _ssh(host, "sh", "-c", shlex.quote(f"echo {status if status is not None else -1} > {DONE_FILE}"))
             if sshd is not None:
                 sshd.terminate()
+                try:
+                    sshd.wait(10)
+                except subprocess.TimeoutExpired:
+                    sshd.kill()
         if lost is not None:  # whatever mpirun's status: it has exited 0 after losing a daemon
             raise JobError(f"lost the instance {lost}: it stopped answering during training (it failed, ran out of "
                            f"memory or was stopped); training processes failed (mpirun exit status {status})",
@@ -744,7 +785,7 @@ class Job:
         sshd = start_sshd()
         try:
             logger.info("job: worker %s waits for the master %s", resource.current_host, resource.master)
-            status = wait_for_master(done, resource.master)
+            status = wait_for_master(done, resource.master, timeout=wait_for_hosts_s(self.env))
         finally:
             sshd.terminate()
         if status is None:  # its container ended without writing the status file: the job has lost it

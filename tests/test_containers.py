@@ -56,10 +56,13 @@ def job_folder(base: Path, inputs, host: str = "algo-1", hosts=("algo-1",), **hp
     return base
 
 
-def start_job(podman, image, base: Path, host: str, net: str | None = None, name: str | None = None) -> str:
+def start_job(podman, image, base: Path, host: str, net: str | None = None, name: str | None = None,
+              env: tuple[str, ...] = ()) -> str:
     """`docker run IMAGE train` with /opt/ml mounted, named and addressed as SageMaker's instances are."""
     name = name or C.unique(host)
     args = ["--hostname", host, "-v", f"{base}:/opt/ml", "-e", "OMP_NUM_THREADS=1"]
+    for e in env:
+        args += ["-e", e]
     if net:
         args += ["--network", net, "--network-alias", host]
     return C.run_detached(podman, *args, image, "train", name=name)
@@ -242,6 +245,19 @@ def test_a_killed_master_ends_the_worker_naming_it(podman, image, inputs, tmp_pa
     print(f"algo-2 ended {took:.1f} s after algo-1 was killed; exit {code}; failure: {failure.strip()}")
     assert code == 1 and "lost the master instance algo-1" in failure, (failure, log[-3000:])
     assert took < 25, log[-3000:]  # three missed checks of port 22 (3 s timeout), 2 s apart
+
+
+def test_a_host_that_never_comes_fails_the_job_after_the_wait(podman, image, inputs, tmp_path):
+    bases = two_bases(tmp_path, inputs)
+    with C.network(podman) as net:  # algo-2 is never started
+        name = start_job(podman, image, bases["algo-1"], "algo-1", net, env=("BERTQA_WAIT_FOR_HOSTS_S=8",))
+        try:
+            code = C.wait_exit(podman, name, 120)
+            log = podman.logs(name)
+        finally:
+            podman("rm", "-f", "-t", "0", name, check=False)
+    failure = (bases["algo-1"] / "output" / "failure").read_text()
+    assert code == 1 and "timed out after 8 s waiting for ssh to algo-2" in failure, (failure, log[-3000:])
 
 
 def test_spot_restart_resumes_both_instances_to_the_same_model(podman, image, inputs, two_instance, tmp_path):

@@ -312,6 +312,57 @@ def test_resource_config_file(tmp_path):
     assert tj.read_resource_config(path) == tj.ResourceConfig("algo-2", ("algo-1", "algo-2"), "eth0")
 
 
+@pytest.mark.parametrize("raw, needle", [
+    ({"current_host": "a", "hosts": "abc"}, "'hosts' must be a list of host names, got \"abc\""),  # not a, b, c
+    ({"current_host": "a", "hosts": ["a", 2]}, "'hosts' must be a list"),
+    ({"current_host": "a", "hosts": ["a", ""]}, "'hosts' must be a list"),
+    ({"current_host": "a", "hosts": ["a", "a"]}, "names a host twice"),
+    ({"current_host": ["a"], "hosts": ["a"]}, "'current_host' must be a host name"),
+    ({"current_host": "c", "hosts": ["a", "b"]}, "current_host 'c' is not one of the hosts"),
+    ({"hosts": ["a"]}, "expected an object with 'current_host' and 'hosts'"),
+    (["a"], "expected an object"),
+])
+def test_bad_resource_config_is_refused_naming_what_is_wrong(tmp_path, raw, needle):
+    path = tmp_path / "resourceconfig.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(tj.JobError) as e:
+        tj.read_resource_config(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+def test_waiting_for_hosts_logs_progress_and_times_out(caplog, monkeypatch):
+    clock = iter(range(0, 10**6, 2)).__next__
+    with caplog.at_level("INFO", logger="bertqa.training_job"):
+        with pytest.raises(tj.JobError, match="timed out after 100 s waiting for ssh to algo-2"):
+            tj.wait_until(lambda: False, "ssh to algo-2", 100, sleep=lambda s: None, clock=clock)
+    progress = [r.getMessage() for r in caplog.records if "still waiting for ssh to algo-2" in r.getMessage()]
+    assert len(progress) == 3 and "of at most 100 s" in progress[0]  # every 30 s of the 100
+    assert tj.wait_for_hosts_s({}) == tj.WAIT_FOR_HOSTS_S == 1800
+    assert tj.wait_for_hosts_s({"BERTQA_WAIT_FOR_HOSTS_S": "45"}) == 45
+    for bad in ("soon", "0", "-3"):
+        with pytest.raises(tj.JobError, match="BERTQA_WAIT_FOR_HOSTS_S"):
+            tj.wait_for_hosts_s({"BERTQA_WAIT_FOR_HOSTS_S": bad})
+
+
+def test_sigterm_while_waiting_for_hosts_stops_the_sshd_it_started(tmp_path, monkeypatch):
+    started = []
+
+    def fake_sshd(sshd=tj.SSHD):
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
+        return started[-1]
+
+    def interrupted(host, *command, timeout=30):
+        raise KeyboardInterrupt  # what the job's SIGTERM handler raises
+
+    monkeypatch.setattr(tj, "start_sshd", fake_sshd)
+    monkeypatch.setattr(tj, "_ssh", interrupted)
+    job = tj.Job(tj.JobPaths(tmp_path), env={})
+    with pytest.raises(KeyboardInterrupt):
+        job._train_mpi(tj.ProcessPlan(("algo-1", "algo-2"), 1, 2), tj.ResourceConfig("algo-1", ("algo-1", "algo-2")),
+                       tj.JobSettings(), ["finetune"])
+    assert len(started) == 1 and started[0].poll() is not None  # stopped, not left running
+
+
 def test_mpirun_command_two_hosts():
     plan = tj.ProcessPlan(("algo-1", "algo-2"), 2, 4)
     program = ["/usr/bin/python3", "-m", "mpi4py", "-m", "bertqa", "finetune", "--output_dir", "/opt/ml/checkpoints"]
