@@ -67,6 +67,14 @@ def write_squad_subset(source: Path, target: Path, n_questions: int, skip: int =
     return target
 
 
+def tiny_job_inputs(data_dir: Path, root: Path, n_train: int, n_valid: int) -> tuple[Path, Path, Path]:
+    """(a tiny random BERT folder, the first n_train questions of train.json, the first n_valid of valid.json)."""
+    model = make_tiny_model(root / "tiny", data_dir / "vocab" / "bert-base-uncased-vocab.txt")
+    train = write_squad_subset(data_dir / "squad" / "train.json", root / "train.json", n_train)
+    valid = write_squad_subset(data_dir / "squad" / "valid.json", root / "valid.json", n_valid)
+    return model, train, valid
+
+
 def synthetic_features(n: int = 37, width: int = 48, seed: int = 0) -> Features:
     """n rows of random length; column 1 holds 2000 + the row's index, so a batch says which rows it took."""
     rng = np.random.default_rng(seed)
@@ -239,3 +247,15 @@ def write_answering_model(folder: Path, seed: int = 0) -> Path:
     config.save(folder)
     save_state_dict(t, folder)
     return folder
+
+
+def assert_answers_a_span(port: int) -> dict:
+    """POST /invocations with one question on a short context: 200, an answer that is its context's span, a score
+    in [0, 1] (any trained model, however poorly). Returns the answer."""
+    context = "The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889."
+    status, body = http_call(port, "POST", "/invocations",
+                             json.dumps({"question": "Where is the tower?", "context": context}).encode())
+    assert status == 200, body
+    answer = json.loads(body)
+    assert context[answer["start"]:answer["end"]] == answer["answer"] and 0 <= answer["score"] <= 1
+    return answer

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import containers as C
-from qa_helpers import engine_available, free_port, http_call, make_tiny_model, write_squad_subset
+from qa_helpers import assert_answers_a_span, engine_available, free_port, http_call, tiny_job_inputs
 from test_training_job import TINY_HYPERPARAMETERS, make_job, sagemaker_model_tar
 
 pytestmark = [pytest.mark.containers,
@@ -34,11 +34,7 @@ LR = 1e-3
 @pytest.fixture(scope="module")
 def inputs(shared_data_dir, tmp_path_factory):
     """A tiny random BERT (the job's model channel) and 48 training / 12 validation questions."""
-    root = tmp_path_factory.mktemp("container_inputs")
-    model = make_tiny_model(root / "tiny", shared_data_dir / "vocab" / "bert-base-uncased-vocab.txt")
-    train = write_squad_subset(shared_data_dir / "squad" / "train.json", root / "train.json", 48)
-    valid = write_squad_subset(shared_data_dir / "squad" / "valid.json", root / "valid.json", 12)
-    return model, train, valid
+    return tiny_job_inputs(shared_data_dir, tmp_path_factory.mktemp("container_inputs"), 48, 12)
 
 
 # Global batch 8 in every job: 1 process x 8 or 2 instances x 1 process x 4.
@@ -217,34 +213,24 @@ def test_two_instance_job_spans_both_containers_and_matches_one_process(two_inst
     assert gap < 1e-4
 
 
-def test_a_killed_instance_ends_the_job_naming_it(podman, image, inputs, tmp_path):
+@pytest.mark.parametrize("killed, survivor, reason, budget_s", [
+    ("algo-2", "algo-1", "lost the instance algo-2", 30),  # Open MPI reports the lost daemon at once
+    ("algo-1", "algo-2", "lost the master instance algo-1", 25),  # three missed checks of port 22, 2 s apart
+])
+def test_a_killed_instance_ends_the_job_naming_it(podman, image, inputs, tmp_path, killed, survivor, reason,
+                                                  budget_s):
     bases = two_bases(tmp_path, inputs, max_steps="100000", save_steps="0", logging_steps="1")
     with two_instances(podman, image, bases) as names:
         wait_for(lambda: "step=2 " in podman.logs(names["algo-1"]), "training to start", 180)
-        podman("kill", names["algo-2"])
-        killed = time.monotonic()
-        code = C.wait_exit(podman, names["algo-1"], 120)
-        took = time.monotonic() - killed
-        log = podman.logs(names["algo-1"])
-    failure = (bases["algo-1"] / "output" / "failure").read_text()
-    print(f"algo-1 ended {took:.1f} s after algo-2 was killed; exit {code}; failure: {failure.strip()}")
-    assert code != 0 and "algo-2" in failure, (failure, log[-3000:])
-    assert took < 30, log[-3000:]
-
-
-def test_a_killed_master_ends_the_worker_naming_it(podman, image, inputs, tmp_path):
-    bases = two_bases(tmp_path, inputs, max_steps="100000", save_steps="0", logging_steps="1")
-    with two_instances(podman, image, bases) as names:
-        wait_for(lambda: "step=2 " in podman.logs(names["algo-1"]), "training to start", 180)
-        podman("kill", names["algo-1"])
-        killed = time.monotonic()
-        code = C.wait_exit(podman, names["algo-2"], 120)
-        took = time.monotonic() - killed
-        log = podman.logs(names["algo-2"])
-    failure = (bases["algo-2"] / "output" / "failure").read_text()
-    print(f"algo-2 ended {took:.1f} s after algo-1 was killed; exit {code}; failure: {failure.strip()}")
-    assert code == 1 and "lost the master instance algo-1" in failure, (failure, log[-3000:])
-    assert took < 25, log[-3000:]  # three missed checks of port 22 (3 s timeout), 2 s apart
+        podman("kill", names[killed])
+        start = time.monotonic()
+        code = C.wait_exit(podman, names[survivor], 120)
+        took = time.monotonic() - start
+        log = podman.logs(names[survivor])
+    failure = (bases[survivor] / "output" / "failure").read_text()
+    print(f"{survivor} ended {took:.1f} s after {killed} was killed; exit {code}; failure: {failure.strip()}")
+    assert code == 1 and reason in failure, (failure, log[-3000:])
+    assert took < budget_s, log[-3000:]
 
 
 def test_a_host_that_never_comes_fails_the_job_after_the_wait(podman, image, inputs, tmp_path):
@@ -309,12 +295,7 @@ def test_endpoint_serves_the_jobs_model_and_stops_on_sigterm(podman, image, one_
 
         wait_for(ping, "GET /ping", PING_BUDGET_S, interval=0.2)
         ready = time.monotonic() - started
-        context = "The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889."
-        status, body = http_call(port, "POST", "/invocations",
-                                 json.dumps({"question": "Where is the tower?", "context": context}).encode())
-        assert status == 200, body
-        answer = json.loads(body)
-        assert context[answer["start"]:answer["end"]] == answer["answer"] and 0 <= answer["score"] <= 1
+        assert_answers_a_span(port)
         stop = time.monotonic()
         podman("stop", "-t", str(SIGTERM_BUDGET_S), name, timeout=SIGTERM_BUDGET_S + 30)
         stopped = time.monotonic() - stop

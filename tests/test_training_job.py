@@ -29,7 +29,7 @@ from bertqa import training_job as tj
 from bertqa.cli import build_parser, main, training_args
 from bertqa.packaging import model_files
 from bertqa.train import TrainingArguments, list_checkpoints, read_log
-from qa_helpers import engine_available, free_port, http_call, make_tiny_model, write_squad_subset
+from qa_helpers import assert_answers_a_span, engine_available, free_port, http_call, tiny_job_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 needs_engine = pytest.mark.skipif(not engine_available(), reason="bertqa.model (the engine) is not built")
@@ -76,11 +76,7 @@ def run_job(tmp_path: Path, base: Path, *prefix: str, timeout: float = 300, thre
 
 @pytest.fixture(scope="module")
 def tiny_inputs(shared_data_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("job_inputs")
-    model = make_tiny_model(root / "tiny", shared_data_dir / "vocab" / "bert-base-uncased-vocab.txt")
-    train = write_squad_subset(shared_data_dir / "squad" / "train.json", root / "train.json", 24)
-    valid = write_squad_subset(shared_data_dir / "squad" / "valid.json", root / "valid.json", 12)
-    return model, train, valid
+    return tiny_job_inputs(shared_data_dir, tmp_path_factory.mktemp("job_inputs"), 24, 12)
 
 
 # ---- hyperparameters ---------------------------------------------------------------------------------------
@@ -230,12 +226,7 @@ def test_job_trains_writes_model_dir_and_serve_answers_from_it(tiny_inputs, tmp_
                     break
             assert time.monotonic() < deadline, "the server did not load the job's model"
             time.sleep(0.1)
-        context = "The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889."
-        status, body = http_call(port, "POST", "/invocations",
-                            json.dumps({"question": "Where is the tower?", "context": context}).encode())
-        assert status == 200, body
-        answer = json.loads(body)
-        assert context[answer["start"]:answer["end"]] == answer["answer"] and 0 <= answer["score"] <= 1
+        assert_answers_a_span(port)
     finally:
         server.terminate()
         server.wait(timeout=60)
