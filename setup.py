@@ -23,6 +23,9 @@ Environment switches:
   BERTQA_NO_CUDNN=1    build bertqa._cuda without cuDNN
   CUDNN_HOME           a cuDNN install (include/, lib64/ or lib/) to use before the toolkit's and PyTorch's wheel's
   CUDNN_FRONTEND_INCLUDE  a folder with cudnn_frontend.h (else the nvidia-cudnn-frontend wheel's on sys.path)
+  BERTQA_BUILD_CACHE   where compiled objects are kept for the next build (default ~/.cache/bertqa/build; 0: off):
+                       an object is reused only when its source, every header it includes, the command
+                       line and the compiler are the same (buildtools/build_cache.py)
 """
 import os
 import platform
@@ -37,6 +40,7 @@ from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "buildtools"))
 from bertqa_build import cuda_home, cudnn_frontend_include, cudnn_paths, env_flag  # noqa: E402
+from build_cache import ObjectCache  # noqa: E402
 
 
 def blas_config():
@@ -110,7 +114,35 @@ def nvcc_flags(extra=()):
 
 
 class BuildExt(build_ext):
-    """Compiles cuda/*.cu with nvcc into objects linked into bertqa._cuda; bertqa._C builds as before."""
+    """Compiles cuda/*.cu with nvcc into objects linked into bertqa._cuda; bertqa._C builds as before. Every C and
+    CUDA object goes through the build cache (buildtools/build_cache.py): pip builds in a new temporary folder each
+    time, so without it a re-install of an unchanged tree compiled everything again."""
+
+    def build_extensions(self):
+        self.object_cache = ObjectCache.from_environment(log=lambda line: print(line, flush=True))
+        self._cache_c_objects()
+        try:
+            super().build_extensions()
+        finally:
+            print(self.object_cache.summary(), flush=True)
+            self.object_cache.prune()
+
+    def _cache_c_objects(self):
+        """Route the C compiler's per-object step (distutils' _compile) through the cache."""
+        compiler, cache = self.compiler, self.object_cache
+        compile_one = getattr(compiler, "_compile", None)
+        if not cache.enabled or compile_one is None or not hasattr(compiler, "compiler_so"):
+            return
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            if not src.endswith(".c"):
+                return compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts)
+            cmd = [*compiler.compiler_so, *cc_args, src, "-o", obj, *extra_postargs]
+            deps_cmd = [*compiler.compiler_so, *cc_args, src, *extra_postargs, "-M", "-MF", "{depfile}"]
+            cache.compile(cmd, src, obj, lambda: compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts),
+                          deps_cmd)
+
+        compiler._compile = _compile
 
     def build_extension(self, ext):
         if not getattr(ext, "cuda_sources", None):
@@ -128,8 +160,8 @@ class BuildExt(build_ext):
         home = ext.cuda_home
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
-        headers = [Path(p) for p in ext.depends if p.endswith((".h", ".cuh"))]
-        newest_header = max((h.stat().st_mtime for h in headers), default=0)
+        headers = [p for p in ext.depends if p.endswith((".h", ".cuh"))]
+        newest_header = max((Path(h).stat().st_mtime for h in headers), default=0)
         flags = nvcc_flags(getattr(ext, "nvcc_extra", ()))
         jobs = []
         for src in ext.cuda_sources:
@@ -138,14 +170,30 @@ class BuildExt(build_ext):
                      or obj.stat().st_mtime < newest_header)
             jobs.append((src, obj, stale))
 
+        nvcc = str(Path(home) / "bin" / "nvcc")
+        cache = getattr(self, "object_cache", None) or ObjectCache(None)
+
         def run(job):
             src, obj, stale = job
             if not stale:
                 return None
-            cmd = [str(Path(home) / "bin" / "nvcc"), *flags, "-c", src, "-o", str(obj)]
-            print(" ".join(cmd), flush=True)
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            return (src, r.returncode, r.stdout + r.stderr)
+            cmd = [nvcc, *flags, "-c", src, "-o", str(obj)]
+            result = []
+
+            def compile_():
+                print(" ".join(cmd), flush=True)
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                result.append((src, r.returncode, r.stdout + r.stderr))
+                if r.returncode:
+                    raise _CompileFailed()   # nothing is stored
+
+            try:
+                # nvcc -M lists the host pass's includes; the project's headers (ext.depends) go into the key too
+                cache.compile(cmd, src, str(obj), compile_, [nvcc, *flags, "-M", src],
+                              tools=[[nvcc], ["gcc"], ["g++"]], extra_inputs=headers)
+            except _CompileFailed:
+                pass
+            return result[0] if result else None
 
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:
@@ -158,6 +206,10 @@ class BuildExt(build_ext):
             raise RuntimeError("nvcc failed on " + ", ".join(src for src, _, _ in failed) +
                                " (set BERTQA_NO_CUDA=1 to build the CPU package alone)")
         return [str(obj) for _, obj, _ in jobs]
+
+
+class _CompileFailed(Exception):
+    """nvcc failed on a source (its output is reported with the others')."""
 
 
 def nccl_include(home):

@@ -6,6 +6,10 @@ which comes from the `nvidia-cudnn-frontend` wheel. The backend asks pip for it 
 toolkit and a cuDNN 9 found, BERTQA_NO_CUDA / BERTQA_NO_CUDNN unset, no headers given by CUDNN_FRONTEND_INCLUDE),
 so a CPU-only install never downloads it. Offline: `pip download -d wheels/ setuptools wheel numpy
 scipy-openblas32 nvidia-cudnn-frontend` once, then `pip install --no-index --find-links wheels/ .`.
+
+The build cache (buildtools/build_cache.py, used by setup.py) is on for editable installs (`pip install -e .`,
+which a developer re-runs) and `setup.py build_ext`; a wheel build (`pip install .`, `pip wheel .`, the Docker
+images) keeps no objects in ~/.cache unless BERTQA_BUILD_CACHE names a folder.
 """
 import os
 import shutil
@@ -91,3 +95,15 @@ def get_requires_for_build_wheel(config_settings=None):
 
 def get_requires_for_build_editable(config_settings=None):
     return _listing(_setuptools.get_requires_for_build_editable, config_settings)
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    given = os.environ.get("BERTQA_BUILD_CACHE")
+    if given is None:
+        os.environ["BERTQA_BUILD_CACHE"] = "0"
+    try:
+        return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
+    finally:
+        if given is None:
+            del os.environ["BERTQA_BUILD_CACHE"]
+
