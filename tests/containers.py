@@ -215,3 +215,179 @@ def network(podman: Podman, name: str | None = None):
         yield name
     finally:
         podman("network", "rm", "-f", name, check=False)
+
+
+# ---- Dockerfile.gpu's build stage, on a stand-in for its nvidia/cuda devel base ----------------------------------
+#
+# Dockerfile.gpu builds FROM nvidia/cuda:<version>-cudnn-devel-ubuntu24.04, which cannot be pulled here either. The
+# stand-in is made from this machine's own CUDA toolkit, cuDNN 9 and NCCL, laid out as NVIDIA's image lays them out
+# (the toolkit in /usr/local/cuda-X.Y with /usr/local/cuda pointing at it; cuDNN as the libcudnn9-dev-cuda-13
+# package puts it: headers in /usr/include/x86_64-linux-gnu as cudnn*_v9.h with /usr/include/cudnn*.h links to them,
+# libraries in /usr/lib/x86_64-linux-gnu; NCCL as libnccl2 + libnccl-dev: /usr/include/nccl*.h,
+# /usr/lib/x86_64-linux-gnu/libnccl.so*), with the devel image's environment, on the debootstrap Debian 12 base:
+# Debian's python3 3.11 (installed by Dockerfile.gpu's own apt-get line, as on Ubuntu 24.04, whose python3 is 3.12),
+# externally managed (PEP 668) as Ubuntu's is. Of the toolkit's libraries it carries those bertqa._cuda builds and
+# loads with (cudart, cuBLAS/cuBLASLt, NVRTC, the driver stub); cuFFT, cuSPARSE, cuSOLVER, cuRAND, CUPTI and the
+# rest are left out (1.8 GB instead of 2.7 here). The files come in through read-only bind mounts of the build's RUN
+# step, so no build context of that size is sent. The image is tagged with the exact name Dockerfile.gpu's build
+# stage names, in the private store only, and rebuilt only when its recipe or the host's toolkit, cuDNN or NCCL
+# changes.
+
+GPU_BUILD_IMAGE = "localhost/bertqa-gpu-build:test"
+CUDA_STANDIN_RECIPE = r"""# The stand-in for nvidia/cuda:<version>-cudnn-devel-ubuntu24.04 (tests/containers.py).
+FROM localhost/bertqa-test/debian:bookworm
+ARG CUDA_VERSION
+ARG CUDA_DIR
+ARG CUDNN_VERSION
+ARG NCCL_VERSION
+# /host/cuda, /host/cuda-lib, /host/cudnn-include, /host/cudnn-lib, /host/nccl-include, /host/nccl-lib: read-only
+# bind mounts of this machine's folders (tests/containers.py, ensure_cuda_devel_standin)
+RUN set -eu; \
+    dst=/usr/local/$CUDA_DIR; mkdir -p $dst/lib /usr/include/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu; \
+    for d in bin nvvm include; do mkdir $dst/$d; cp -a /host/cuda/$d/. $dst/$d/; done; \
+    rm -rf $dst/include/cudnn* $dst/include/nccl*; \
+    cd /host/cuda-lib; \
+    cp -a libcudart* libcudadevrt.a libculibos.a libcublas* libnvrtc* stubs $dst/lib/; \
+    ln -s lib $dst/lib64; ln -s $CUDA_DIR /usr/local/cuda; ln -s $CUDA_DIR /usr/local/cuda-${CUDA_VERSION%%.*}; \
+    echo "$dst/lib" > /etc/ld.so.conf.d/988_$CUDA_DIR.conf; \
+    for h in /host/cudnn-include/cudnn*.h; do \
+        b=$(basename $h .h); case $b in *_v9) continue;; esac; \
+        cp $h /usr/include/x86_64-linux-gnu/${b}_v9.h; ln -s x86_64-linux-gnu/${b}_v9.h /usr/include/$b.h; \
+    done; \
+    cp -a /host/cudnn-lib/libcudnn*.so* /usr/lib/x86_64-linux-gnu/; \
+    cp -a /host/nccl-include/nccl*.h /usr/include/; \
+    if [ -d /host/nccl-include/nccl_device ]; then cp -a /host/nccl-include/nccl_device /usr/include/; fi; \
+    cp -a /host/nccl-lib/libnccl.so* /usr/lib/x86_64-linux-gnu/; \
+    ldconfig
+ENV PATH=/usr/local/nvidia/bin:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib:/usr/local/nvidia/lib64 \
+    LIBRARY_PATH=/usr/local/cuda/lib64/stubs \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    CUDA_VERSION=${CUDA_VERSION} \
+    NV_CUDNN_VERSION=${CUDNN_VERSION} \
+    NCCL_VERSION=${NCCL_VERSION}
+"""
+
+
+def dockerfile_stage_base(dockerfile: str = "Dockerfile.gpu", stage: str = "build") -> str:
+    """The image a stage of a Dockerfile starts FROM, as written there (nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04)."""
+    for line in (REPO / dockerfile).read_text().splitlines():
+        words = line.split()
+        if len(words) == 4 and words[0].upper() == "FROM" and words[2].upper() == "AS" and words[3] == stage:
+            return words[1]
+    raise ValueError(f"{dockerfile} has no stage named {stage!r}")
+
+
+def qualified(ref: str) -> str:
+    """docker.io/… for a short name (nvidia/cuda:tag -> docker.io/nvidia/cuda:tag, python:3 ->
+    docker.io/library/python:3): the name under which `FROM <short name>` --pull=never finds the local image."""
+    first = ref.split("/")[0]
+    if "/" in ref and ("." in first or ":" in first or first == "localhost"):
+        return ref
+    return f"docker.io/{ref}" if "/" in ref else f"docker.io/library/{ref}"
+
+
+def _header_version(path: Path, *names: str) -> str:
+    text = path.read_text(errors="replace")
+    parts = []
+    for name in names:
+        for line in text.splitlines():
+            words = line.split()
+            if len(words) >= 3 and words[0] == "#define" and words[1] == name:
+                parts.append(words[2])
+                break
+        else:
+            raise ValueError(f"{path}: no {name}")
+    return ".".join(parts)
+
+
+def host_cuda() -> tuple[dict | None, str]:
+    """This machine's CUDA toolkit, cuDNN 9 and NCCL (headers and libraries) for the stand-in, found as setup.py finds
+    them (buildtools/bertqa_build.py); (None, why not) when one is missing."""
+    sys.path.insert(0, str(REPO / "buildtools"))
+    try:
+        from bertqa_build import cudnn_paths
+    finally:
+        sys.path.remove(str(REPO / "buildtools"))
+    nvcc = shutil.which("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", nvcc and str(Path(nvcc).resolve().parent.parent)]
+    home = next((Path(h).resolve() for h in homes if h and (Path(h) / "bin" / "nvcc").is_file()), None)
+    if home is None:
+        return None, "no CUDA toolkit here (CUDA_HOME, /usr/local/cuda, nvcc on PATH) for the nvidia/cuda stand-in"
+    lib = home / "lib64" if (home / "lib64").is_dir() else home / "lib"
+    r = subprocess.run([str(home / "bin" / "nvcc"), "--version"], capture_output=True, text=True, timeout=60)
+    release = next((w.rstrip(",") for line in r.stdout.splitlines() if "release" in line
+                    for i, w in enumerate(line.split()) if i and line.split()[i - 1] == "release"), None)
+    if r.returncode or not release:
+        return None, f"{home}/bin/nvcc --version did not say its release: {r.stdout[-300:]}{r.stderr[-300:]}"
+    cudnn = cudnn_paths(str(home))
+    if not cudnn:
+        return None, f"no cuDNN 9 found beside the toolkit {home} (CUDNN_HOME, the toolkit, PyTorch's wheel, /usr)"
+    wheels = [Path(p) / "nvidia" / "nccl" for p in sys.path if p]
+    places = [(home / "include", lib)] + [(w / "include", w / "lib") for w in wheels] + \
+             [(Path("/usr/include"), Path("/usr/lib/x86_64-linux-gnu"))]
+    nccl = next(((inc, nlib) for inc, nlib in places
+                 if (inc / "nccl.h").is_file() and (nlib / "libnccl.so.2").exists()), None)
+    if not nccl:
+        return None, "no NCCL (nccl.h + libnccl.so.2: the toolkit's, an nvidia-nccl wheel's, /usr's) for the stand-in"
+    found = dict(home=home, lib=lib, release=release, nvcc=r.stdout.strip(), cudnn_include=Path(cudnn[0]),
+                 cudnn_lib=Path(cudnn[1]), nccl_include=nccl[0], nccl_lib=nccl[1],
+                 # names and sizes of the libraries: a library updated in place rebuilds the stand-in too
+                 files=sorted((f.name, f.stat().st_size) for d in {lib, Path(cudnn[1]), nccl[1]}
+                              for f in d.iterdir() if f.is_file()))
+    found["cudnn_version"] = _header_version(found["cudnn_include"] / "cudnn_version.h", "CUDNN_MAJOR", "CUDNN_MINOR",
+                                             "CUDNN_PATCHLEVEL")
+    found["nccl_version"] = _header_version(nccl[0] / "nccl.h", "NCCL_MAJOR", "NCCL_MINOR", "NCCL_PATCH")
+    return found, ""
+
+
+def cuda_standin_mismatch(base: str, cuda: dict) -> str:
+    """'' when this machine's toolkit can stand in for the image `base` (same CUDA major.minor, cuDNN 9), else why."""
+    tag = base.rsplit(":", 1)[-1]                 # 13.0.2-cudnn-devel-ubuntu24.04
+    version = tag.split("-")[0]
+    if "-cudnn-devel-" not in tag or version.count(".") != 2:
+        return f"{base} is not an nvidia/cuda <version>-cudnn-devel-<os> image: no stand-in for it"
+    if ".".join(version.split(".")[:2]) != cuda["release"]:
+        return f"{base} is CUDA {version}, this machine's toolkit {cuda['release']}: it cannot stand in for it"
+    if not cuda["cudnn_version"].startswith("9."):
+        return f"{base} carries cuDNN 9, this machine has cuDNN {cuda['cudnn_version']}"
+    return ""
+
+
+def ensure_cuda_devel_standin(podman: Podman, base: str, cuda: dict, timeout: float = 1800) -> float:
+    """The stand-in for `base` (Dockerfile.gpu's build stage's FROM) in the private store, tagged with its exact name;
+    rebuilt only when the recipe or the host's toolkit, cuDNN or NCCL changed. Seconds it took (0 when cached)."""
+    tag = qualified(base)
+    version = base.rsplit(":", 1)[-1].split("-")[0]
+    build_args = dict(CUDA_VERSION=version, CUDA_DIR=cuda["home"].name, CUDNN_VERSION=cuda["cudnn_version"],
+                      NCCL_VERSION=cuda["nccl_version"])
+    mounts = {"cuda": cuda["home"], "cuda-lib": cuda["lib"], "cudnn-include": cuda["cudnn_include"],
+              "cudnn-lib": cuda["cudnn_lib"], "nccl-include": cuda["nccl_include"], "nccl-lib": cuda["nccl_lib"]}
+    recipe = _recipe_hash(CUDA_STANDIN_RECIPE.encode(), tag.encode(), cuda["nvcc"].encode(),
+                          json.dumps(build_args, sort_keys=True).encode(),
+                          json.dumps({k: str(v) for k, v in mounts.items()}, sort_keys=True).encode(),
+                          json.dumps(cuda["files"]).encode())
+    if podman.label_of(tag, "bertqa.recipe") == recipe:
+        return 0.0
+    if not podman.has_image(BASE_IMAGE):
+        podman("import", str(base_tarball()), BASE_IMAGE, timeout=300)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as ctx:
+        (Path(ctx) / "Containerfile").write_text(CUDA_STANDIN_RECIPE)
+        # --no-cache: the bind-mounted files are not in the layer cache's key; a changed toolkit would reuse the old
+        args = ["build", "--pull=never", "--no-cache", "--label", f"bertqa.recipe={recipe}", "-t", tag]
+        for k, v in build_args.items():
+            args += ["--build-arg", f"{k}={v}"]
+        for name, path in mounts.items():
+            args += ["-v", f"{path}:/host/{name}:ro"]
+        podman(*args, "-f", str(Path(ctx) / "Containerfile"), ctx, timeout=timeout)
+    took = time.monotonic() - start
+    log(f"stand-in {tag} (CUDA {cuda['release']} from {cuda['home']}, cuDNN {cuda['cudnn_version']}, NCCL "
+        f"{cuda['nccl_version']}): built in {took:.0f} s")
+    return took
+
+
+def image_size(podman: Podman, ref: str) -> int:
+    """Bytes of an image, all its layers (those shared with others included)."""
+    return int(podman("image", "inspect", "--format", "{{.Size}}", ref).stdout.strip())
