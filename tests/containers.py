@@ -41,7 +41,8 @@ BASE_IMAGE = "localhost/bertqa-test/debian:bookworm"
 PYTHON_STANDIN = "docker.io/library/python:3.11-slim"
 PYTHON_STANDIN_FILE = REPO / "tests" / "fixtures" / "containers" / "python-standin.Containerfile"
 IMAGE = "localhost/bertqa:test"
-LABEL = "bertqa-test"  # every container and network the tests make carries it, and is removed by it
+LABEL = "bertqa-test"  # every container and network the tests make carries it, valued with the test process's pid
+OWNER = f"{LABEL}={os.getpid()}"
 
 
 def log(msg: str) -> None:
@@ -118,11 +119,29 @@ class Podman:
         return r.stdout + r.stderr
 
     def remove_labelled(self) -> None:
-        """Every container and network the tests made (a run killed half-way leaves some behind)."""
-        self("rm", "-f", "-t", "0", "--filter", f"label={LABEL}", check=False, timeout=180)
-        for net in self("network", "ls", "--format", "{{.Name}}", "--filter", f"label={LABEL}",
-                        check=False).stdout.split():
-            self("network", "rm", "-f", net, check=False)
+        """The containers and networks of this test process and of test processes that have ended (a run killed
+        half-way leaves some behind); a test session running beside this one keeps its own."""
+        def stale(pid: str) -> bool:
+            if not pid.isdigit() or int(pid) == os.getpid():
+                return True
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+            return False
+
+        for kind in ("ps", "network"):
+            args = ["ps", "-a"] if kind == "ps" else ["network", "ls"]
+            listed = self(*args, "--filter", f"label={LABEL}", "--format",
+                          f'{{{{.{"Names" if kind == "ps" else "Name"}}}}} {{{{index .Labels "{LABEL}"}}}}',
+                          check=False).stdout
+            names = [line.split()[0] for line in listed.splitlines()
+                     if line.split() and stale(line.split()[-1] if len(line.split()) > 1 else "")]
+            if names:
+                rm = ["rm", "-f", "-t", "0"] if kind == "ps" else ["network", "rm", "-f"]
+                self(*rm, *names, check=False, timeout=180)
 
 
 def _atomic_path(path: Path) -> Path:
@@ -195,7 +214,7 @@ def unique(prefix: str) -> str:
 
 
 def run_detached(podman: Podman, *args: str, name: str) -> str:
-    podman("run", "-d", "--name", name, "--label", LABEL, *args, timeout=120)
+    podman("run", "-d", "--name", name, "--label", OWNER, *args, timeout=120)
     return name
 
 
@@ -210,7 +229,7 @@ def wait_exit(podman: Podman, name: str, timeout: float) -> int:
 @contextlib.contextmanager
 def network(podman: Podman, name: str | None = None):
     name = name or unique("bertqa-net")
-    podman("network", "create", "--label", LABEL, name)
+    podman("network", "create", "--label", OWNER, name)
     try:
         yield name
     finally:

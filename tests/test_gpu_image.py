@@ -85,7 +85,7 @@ def run_in_build_stage(podman, script: str, timeout: float = 600) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         pip_conf = Path(tmp) / "pip.conf"
         pip_conf.write_text("[global]\ncert = /etc/bertqa-host-ca.crt\n")
-        args = ["run", "--rm", "--label", C.LABEL, "--network", "host", "-w", "/"]
+        args = ["run", "--rm", "--label", C.OWNER, "--network", "host", "-w", "/"]
         if C.HOST_CA.is_file():
             args += ["-v", f"{C.HOST_CA}:/etc/bertqa-host-ca.crt:ro", "-v", f"{pip_conf}:/etc/pip.conf:ro"]
         r = podman(*args, C.GPU_BUILD_IMAGE, "sh", "-c", script, timeout=timeout, check=False)
