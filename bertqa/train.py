@@ -21,8 +21,10 @@ same subsequent losses, bit for bit, as a run that was never interrupted.
 Files in output_dir:
     train_log.jsonl           one JSON object per logging step (step, epoch, loss, lr, grad_norm, seq_per_s,
                               elapsed) and per evaluation (step, eval_exact_match, eval_f1, ...)
-    checkpoint-N/             model (save_pretrained), training_state.bin, trainer_state.json; written into a
-                              temporary folder and renamed, so a crash mid-save leaves the previous ones intact
+    checkpoint-N/             model (save_pretrained), training_state.bin, trainer_state.json and, written last,
+                              manifest.json (every file's size and sha256); built in a temporary folder and
+                              renamed, so a crash mid-save leaves the previous ones intact. Resuming verifies the
+                              checkpoint it picks and falls back from a damaged one (resolve_resume)
     config.json, model.safetensors, tokenizer files      the final model (save_pretrained); with
                               --load_best_model_at_end the best evaluation's (kept in memory on every rank, and
                               in best-model/ for a resumed run), eval_results.json's best_model_step says which
@@ -47,6 +49,8 @@ import signal
 import sys
 import tempfile
 import time
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -68,6 +72,8 @@ BEST_MODEL_NAME = "best-model"
 CURVE_NAME = "training_curve.png"
 EVAL_RESULTS_NAME = "eval_results.json"
 PREDICTIONS_NAME = "predictions.json"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Bumped when trainer_state.json changes meaning; a checkpoint of another format is not resumed.
@@ -334,6 +340,10 @@ class TrainerState:
     global_batch_size: int = 0
     best_step: int = 0            # --load_best_model_at_end: the step of the best evaluation so far (0: none yet)
     best_metric: Optional[float] = None
+    # What the features were made with (--max_seq_length, --doc_stride, --max_query_length, the tokenizer's
+    # vocabulary and lower-casing): a resumed run must use the same, and is told which differs.
+    preprocessing: dict = field(default_factory=dict)
+    manifest: str = MANIFEST_NAME  # the checkpoint holds this manifest (a state naming it without it: incomplete)
     format: int = TRAINER_STATE_FORMAT
 
     def to_dict(self) -> dict:
@@ -355,7 +365,8 @@ class TrainerState:
         return cls(**{k: d[k] for k in names if k in d})
 
 
-_OPTIONAL_STATE = {"best_step", "best_metric"}   # added to format 2 later: absent in older checkpoints
+# added to format 2 later: absent in older checkpoints
+_OPTIONAL_STATE = {"best_step", "best_metric", "preprocessing", "manifest"}
 
 
 def features_fingerprint(features: Features) -> str:
@@ -544,15 +555,31 @@ def prepare_output_dir(path: PathLike) -> Path:
     return path
 
 
+@contextmanager
+def _writing(what: str):
+    """An OSError while writing `what` (a full disk, a read-only or vanished folder) becomes one TrainingError
+    line naming it, not a traceback; whoever writes cleans up its temporary files on the way out."""
+    try:
+        yield
+    except OSError as e:
+        raise TrainingError(f"cannot write {what}: {e.strerror or e}") from None
+
+
 def list_checkpoints(output_dir: PathLike) -> list[Path]:
     """Complete checkpoint-N folders of output_dir (those with a trainer_state.json), by step, oldest first."""
+    return [p for p in checkpoint_folders(output_dir) if (p / TRAINER_STATE_NAME).is_file()]
+
+
+def checkpoint_folders(output_dir: PathLike) -> list[Path]:
+    """Every checkpoint-N folder of output_dir, complete or not (a sync cut off may leave one without its
+    trainer_state.json), by step, oldest first."""
     found = []
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
     for p in folder.iterdir():
         m = _CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / TRAINER_STATE_NAME).is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -562,29 +589,167 @@ def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
     return found[-1] if found else None
 
 
+# ---- manifests: a checkpoint that proves itself ------------------------------------------------------------
+#
+# manifest.json = {"format": 1, "files": {"model.safetensors": {"size": 4391480, "sha256": "..."}, ...}}, written
+# last into the temporary folder, so a checkpoint-N/ holding it was complete when it was renamed into place.
+# checkpoint_problems() compares the files with it; a checkpoint written before manifests existed (its
+# trainer_state.json names none) is checked for what can be checked without one: files present and non-empty,
+# JSON that parses, archives (training_state.bin) whose every member passes its CRC, safetensors files whose
+# tensors lie inside them.
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: PathLike) -> Path:
+    """folder/manifest.json: the size and sha256 of every other file under folder (read back from disk)."""
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    return write_json_atomic(folder / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": files})
+
+
+_verified: dict[str, tuple[tuple, list[str]]] = {}   # folder -> (its files' names, sizes, mtimes; its problems)
+
+
+def checkpoint_problems(folder: PathLike) -> list[str]:
+    """What is wrong with checkpoint folder `folder`, one phrase per problem naming the file ([] if intact).
+
+    Reads every file once (sha256); the answer is remembered while the folder's files keep their sizes and
+    modification times, so the choice of a checkpoint and its loading read it once.
+    """
+    folder = Path(folder)
+    try:
+        signature = tuple(sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                                 for p in folder.rglob("*") if p.is_file()))
+    except OSError as e:
+        return [f"unreadable ({e.strerror or e})"]
+    key = str(folder.resolve())
+    if key in _verified and _verified[key][0] == signature:
+        return list(_verified[key][1])
+    problems = _checkpoint_problems(folder)
+    _verified[key] = (signature, problems)
+    return list(problems)
+
+
+def _checkpoint_problems(folder: Path) -> list[str]:
+    state_path, manifest_path = folder / TRAINER_STATE_NAME, folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        problems = _unverifiable_problems(folder)
+        if not problems:
+            try:
+                named = json.loads(state_path.read_text(encoding="utf-8")).get("manifest")
+            except (OSError, ValueError, AttributeError):
+                named = None
+            if named:   # written with a manifest that is not there: the copy of the folder stopped short
+                problems.append(f"{MANIFEST_NAME} is missing")
+        return problems
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        entries = [(str(name), int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"{MANIFEST_NAME} is unreadable ({_why(e)})"]
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        return [f"{MANIFEST_NAME} is not a checkpoint manifest ({type(e).__name__}: {e})"]
+    problems = [f"{name} is not in {MANIFEST_NAME}" for name in (TRAINER_STATE_NAME, TRAINING_STATE_NAME)
+                if name not in files]
+    for name, size, sha256 in entries:
+        path = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            problems.append(f"{MANIFEST_NAME} names {name!r}, outside the checkpoint")
+        elif not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            have = path.stat().st_size
+            problems.append(f"{name} has {have} of its {size} bytes (truncated)" if have < size else
+                            f"{name} has {have} bytes, {MANIFEST_NAME} says {size}")
+        elif _sha256(path) != sha256:
+            problems.append(f"{name} does not match its sha256 in {MANIFEST_NAME} (corrupt)")
+    return problems
+
+
+def _unverifiable_problems(folder: Path) -> list[str]:
+    """A checkpoint without a manifest: what can be checked without one."""
+    problems = [f"{name} is missing" for name in (TRAINER_STATE_NAME, TRAINING_STATE_NAME)
+                if not (folder / name).is_file()]
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        try:
+            if path.stat().st_size == 0:
+                problems.append(f"{name} is empty (0 bytes)")
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.name == TRAINING_STATE_NAME or path.suffix == ".npz":
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()   # reads every member and checks its CRC
+                if bad is not None:
+                    problems.append(f"{name} is corrupt (member {bad} fails its CRC)")
+            elif path.suffix == ".safetensors":
+                from .checkpoint import read_safetensors_header
+
+                read_safetensors_header(path)
+            elif path.suffix == ".npy":
+                np.load(path, mmap_mode="r", allow_pickle=False)   # its header, and data of the size it says
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            problems.append(f"{name} is unreadable ({_why(e)})")
+        except (zipfile.BadZipFile, EOFError) as e:
+            problems.append(f"{name} is not a complete archive ({e})")
+        except ValueError as e:   # CheckpointError: its message starts with the path
+            problems.append(f"{name}: {str(e).replace(str(path) + ': ', '')}")
+    return problems
+
+
+def _why(e: BaseException) -> str:
+    return str(e.strerror if isinstance(e, OSError) and e.strerror else e)
+
+
 def resolve_resume(output_dir: PathLike, resume: Union[None, bool, PathLike], overwrite_output_dir: bool = False
                    ) -> Optional[Path]:
-    """The checkpoint a run continues from: None for a fresh run, the newest for True/"latest", or a folder.
+    """The checkpoint a run continues from: None for a fresh run, the newest intact one for True/"latest", or
+    the folder named (which must be intact).
 
-    TrainingError when there is nothing to resume, or when a fresh run would mix with the checkpoints
-    already in output_dir (unless overwrite_output_dir).
+    A damaged checkpoint (checkpoint_problems) met on the way to the newest intact one is skipped with one
+    warning line naming its damaged files. TrainingError when there is nothing (intact) to resume, or when a
+    fresh run would mix with the checkpoints already in output_dir (unless overwrite_output_dir).
     """
     output_dir = Path(output_dir)
     if resume is None or resume is False:
-        existing = list_checkpoints(output_dir)
+        existing = checkpoint_folders(output_dir)
         if existing and not overwrite_output_dir:
             raise TrainingError(f"--output_dir {output_dir} already holds {existing[-1].name}: pass --resume to "
                                 f"continue that run, or --overwrite_output_dir to start afresh")
         return None
     if resume is True or str(resume) == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
+        candidates = checkpoint_folders(output_dir)
+        if not candidates:
             raise TrainingError(f"--resume: no checkpoint-N folder in {output_dir} to resume from")
-        return found
+        damaged = []
+        for folder in reversed(candidates):
+            problems = checkpoint_problems(folder)
+            if not problems:
+                for bad, why in damaged:
+                    logger.warning("%s is damaged (%s): resuming from %s instead", bad, "; ".join(why), folder.name)
+                return folder
+            damaged.append((folder, problems))
+        raise TrainingError(f"--resume: no intact checkpoint in {output_dir}: "
+                            + "; ".join(f"{bad.name}: {', '.join(why)}" for bad, why in damaged)
+                            + " (--overwrite_output_dir starts afresh)")
     path = Path(resume)
     if not (path / TRAINER_STATE_NAME).is_file() or not (path / TRAINING_STATE_NAME).is_file():
         raise TrainingError(f"--resume_from_checkpoint {path}: not a checkpoint folder (needs "
                             f"{TRAINER_STATE_NAME} and {TRAINING_STATE_NAME})")
+    problems = checkpoint_problems(path)
+    if problems:
+        raise TrainingError(f"--resume_from_checkpoint {path} is damaged: {'; '.join(problems)}")
     return path
 
 
@@ -611,13 +776,14 @@ class JsonlLog:
                     continue
                 if isinstance(record, dict) and record.get("step", 0) <= keep_until_step:
                     kept.append(line)
-        with atomic_write(self.path) as tmp:
+        with _writing(str(self.path)), atomic_write(self.path) as tmp:
             Path(tmp).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        with _writing(str(self.path)):
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
         self._f.close()
@@ -709,11 +875,14 @@ class Trainer:
                 model.tensor(next(iter(model.layout)))   # cuda: the host parameters changed: upload them
         state = self.state
         state.total_steps = plan.total_steps
+        state.preprocessing = self._preprocessing()   # checked against the checkpoint's in _load_checkpoint
         state.world_size, state.per_device_train_batch_size = plan.world_size, plan.batch_size
         state.gradient_accumulation_steps = plan.accumulation
         log = None
         if main:
-            write_json_atomic(self.output_dir / TRAINING_ARGS_NAME, {**args.to_dict(), "world_size": dist.world_size})
+            args_file = self.output_dir / TRAINING_ARGS_NAME
+            with _writing(str(args_file)):
+                write_json_atomic(args_file, {**args.to_dict(), "world_size": dist.world_size})
             log = JsonlLog(self.output_dir / LOG_NAME, keep_until_step=state.global_step if checkpoint else None)
             logger.info("training: %d features, %d steps (%d per epoch, %d warmup), global batch %d = %d process%s "
                         "x %d x %d accumulation", plan.n_features, plan.total_steps, plan.steps_per_epoch,
@@ -883,6 +1052,10 @@ class Trainer:
     def _save_best_folder(self) -> None:
         """output_dir/best-model: the best parameters so far, so that a resumed run can still end with them."""
         final = self.output_dir / BEST_MODEL_NAME
+        with _writing(str(final)):
+            self._write_best_folder(final)
+
+    def _write_best_folder(self, final: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{BEST_MODEL_NAME}.", suffix=".tmp", dir=self.output_dir))
         try:
             self.model.save_pretrained(tmp)
@@ -945,17 +1118,25 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """output_dir/checkpoint-<step>, complete or absent: built in a hidden temporary folder, then renamed.
 
-        A crash before the rename leaves the earlier checkpoints as they were (the temporary folder is
-        removed here on errors, and at the next start after a hard kill). Then the oldest checkpoints beyond
-        save_total_limit are deleted.
+        manifest.json (every file's size and sha256) is written last, so resuming can prove the checkpoint
+        whole. A crash or a full disk before the rename leaves the earlier checkpoints as they were (the
+        temporary folder is removed here on errors, and at the next start after a hard kill); a full disk is one
+        TrainingError line naming the checkpoint. Then the oldest checkpoints beyond save_total_limit are deleted.
         """
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         final = self.output_dir / name
+        with _writing(f"{final} (the earlier checkpoints are intact)"):
+            self._write_checkpoint(name, final)
+        self._rotate_checkpoints()
+        return final
+
+    def _write_checkpoint(self, name: str, final: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.output_dir))
         try:
             self.model.save_pretrained(tmp)
             self.model.save_training_state(tmp / TRAINING_STATE_NAME)
             write_json_atomic(tmp / TRAINER_STATE_NAME, self.state.to_dict())
+            write_manifest(tmp)
             fsync_dir(tmp)
             if final.exists():  # same step saved by an earlier, interrupted run: swap it out
                 old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=self.output_dir))
@@ -968,8 +1149,6 @@ class Trainer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._rotate_checkpoints()
-        return final
 
     def _rotate_checkpoints(self) -> None:
         limit = self.args.save_total_limit
@@ -982,7 +1161,7 @@ class Trainer:
         checkpoint = resolve_resume(self.output_dir, self.args.resume_from_checkpoint if resume is None else resume,
                                     self.args.overwrite_output_dir)
         if checkpoint is None:
-            for old in list_checkpoints(self.output_dir):  # --overwrite_output_dir: a new run, no stale mixing
+            for old in checkpoint_folders(self.output_dir):  # --overwrite_output_dir: a new run, no stale mixing
                 shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(self.output_dir / BEST_MODEL_NAME, ignore_errors=True)
         return checkpoint
@@ -993,7 +1172,14 @@ class Trainer:
             raw = json.loads(source.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TrainingError(f"{source}: unreadable trainer state ({e})") from None
+        if not isinstance(raw, dict):
+            raise TrainingError(f"{source}: not a trainer state (a JSON {type(raw).__name__}, not an object)")
         state = TrainerState.from_dict(raw, str(source))
+        differences = self._model_differences(checkpoint) + _preprocessing_differences(
+            raw.get("preprocessing") or {}, self._preprocessing())
+        if differences:
+            raise TrainingError(f"cannot resume from {checkpoint}: it was trained with {', '.join(differences)}; "
+                                f"resume with the same settings, or start afresh (--overwrite_output_dir)")
         same = {"training features": (state.n_features, plan.n_features),
                 "training features (content)": (state.features_sha256, fingerprint),
                 "--seed": (state.data_seed, self.args.seed)}
@@ -1017,11 +1203,68 @@ class Trainer:
         if state.total_steps != plan.total_steps:
             logger.warning("resuming a run planned for %d steps with a plan of %d: the learning rate schedule "
                            "changes from here on", state.total_steps, plan.total_steps)
-        self.model.load_training_state(checkpoint / TRAINING_STATE_NAME)
+        path = checkpoint / TRAINING_STATE_NAME
+        try:
+            self.model.load_training_state(path)
+        except Exception as e:   # noqa: BLE001 - whatever the reader raised, one line naming the file
+            if str(path) in str(e):
+                raise
+            raise TrainingError(f"{path}: cannot load the training state ({type(e).__name__}: {e})") from None
         if int(self.model.step) != state.optimizer_steps:
             raise TrainingError(f"{checkpoint}: {TRAINING_STATE_NAME} is at optimizer step {self.model.step} but "
                                 f"{TRAINER_STATE_NAME} says {state.optimizer_steps}")
         return state
+
+    def _preprocessing(self) -> dict:
+        """What the training features were made with (recorded in trainer_state.json, compared on resume)."""
+        args = self.args
+        record = {"max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
+                  "max_query_length": args.max_query_length}
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "tokenizer"):
+            vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=False)
+            tokens = sorted(vocab, key=vocab.__getitem__)
+            record["tokenizer_vocab_sha256"] = hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
+            record["do_lower_case"] = bool(tokenizer.do_lower_case)
+        return record
+
+    def _model_differences(self, checkpoint: Path) -> list[str]:
+        """The architecture fields (layers, hidden size, heads, vocabulary, ...) in which the checkpoint's
+        config.json and the model being trained differ: the same number of parameters is not the same model."""
+        config = getattr(self.model, "config", None)
+        if config is None or not dataclasses.is_dataclass(config):
+            return []
+        source = checkpoint / "config.json"
+        try:
+            saved = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TrainingError(f"{source}: unreadable model config ({_why(e)})") from None
+        if not isinstance(saved, dict):
+            raise TrainingError(f"{source}: not a model config (a JSON {type(saved).__name__}, not an object)")
+        out = []
+        for f in dataclasses.fields(config):
+            if f.name in _CONFIG_NOT_COMPARED or f.name not in saved:
+                continue
+            now = getattr(config, f.name)
+            if saved[f.name] != now:
+                out.append(f"model config {f.name} {saved[f.name]!r} (this model: {now!r})")
+        return out
+
+
+# Config fields that do not change what a resumed run computes: the initialisation of weights it loads anyway.
+_CONFIG_NOT_COMPARED = {"extra", "initializer_range"}
+_PREPROCESSING_NAMES = {"tokenizer_vocab_sha256": "the tokenizer's vocabulary (sha256)",
+                        "do_lower_case": "the tokenizer's do_lower_case"}
+
+
+def _preprocessing_differences(saved: dict, now: dict) -> list[str]:
+    """'--max_seq_length 128 (now 96)', ... for each recorded preprocessing setting that differs."""
+    out = []
+    for name, value in now.items():
+        if name in saved and saved[name] != value:
+            what = _PREPROCESSING_NAMES.get(name, f"--{name}")
+            out.append(f"{what} {_short(saved[name])} (now {_short(value)})")
+    return out
 
 
 def record_epoch(state: TrainerState, plan: TrainPlan) -> float:
@@ -1088,8 +1331,10 @@ def load_model(name_or_path: PathLike, args: TrainingArguments, device: Optional
 
 
 def write_results(output_dir: Path, metrics: dict, predictions: dict[str, str]) -> None:
-    write_json_atomic(output_dir / EVAL_RESULTS_NAME, metrics)
-    write_json_atomic(output_dir / PREDICTIONS_NAME, predictions, indent=None)
+    with _writing(str(output_dir / EVAL_RESULTS_NAME)):
+        write_json_atomic(output_dir / EVAL_RESULTS_NAME, metrics)
+    with _writing(str(output_dir / PREDICTIONS_NAME)):
+        write_json_atomic(output_dir / PREDICTIONS_NAME, predictions, indent=None)
 
 
 def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file: Optional[PathLike],
@@ -1106,12 +1351,12 @@ def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file
     args.validate("finetune")
     dist = distributed.init(args.device)
     # Everything that can be checked cheaply is checked before the model loads and features are built.
-    def check_output_dir() -> Path:
+    def check_output_dir() -> tuple[Path, Optional[Path]]:
         folder = prepare_output_dir(args.output_dir)
-        resolve_resume(folder, args.resume_from_checkpoint, args.overwrite_output_dir)
-        return folder
+        return folder, resolve_resume(folder, args.resume_from_checkpoint, args.overwrite_output_dir)
 
-    output_dir = dist.on_main(check_output_dir)
+    # resume: the intact checkpoint chosen here (verified once: a damaged newest one is reported here, once)
+    output_dir, resume = dist.on_main(check_output_dir)
     load_squad(train_file, on_bad_answer="ignore")  # load_split reads it again (and warns about bad answers)
     if validation_file is not None:
         load_squad(validation_file)
@@ -1125,9 +1370,10 @@ def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file
     if validation_file is not None:
         eval_examples, eval_features = load_split(validation_file, model.tokenizer, args, args.max_eval_samples)
     trainer = Trainer(model, args, train_features, eval_examples, eval_features, dist=dist)
-    train_metrics = trainer.train()
+    train_metrics = trainer.train(resume_from_checkpoint=resume)
     if dist.is_main:
-        model.save_pretrained(output_dir)
+        with _writing(f"the model into {output_dir}"):
+            model.save_pretrained(output_dir)
     results: dict[str, Any] = {"model_name_or_path": str(model_name_or_path), **train_metrics}
     if dist.enabled:
         results["world_size"] = dist.world_size
@@ -1148,11 +1394,13 @@ def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file
             logger.info("eval: exact_match %.2f f1 %.2f (%d questions, %.1f s)", metrics["exact_match"],
                         metrics["f1"], metrics["eval_examples"], metrics["eval_seconds"])
     elif dist.is_main:
-        write_json_atomic(output_dir / EVAL_RESULTS_NAME, results)
+        with _writing(str(output_dir / EVAL_RESULTS_NAME)):
+            write_json_atomic(output_dir / EVAL_RESULTS_NAME, results)
     if dist.is_main:
         from .plot import plot_run
 
-        plot_run(output_dir)   # training_curve.png (needs matplotlib: bertqa[plot]; skipped with a log line)
+        with _writing(str(output_dir / CURVE_NAME)):
+            plot_run(output_dir)   # training_curve.png (needs matplotlib: bertqa[plot]; skipped with a log line)
     dist.barrier()   # the files are complete when any rank returns
     dist.close()     # the NCCL communicator, if the run made one (every rank gets here)
     return results
