@@ -12,10 +12,12 @@ that is `bertqa train`, which works in the job's folders under $SAGEMAKER_BASE_D
     input/data/model/                   a model folder or model.tar.gz to start from (channel "model", optional)
     checkpoints/                        finetune's output_dir: checkpoint-N/ and train_log.jsonl. SageMaker syncs
                                         it with the Estimator's checkpoint_s3_uri, and a job that finds
-                                        checkpoints there (a restarted spot job) resumes from the newest
+                                        checkpoints there (a restarted spot job) resumes from the newest intact
+                                        one (checked against its manifest.json; a damaged one is named and skipped)
     model/                              the trained model, exactly what `bertqa serve --model-dir` loads and what
                                         `bertqa package` packs (config.json, model.safetensors, tokenizer files);
-                                        SageMaker tars it into the job's model.tar.gz
+                                        SageMaker tars it into the job's model.tar.gz. Written whole or not at
+                                        all (install_folder)
     output/data/                        eval_results.json, predictions.json, train_log.jsonl, training_args.json,
                                         training_curve.png (with matplotlib)
                                         (SageMaker tars it into output.tar.gz)
@@ -718,16 +720,20 @@ class Job:
             load_squad(validation_file)
 
     def _resume_or_not(self, args) -> None:
-        from .train import _remove_stale_temporaries, latest_checkpoint
+        """Checkpoints in checkpoints/: resume from the newest intact one (a damaged newer one, say a sync cut
+        off by a spot interruption, is named in a warning and skipped; none intact fails the job naming the
+        damaged files), unless overwrite_output_dir."""
+        from .train import _remove_stale_temporaries, checkpoint_folders, resolve_resume
 
-        found = latest_checkpoint(self.paths.checkpoints)
-        if found is not None and not args.overwrite_output_dir:
-            args.resume_from_checkpoint = "latest"
-            logger.info("job: resuming from %s", found)
-        elif found is not None:
-            logger.info("job: overwrite_output_dir is true: starting afresh (the checkpoints are deleted)")
         if self.paths.checkpoints.is_dir():
             _remove_stale_temporaries(self.paths.checkpoints)
+        found = checkpoint_folders(self.paths.checkpoints)
+        if found and not args.overwrite_output_dir:
+            chosen = resolve_resume(self.paths.checkpoints, "latest")
+            args.resume_from_checkpoint = str(chosen)   # verified here; finetune finds it intact without a warning
+            logger.info("job: resuming from %s", chosen)
+        elif found:
+            logger.info("job: overwrite_output_dir is true: starting afresh (the checkpoints are deleted)")
 
     def _fail(self, reason: str, code: int) -> int:
         line = " ".join(reason.split())[:FAILURE_REASON_CHARS]
@@ -797,8 +803,9 @@ class Job:
     # ---- results ------------------------------------------------------------------------------------------
 
     def _publish(self) -> None:
-        """checkpoints/'s final model -> model/ (file by file, each atomically), results -> output/data/, and the
-        summary line the metric regexes read."""
+        """checkpoints/'s final model -> model/ (whole or not at all: install_folder), results -> output/data/
+        (each file atomically), and the summary line the metric regexes read. A full disk is a JobError naming
+        the path; model/ then holds what it held before."""
         from .packaging import PackageError, model_files
         from ._atomic import atomic_write
 
@@ -807,19 +814,22 @@ class Job:
             files = model_files(ckpt)
         except PackageError as e:
             raise JobError(f"the training run left no complete model in {ckpt}: {e}", EXIT_FAILURE) from None
-        model_dir.mkdir(parents=True, exist_ok=True)
         names = {f.name for f in files}
-        for old in model_dir.iterdir():  # model/ holds exactly the model: nothing from an earlier attempt
-            if old.name not in names:
-                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-        for f in files:
-            with atomic_write(model_dir / f.name) as tmp:
-                shutil.copyfile(f, tmp)
-        self.paths.output_data.mkdir(parents=True, exist_ok=True)
-        for name in RESULT_FILES:
-            if (ckpt / name).is_file():
-                with atomic_write(self.paths.output_data / name) as tmp:
-                    shutil.copyfile(ckpt / name, tmp)
+        try:
+            install_folder(files, model_dir)
+        except OSError as e:
+            raise JobError(f"cannot write the model into {model_dir} ({e.strerror or e}); {model_dir} is left as "
+                           f"it was", EXIT_FAILURE) from None
+        target = self.paths.output_data
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in RESULT_FILES:
+                if (ckpt / name).is_file():
+                    target = self.paths.output_data / name
+                    with atomic_write(target) as tmp:
+                        shutil.copyfile(ckpt / name, tmp)
+        except OSError as e:
+            raise JobError(f"cannot write {target} ({e.strerror or e})", EXIT_FAILURE) from None
         for f in files:  # the copy in model/ is the one that ships; checkpoints/ keeps checkpoint-N/ and the log
             f.unlink()
         results = json.loads((self.paths.output_data / "eval_results.json").read_text(encoding="utf-8")) \
@@ -835,6 +845,79 @@ class Job:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}".rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
+
+
+# ---- model/, whole or not at all ------------------------------------------------------------------------------
+
+
+def install_folder(files: Sequence[Path], target: Path) -> None:
+    """Make folder `target` hold exactly copies of `files`, never a mix of old and new or a part of them.
+
+    The copies are written aside first, in a hidden temporary folder beside target (a full disk fails there,
+    and target is untouched), then moved into place by renames: the temporary folder replaces target, or,
+    where target is a mount point and cannot be renamed (SageMaker local mode bind-mounts /opt/ml/model), the
+    temporary folder sits inside target and its files are renamed into it one by one after the old ones go (only
+    a hard kill during those renames, microseconds, could leave a mix there). Leftovers of an attempt killed
+    mid-way are removed first.
+    """
+    from ._atomic import fsync_dir
+
+    target = Path(target)
+    mounted = _is_mount_point(target)
+    home = target if mounted else target.parent
+    home.mkdir(parents=True, exist_ok=True)
+    for stale in home.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=home))
+    try:
+        for f in files:
+            copy = stage / f.name
+            shutil.copyfile(f, copy)
+            os.chmod(copy, 0o644)
+            with open(copy, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(stage, 0o755)   # mkdtemp makes 0700 folders; model/ is read by others
+        fsync_dir(stage)
+        if mounted:
+            names = {f.name for f in files}
+            for old in target.iterdir():
+                if old != stage and old.name not in names:
+                    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            for f in files:
+                os.replace(stage / f.name, target / f.name)
+            stage.rmdir()
+            fsync_dir(target)
+            return
+        aside = None
+        if target.exists() or target.is_symlink():
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=home))
+            os.replace(target, aside / target.name)
+        os.replace(stage, target)
+        fsync_dir(home)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _is_mount_point(path: Path) -> bool:
+    """path is a mount point, a bind mount of a folder of the same filesystem included (os.path.ismount misses
+    those; /proc/self/mountinfo lists them)."""
+    if not path.is_dir():
+        return False
+    if os.path.ismount(path):
+        return True
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]) == real:
+            return True
+    return False
 
 
 def _relay(cmd: list[str], env: dict) -> RelayResult:
