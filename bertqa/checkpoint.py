@@ -10,6 +10,11 @@ saving all use it.
 ``pickle`` as torch does would run whatever code the file names, so the reader here resolves only the few
 globals a tensor state dict needs, to local stand-ins that build NumPy arrays, and refuses every other one
 before anything runs.
+
+Every size a file declares is checked before it is allocated: against the size of the file itself (safetensors
+header length and offsets, zip member sizes, pickle storages, sizes and strides) and, when loading with a config,
+against the tensors the config implies; a pickle is scanned opcode by opcode under a cap before it is run. So a
+malformed file of S bytes costs O(S) memory and time to refuse, with a CheckpointError naming the file.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_write
-from .config import BertConfig
+from .config import LIMITS, BertConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,18 @@ _PACKAGED_MODELS = {
 }
 # What a QA model needs from a hub repository; the weights are fetched separately (only one format).
 _HUB_FILES = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+# A BERT checkpoint holds 5 + 16 per layer + 2 tensors, plus a few a QA model drops (pooler, pre-training heads,
+# buffers): at most ~2,100 at the layer limit of bertqa.config.LIMITS. Headers and pickles with more are refused
+# before their entries are looked at one by one.
+MAX_TENSORS = 16 * LIMITS["num_hidden_layers"] + 256
+# The safetensors library refuses headers over 100 MB; ours are ~100 bytes per tensor.
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# torch.save pickles ~40 opcodes per tensor; data.pkl of BERT-base is ~30 KB.
+MAX_PICKLE_OPS = 64 * MAX_TENSORS
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+MAX_NDIM = 8
 
 
 class CheckpointError(ValueError):
@@ -203,8 +220,40 @@ def check_state_dict(tensors: dict[str, np.ndarray], config: BertConfig, source:
     return missing
 
 
+def precheck_shapes(shapes: dict[str, tuple[int, ...]], config: BertConfig, source: str) -> None:
+    """The checks of normalize_state_dict + check_state_dict on names and shapes alone, so that a file is refused
+    before its tensors are read or converted; raises CheckpointError naming ``source``."""
+    expected = expected_shapes(config)
+    canonical = {}
+    unknown, unexpected, wrong = [], [], []
+    for key, shape in shapes.items():
+        try:
+            name = canonical_name(key)
+        except ValueError:
+            unknown.append(key)
+            continue
+        if name is None:
+            continue
+        if name in canonical:
+            raise CheckpointError(f"{source}: keys {_short(canonical[name])} and {_short(key)} both name {name!r}")
+        canonical[name] = key
+        if name not in expected:
+            unexpected.append(name)
+        elif tuple(shape) != expected[name]:
+            wrong.append(f"{name} has shape {_short(tuple(shape))}, config says {expected[name]}")
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} tensor(s) are not part of a BERT encoder or QA head: "
+                              f"{_preview(unknown)}")
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) not in a model with this config "
+                              f"(num_hidden_layers={config.num_hidden_layers}): {_preview(unexpected)}")
+    if wrong:
+        raise CheckpointError(f"{source}: shape mismatch against the config: " + "; ".join(wrong[:5])
+                              + (f"; ... ({len(wrong)} in all)" if len(wrong) > 5 else ""))
+
+
 def _preview(names, n=5) -> str:
-    shown = ", ".join(repr(k) for k in names[:n])
+    shown = ", ".join(_short(k) for k in names[:n])
     return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
@@ -230,7 +279,7 @@ def load_state_dict(folder: str | os.PathLike, config: BertConfig | None = None)
     """
     path = Path(folder)
     path = path if path.is_file() else weights_file(path)
-    raw = read_torch_bin(path) if path.suffix == ".bin" else read_safetensors(path)
+    raw = read_torch_bin(path, config) if path.suffix == ".bin" else read_safetensors(path, config)
     tensors = normalize_state_dict(raw, source=str(path))
     if tensors.dropped:
         logger.info("%s: dropped %d tensor(s) a QA model does not use: %s",
@@ -257,8 +306,9 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": n
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """(header without __metadata__, offset of the data section); checks dtypes and that every tensor's bytes
-    lie inside the file, so a truncated or corrupt file fails here with the tensor named."""
+    """(header without __metadata__, offset of the data section); checks dtypes, shapes and offsets: every
+    tensor's bytes lie inside the file and no two tensors share bytes, so a truncated or corrupt file fails here
+    with the tensor named, and reading the tensors allocates no more than the file holds."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -269,38 +319,86 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
         if 8 + n > size:
             raise CheckpointError(f"{path}: truncated safetensors file: header says {n} bytes, "
                                   f"file has {size - 8} after the length")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        if n > MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(f"{path}: safetensors header of {n} bytes, more than the limit of "
+                                  f"{MAX_SAFETENSORS_HEADER}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    except (RecursionError, ValueError) as e:  # nesting too deep; integers of more than 4300 digits
+        raise CheckpointError(f"{path}: corrupt safetensors header ({type(e).__name__})") from None
+    del raw
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError(f"{path}: safetensors header lists {len(header)} tensors, more than the limit of "
+                              f"{MAX_TENSORS} (a BERT checkpoint has 16 per layer)")
     base = 8 + n
+    spans = []
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {info!r}") from None
-        if dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype} "
+        what = f"{path}: corrupt safetensors header entry for {_short(name)}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{what}: {_short(info)}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            shown = dtype[:16] if isinstance(dtype, str) else _short(dtype)
+            raise CheckpointError(f"{path}: tensor {_short(name)} has unsupported dtype {shown} "
                                   f"(supported: {', '.join(_ST_DTYPES)})")
-        nbytes = int(np.prod(shape)) * np.dtype(_ST_DTYPES[dtype]).itemsize
-        if end - begin != nbytes or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} ({dtype} {shape}) should take {nbytes} bytes, "
-                                  f"header gives offsets [{begin}, {end})")
+        if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_count(d) for d in shape)):
+            raise CheckpointError(f"{what}: shape {_short(shape)} is not a list of at most {MAX_NDIM} "
+                                  f"non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise CheckpointError(f"{what}: data_offsets {_short(offsets)} is not two non-negative integers")
+        begin, end = offsets
+        nbytes = np.dtype(_ST_DTYPES[dtype]).itemsize
+        for d in shape:  # Python integers: no overflow, and the product stops growing once it passes the file
+            nbytes = min(nbytes * d, size + 1)
+        if nbytes > size:
+            raise CheckpointError(f"{path}: tensor {_short(name)} ({dtype} {_short(shape)}) takes more bytes than "
+                                  f"the whole file ({size})")
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {_short(name)} ({dtype} {_short(shape)}) should take {nbytes} "
+                                  f"bytes, header gives offsets [{begin}, {end})")
         if base + end > size:
-            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {base + end}, "
-                                  f"file has {size} bytes")
+            raise CheckpointError(f"{path}: truncated safetensors file: tensor {_short(name)} ends at byte "
+                                  f"{base + end}, file has {size} bytes")
+        if nbytes:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            raise CheckpointError(f"{path}: tensors {_short(name0)} and {_short(name1)} overlap in the data "
+                                  f"section")
     return header, base
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file under their stored names; BF16 comes back as float32."""
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _short(v, n: int = 80) -> str:
+    """repr of a value from a file, cut so that an error stays one short line."""
+    try:
+        r = repr(v)
+    except ValueError:  # an int of more digits than repr allows
+        r = f"<{type(v).__name__}>"
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def read_safetensors(path: str | os.PathLike, config: BertConfig | None = None) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file under their stored names; BF16 comes back as float32.
+
+    With ``config``, the header's names and shapes are checked against the config's table before any tensor
+    is read."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     header, base = read_safetensors_header(path)
+    if config is not None:
+        precheck_shapes({k: tuple(v["shape"]) for k, v in header.items()}, config, str(path))
     out = {}
     try:
         # safetensors' NumPy backend (as safetensors.numpy.load_file uses) for every dtype NumPy has.
@@ -344,22 +442,31 @@ _STORAGE_TYPES = {name: _StorageType(name, dtype) for name, dtype in {
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
-    """torch._utils._rebuild_tensor_v2 on a 1-D NumPy storage: a strided view at an offset, copied out."""
+    """torch._utils._rebuild_tensor_v2 on a 1-D NumPy storage: a read-only strided view at an offset (copied
+    later, once names and shapes are checked). A view may not hold more elements than its storage: a weight never
+    does, and a stride of 0 would otherwise turn 4 bytes of file into gigabytes."""
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
         raise CheckpointError(f"tensor storage is {type(storage).__name__}, not a storage record")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    offset = int(storage_offset)
-    if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) and len(size) <= MAX_NDIM
+            and all(_is_count(v) for v in (storage_offset, *size, *stride))):
+        raise CheckpointError(f"bad tensor geometry: offset {_short(storage_offset)}, size {_short(size)}, "
+                              f"stride {_short(stride)}")
+    size, stride, offset = tuple(size), tuple(stride), storage_offset
+    if len(size) != len(stride):
         raise CheckpointError(f"bad tensor geometry: offset {offset}, size {size}, stride {stride}")
-    if 0 in size:
+    numel = 1
+    for n in size:
+        numel = min(numel * n, storage.size + 1)
+    if numel == 0:
         return np.zeros(size, dtype=storage.dtype)
+    if numel > storage.size:
+        raise CheckpointError(f"tensor of size {_short(size)} has more elements than its storage of {storage.size}")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
         raise CheckpointError(f"tensor (offset {offset}, size {size}, stride {stride}) reaches element {last} "
                               f"of a storage of {storage.size}")
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
+    return np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
                                            strides=tuple(s * storage.itemsize for s in stride), writeable=False)
-    return np.array(view, copy=True)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -388,14 +495,29 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="utf-8")
         self.zf, self.prefix, self.byteorder, self.source = zf, prefix, byteorder, source
         self.storages: dict[str, np.ndarray] = {}
+        self.tensors = self.tensor_elements = self.storage_elements = 0
 
     def find_class(self, module, name):
         try:
-            return _SAFE_GLOBALS[(module, name)]
+            found = _SAFE_GLOBALS[(module, name)]
         except KeyError:
             raise UnsafeCheckpointError(
                 f"{self.source}: refusing to load global '{module}.{name}' from the pickle (only torch tensor "
                 f"storage globals are allowed; this file may run code if loaded with torch.load)") from None
+        return self._rebuild_tensor if found is _rebuild_tensor_v2 else found
+
+    def _rebuild_tensor(self, *args, **kwargs):
+        # Views of shared storages cost nothing here but are copied later: the elements of all tensors together
+        # may be at most twice those of the storages (a tied embedding / decoder pair shares one storage).
+        t = _rebuild_tensor_v2(*args, **kwargs)
+        self.tensor_elements += t.size
+        self.tensors += 1
+        if self.tensors > MAX_TENSORS:
+            raise CheckpointError(f"{self.source}: more than {MAX_TENSORS} tensors in the pickle")
+        if self.tensor_elements > 2 * self.storage_elements:
+            raise CheckpointError(f"{self.source}: the tensors hold {self.tensor_elements} elements, more than "
+                                  f"twice their storages' (views that repeat the same data)")
+        return t
 
     def persistent_load(self, pid):
         # torch writes ('storage', storage_type, key, location, numel) for each storage.
@@ -406,15 +528,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
         key = str(key)
         if key not in self.storages:
             self.storages[key] = self._read_storage(storage_type, key, numel)
+            self.storage_elements += self.storages[key].size
         return self.storages[key]
 
     def _read_storage(self, storage_type: _StorageType, key: str, numel) -> np.ndarray:
         """1-D array of one archive/data/<key> record; bfloat16 widened to float32, native byte order."""
         entry = f"{self.prefix}data/{key}"
+        if len(self.storages) >= MAX_TENSORS:
+            raise CheckpointError(f"{self.source}: more than {MAX_TENSORS} storages in the pickle")
         try:
             data = self.zf.read(entry)
         except KeyError:
-            raise CheckpointError(f"{self.source}: storage record {entry!r} is missing") from None
+            raise CheckpointError(f"{self.source}: storage record {_short(entry)} is missing") from None
         bf16 = storage_type.dtype == "bf16"
         dtype = np.dtype("u2" if bf16 else storage_type.dtype).newbyteorder("<" if self.byteorder == "little" else ">")
         if len(data) % dtype.itemsize:
@@ -428,9 +553,32 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return bfloat16_to_float32(array) if bf16 else array
 
 
-def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def _scan_pickle(data: bytes, source: str) -> None:
+    """Walk the pickle's opcodes (no object is built) under MAX_PICKLE_OPS, refusing memo indices beyond the
+    opcode count: CPython's unpickler grows its memo table to twice the index it is given, so LONG_BINPUT
+    0x3fffffff alone asks for 8 GB."""
+    import pickletools
+
+    ops = 0
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            ops += 1
+            if ops > MAX_PICKLE_OPS:
+                raise CheckpointError(f"{source}: the pickle has more than {MAX_PICKLE_OPS} opcodes (a state dict "
+                                      f"of {MAX_TENSORS} tensors has fewer)")
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= ops):
+                raise CheckpointError(f"{source}: corrupt pickle (memo index {_short(arg)} at opcode {ops})")
+    except CheckpointError:
+        raise
+    except Exception as e:  # ValueError for truncated or unknown opcodes
+        raise CheckpointError(f"{source}: corrupt pickle ({type(e).__name__}: {_short(str(e), 120)})") from None
+
+
+def read_torch_bin(path: str | os.PathLike, config: BertConfig | None = None) -> dict[str, np.ndarray]:
     """Tensors of a torch.save'd state dict (zip format, torch >= 1.6) without torch and without running pickle
-    code. Floating tensors keep their dtype except bfloat16 (-> float32); names are as stored."""
+    code. Floating tensors keep their dtype except bfloat16 (-> float32); names are as stored.
+
+    With ``config``, names and shapes are checked against the config's table before any tensor is copied."""
     path = Path(path)
     source = str(path)
     if not zipfile.is_zipfile(path):
@@ -445,6 +593,18 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{source}: not a torch checkpoint (no zip archive)")
     try:
         with zipfile.ZipFile(path) as zf:
+            file_size = path.stat().st_size
+            infos = zf.infolist()
+            if len(infos) > MAX_TENSORS + 16:
+                raise CheckpointError(f"{source}: {len(infos)} zip members, more than the limit of "
+                                      f"{MAX_TENSORS + 16}")
+            for info in infos:
+                # torch.save stores members uncompressed; a member that would unpack to more than the whole
+                # file is a compressed one (a zip bomb at worst): refused before it is read.
+                if info.file_size > file_size:
+                    raise CheckpointError(f"{source}: zip member {_short(info.filename)} declares {info.file_size} "
+                                          f"bytes, more than the whole file ({file_size}); torch writes "
+                                          f"uncompressed members")
             pkl = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
             if len(pkl) != 1:
                 raise CheckpointError(f"{source}: expected one <archive>/data.pkl record, found {pkl}")
@@ -455,10 +615,18 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
             if prefix + "byteorder" in zf.namelist():
                 byteorder = zf.read(prefix + "byteorder").decode().strip()
                 if byteorder not in ("little", "big"):
-                    raise CheckpointError(f"{source}: unknown byteorder record {byteorder!r}")
-            unpickler = _RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), zf, prefix, byteorder, source)
+                    raise CheckpointError(f"{source}: unknown byteorder record {_short(byteorder)}")
+            if zf.getinfo(pkl[0]).file_size > MAX_PICKLE_BYTES:
+                raise CheckpointError(f"{source}: {pkl[0]} of {zf.getinfo(pkl[0]).file_size} bytes, more than the "
+                                      f"limit of {MAX_PICKLE_BYTES}")
+            data = zf.read(pkl[0])
+            _scan_pickle(data, source)
+            unpickler = _RestrictedUnpickler(io.BytesIO(data), zf, prefix, byteorder, source)
             obj = unpickler.load()
-    except CheckpointError:
+    except CheckpointError as e:
+        msg = str(e)  # the geometry checks inside the rebuild functions do not know the file
+        if not msg.startswith(source):
+            raise type(e)(f"{source}: {msg}") from None
         raise
     except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{source}: corrupt checkpoint ({type(e).__name__}: {e})") from None
@@ -466,7 +634,10 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{source}: cannot rebuild the state dict ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):
         raise CheckpointError(f"{source}: the pickle holds a {type(obj).__name__}, not a state dict of tensors")
-    return dict(obj)
+    if config is not None:
+        precheck_shapes({k: v.shape for k, v in obj.items()}, config, source)
+    # Views into the storages -> arrays of their own (what callers may write to and keep).
+    return {k: np.array(v, copy=True) for k, v in obj.items()}
 
 
 # ====================================================================== saving

@@ -28,6 +28,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from .config import LIMITS, read_json_file
+
 SPECIAL_TOKENS = {
     "unk_token": "[UNK]",
     "sep_token": "[SEP]",
@@ -38,6 +40,12 @@ SPECIAL_TOKENS = {
 # BERT checkpoints were pretrained with 512 positions; used when tokenizer_config.json does not say.
 DEFAULT_MODEL_MAX_LENGTH = 512
 VOCAB_FILES = ("tokenizer.json", "vocab.txt")
+# Sizes checked before a file is read. bert-base-uncased's vocab.txt is 232 KB and its tokenizer.json 466 KB for
+# 30,522 tokens (8 and 16 bytes a token); the limits leave 4x room at the largest vocabulary bertqa.config.LIMITS
+# allows (1,048,576 tokens). tokenizer_config.json / special_tokens_map.json are a few KB.
+MAX_VOCAB_TXT_BYTES = 64 * 1024 * 1024
+MAX_TOKENIZER_JSON_BYTES = 64 * 1024 * 1024
+MAX_TOKENIZER_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 class TokenizerFilesError(FileNotFoundError):
@@ -69,9 +77,16 @@ class PairEncoding:
 def read_vocab(path: str | os.PathLike) -> dict[str, int]:
     """vocab.txt (one token per line, the line number is the id) -> {token: id}, as transformers reads it."""
     vocab: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            vocab[line.rstrip("\n")] = index
+    _check_size(Path(path), MAX_VOCAB_TXT_BYTES, "vocabulary file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            for index, line in enumerate(f):
+                if index >= LIMITS["vocab_size"]:
+                    raise TokenizerFilesError(f"{path}: more than {LIMITS['vocab_size']} tokens (the vocab_size "
+                                              f"limit of bertqa.config.LIMITS)")
+                vocab[line.rstrip("\n")] = index
+    except UnicodeDecodeError as e:
+        raise TokenizerFilesError(f"{path}: vocabulary file is not UTF-8 text ({e.reason})") from None
     if not vocab:
         raise TokenizerFilesError(f"{path}: vocabulary file is empty")
     return vocab
@@ -122,14 +137,27 @@ def build_wordpiece_tokenizer(
     return tok
 
 
-def _read_json(path: Path) -> dict:
+def _check_size(path: Path, limit: int, what: str) -> None:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerFilesError(f"{path}: cannot read tokenizer file: {e}") from e
+        size = path.stat().st_size
+    except OSError as e:
+        raise TokenizerFilesError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if size > limit:
+        raise TokenizerFilesError(f"{path}: {what} of {size} bytes, more than the limit of {limit}")
+
+
+# tokenizer_config.json keys that reach the normalizer: true, false or null (strip_accents only)
+_CONFIG_FLAGS = {"do_lower_case": False, "strip_accents": True, "tokenize_chinese_chars": False}
+
+
+def _read_json(path: Path) -> dict:
+    data = read_json_file(path, MAX_TOKENIZER_CONFIG_BYTES, TokenizerFilesError, "tokenizer file")
     if not isinstance(data, dict):
         raise TokenizerFilesError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    for key, nullable in _CONFIG_FLAGS.items():
+        if key in data and not (isinstance(data[key], bool) or (nullable and data[key] is None)):
+            raise TokenizerFilesError(f"{path}: field '{key}' must be true or false"
+                                      f"{' or null' if nullable else ''}, got {type(data[key]).__name__}")
     return data
 
 
@@ -150,6 +178,11 @@ def _override_normalizer(tok: Tokenizer, config: dict) -> None:
     if changed:
         state.pop("type")
         tok.normalizer = normalizers.BertNormalizer(**state)
+
+
+def _one_line(e: BaseException, n: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 class BertQATokenizer:
@@ -182,8 +215,11 @@ class BertQATokenizer:
         vocab = read_vocab(vocab_file)
         if do_lower_case is None:
             do_lower_case = not vocab_looks_cased(vocab)
-        tok = build_wordpiece_tokenizer(vocab, do_lower_case=do_lower_case, strip_accents=strip_accents)
-        return cls(tok, do_lower_case=do_lower_case)
+        try:
+            tok = build_wordpiece_tokenizer(vocab, do_lower_case=do_lower_case, strip_accents=strip_accents)
+            return cls(tok, do_lower_case=do_lower_case)
+        except TokenizerFilesError as e:
+            raise TokenizerFilesError(f"{vocab_file}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "BertQATokenizer":
@@ -200,14 +236,22 @@ class BertQATokenizer:
             max_len = DEFAULT_MODEL_MAX_LENGTH
         tok_json, vocab_txt = folder / "tokenizer.json", folder / "vocab.txt"
         if tok_json.is_file():
+            _check_size(tok_json, MAX_TOKENIZER_JSON_BYTES, "tokenizer file")
             try:
                 tok = Tokenizer.from_file(str(tok_json))
             except Exception as e:  # tokenizers raises a bare Exception on parse errors
-                raise TokenizerFilesError(f"{tok_json}: cannot load tokenizer: {e}") from e
+                raise TokenizerFilesError(f"{tok_json}: cannot load tokenizer: {_one_line(e)}") from None
+            except BaseException as e:  # a Rust panic comes up as pyo3_runtime.PanicException (a BaseException)
+                if type(e).__name__ != "PanicException":
+                    raise
+                raise TokenizerFilesError(f"{tok_json}: cannot load tokenizer: {_one_line(e)}") from None
             _override_normalizer(tok, config)
             state = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else {}
             do_lower_case = bool(state.get("lowercase", config.get("do_lower_case", True)))
-            return cls(tok, do_lower_case=do_lower_case, model_max_length=max_len)
+            try:
+                return cls(tok, do_lower_case=do_lower_case, model_max_length=max_len)
+            except TokenizerFilesError as e:
+                raise TokenizerFilesError(f"{tok_json}: {e}") from None
         if vocab_txt.is_file():
             self = cls.from_vocab(vocab_txt, do_lower_case=config.get("do_lower_case"),
                                   strip_accents=config.get("strip_accents"))
