@@ -20,6 +20,9 @@ One file per concern; each docstring says the details:
     batcher.py    DynamicBatcher: concurrent requests' windows gathered into engine calls
     service.py    QAService: the model of one server process, loaded, warmed up, answering one request
     app.py        the Starlette application and its routes; index.html beside it is the page at /
+    connections.py  below the application: time limits on headers, bodies and idle connections, the bound on open
+                  connections (GuardedH11Protocol, given to uvicorn)
+    overload.py   OverloadLog: one log line per kind of overload per interval
     openapi.py    the OpenAPI document
     runner.py     run_server: one worker in this process or uvicorn worker processes, until SIGTERM/SIGINT
     cli.py        the `bertqa serve` flags and `python -m bertqa.serve`

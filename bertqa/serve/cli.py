@@ -36,6 +36,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="worker processes (default 1)")
     p.add_argument("--timeout", dest="timeout_s", type=float, default=None, help="seconds per request (60)")
     p.add_argument("--max-payload-mb", dest="max_payload_mb", type=float, default=None, help="body limit (6)")
+    p.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=None,
+                   help="seconds from a request's first byte to the end of its headers (10)")
+    p.add_argument("--body-timeout", dest="body_timeout_s", type=float, default=None,
+                   help="seconds from the end of the headers to the end of the body (30)")
+    p.add_argument("--keep-alive-timeout", dest="keep_alive_s", type=float, default=None,
+                   help="seconds an idle connection stays open (75)")
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None,
                    help="windows per engine call (16)")
     p.add_argument("--max-wait-ms", dest="max_wait_ms", type=float, default=None,
@@ -44,7 +50,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="one engine call per request")
     for flag, help_text in (("max_seq_length", "384"), ("doc_stride", "128"), ("max_query_length", "64"),
                             ("max_answer_length", "30"), ("n_best_size", "20"), ("max_questions", "1024"),
-                            ("max_windows", "512"), ("max_queue", "2048"), ("num_threads", "cores / workers")):
+                            ("max_windows", "512"), ("max_queue", "2048"), ("num_threads", "cores / workers"),
+                            ("max_connections", "from the open-files limit, at most 1024"),
+                            ("backlog", "from the open-files limit, 16 to 2048")):
         p.add_argument(f"--{flag.replace('_', '-')}", f"--{flag}", dest=flag, type=int, default=None,
                        help=f"default {help_text}")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="engine device (cpu)")

@@ -20,11 +20,15 @@ def run_server(config: ServeConfig, model_loader: Optional[Callable[[], Any]] = 
     """
     import uvicorn
 
+    from .connections import ConnectionGuard, GuardedH11Protocol, connection_limits
+
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _, backlog = connection_limits(config)
     common = dict(host=config.host, port=config.port, log_level=config.log_level, access_log=config.access_log,
                   lifespan="on", timeout_graceful_shutdown=int(math.ceil(config.timeout_s)) + 5,
-                  # Idle keep-alive connections are kept 75 s (nginx's default), so pooling clients reuse them.
-                  timeout_keep_alive=75)
+                  # Idle keep-alive connections are kept 75 s by default (nginx's), so pooling clients reuse them;
+                  # the header and body time limits and the connection bound live in the protocol (connections.py).
+                  timeout_keep_alive=config.keep_alive_s, http=GuardedH11Protocol, backlog=backlog)
     if config.workers > 1:
         if model_loader is not None:
             raise ValueError("a custom model_loader needs workers=1 (worker processes load the model themselves)")
@@ -32,7 +36,9 @@ def run_server(config: ServeConfig, model_loader: Optional[Callable[[], Any]] = 
         uvicorn.run("bertqa.serve.app:app_from_env", factory=True, workers=config.workers, **common)
         return 0
     app = create_app(config, model_loader)
-    server = uvicorn.Server(uvicorn.Config(app, **common))
+    uv_config = uvicorn.Config(app, **common)
+    uv_config.bertqa_guard = ConnectionGuard(config)
+    server = uvicorn.Server(uv_config)
     service = app.state.service
 
     def stop_on_load_error():

@@ -12,6 +12,14 @@
     BERTQA_MAX_QUEUE               windows waiting in the queue, all requests (2048) -> 503 + Retry-After past it
     BERTQA_MAX_SEQ_LENGTH, BERTQA_DOC_STRIDE, BERTQA_MAX_QUERY_LENGTH, BERTQA_MAX_ANSWER_LENGTH,
     BERTQA_N_BEST_SIZE             windowing and decoding (384, 128, 64, 30, 20: the training defaults)
+    BERTQA_HEADER_TIMEOUT          seconds from a request's first byte to the end of its headers (10) -> 408, closed
+    BERTQA_BODY_TIMEOUT            seconds from the end of the headers to the end of the body (30) -> 408, closed
+    BERTQA_KEEP_ALIVE_TIMEOUT      seconds an idle connection stays open, fresh or between requests (75)
+    BERTQA_MAX_CONNECTIONS         open connections per worker (default from RLIMIT_NOFILE: the soft limit less a
+                                   reserve, at most 1024); a new one past it closes the oldest idle connection, else
+                                   the oldest still sending headers, else the oldest still sending a body
+    BERTQA_BACKLOG                 listen queue, and connections accepted per pass of the event loop (default
+                                   soft RLIMIT_NOFILE / 16, 16 to 2048); bertqa.serve.connections says why
     BERTQA_MODEL_DIR               model folder or archive when --model-dir is not given (/opt/ml/model)
     BERTQA_DEVICE                  cpu or cuda (cpu)
     BERTQA_NUM_THREADS             engine threads per worker (cores / workers)
@@ -51,6 +59,11 @@ class ServeConfig:
     n_best_size: int = 20
     device: str = "cpu"
     num_threads: Optional[int] = None  # engine threads per worker (None: cores / workers)
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 75.0
+    max_connections: Optional[int] = None  # None: from RLIMIT_NOFILE (bertqa.serve.connections.connection_limits)
+    backlog: Optional[int] = None  # None: from RLIMIT_NOFILE
     access_log: bool = True
     log_level: str = "info"
 
@@ -63,6 +76,9 @@ class ServeConfig:
         "max_seq_length": "BERTQA_MAX_SEQ_LENGTH", "doc_stride": "BERTQA_DOC_STRIDE",
         "max_query_length": "BERTQA_MAX_QUERY_LENGTH", "max_answer_length": "BERTQA_MAX_ANSWER_LENGTH",
         "n_best_size": "BERTQA_N_BEST_SIZE", "device": "BERTQA_DEVICE", "num_threads": "BERTQA_NUM_THREADS",
+        "header_timeout_s": "BERTQA_HEADER_TIMEOUT", "body_timeout_s": "BERTQA_BODY_TIMEOUT",
+        "keep_alive_s": "BERTQA_KEEP_ALIVE_TIMEOUT", "max_connections": "BERTQA_MAX_CONNECTIONS",
+        "backlog": "BERTQA_BACKLOG",
     }
 
     @property
@@ -85,7 +101,8 @@ class ServeConfig:
 
     def validate(self) -> "ServeConfig":
         positive = ("workers", "timeout_s", "max_payload_mb", "max_batch_size", "max_questions", "max_windows",
-                    "max_queue", "max_seq_length", "max_answer_length", "n_best_size")
+                    "max_queue", "max_seq_length", "max_answer_length", "n_best_size", "header_timeout_s",
+                    "body_timeout_s", "keep_alive_s")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{self._name(name)} must be positive, got {getattr(self, name)!r}")
@@ -97,8 +114,9 @@ class ServeConfig:
         if self.max_queue < self.max_windows:  # else a request within the limits could never be queued
             raise ValueError(f"{self._name('max_queue')} ({self.max_queue}) must be at least "
                              f"{self._name('max_windows')} ({self.max_windows})")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"{self._name('num_threads')} must be positive, got {self.num_threads}")
+        for name in ("num_threads", "max_connections", "backlog"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{self._name(name)} must be positive, got {getattr(self, name)}")
         return self
 
     def _name(self, field_name: str) -> str:
