@@ -3,12 +3,17 @@ the pipeline and the batcher.
 
 A request's windows are the same doc-stride windows as training (questions cut to max_query_length tokens); the
 answer is the best span over all windows (bertqa.inference), "score" its probability among the n-best spans.
-Tokenizing, span decoding and JSON run in a small thread pool, so the event loop never waits on them.
+Tokenizing, span decoding and JSON run in a small thread pool, so the event loop never waits on them. Before
+tokenizing, a request's windows are bounded from below without the tokenizer (contract.check_windows_bound): one
+over BERTQA_MAX_WINDOWS by that bound is refused in a fraction of the time and memory tokenizing it would take.
+After a large request the C heap is trimmed (malloc_trim), so the server's memory returns to where it was.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -19,10 +24,25 @@ import numpy as np
 
 from ..inference import QAPipeline, TooMuchWork
 from .batcher import DynamicBatcher, QueueFull
-from .contract import ParsedRequest, RequestError, parse_request, render_results
+from .contract import ParsedRequest, RequestError, check_windows_bound, parse_request, render_results
 from .settings import ServeConfig
 
 log = logging.getLogger("bertqa.serve")
+
+TRIM_AFTER_BYTES = 256 * 1024  # after a request body this large, the heap is trimmed once it is answered
+
+
+def _malloc_trim() -> Callable[[], Any]:
+    """glibc's malloc_trim(0) (all arenas since glibc 2.8: the thread pool's too), or a no-op elsewhere."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        return lambda: trim(0)
+    return lambda: 0
+
+
+release_memory = _malloc_trim()
 
 
 def load_model(model_dir: str, device: str = "cpu"):
@@ -50,6 +70,7 @@ class QAService:
         self.cpu = ThreadPoolExecutor(2, thread_name_prefix="bertqa-cpu")
         self.inflight = 0  # requests between their headers and their answer
         self.on_the_way = 0  # requests being received or tokenized: their windows are not queued yet
+        self.cheap_bound = False  # the model's tokenizer is BERT's: contract.min_tokens holds for it
 
     @property
     def loaded(self) -> bool:
@@ -74,6 +95,7 @@ class QAService:
                                  skips_padding=bool(getattr(model, "skips_padding", False)),
                                  others_coming=lambda: self.on_the_way > 0)
         batcher.start()
+        self.cheap_bound = _is_bert_wordpiece(model.tokenizer)
         self.pipeline, self.batcher = pipeline, batcher
         log.info("model loaded from %s in %.1f s; max_seq_length %d, batching %s (max %d windows, %.1f ms)",
                  c.model_dir, time.perf_counter() - t0, pipeline.max_seq_length,
@@ -107,6 +129,10 @@ class QAService:
 
     # ---- one request ---------------------------------------------------------------------------------------
 
+    async def release_memory(self) -> None:
+        """Give the C heap's free pages back to the system (after a large request, once it is answered)."""
+        await asyncio.get_running_loop().run_in_executor(self.cpu, release_memory)
+
     async def answer(self, body: bytes, fmt: str, out_fmt: str, arrival: "_Arrival") -> tuple[bytes, str]:
         loop = asyncio.get_running_loop()
         try:
@@ -124,6 +150,9 @@ class QAService:
         parsed = parse_request(body, fmt, self.config)
         questions = [q for r in parsed.records for q in r.questions]
         contexts = [r.context for r in parsed.records for _ in r.questions]
+        if self.cheap_bound:
+            check_windows_bound(parsed, self.pipeline.max_seq_length, self.pipeline.doc_stride,
+                                self.config.max_windows)
         try:
             prepared = self.pipeline.prepare(questions, contexts, max_windows=self.config.max_windows)
         except TooMuchWork as e:
@@ -139,12 +168,23 @@ class QAService:
         return render_results(parsed, answers, out_fmt)
 
 
+def _is_bert_wordpiece(tokenizer: Any) -> bool:
+    """BERT's normalizer (or none), pre-tokenizer and WordPiece: what contract.min_tokens assumes."""
+    tok = getattr(tokenizer, "tokenizer", None)
+    try:
+        names = (type(tok.normalizer).__name__, type(tok.pre_tokenizer).__name__, type(tok.model).__name__)
+    except Exception:
+        return False
+    return names[0] in ("BertNormalizer", "NoneType") and names[1:] == ("BertPreTokenizer", "WordPiece")
+
+
 class _Arrival:
     """Counts a request in service.on_the_way from its headers until its windows are queued (or it fails)."""
 
     def __init__(self, service: QAService):
         self.service = service
         self.active = True
+        self.body_bytes = 0  # as much of the body as was declared or read
         service.on_the_way += 1
 
     def done(self) -> None:
