@@ -1,7 +1,10 @@
 """The ASGI application (Starlette): the routes listed in bertqa.serve's docstring, request bodies read off the
 wire within the payload limit, errors as JSON, and the page at / (index.html beside this file).
 
-A client that disconnects has its queued windows dropped.
+A client that disconnects has its queued windows dropped. A body must arrive within BERTQA_BODY_TIMEOUT of its
+headers (408); one over SAGEMAKER_MAX_PAYLOAD_IN_MB is refused (413) from its Content-Length, or as soon as the bytes
+read pass the limit, and is never held whole. After a body of TRIM_AFTER_BYTES or more the heap is trimmed once the
+answer is sent. Disconnects are logged through an OverloadLog: one line per interval, not one per connection.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Any, Callable, Optional
 
 from .contract import RequestError, request_format, response_format
 from .openapi import openapi_spec
-from .service import QAService, _Arrival
+from .overload import OverloadLog
+from .service import TRIM_AFTER_BYTES, QAService, _Arrival
 from .settings import CONFIG_ENV, ServeConfig
 
 log = logging.getLogger("bertqa.serve")
@@ -28,8 +32,11 @@ def _error(status: int, message: str, headers: Optional[dict] = None):
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
-async def _read_body(request, limit: int) -> bytes:
-    """The body, at most limit bytes: RequestError 413 from Content-Length or while streaming."""
+async def _read_body(request, limit: int, timeout: float, arrival: Optional["_Arrival"] = None) -> bytes:
+    """The body, at most limit bytes, within timeout seconds of the call (the end of the headers): RequestError
+    413 from Content-Length before reading, or as soon as the bytes read pass the limit; 408 past the time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     declared = request.headers.get("content-length")
     too_big = (f"request body over the {limit / 1048576:g} MB limit (SAGEMAKER_MAX_PAYLOAD_IN_MB); split it "
                f"into several requests")
@@ -39,28 +46,47 @@ async def _read_body(request, limit: int) -> bytes:
         except ValueError:
             raise RequestError(400, f"invalid Content-Length {declared!r}") from None
         if declared_n > limit:
-            await _drain(request, declared_n)
+            await _drain(request, declared_n, deadline)
             raise RequestError(413, too_big + f" ({declared_n} bytes)", {"Connection": "close"})
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            await _drain(request, None)
-            raise RequestError(413, too_big, {"Connection": "close"})
+
+    async def collect() -> bool:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if arrival is not None:
+                arrival.body_bytes = len(body)
+            if len(body) > limit:
+                return True
+        return False
+
+    try:
+        over = await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"request body not received within {timeout:g} s of its headers "
+                                f"(BERTQA_BODY_TIMEOUT)", {"Connection": "close"}) from None
+    if over:
+        del body[:]
+        await _drain(request, None, deadline)
+        raise RequestError(413, too_big, {"Connection": "close"})
     return bytes(body)
 
 
-async def _drain(request, declared: Optional[int], cap: int = 64 << 20) -> None:
-    """Read and drop the rest of an over-limit body (up to cap bytes), so the client sees the 413 instead of a
-    connection reset while it is still sending."""
-    if declared is not None and declared > cap:
+async def _drain(request, declared: Optional[int], deadline: float, cap: int = 64 << 20) -> None:
+    """Read and drop the rest of an over-limit body (up to cap bytes, until the deadline), so the client sees
+    the 413 instead of a connection reset while it is still sending."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    if (declared is not None and declared > cap) or remaining <= 0:
         return
-    seen = 0
-    with contextlib.suppress(Exception):
+
+    async def consume() -> None:
+        seen = 0
         async for chunk in request.stream():
             seen += len(chunk)
             if seen > cap:
                 return
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consume(), remaining)
 
 
 async def _wait_disconnect(request) -> None:
@@ -68,6 +94,12 @@ async def _wait_disconnect(request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _declared_length(request) -> int:
+    with contextlib.suppress(ValueError):
+        return int(request.headers.get("content-length") or 0)
+    return 0
 
 
 def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Callable[[], Any]] = None):
@@ -78,8 +110,11 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
+    from starlette.background import BackgroundTask
+
     config = config or ServeConfig.from_env()
     service = QAService(config, model_loader)
+    notes = OverloadLog(log, level=logging.INFO, prefix="")
 
     async def ping(request: Request) -> Response:
         if service.loaded:
@@ -94,9 +129,12 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
                           else "model is loading; retry when GET /ping answers 200", {"Retry-After": "5"})
         arrival = _Arrival(service)
         try:
-            return await _invocation(request, arrival)
+            response = await _invocation(request, arrival)
         finally:
             arrival.done()
+        if max(arrival.body_bytes, _declared_length(request)) >= TRIM_AFTER_BYTES:
+            response.background = BackgroundTask(service.release_memory)
+        return response
 
     async def _invocation(request: Request, arrival: _Arrival) -> Response:
         try:
@@ -105,11 +143,11 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
                 raise RequestError(415, f"unsupported Content-Encoding {encoding!r}: send the body uncompressed")
             fmt = request_format(request.headers.get("content-type"))
             out_fmt = response_format(request.headers.get("accept"), fmt)
-            body = await _read_body(request, config.max_payload_bytes)
+            body = await _read_body(request, config.max_payload_bytes, config.body_timeout_s, arrival)
         except RequestError as e:
             return _error(e.status, e.message, e.headers)
         except ClientDisconnect:
-            log.info("client disconnected while sending the request")
+            notes.note("disconnect sending", "client disconnected while sending the request")
             return Response(status_code=400)
         service.inflight += 1
         work = asyncio.ensure_future(service.answer(body, fmt, out_fmt, arrival))
@@ -121,7 +159,8 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
                 return Response(content, media_type=media)
             work.cancel()
             if watch in done:
-                log.info("client disconnected before its answer; its queued windows are dropped")
+                notes.note("disconnect waiting", "client disconnected before its answer; its queued windows are "
+                                                 "dropped")
                 return Response(status_code=400)
             return _error(504, f"no answer within {config.timeout_s:g} s (SAGEMAKER_MODEL_SERVER_TIMEOUT); "
                                f"the server is overloaded or the request too large")

@@ -12,10 +12,11 @@ def openapi_spec(config: ServeConfig) -> dict[str, Any]:
         "context": {"type": "string", "minLength": 1, "pattern": r"\S",
                     "description": "text to find the answer in; windows of max_seq_length tokens, "
                                    "doc_stride apart, cover it whole"},
-        "top_k": {"type": "integer", "minimum": 1, "maximum": config.n_best_size,
-                  "description": "return a list of the top_k answers instead of one answer"},
-        "max_answer_length": {"type": "integer", "minimum": 1, "maximum": config.max_seq_length,
-                              "description": f"longest answer in tokens (default {config.max_answer_length})"},
+        "top_k": {"type": ["integer", "null"], "minimum": 1, "maximum": config.n_best_size,
+                  "description": "return a list of the top_k answers instead of one answer (null: one answer)"},
+        "max_answer_length": {"type": ["integer", "null"], "minimum": 1, "maximum": config.max_seq_length,
+                              "description": f"longest answer in tokens (null or absent: "
+                                             f"{config.max_answer_length})"},
     }
     question = {"type": "string", "minLength": 1, "pattern": r"\S"}
     single = {"type": "object", "required": ["question", "context"],
@@ -34,7 +35,8 @@ def openapi_spec(config: ServeConfig) -> dict[str, Any]:
     err = lambda text: {"description": text, "content": {"application/json": {"schema": ref("Error")}}}  # noqa: E731
     limits = (f"Limits: body {config.max_payload_mb:g} MB (413), {config.max_questions} questions and "
               f"{config.max_windows} windows of {config.max_seq_length} tokens per request (413), "
-              f"{config.timeout_s:g} s per request (504).")
+              f"{config.timeout_s:g} s per request (504); headers within {config.header_timeout_s:g} s of their "
+              f"first byte and the body within {config.body_timeout_s:g} s of the headers (408).")
     return {
         "openapi": "3.1.0",
         "info": {"title": "bertqa question answering endpoint", "version": __version__,
@@ -51,9 +53,10 @@ def openapi_spec(config: ServeConfig) -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"oneOf": [
                         ref("Record"), ref("MultiQuestionRecord"),
-                        {"type": "array", "minItems": 1, "items": ref("AnyRecord")},
+                        {"type": "array", "minItems": 1, "maxItems": config.max_questions, "items": ref("AnyRecord")},
                         {"type": "object", "required": ["instances"], "properties": {
-                            "instances": {"type": "array", "minItems": 1, "items": ref("AnyRecord")}}}]}},
+                            "instances": {"type": "array", "minItems": 1, "maxItems": config.max_questions,
+                                          "items": ref("AnyRecord")}}}]}},
                     "application/jsonlines": {"schema": ref("AnyRecord")}}},
                 "responses": {
                     "200": {"description": "one answer per question (a list of top_k answers when top_k is "
@@ -63,6 +66,7 @@ def openapi_spec(config: ServeConfig) -> dict[str, Any]:
                                 "application/jsonlines": {"schema": {}}}},
                     "400": err("malformed JSON or UTF-8; a missing, empty or wrongly typed field"),
                     "406": err("Accept names a type the server does not produce"),
+                    "408": err("the body did not arrive within the body timeout (BERTQA_BODY_TIMEOUT)"),
                     "413": err("body, questions or windows over the limits"),
                     "415": err("Content-Type other than application/json or application/jsonlines"),
                     "503": err("model not loaded yet, or too many windows queued"),
