@@ -59,7 +59,7 @@ import numpy as np
 
 from ._atomic import atomic_write, fsync_dir
 from .distributed import Distributed, shard
-from .squad import Example, Features, evaluate as squad_evaluate, load_features, load_squad, postprocess_predictions
+from .squad import Example, Features, evaluate as squad_evaluate, file_sha256, load_features, load_squad, postprocess_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -599,12 +599,6 @@ def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
 # tensors lie inside them.
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(folder: PathLike) -> Path:
@@ -613,7 +607,7 @@ def write_manifest(folder: PathLike) -> Path:
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST_NAME:
-            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
     return write_json_atomic(folder / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": files})
 
 
@@ -672,7 +666,7 @@ def _checkpoint_problems(folder: Path) -> list[str]:
             have = path.stat().st_size
             problems.append(f"{name} has {have} of its {size} bytes (truncated)" if have < size else
                             f"{name} has {have} bytes, {MANIFEST_NAME} says {size}")
-        elif _sha256(path) != sha256:
+        elif file_sha256(path) != sha256:
             problems.append(f"{name} does not match its sha256 in {MANIFEST_NAME} (corrupt)")
     return problems
 
@@ -710,6 +704,17 @@ def _unverifiable_problems(folder: Path) -> list[str]:
 
 def _why(e: BaseException) -> str:
     return str(e.strerror if isinstance(e, OSError) and e.strerror else e)
+
+
+def _read_json_object(source: Path, what: str) -> dict:
+    """A checkpoint's JSON object file; TrainingError naming the file in one line otherwise."""
+    try:
+        raw = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainingError(f"{source}: unreadable {what} ({_why(e)})") from None
+    if not isinstance(raw, dict):
+        raise TrainingError(f"{source}: not a {what} (a JSON {type(raw).__name__}, not an object)")
+    return raw
 
 
 def resolve_resume(output_dir: PathLike, resume: Union[None, bool, PathLike], overwrite_output_dir: bool = False
@@ -1168,12 +1173,7 @@ class Trainer:
 
     def _load_checkpoint(self, checkpoint: Path, plan: TrainPlan, fingerprint: str) -> TrainerState:
         source = checkpoint / TRAINER_STATE_NAME
-        try:
-            raw = json.loads(source.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TrainingError(f"{source}: unreadable trainer state ({e})") from None
-        if not isinstance(raw, dict):
-            raise TrainingError(f"{source}: not a trainer state (a JSON {type(raw).__name__}, not an object)")
+        raw = _read_json_object(source, "trainer state")
         state = TrainerState.from_dict(raw, str(source))
         differences = self._model_differences(checkpoint) + _preprocessing_differences(
             raw.get("preprocessing") or {}, self._preprocessing())
@@ -1235,12 +1235,7 @@ class Trainer:
         if config is None or not dataclasses.is_dataclass(config):
             return []
         source = checkpoint / "config.json"
-        try:
-            saved = json.loads(source.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TrainingError(f"{source}: unreadable model config ({_why(e)})") from None
-        if not isinstance(saved, dict):
-            raise TrainingError(f"{source}: not a model config (a JSON {type(saved).__name__}, not an object)")
+        saved = _read_json_object(source, "model config")
         out = []
         for f in dataclasses.fields(config):
             if f.name in _CONFIG_NOT_COMPARED or f.name not in saved:
