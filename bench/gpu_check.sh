@@ -28,6 +28,9 @@
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
+# mpirun (Open MPI 5) runs a bare program name through its realpath: a venv's python3, a link to the base
+# interpreter, would then run without the venv's packages. Its path as found on PATH keeps the venv.
+PY=$(command -v "$PY" || echo "$PY")
 WHL_DIR=.whl
 
 if [ "${1:-}" = "--fetch" ]; then
