@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_write
-from .config import LIMITS, BertConfig
+from .config import LIMITS, BertConfig, _short
 
 logger = logging.getLogger(__name__)
 
@@ -166,14 +166,11 @@ def canonical_name(name: str) -> str | None:
     raise ValueError(f"tensor {name!r} is not part of a BERT encoder or QA head")
 
 
-def normalize_state_dict(raw: dict[str, np.ndarray], source: str = "<state dict>") -> StateDict:
-    """Rename keys to canonical names, drop unused ones, convert floating tensors to float32.
-
-    Raises CheckpointError naming ``source`` for unknown keys, keys that collide after renaming (say both
-    ``bert.x`` and ``x``) and non-floating tensors where weights belong.
-    """
-    out, dropped, unknown, origin = StateDict(source=source), [], [], {}
-    for key, value in raw.items():
+def _canonical_keys(keys, source: str) -> tuple[dict[str, str], list[str]]:
+    """({canonical name: the file's key}, the keys a QA model does not use). Raises CheckpointError naming
+    ``source`` for keys that collide after renaming (say both ``bert.x`` and ``x``) and for unknown keys."""
+    origin, dropped, unknown = {}, [], []
+    for key in keys:
         try:
             name = canonical_name(key)
         except ValueError:
@@ -182,16 +179,51 @@ def normalize_state_dict(raw: dict[str, np.ndarray], source: str = "<state dict>
         if name is None:
             dropped.append(key)
             continue
-        if name in out:
-            raise CheckpointError(f"{source}: keys {origin[name]!r} and {key!r} both name {name!r}")
-        if not np.issubdtype(value.dtype, np.floating):
-            raise CheckpointError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected a floating type "
-                                  f"(float32/float16/bfloat16)")
-        out[name] = np.ascontiguousarray(value, dtype=np.float32)
+        if name in origin:
+            raise CheckpointError(f"{source}: keys {_short(origin[name])} and {_short(key)} both name {name!r}")
         origin[name] = key
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} tensor(s) are not part of a BERT encoder or QA head: "
                               f"{_preview(unknown)}")
+    return origin, dropped
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], config: BertConfig, source: str,
+                  allow_missing: frozenset | None = None) -> list[str]:
+    """Canonical names and shapes against ``config``'s table: CheckpointError naming ``source`` for names the
+    config does not have, missing names outside ``allow_missing`` (None: missing names are not checked) and
+    shape mismatches. Returns the missing names."""
+    expected = expected_shapes(config)
+    unexpected = [k for k in shapes if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) not in a model with this config "
+                              f"(num_hidden_layers={config.num_hidden_layers}): {_preview(unexpected)}")
+    missing = [k for k in expected if k not in shapes]
+    fatal = [] if allow_missing is None else [k for k in missing if k not in allow_missing]
+    if fatal:
+        raise CheckpointError(f"{source}: {len(fatal)} tensor(s) missing: {_preview(fatal)}")
+    wrong = [f"{k} has shape {_short(tuple(s))}, config says {expected[k]}"
+             for k, s in shapes.items() if tuple(s) != expected[k]]
+    if wrong:
+        raise CheckpointError(f"{source}: shape mismatch against the config: " + "; ".join(wrong[:5])
+                              + (f"; ... ({len(wrong)} in all)" if len(wrong) > 5 else ""))
+    return missing
+
+
+def normalize_state_dict(raw: dict[str, np.ndarray], source: str = "<state dict>") -> StateDict:
+    """Rename keys to canonical names, drop unused ones, convert floating tensors to float32.
+
+    Raises CheckpointError naming ``source`` for unknown keys, keys that collide after renaming (say both
+    ``bert.x`` and ``x``) and non-floating tensors where weights belong.
+    """
+    origin, dropped = _canonical_keys(raw, source)
+    out = StateDict(source=source)
+    for name, key in origin.items():
+        value = raw[key]
+        if not np.issubdtype(value.dtype, np.floating):
+            raise CheckpointError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected a floating type "
+                                  f"(float32/float16/bfloat16)")
+        out[name] = np.ascontiguousarray(value, dtype=np.float32)
     out.dropped = dropped
     return out
 
@@ -203,53 +235,14 @@ def check_state_dict(tensors: dict[str, np.ndarray], config: BertConfig, source:
     Raises CheckpointError naming ``source`` for tensors the config does not have (e.g. a 12-layer checkpoint
     with a 6-layer config), missing tensors outside ``allow_missing``, and shape mismatches.
     """
-    expected = expected_shapes(config)
-    unexpected = [k for k in tensors if k not in expected]
-    if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) not in a model with this config "
-                              f"(num_hidden_layers={config.num_hidden_layers}): {_preview(unexpected)}")
-    missing = [k for k in expected if k not in tensors]
-    fatal = [k for k in missing if k not in allow_missing]
-    if fatal:
-        raise CheckpointError(f"{source}: {len(fatal)} tensor(s) missing: {_preview(fatal)}")
-    wrong = [f"{k} has shape {tuple(v.shape)}, config says {expected[k]}"
-             for k, v in tensors.items() if tuple(v.shape) != expected[k]]
-    if wrong:
-        raise CheckpointError(f"{source}: shape mismatch against the config: " + "; ".join(wrong[:5])
-                              + (f"; ... ({len(wrong)} in all)" if len(wrong) > 5 else ""))
-    return missing
+    return _check_shapes({k: v.shape for k, v in tensors.items()}, config, source, frozenset(allow_missing))
 
 
 def precheck_shapes(shapes: dict[str, tuple[int, ...]], config: BertConfig, source: str) -> None:
-    """The checks of normalize_state_dict + check_state_dict on names and shapes alone, so that a file is refused
-    before its tensors are read or converted; raises CheckpointError naming ``source``."""
-    expected = expected_shapes(config)
-    canonical = {}
-    unknown, unexpected, wrong = [], [], []
-    for key, shape in shapes.items():
-        try:
-            name = canonical_name(key)
-        except ValueError:
-            unknown.append(key)
-            continue
-        if name is None:
-            continue
-        if name in canonical:
-            raise CheckpointError(f"{source}: keys {_short(canonical[name])} and {_short(key)} both name {name!r}")
-        canonical[name] = key
-        if name not in expected:
-            unexpected.append(name)
-        elif tuple(shape) != expected[name]:
-            wrong.append(f"{name} has shape {_short(tuple(shape))}, config says {expected[name]}")
-    if unknown:
-        raise CheckpointError(f"{source}: {len(unknown)} tensor(s) are not part of a BERT encoder or QA head: "
-                              f"{_preview(unknown)}")
-    if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} tensor(s) not in a model with this config "
-                              f"(num_hidden_layers={config.num_hidden_layers}): {_preview(unexpected)}")
-    if wrong:
-        raise CheckpointError(f"{source}: shape mismatch against the config: " + "; ".join(wrong[:5])
-                              + (f"; ... ({len(wrong)} in all)" if len(wrong) > 5 else ""))
+    """The checks of normalize_state_dict + check_state_dict on names and shapes alone (missing tensors are
+    checked after loading), so that a file is refused before its tensors are read or converted."""
+    origin, _ = _canonical_keys(shapes, source)
+    _check_shapes({name: shapes[key] for name, key in origin.items()}, config, source)
 
 
 def _preview(names, n=5) -> str:
@@ -377,15 +370,6 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
 
 def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _short(v, n: int = 80) -> str:
-    """repr of a value from a file, cut so that an error stays one short line."""
-    try:
-        r = repr(v)
-    except ValueError:  # an int of more digits than repr allows
-        r = f"<{type(v).__name__}>"
-    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def read_safetensors(path: str | os.PathLike, config: BertConfig | None = None) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -178,19 +179,13 @@ def extract_archive(archive: PathLike, dest: PathLike, max_bytes: Optional[int] 
                 else:  # Python < 3.11.4: the member was checked above
                     tar.extract(m, dest)
                 tar.members = []  # the stream's member list would otherwise grow with every header
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise PackageError(f"{archive}: cannot unpack: {e}") from e
     if not (dest / CONFIG_NAME).is_file():
         subdirs = [p for p in dest.iterdir() if p.is_dir()]
         if len(subdirs) == 1 and (subdirs[0] / CONFIG_NAME).is_file():
             return subdirs[0]
     return dest
-
-
-def zlib_error() -> type:
-    import zlib
-
-    return zlib.error
 
 
 class ModelDir:

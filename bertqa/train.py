@@ -599,8 +599,6 @@ def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
 # tensors lie inside them.
 
 
-
-
 def write_manifest(folder: PathLike) -> Path:
     """folder/manifest.json: the size and sha256 of every other file under folder (read back from disk)."""
     folder = Path(folder)

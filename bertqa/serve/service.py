@@ -42,7 +42,7 @@ def _malloc_trim() -> Callable[[], Any]:
     return lambda: 0
 
 
-release_memory = _malloc_trim()
+_trim_heap = _malloc_trim()
 
 
 def load_model(model_dir: str, device: str = "cpu"):
@@ -131,7 +131,7 @@ class QAService:
 
     async def release_memory(self) -> None:
         """Give the C heap's free pages back to the system (after a large request, once it is answered)."""
-        await asyncio.get_running_loop().run_in_executor(self.cpu, release_memory)
+        await asyncio.get_running_loop().run_in_executor(self.cpu, _trim_heap)
 
     async def answer(self, body: bytes, fmt: str, out_fmt: str, arrival: "_Arrival") -> tuple[bytes, str]:
         loop = asyncio.get_running_loop()
