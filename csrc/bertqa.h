@@ -110,6 +110,17 @@ void linear_forward(float *out, const float *inp, const float *weight, const flo
 void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                      const float *weight, int N, int IN, int OUT);
 
+/* The same in bf16 or int8 (cpu.h's bq_lowp_kernels k, prec BQ_PREC_BF16 / BQ_PREC_INT8): the weight comes
+ * packed (wp: k->bf16_pack_b of W^T, or k->i8_pack_weights with its scales sw and sums qsum), the activations are
+ * rounded / quantized as the product reads them (int8: one scale per row, or per tensor when per_tensor), the
+ * bias added in fp32. BQ_ERR_NOMEM when a scratch buffer cannot be had. */
+int linear_forward_lowp(const void *k, int prec, const void *wp, const float *sw, const int32_t *qsum, int per_tensor,
+                        float *out, const float *inp, const float *bias, int N, int IN, int OUT);
+/* bf16 backward: dinp += dout @ W and dweight += dout.T @ inp with the operands rounded to bf16 and fp32 sums;
+ * dbias in fp32 as linear_backward. */
+int linear_backward_bf16(const void *k, float *dinp, float *dweight, float *dbias, const float *dout,
+                         const float *inp, const float *weight, int N, int IN, int OUT);
+
 /* ---- layernorm over the last dimension (layernorm.c) ------------------------------------------ */
 /* out = (inp - mean) * rstd * weight + bias, rstd = 1/sqrt(var + eps), var biased (as torch).
  * inp/out [N,C]; weight/bias [C]; mean/rstd [N] (may be NULL: not stored). out may alias inp. */

@@ -105,3 +105,55 @@ int bq_cpu_init(char *err, size_t errlen) {
     }
     return BQ_OK;
 }
+
+/* ---- low precision ---------------------------------------------------------------------------------------- */
+
+#ifdef BQ_HAVE_AVX512_BUILD
+static const bq_lowp_kernels lowp_avx512 = {
+    .bf16_packed_elems = bf16_packed_elems_avx512,
+    .bf16_pack_b = bf16_pack_b_avx512,
+    .gemm_bf16 = gemm_bf16_avx512,
+    .gemm_bf16_full = gemm_bf16_full_avx512,
+    .i8_packed_bytes = i8_packed_bytes_avx512,
+    .i8_pack_weights = i8_pack_weights_avx512,
+    .gemm_i8 = gemm_i8_avx512,
+};
+#endif
+
+int bq_cpu_has_avx512_bf16(void) {
+#ifdef BQ_HAVE_AVX512_BUILD
+    __builtin_cpu_init();
+    return bq_cpu_supports(BQ_ISA_AVX512) && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+int bq_cpu_has_avx512_vnni(void) {
+#ifdef BQ_HAVE_AVX512_BUILD
+    __builtin_cpu_init();
+    return bq_cpu_supports(BQ_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+const bq_lowp_kernels *bq_cpu_lowp(int precision, const char **missing) {
+    const char *why = NULL;
+#ifdef BQ_HAVE_AVX512_BUILD
+    const int bf16 = precision == BQ_PREC_BF16;
+    if (precision != BQ_PREC_BF16 && precision != BQ_PREC_INT8)
+        why = "an unknown precision";
+    else if (bf16 ? !bq_cpu_has_avx512_bf16() : !bq_cpu_has_avx512_vnni())
+        why = bf16 ? "AVX-512 BF16 (avx512_bf16: AMD Zen 4 or Intel Cooper Lake / Sapphire Rapids and newer), "
+                     "which this CPU lacks"
+                   : "AVX-512 VNNI (avx512_vnni: AMD Zen 4 or Intel Cascade Lake and newer), which this CPU lacks";
+    else if (bq_cpu() != tables[BQ_ISA_AVX512])
+        why = "the AVX-512 kernels, which are switched off (BERTQA_CPU=avx2 or set_isa('avx2'))";
+    if (!why) return &lowp_avx512;
+#else
+    why = "an x86-64 build with AVX-512 (this build has none)";
+#endif
+    if (missing) *missing = why;
+    return NULL;
+}

@@ -10,8 +10,10 @@
 #include "pymodule.h"
 #include "engine_methods.h"
 #include <stdlib.h>
+#include <string.h>
 
 #include "bertqa.h"
+#include "cpu.h"
 #include "model.h"
 
 typedef struct {
@@ -83,14 +85,37 @@ static int flat_arg(PyObject *obj, const char *name, size_t n, int optional, PyA
 }
 
 static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"config", "params", "grads", "m", "v", NULL};
+    static char *kwlist[] = {"config", "params", "grads", "m", "v", "precision", "int8_activations", NULL};
     PyObject *cfg, *po, *go = Py_None, *mo = Py_None, *vo = Py_None;
+    const char *prec_name = "fp32", *act = "token";
     if (self->base.model) {
         PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|OOO:Engine", kwlist, &PyDict_Type, &cfg, &po, &go, &mo, &vo))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|OOOss:Engine", kwlist, &PyDict_Type, &cfg, &po, &go, &mo, &vo,
+                                     &prec_name, &act))
         return -1;
+    const int prec = !strcmp(prec_name, "fp32") ? BQ_PREC_FP32 : !strcmp(prec_name, "bf16") ? BQ_PREC_BF16
+                     : !strcmp(prec_name, "int8") ? BQ_PREC_INT8 : -1;
+    if (prec < 0) {
+        PyErr_Format(PyExc_ValueError, "precision must be 'fp32', 'bf16' or 'int8', got '%s'", prec_name);
+        return -1;
+    }
+    if (strcmp(act, "token") && strcmp(act, "tensor")) {
+        PyErr_Format(PyExc_ValueError, "int8_activations must be 'token' or 'tensor', got '%s'", act);
+        return -1;
+    }
+    const char *missing = NULL;
+    if (prec != BQ_PREC_FP32 && !bq_cpu_lowp(prec, &missing)) {
+        PyErr_Format(PyExc_RuntimeError, "precision '%s' on the CPU needs %s; use precision='fp32'", prec_name,
+                     missing);
+        return -1;
+    }
+    if (prec == BQ_PREC_INT8 && go != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "precision 'int8' is for inference: an int8 Engine takes no grads, m, v "
+                                          "(fine-tune in 'bf16' or 'fp32')");
+        return -1;
+    }
     /* __init__ may run again after a failed one: drop what that one took */
     Py_CLEAR(self->params);
     Py_CLEAR(self->grads);
@@ -121,6 +146,7 @@ static int engine_init(Engine *self, PyObject *args, PyObject *kw) {
     }
     int st = bq_model_init(&self->model, &c, F(self->params), self->grads ? F(self->grads) : NULL,
                            self->m ? F(self->m) : NULL, self->v ? F(self->v) : NULL);
+    if (!st) st = bq_model_set_precision(&self->model, prec, !strcmp(act, "tensor"));
     if (st) {
         status_error(st, "Engine");
         return -1;
@@ -170,6 +196,25 @@ static PyObject *engine_release_arena(Engine *self, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
+static PyObject *engine_weights_changed(Engine *self, PyObject *noargs) {
+    if (!bq_engine_ready(&self->base, 0)) return NULL;
+    bq_lock_wait(self->base.lock);
+    bq_model_weights_changed(&self->model);
+    PyThread_release_lock(self->base.lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_precision(Engine *self, void *closure) {
+    if (!bq_engine_ready(&self->base, 0)) return NULL;
+    static const char *const names[] = {"fp32", "bf16", "int8"};
+    return PyUnicode_FromString(names[self->model.precision]);
+}
+
+static PyGetSetDef engine_getset[] = {
+    {"precision", (getter)engine_precision, NULL, "'fp32', 'bf16' or 'int8': the matrix products' precision", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef engine_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))bq_engine_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(input_ids, token_type_ids=None, attention_mask=None)\n--\n\n"
@@ -194,6 +239,9 @@ static PyMethodDef engine_methods[] = {
     {"profile", (PyCFunction)(void (*)(void))engine_profile, METH_VARARGS | METH_KEYWORDS,
      "profile(reset=False)\n--\n\nSeconds spent per kind of work (forward.linear, backward.attention, adamw, ...) "
      "since the engine was made or last reset; reset=True zeroes the counters after reading them."},
+    {"weights_changed", (PyCFunction)engine_weights_changed, METH_NOARGS,
+     "weights_changed()\n--\n\nThe parameters were written outside the engine: a bf16 / int8 engine remakes its "
+     "low-precision copies of the weights at the next forward (an AdamW step does this itself)."},
     {"release_arena", (PyCFunction)engine_release_arena, METH_NOARGS,
      "release_arena()\n--\n\nFree the activation arena (it is reallocated on the next call)."},
     {NULL, NULL, 0, NULL},
@@ -204,9 +252,14 @@ static PyTypeObject EngineType = {
     .tp_basicsize = sizeof(Engine),
     .tp_dealloc = (destructor)engine_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine(config, params, grads=None, m=None, v=None)\n--\n\n"
-              "BERT for question answering over flat float32 buffers (see bertqa.model.BertQA).",
+    .tp_doc = "Engine(config, params, grads=None, m=None, v=None, precision='fp32', int8_activations='token')\n--\n\n"
+              "BERT for question answering over flat float32 buffers (see bertqa.model.BertQA). precision: the "
+              "linear layers' products in 'fp32' (OpenBLAS), 'bf16' (AVX-512 BF16; fp32 master weights, "
+              "gradients and optimizer) or 'int8' (AVX-512 VNNI, inference: weights per output channel, "
+              "activations per token or, int8_activations='tensor', per tensor). RuntimeError when the CPU lacks "
+              "the instructions.",
     .tp_methods = engine_methods,
+    .tp_getset = engine_getset,
     .tp_init = (initproc)engine_init,
     .tp_new = PyType_GenericNew,
 };

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "bertqa.h"
+#include "cpu.h"
 #include "model.h"
 
 #ifdef _OPENMP
@@ -106,6 +107,8 @@ int bq_model_init(bq_model *m, const bq_config *cfg, float *params, float *grads
 }
 
 void bq_model_free(bq_model *m) {
+    free(m->lw);
+    free(m->lw_mem);
     free(m->arena);
     free(m->off);
     free(m->offsets);
@@ -113,6 +116,113 @@ void bq_model_free(bq_model *m) {
     free(m->g.layers);
     free(m->acts);
     memset(m, 0, sizeof *m);
+}
+
+/* ---- precision ------------------------------------------------------------------------------- */
+
+/* [OUT, IN] of weight matrix i of a layer */
+static void weight_shape(const bq_config *c, int i, int *OUT, int *IN) {
+    *OUT = i == BQ_W_FC ? c->FF : c->C;
+    *IN = i == BQ_W_FC2 ? c->FF : c->C;
+}
+
+static const float *layer_weight(const bq_layer_params *w, int i) {
+    const float *const all[BQ_W_N] = {w->qw, w->kw, w->vw, w->aow, w->fcw, w->fc2w};
+    return all[i];
+}
+
+int bq_model_set_precision(bq_model *m, int precision, int per_tensor) {
+    const bq_lowp_kernels *k = NULL;
+    if (precision != BQ_PREC_FP32 && !(k = bq_cpu_lowp(precision, NULL))) return BQ_ERR_ARG;
+    if (precision == BQ_PREC_INT8 && m->grads) return BQ_ERR_ARG;
+    free(m->lw);
+    free(m->lw_mem);
+    m->lw = NULL;
+    m->lw_mem = NULL;
+    m->lw_fresh = 0;
+    m->precision = precision;
+    m->lowp = k;
+    m->per_tensor = per_tensor;
+    if (!k) return BQ_OK;
+    const bq_config *c = &m->cfg;
+    const int n = c->L * BQ_W_N;
+    size_t bytes = 0;   /* one block: every matrix's packed copy (64-byte aligned), then int8's scales and sums */
+    for (int i = 0; i < BQ_W_N; i++) {
+        int OUT, IN;
+        weight_shape(c, i, &OUT, &IN);
+        size_t b = precision == BQ_PREC_BF16 ? k->bf16_packed_elems(IN, OUT) * 2 : k->i8_packed_bytes(IN, OUT);
+        if (precision == BQ_PREC_INT8) b += (size_t)OUT * (sizeof(float) + sizeof(int32_t));
+        bytes += ((b + 63) & ~(size_t)63) * c->L;
+    }
+    m->lw = calloc(n, sizeof(bq_lowp_weight));
+    m->lw_mem = aligned_alloc(64, bytes);
+    if (!m->lw || !m->lw_mem) {
+        bq_model_set_precision(m, BQ_PREC_FP32, 0);
+        return BQ_ERR_NOMEM;
+    }
+    char *p = m->lw_mem;
+    for (int l = 0; l < c->L; l++)
+        for (int i = 0; i < BQ_W_N; i++) {
+            int OUT, IN;
+            weight_shape(c, i, &OUT, &IN);
+            bq_lowp_weight *w = &m->lw[l * BQ_W_N + i];
+            size_t b = precision == BQ_PREC_BF16 ? k->bf16_packed_elems(IN, OUT) * 2 : k->i8_packed_bytes(IN, OUT);
+            w->w = p;
+            if (precision == BQ_PREC_INT8) {
+                w->sw = (float *)(p + b);
+                w->qsum = (int32_t *)(p + b + (size_t)OUT * sizeof(float));
+                b += (size_t)OUT * (sizeof(float) + sizeof(int32_t));
+            }
+            p += (b + 63) & ~(size_t)63;
+        }
+    return BQ_OK;
+}
+
+void bq_model_weights_changed(bq_model *m) { m->lw_fresh = 0; }
+
+/* the low-precision copies of the weights, remade when the parameters changed */
+static void refresh_lowp_weights(bq_model *m) {
+    const bq_lowp_kernels *k = m->lowp;
+    if (!k || m->lw_fresh) return;
+    const bq_config *c = &m->cfg;
+    for (int l = 0; l < c->L; l++)
+        for (int i = 0; i < BQ_W_N; i++) {
+            int OUT, IN;
+            weight_shape(c, i, &OUT, &IN);
+            bq_lowp_weight *w = &m->lw[l * BQ_W_N + i];
+            const float *W = layer_weight(&m->p.layers[l], i);
+            if (m->precision == BQ_PREC_BF16)
+                k->bf16_pack_b(w->w, W, IN, 1, IN, OUT);   /* B[k,n] = W[n,k]: the forward's W^T */
+            else
+                k->i8_pack_weights(w->w, w->sw, w->qsum, W, IN, OUT, IN);
+        }
+    m->lw_fresh = 1;
+}
+
+/* out = x W^T + b for weight matrix i of layer l, in the model's precision */
+static int lin_fwd(bq_model *m, int l, int i, float *out, const float *x, const float *b, int N) {
+    int OUT, IN;
+    weight_shape(&m->cfg, i, &OUT, &IN);
+    const float *W = layer_weight(&m->p.layers[l], i);
+    if (!m->lowp) {
+        linear_forward(out, x, W, b, N, IN, OUT);
+        return BQ_OK;
+    }
+    const bq_lowp_weight *w = &m->lw[l * BQ_W_N + i];
+    return linear_forward_lowp(m->lowp, m->precision, w->w, w->sw, w->qsum, m->per_tensor, out, x, b, N, IN, OUT);
+}
+
+/* the backward of lin_fwd: dx += dout W, dW += dout^T x, db += sum dout */
+static int lin_bwd(bq_model *m, int l, int i, float *dx, float *dW, float *db, const float *dout, const float *x,
+                   int N) {
+    int OUT, IN;
+    weight_shape(&m->cfg, i, &OUT, &IN);
+    const float *W = layer_weight(&m->p.layers[l], i);
+    if (!m->lowp) {
+        linear_backward(dx, dW, db, dout, x, W, N, IN, OUT);
+        return BQ_OK;
+    }
+    return linear_backward_bf16(m->lowp, dx, dW, db, dout, x, W, N, IN, OUT);
 }
 
 /* ---- activation arena ------------------------------------------------------------------------- */
@@ -213,11 +323,13 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
      * real tokens only and attention runs per row on its own length. Dropout numbers a row's elements by
      * (window, position) (bq_rng), not by place in the packed buffer. */
     if (T > c->P) return BQ_ERR_INDEX;
+    if (train && m->precision == BQ_PREC_INT8) return BQ_ERR_ARG;   /* int8 is for inference */
     int st = set_rows(m, mask, B, T);
     if (!st) st = prepare_arena(m, train);
     if (st) return st;
     const int *off = m->off;
     const int N = m->N;
+    PROF(BQ_PROF_FWD_LINEAR, refresh_lowp_weights(m));
     PROF(BQ_PROF_FWD_EMBEDDING, {   /* each row's tokens at positions 0..T_b-1 */
         for (int b = 0; b < B && !st; b++)
             st = embedding_forward(m->emb + (long)off[b] * C, ids + (long)b * T, types ? types + (long)b * T : NULL,
@@ -232,20 +344,24 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
         bq_layer_acts *a = &m->acts[l];
         const bq_layer_params *w = &m->p.layers[l];
         PROF(BQ_PROF_FWD_LINEAR, {
-            linear_forward(a->q, x, w->qw, w->qb, N, C, C);
-            linear_forward(a->k, x, w->kw, w->kb, N, C, C);
-            linear_forward(a->v, x, w->vw, w->vb, N, C, C);
+            st = lin_fwd(m, l, BQ_W_Q, a->q, x, w->qb, N);
+            if (!st) st = lin_fwd(m, l, BQ_W_K, a->k, x, w->kb, N);
+            if (!st) st = lin_fwd(m, l, BQ_W_V, a->v, x, w->vb, N);
         });
+        if (st) return st;
         PROF(BQ_PROF_FWD_ATTENTION, st = attention_forward_rows(a->ctx, train ? a->att : NULL, a->q, a->k, a->v, mask,
                                                                 T, B, off, NH, HS, C, pa, r, SITE_ATT(l)));
         if (st) return st;
-        PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->res1, a->ctx, w->aow, w->aob, N, C, C));   /* attention output */
+        PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_AO, a->res1, a->ctx, w->aob, N));   /* attention output */
+        if (st) return st;
         PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(m, a->res1, x, a->res1, pd, train, r, SITE_AO(l)));
         PROF(BQ_PROF_FWD_LAYERNORM,
              layernorm_forward(a->h1, a->mean1, a->rstd1, a->res1, w->ln1w, w->ln1b, N, C, c->eps));
-        PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->fc, a->h1, w->fcw, w->fcb, N, C, I));
+        PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_FC, a->fc, a->h1, w->fcb, N));
+        if (st) return st;
         PROF(BQ_PROF_FWD_GELU, gelu_forward(a->gelu, a->fc, (size_t)N * I));
-        PROF(BQ_PROF_FWD_LINEAR, linear_forward(a->res2, a->gelu, w->fc2w, w->fc2b, N, I, C));
+        PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_FC2, a->res2, a->gelu, w->fc2b, N));
+        if (st) return st;
         PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(m, a->res2, a->h1, a->res2, pd, train, r, SITE_FFN(l)));
         PROF(BQ_PROF_FWD_LAYERNORM,
              layernorm_forward(a->out, a->mean2, a->rstd2, a->res2, w->ln2w, w->ln2b, N, C, c->eps));
@@ -326,10 +442,12 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const flo
         PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(m, dy, dres, pd, r, SITE_FFN(l)));
         float *dh1 = dres;
         PROF(BQ_PROF_BWD_ZERO, zero(dgelu, NI));
-        PROF(BQ_PROF_BWD_LINEAR, linear_backward(dgelu, gw->fc2w, gw->fc2b, dy, a->gelu, w->fc2w, N, I, C));
+        PROF(BQ_PROF_BWD_LINEAR, st = lin_bwd(m, l, BQ_W_FC2, dgelu, gw->fc2w, gw->fc2b, dy, a->gelu, N));
+        if (st) return st;
         PROF(BQ_PROF_BWD_ZERO, zero(dfc, NI));
         PROF(BQ_PROF_BWD_GELU, gelu_backward(dfc, a->fc, dgelu, NI));
-        PROF(BQ_PROF_BWD_LINEAR, linear_backward(dh1, gw->fcw, gw->fcb, dfc, a->h1, w->fcw, N, C, I));   /* dh1 += dfc W1 */
+        PROF(BQ_PROF_BWD_LINEAR, st = lin_bwd(m, l, BQ_W_FC, dh1, gw->fcw, gw->fcb, dfc, a->h1, N));   /* dh1 += dfc W1 */
+        if (st) return st;
         /* h1 = LN1(res1): dh1 -> dres1 (in dout) */
         float *dres1 = dout;
         PROF(BQ_PROF_BWD_ZERO, zero(dres1, NC));
@@ -339,17 +457,19 @@ int bq_backward(bq_model *m, const int64_t *ids, const int64_t *types, const flo
         PROF(BQ_PROF_BWD_DROPOUT_RESIDUAL, residual_backward(m, dy, dres1, pd, r, SITE_AO(l)));
         float *dctx = dres;   /* dh1 is consumed */
         PROF(BQ_PROF_BWD_ZERO, zero(dctx, NC));
-        PROF(BQ_PROF_BWD_LINEAR, linear_backward(dctx, gw->aow, gw->aob, dy, a->ctx, w->aow, N, C, C));
+        PROF(BQ_PROF_BWD_LINEAR, st = lin_bwd(m, l, BQ_W_AO, dctx, gw->aow, gw->aob, dy, a->ctx, N));
+        if (st) return st;
         PROF(BQ_PROF_BWD_ATTENTION,   /* overwrites dq, dk, dv */
              st = attention_backward_rows(dq, dk, dv, dctx, a->ctx, a->att, a->q, a->k, a->v, mask, T, B, off, NH, HS, C,
                                           pa, r, SITE_ATT(l)));
         if (st) return st;
         float *dx = dout;   /* already holds the residual path; the projections add to it */
         PROF(BQ_PROF_BWD_LINEAR, {
-            linear_backward(dx, gw->qw, gw->qb, dq, x, w->qw, N, C, C);
-            linear_backward(dx, gw->kw, gw->kb, dk, x, w->kw, N, C, C);
-            linear_backward(dx, gw->vw, gw->vb, dv, x, w->vw, N, C, C);
+            st = lin_bwd(m, l, BQ_W_Q, dx, gw->qw, gw->qb, dq, x, N);
+            if (!st) st = lin_bwd(m, l, BQ_W_K, dx, gw->kw, gw->kb, dk, x, N);
+            if (!st) st = lin_bwd(m, l, BQ_W_V, dx, gw->vw, gw->vb, dv, x, N);
         });
+        if (st) return st;
     }
     /* h0 = dropout(LN(emb)) */
     float *dln = dy;
@@ -384,6 +504,7 @@ double bq_adamw_step(bq_model *m, const uint8_t *decay, const float *lr_scale, f
         adamw_update(m->params + o, m->grads + o, m->m + o, m->v + o, n, lr_t, beta1, beta2, eps,
                      decay[t] ? weight_decay : 0.0f, step, scale);
     }
+    m->lw_fresh = 0;   /* the low-precision copies are remade at the next forward: once per step */
     m->prof[BQ_PROF_ADAMW] += now() - t0;
     return norm;
 }

@@ -54,6 +54,17 @@ typedef struct {
     float *out;              /* [N,C] LayerNorm 2 output = the next layer's input */
 } bq_layer_acts;
 
+/* The weight matrices of a layer, in the order of bq_lowp_weight's copies */
+enum { BQ_W_Q, BQ_W_K, BQ_W_V, BQ_W_AO, BQ_W_FC, BQ_W_FC2, BQ_W_N };
+
+/* One weight matrix as a bf16 or int8 product reads it (cpu.h, bq_lowp_kernels): packed, and for int8 with its
+ * per-output-channel scales and sums. */
+typedef struct {
+    void *w;
+    float *sw;
+    int32_t *qsum;
+} bq_lowp_weight;
+
 /* Seconds spent per kind of work since the last reset (bq_model.prof): a cheap, always-on breakdown. */
 enum {
     BQ_PROF_FWD_EMBEDDING, BQ_PROF_FWD_LINEAR, BQ_PROF_FWD_ATTENTION, BQ_PROF_FWD_LAYERNORM, BQ_PROF_FWD_GELU,
@@ -83,6 +94,16 @@ typedef struct bq_model {
     float *dlogits, *dse;                    /* [N,2] and [2N]: span-loss gradients */
     float *d_buf[7];                         /* backward scratch: 6 of [N,C], 1 of [N,I] x 2 */
     double prof[BQ_PROF_N];                  /* seconds per kind of work (see bq_prof_names) */
+    /* precision of the matrix products (cpu.h BQ_PREC_*): fp32 (the BLAS), bf16 (training and inference) or
+     * int8 (inference). Master weights, gradients, AdamW, LayerNorm, softmax, GELU, the head and the loss stay
+     * fp32; attention's products stay fp32 (the fused kernel). */
+    int precision;
+    const void *lowp;                        /* cpu.h's bq_lowp_kernels for it; NULL in fp32 */
+    int per_tensor;                          /* int8: one activation scale per tensor (1) or per token (0) */
+    bq_lowp_weight *lw;                      /* [L * BQ_W_N]: the linear layers' weights as the products read them */
+    void *lw_mem;
+    int lw_fresh;                            /* lw holds the current parameters (cleared by an AdamW step and by
+                                                bq_model_weights_changed) */
 } bq_model;
 
 /* Tensor sizes in table order; returns the count (BQ_NUM_TENSORS(L)). sizes may be NULL. */
@@ -91,6 +112,12 @@ int bq_tensor_sizes(const bq_config *cfg, size_t *sizes);
  * (C % NH != 0, non-positive sizes); BQ_ERR_NOMEM. */
 int bq_model_init(bq_model *m, const bq_config *cfg, float *params, float *grads, float *adam_m, float *adam_v);
 void bq_model_free(bq_model *m);
+/* The products' precision (BQ_PREC_FP32, _BF16, _INT8; per_tensor: int8 activation scales per tensor instead of
+ * per token). BQ_ERR_ARG when this CPU cannot run it (cpu.h bq_cpu_lowp says why) or int8 is asked of a model
+ * with gradients; BQ_ERR_NOMEM. The low-precision copies of the weights are made at the next forward. */
+int bq_model_set_precision(bq_model *m, int precision, int per_tensor);
+/* The parameters were written outside the engine: remake the low-precision copies at the next forward. */
+void bq_model_weights_changed(bq_model *m);
 
 /* Eval or train forward. ids/types [B,T] (types may be NULL), mask [B,T] of 0/1 floats (NULL: all real).
  * Writes start/end [B,T] (either may be NULL). train = 1 applies dropout and keeps what backward needs; its masks are

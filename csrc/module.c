@@ -556,9 +556,10 @@ static PyObject *py_clip_grad_norm(PyObject *self, PyObject *args, PyObject *kw)
 
 static PyObject *py_runtime_info(PyObject *self, PyObject *noargs) {
     /* isa: the kernels' instruction set in use (cpu.h); isas: those this CPU and build can run */
-    return Py_BuildValue("{s:i,s:i,s:s,s:s,s:s,s:N}", "omp_threads", bq_num_threads(), "blas_threads",
+    /* precisions: {"fp32": None, "bf16": None or why this CPU cannot, "int8": ...} */
+    return Py_BuildValue("{s:i,s:i,s:s,s:s,s:s,s:N,s:N}", "omp_threads", bq_num_threads(), "blas_threads",
                          bq_blas_num_threads(), "blas_config", bq_blas_config(), "blas_core", bq_blas_corename(),
-                         "isa", bq_cpu_isa_name(), "isas", bq_py_isas());
+                         "isa", bq_cpu_isa_name(), "isas", bq_py_isas(), "precisions", bq_py_precisions());
 }
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
@@ -633,7 +634,8 @@ PyMODINIT_FUNC PyInit__C(void) {
         return NULL;
     }
     PyObject *mod = PyModule_Create(&moduledef);
-    if (mod && (bq_add_engine_type(mod) < 0 || bq_add_cpu_functions(mod) < 0 || bq_add_attention_functions(mod) < 0))
+    if (mod && (bq_add_engine_type(mod) < 0 || bq_add_cpu_functions(mod) < 0 || bq_add_attention_functions(mod) < 0 ||
+                bq_add_lowp_functions(mod) < 0))
         Py_CLEAR(mod);
     return mod;
 }

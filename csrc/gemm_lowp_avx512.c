@@ -1,0 +1,482 @@
+/* Low-precision matrix products on AVX-512 BF16 and VNNI: the engine's bf16 and int8 paths (cpu.h,
+ * bq_lowp_kernels). Compiled for those instructions by a target pragma, called only through cpu.c's table when
+ * cpuid says the CPU has them.
+ *
+ * Both products are blocked the GotoBLAS way. The B operand (the weights, or an activation for dW) is packed
+ * whole into panels of NR = 32 columns: bf16 pairs (k, k+1) of a column side by side ([K/2][32][2]), int8
+ * quads ([K/4][32][4]), so one 64-byte load holds 16 columns' next 2 (4) products. Each thread packs blocks of
+ * MC rows x KC columns of A into micro-panels of MR = 12 rows ([k/2][12] words: one 32-bit broadcast per row
+ * and step), rounding to bf16 (or quantizing to u8) as it packs. The micro-kernel keeps a 12 x 32 tile of C
+ * in 24 zmm registers: per step two loads of B, twelve broadcasts of A and 24 vdpbf16ps / vpdpbusd.
+ *
+ * bf16: C (beta 0 or 1) += A B with A and B rounded to bf16 (round to nearest even, vcvtne2ps2bf16) and the
+ * products summed in fp32 (vdpbf16ps: two products per lane per step). K longer than KC is summed block by
+ * block into C.
+ *
+ * int8 (inference): B = W^T, W [N,K] quantized per output channel when packed: sw[n] = max|W[n,:]| / 127,
+ * q = round(W / sw) in [-127, 127]. A is quantized to u8 (vpdpbusd multiplies u8 by s8) per row (one scale per
+ * token) or per tensor as it is packed, asymmetrically (the range [lo, hi] of the values and 0, in 255 steps:
+ * GELU's outputs lie in [-0.17, hi], half of a symmetric range would go unused): sa = (hi - lo) / 255,
+ * za = round(-lo / sa), qa = round(a / sa) + za in [0, 255], so
+ * C[m,n] = sa[m] sw[n] (sum_k qa qw - za[m] sum_k qw[n,k]); the column sums are kept at packing.
+ * int32 cannot overflow: |sum| <= 255 * 127 * K < 2^31 for K < 66,000 (the driver refuses more).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bertqa.h"
+#include "cpu.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifdef BQ_HAVE_AVX512_BUILD
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni")
+#endif
+
+#define MR 12
+#define NR 32
+#define KC 768   /* k per block of A (bf16): 96 x 768 x 2 bytes = 144 KB of packed A per thread, in L2 */
+#define MC 96    /* rows per block of A, a multiple of MR */
+
+/* One growing scratch buffer per thread (the A blocks; the B operand of a call that packs it). Kept for the
+ * thread's life: the next call of the same size allocates nothing. */
+static _Thread_local void *tl_buf[2];
+static _Thread_local size_t tl_cap[2];
+
+static void *scratch(int which, size_t bytes) {
+    if (bytes > tl_cap[which]) {
+        free(tl_buf[which]);
+        tl_buf[which] = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        tl_cap[which] = tl_buf[which] ? bytes : 0;
+    }
+    return tl_buf[which];
+}
+
+static inline __mmask16 mask16(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+/* 16 floats (the first n; the rest read as 0) -> 16 bf16 */
+static inline __m256i bf16x16(const float *x, int n) {
+    return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask16(n), x));
+}
+
+/* words (lo[i], hi[i]) for i = 0..15: lo in the low half of each word */
+static inline void interleave_store(uint32_t *dst, __m256i lo, __m256i hi, int nwords) {
+    __m256i u = _mm256_unpacklo_epi16(lo, hi), v = _mm256_unpackhi_epi16(lo, hi);
+    __m256i w0 = _mm256_permute2x128_si256(u, v, 0x20), w1 = _mm256_permute2x128_si256(u, v, 0x31);
+    if (nwords >= 16) {
+        _mm256_storeu_si256((__m256i *)dst, w0);
+        _mm256_storeu_si256((__m256i *)(dst + 8), w1);
+    } else {
+        _mm256_mask_storeu_epi32(dst, (__mmask8)(nwords >= 8 ? 0xFF : (1u << nwords) - 1), w0);
+        if (nwords > 8) _mm256_mask_storeu_epi32(dst + 8, (__mmask8)((1u << (nwords - 8)) - 1), w1);
+    }
+}
+
+/* ---- bf16 packing ---------------------------------------------------------------------------------------- */
+
+size_t bf16_packed_elems_avx512(int K, int N) { return (size_t)((N + NR - 1) / NR) * (size_t)((K + 1) / 2) * NR * 2; }
+
+/* Panels jp0 .. jp1-1 of B [K,N] (B[k,n] = transB ? B[n*ldb + k] : B[k*ldb + n]) into dst, laid out
+ * [panel][K/2][32][2] bf16; columns past N and the odd k past K are zero. */
+static void bf16_pack_b_panels(uint16_t *dst, const float *B, long ldb, int transB, int K, int N, int jp0, int jp1) {
+    const int Kw = (K + 1) / 2;
+    for (int jp = jp0; jp < jp1; jp++) {
+        uint32_t *P = (uint32_t *)(dst + (size_t)jp * Kw * NR * 2);
+        const int n0 = jp * NR, nn = N - n0 < NR ? N - n0 : NR;
+        if (!transB) {   /* rows k and k+1 run along n: convert both and interleave */
+            for (int kw = 0; kw < Kw; kw++) {
+                const float *r0 = B + (long)(2 * kw) * ldb + n0, *r1 = r0 + ldb;
+                const int has1 = 2 * kw + 1 < K;
+                for (int h = 0; h < 2; h++) {
+                    const int n = nn - 16 * h;
+                    __m256i lo = bf16x16(r0 + 16 * h, n), hi = has1 ? bf16x16(r1 + 16 * h, n) : _mm256_setzero_si256();
+                    interleave_store(P + (size_t)kw * NR + 16 * h, lo, hi, 16);
+                }
+            }
+        } else {   /* column n of B is row n of W: its pairs are consecutive; scatter them 32 words apart */
+            if (nn < NR) memset(P, 0, (size_t)Kw * NR * 4);
+            for (int j = 0; j < nn; j++) {
+                const float *w = B + (long)(n0 + j) * ldb;
+                for (int k0 = 0; k0 < K; k0 += 32) {
+                    const int kn = K - k0;
+                    __m512 a = _mm512_maskz_loadu_ps(mask16(kn), w + k0);
+                    __m512 b = _mm512_maskz_loadu_ps(mask16(kn - 16), w + k0 + 16);
+                    uint32_t t[16];
+                    _mm512_storeu_si512(t, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+                    const int nw = (kn >= 32 ? 32 : kn + 1) / 2;
+                    for (int i = 0; i < nw; i++) P[(size_t)(k0 / 2 + i) * NR + j] = t[i];
+                }
+            }
+        }
+    }
+}
+
+void bf16_pack_b_avx512(uint16_t *dst, const float *B, long ldb, int transB, int K, int N) {
+    const int np = (N + NR - 1) / NR;
+    const int nt = (long)K * N > 65536 ? bq_num_threads() : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int jp = 0; jp < np; jp++) bf16_pack_b_panels(dst, B, ldb, transB, K, N, jp, jp + 1);
+}
+
+/* Rows i0 .. i0+mr-1 (mr <= MC), k = 2 kw0 .. 2 (kw0 + kwn) - 1 of A (A[m,k] = transA ? A[k*lda + m] :
+ * A[m*lda + k]) into micro-panels [MR rows][kwn][MR] words; rows past M and k past K are zero. */
+static void bf16_pack_a(uint32_t *Ap, const float *A, long lda, int transA, int M, int K, int i0, int mr, int kw0,
+                        int kwn) {
+    const int k0 = 2 * kw0;
+    for (int p = 0; p < mr; p += MR) {
+        uint32_t *P = Ap + (size_t)(p / MR) * kwn * MR;
+        const int rows = mr - p < MR ? mr - p : MR;
+        if (!transA) {
+            if (rows < MR) memset(P, 0, (size_t)kwn * MR * 4);
+            for (int r = 0; r < rows; r++) {
+                const float *a = A + (long)(i0 + p + r) * lda;
+                for (int kk = 0; kk < 2 * kwn; kk += 32) {
+                    const int kn = K - (k0 + kk);   /* real k left in the row from here */
+                    __m512 x0 = _mm512_maskz_loadu_ps(mask16(kn), a + k0 + kk);
+                    __m512 x1 = _mm512_maskz_loadu_ps(mask16(kn - 16), a + k0 + kk + 16);
+                    uint32_t t[16];
+                    _mm512_storeu_si512(t, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+                    const int nw = 2 * kwn - kk >= 32 ? 16 : (2 * kwn - kk) / 2;
+                    for (int i = 0; i < nw; i++) P[(size_t)(kk / 2 + i) * MR + r] = t[i];
+                }
+            }
+        } else {   /* A[m, k] = A[k*lda + m]: rows k and k+1 of the source run along m */
+            for (int kw = 0; kw < kwn; kw++) {
+                const int k = k0 + 2 * kw;
+                const float *r0 = A + (long)k * lda + i0 + p, *r1 = r0 + lda;
+                __m256i lo = k < K ? bf16x16(r0, rows) : _mm256_setzero_si256();
+                __m256i hi = k + 1 < K ? bf16x16(r1, rows) : _mm256_setzero_si256();
+                uint32_t t[16];
+                interleave_store(t, lo, hi, 16);
+                memcpy(P + (size_t)kw * MR, t, MR * 4);
+            }
+        }
+    }
+}
+
+/* ---- micro-kernels ---------------------------------------------------------------------------------------- */
+
+/* C[mr, nr] (rows ldc apart) = (or +=, acc) the 12 x 32 product of one A micro-panel [kw][12] and one B panel
+ * [kw][32][2] */
+static void kernel_bf16(int kw, const uint32_t *A, const uint16_t *B, float *C, long ldc, int mr, int nr, int acc) {
+    __m512 c[MR][2];
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
+    for (int k = 0; k < kw; k++) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + (size_t)k * 64);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + (size_t)k * 64 + 32);
+#pragma GCC unroll 12
+        for (int r = 0; r < MR; r++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[(size_t)k * MR + r]);
+            c[r][0] = _mm512_dpbf16_ps(c[r][0], a, b0);
+            c[r][1] = _mm512_dpbf16_ps(c[r][1], a, b1);
+        }
+    }
+    /* through a tile in memory with constant indices: reading c[r] at a variable r would keep c on the stack */
+    __m512 tile[MR][2];
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; r++) tile[r][0] = c[r][0], tile[r][1] = c[r][1];
+    const __mmask16 m0 = mask16(nr), m1 = mask16(nr - 16);
+    for (int r = 0; r < mr; r++) {
+        float *o = C + (long)r * ldc;
+        __m512 v0 = tile[r][0], v1 = tile[r][1];
+        if (acc) {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, o));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, o + 16));
+        }
+        _mm512_mask_storeu_ps(o, m0, v0);
+        _mm512_mask_storeu_ps(o + 16, m1, v1);
+    }
+}
+
+/* C = sa[r] * sw[n] * (sum_k a_u8 w_s8 - za[r] * qsum[n]) (+ C when acc), one 12 x 32 tile over kq quads of k */
+static void kernel_i8(int kq, const uint32_t *A, const int8_t *B, float *C, long ldc, int mr, int nr, int acc,
+                      const float *sa, const int32_t *za, const float *sw, const int32_t *qsum) {
+    __m512i c[MR][2];
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = _mm512_setzero_si512();
+    for (int k = 0; k < kq; k++) {
+        const __m512i b0 = _mm512_loadu_si512(B + (size_t)k * 128);
+        const __m512i b1 = _mm512_loadu_si512(B + (size_t)k * 128 + 64);
+#pragma GCC unroll 12
+        for (int r = 0; r < MR; r++) {
+            const __m512i a = _mm512_set1_epi32((int)A[(size_t)k * MR + r]);
+            c[r][0] = _mm512_dpbusd_epi32(c[r][0], a, b0);
+            c[r][1] = _mm512_dpbusd_epi32(c[r][1], a, b1);
+        }
+    }
+    __m512i tile[MR][2];   /* as kernel_bf16 */
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; r++) tile[r][0] = c[r][0], tile[r][1] = c[r][1];
+    const __mmask16 m0 = mask16(nr), m1 = mask16(nr - 16);
+    const __m512 w0 = _mm512_maskz_loadu_ps(m0, sw), w1 = _mm512_maskz_loadu_ps(m1, sw + 16);
+    const __m512i s0 = _mm512_maskz_loadu_epi32(m0, qsum), s1 = _mm512_maskz_loadu_epi32(m1, qsum + 16);
+    for (int r = 0; r < mr; r++) {
+        float *o = C + (long)r * ldc;
+        const __m512 a = _mm512_set1_ps(sa[r]);
+        const __m512i z = _mm512_set1_epi32(za[r]);
+        __m512 v0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(tile[r][0], _mm512_mullo_epi32(z, s0)));
+        __m512 v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(tile[r][1], _mm512_mullo_epi32(z, s1)));
+        v0 = _mm512_mul_ps(_mm512_mul_ps(v0, w0), a);
+        v1 = _mm512_mul_ps(_mm512_mul_ps(v1, w1), a);
+        if (acc) {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, o));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, o + 16));
+        }
+        _mm512_mask_storeu_ps(o, m0, v0);
+        _mm512_mask_storeu_ps(o + 16, m1, v1);
+    }
+}
+
+/* ---- drivers ---------------------------------------------------------------------------------------------- */
+
+/* How a call is cut over the threads: by blocks of rows when there are at least two per thread, else every
+ * thread takes all rows and a share of the column panels (a B=1 inference product has 384 rows, not enough). */
+typedef struct {
+    int nt, mc, mblocks, by_rows;
+} plan;
+
+static plan make_plan(int M, int N, int K) {
+    plan p;
+    p.nt = (double)M * N * K > 4e5 ? bq_num_threads() : 1;
+    const int np = (N + NR - 1) / NR;
+    p.by_rows = M >= 2 * MC * p.nt || np < p.nt;
+    if (p.by_rows) {   /* blocks of at most MC rows, as many as a multiple of the threads when that is cheap */
+        int nb = (M + MC - 1) / MC;
+        nb = ((nb + p.nt - 1) / p.nt) * p.nt;
+        int mc = (M + nb - 1) / nb;
+        p.mc = ((mc + MR - 1) / MR) * MR;
+    } else {
+        p.mc = M < MC ? ((M + MR - 1) / MR) * MR : MC;
+    }
+    p.mblocks = (M + p.mc - 1) / p.mc;
+    return p;
+}
+
+/* Rows [i0, i0+mr) x panels [jp0, jp1) of C for one k block, A already packed in Ap */
+static void tile_bf16(const uint32_t *Ap, const uint16_t *Bp, int Kw, int kw0, int kwn, float *C, long ldc, int i0,
+                      int mr, int N, int jp0, int jp1, int acc) {
+    for (int jp = jp0; jp < jp1; jp++) {
+        const uint16_t *B = Bp + ((size_t)jp * Kw + kw0) * NR * 2;
+        const int nr = N - jp * NR < NR ? N - jp * NR : NR;
+        for (int p = 0; p < mr; p += MR)
+            kernel_bf16(kwn, Ap + (size_t)(p / MR) * kwn * MR, B, C + (long)(i0 + p) * ldc + jp * NR, ldc,
+                        mr - p < MR ? mr - p : MR, nr, acc);
+    }
+}
+
+/* beta is 0 (C = A B) or 1 (C += A B) */
+int gemm_bf16_avx512(int transA, int M, int N, int K, const float *A, long lda, const uint16_t *Bp, float beta,
+                     float *C, long ldc) {
+    if (M <= 0 || N <= 0) return BQ_OK;
+    if (K <= 0) {   /* nothing to add */
+        for (int i = 0; i < M && beta == 0.0f; i++) memset(C + (long)i * ldc, 0, (size_t)N * sizeof(float));
+        return BQ_OK;
+    }
+    int st = BQ_OK;
+    const plan pl = make_plan(M, N, K);
+    const int Kw = (K + 1) / 2, kcw = KC / 2, np = (N + NR - 1) / NR;
+    const int acc0 = beta != 0.0f;
+#pragma omp parallel num_threads(pl.nt)
+    {
+        uint32_t *Ap = scratch(0, (size_t)pl.mc * kcw * 4);
+        if (!Ap) {
+#pragma omp atomic write
+            st = BQ_ERR_NOMEM;
+        }
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t = 0, nt = 1;
+#endif
+        if (!Ap) {
+        } else if (pl.by_rows) {
+            for (int ib = t; ib < pl.mblocks; ib += nt) {
+                const int i0 = ib * pl.mc, mr = M - i0 < pl.mc ? M - i0 : pl.mc;
+                for (int kw0 = 0; kw0 < Kw; kw0 += kcw) {
+                    const int kwn = Kw - kw0 < kcw ? Kw - kw0 : kcw;
+                    bf16_pack_a(Ap, A, lda, transA, M, K, i0, mr, kw0, kwn);
+                    tile_bf16(Ap, Bp, Kw, kw0, kwn, C, ldc, i0, mr, N, 0, np, kw0 > 0 || acc0);
+                }
+            }
+        } else {
+            const int jp0 = (int)((long)np * t / nt), jp1 = (int)((long)np * (t + 1) / nt);
+            for (int ib = 0; ib < pl.mblocks && jp0 < jp1; ib++) {
+                const int i0 = ib * pl.mc, mr = M - i0 < pl.mc ? M - i0 : pl.mc;
+                for (int kw0 = 0; kw0 < Kw; kw0 += kcw) {
+                    const int kwn = Kw - kw0 < kcw ? Kw - kw0 : kcw;
+                    bf16_pack_a(Ap, A, lda, transA, M, K, i0, mr, kw0, kwn);
+                    tile_bf16(Ap, Bp, Kw, kw0, kwn, C, ldc, i0, mr, N, jp0, jp1, kw0 > 0 || acc0);
+                }
+            }
+        }
+    }
+    return st;
+}
+
+/* Both operands as floats: B packed into this thread's scratch first. */
+int gemm_bf16_full_avx512(int transA, int transB, int M, int N, int K, const float *A, long lda, const float *B,
+                          long ldb, float beta, float *C, long ldc) {
+    uint16_t *Bp = scratch(1, bf16_packed_elems_avx512(K, N) * 2);
+    if (!Bp) return BQ_ERR_NOMEM;
+    bf16_pack_b_avx512(Bp, B, ldb, transB, K, N);
+    return gemm_bf16_avx512(transA, M, N, K, A, lda, Bp, beta, C, ldc);
+}
+
+/* ---- int8 ------------------------------------------------------------------------------------------------- */
+
+size_t i8_packed_bytes_avx512(int K, int N) { return (size_t)((N + NR - 1) / NR) * (size_t)((K + 3) / 4) * NR * 4; }
+
+static float absmax(const float *x, long n) {
+    __m512 m = _mm512_setzero_ps();
+    long i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    if (i < n) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask16((int)(n - i)), x + i)));
+    return _mm512_reduce_max_ps(m);
+}
+
+/* W [N,K] (rows ldw apart) quantized per row (output channel) into panels [N/32][K/4][32][4] of int8, sw[n] its
+ * scales, qsum[n] = sum_k q[n,k]. A row of zeros gets scale 0 (and quantizes to zeros). */
+void i8_pack_weights_avx512(int8_t *dst, float *sw, int32_t *qsum, const float *W, long ldw, int N, int K) {
+    const int Kq = (K + 3) / 4, np = (N + NR - 1) / NR;
+    const int nt = (long)K * N > 65536 ? bq_num_threads() : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int jp = 0; jp < np; jp++) {
+        int8_t *P = dst + (size_t)jp * Kq * NR * 4;
+        memset(P, 0, (size_t)Kq * NR * 4);
+        for (int j = 0; j < NR && jp * NR + j < N; j++) {
+            const int n = jp * NR + j;
+            const float *w = W + (long)n * ldw;
+            const float mx = absmax(w, K);
+            const float s = mx / 127.0f, inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+            int32_t sum = 0;
+            for (int k = 0; k < K; k++) {
+                float q = nearbyintf(w[k] * inv);
+                q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+                P[((size_t)(k / 4) * NR + j) * 4 + k % 4] = (int8_t)q;
+                sum += (int32_t)q;
+            }
+            sw[n] = s;
+            qsum[n] = sum;
+        }
+    }
+}
+
+/* lo = min(0, min x), hi = max(0, max x) over x[0..n) */
+static void range_of(const float *x, long n, float *lo, float *hi) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        a = _mm512_min_ps(a, v);
+        b = _mm512_max_ps(b, v);
+    }
+    if (i < n) {   /* masked-off lanes read as 0, inside the range already */
+        const __m512 v = _mm512_maskz_loadu_ps(mask16((int)(n - i)), x + i);
+        a = _mm512_min_ps(a, v);
+        b = _mm512_max_ps(b, v);
+    }
+    *lo = _mm512_reduce_min_ps(a);
+    *hi = _mm512_reduce_max_ps(b);
+}
+
+/* Rows i0 .. i0+mr-1 of A [M,K] quantized to u8 into micro-panels [K/4][MR] words; sa[r], za[r] the scale and
+ * zero point of row i0 + r: from the row's own range, or from [t_lo, t_hi] when per tensor (t_hi >= t_lo). */
+static void i8_pack_a(uint32_t *Ap, float *sa, int32_t *za, const float *A, long lda, int K, int i0, int mr,
+                      int per_tensor, float t_lo, float t_hi) {
+    const int Kq = (K + 3) / 4;
+    for (int p = 0; p < mr; p += MR) {
+        uint32_t *P = Ap + (size_t)(p / MR) * Kq * MR;
+        const int rows = mr - p < MR ? mr - p : MR;
+        if (rows < MR) memset(P, 0, (size_t)Kq * MR * 4);
+        for (int r = 0; r < rows; r++) {
+            const float *a = A + (long)(i0 + p + r) * lda;
+            float lo = t_lo, hi = t_hi;
+            if (!per_tensor) range_of(a, K, &lo, &hi);
+            const float range = hi - lo, inv_s = range > 0.0f ? 255.0f / range : 0.0f;
+            const int32_t z = (int32_t)nearbyintf(-lo * inv_s);
+            sa[p + r] = range / 255.0f;
+            za[p + r] = z;
+            const __m512 inv = _mm512_set1_ps(inv_s);
+            const __m512i zv = _mm512_set1_epi32(z), top = _mm512_set1_epi32(255), zero = _mm512_setzero_si512();
+            for (int k0 = 0; k0 < K; k0 += 64) {
+                uint32_t t[16];
+                for (int h = 0; h < 4; h++) {
+                    __m512 x = _mm512_maskz_loadu_ps(mask16(K - k0 - 16 * h), a + k0 + 16 * h);
+                    __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), zv);   /* RNE */
+                    q = _mm512_max_epi32(_mm512_min_epi32(q, top), zero);
+                    _mm_storeu_si128((__m128i *)(t + 4 * h), _mm512_cvtepi32_epi8(q));
+                }
+                const int nw = K - k0 >= 64 ? 16 : (K - k0 + 3) / 4;
+                for (int i = 0; i < nw; i++) P[(size_t)(k0 / 4 + i) * MR + r] = t[i];
+            }
+        }
+    }
+}
+
+int gemm_i8_avx512(int M, int N, int K, const float *A, long lda, const int8_t *Bp, const float *sw,
+                   const int32_t *qsum, int per_tensor, float beta, float *C, long ldc) {
+    if (K >= 66000) return BQ_ERR_ARG;
+    if (M <= 0 || N <= 0 || K <= 0) return M > 0 && N > 0 ? BQ_ERR_ARG : BQ_OK;
+    const plan pl = make_plan(M, N, K);
+    const int Kq = (K + 3) / 4, np = (N + NR - 1) / NR;
+    float t_lo = 0.0f, t_hi = 0.0f;
+    for (int i = 0; i < M && per_tensor; i++) {
+        float lo, hi;
+        range_of(A + (long)i * lda, K, &lo, &hi);
+        t_lo = lo < t_lo ? lo : t_lo;
+        t_hi = hi > t_hi ? hi : t_hi;
+    }
+    const int acc = beta != 0.0f;
+    int st = BQ_OK;
+#pragma omp parallel num_threads(pl.nt)
+    {
+        uint32_t *Ap = scratch(0, (size_t)pl.mc * Kq * 4 + (size_t)pl.mc * (sizeof(float) + sizeof(int32_t)));
+        if (!Ap) {
+#pragma omp atomic write
+            st = BQ_ERR_NOMEM;
+        }
+        float *sa = Ap ? (float *)(Ap + (size_t)pl.mc * Kq) : NULL;
+        int32_t *za = Ap ? (int32_t *)(sa + pl.mc) : NULL;
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t = 0, nt = 1;
+#endif
+        const int jp0 = pl.by_rows ? 0 : (int)((long)np * t / nt), jp1 = pl.by_rows ? np : (int)((long)np * (t + 1) / nt);
+        if (Ap) {
+            for (int ib = 0; ib < pl.mblocks; ib++) {
+                if (pl.by_rows && ib % nt != t) continue;
+                if (!pl.by_rows && jp0 >= jp1) break;
+                const int i0 = ib * pl.mc, mr = M - i0 < pl.mc ? M - i0 : pl.mc;
+                i8_pack_a(Ap, sa, za, A, lda, K, i0, mr, per_tensor, t_lo, t_hi);
+                for (int jp = jp0; jp < jp1; jp++) {
+                    const int8_t *B = Bp + (size_t)jp * Kq * NR * 4;
+                    const int nr = N - jp * NR < NR ? N - jp * NR : NR;
+                    for (int p = 0; p < mr; p += MR)
+                        kernel_i8(Kq, Ap + (size_t)(p / MR) * Kq * MR, B, C + (long)(i0 + p) * ldc + jp * NR, ldc,
+                                  mr - p < MR ? mr - p : MR, nr, acc, sa + p, za + p, sw + jp * NR, qsum + jp * NR);
+                }
+            }
+        }
+    }
+    return st;
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#endif /* BQ_HAVE_AVX512_BUILD */
