@@ -10,11 +10,21 @@ zero-copy views into the parameter buffer, so checkpoints load and save without 
     loss = model.train_step(batch, lr=5e-5)                                    # dropout on, one AdamW step
     model.save_pretrained("out/")                                              # loads in transformers too
 
+Precision (``precision=``): the matrix products of the linear layers take fp32, bf16 or int8 inputs; master weights,
+gradients, Adam state, LayerNorm, softmax and the loss stay fp32. On the CPU: "fp32" (default, OpenBLAS), "bf16"
+(AVX-512 BF16; training and inference) or "int8" (AVX-512 VNNI; inference only: weights quantized per output
+channel, activations per token, or per tensor with $BERTQA_INT8_ACTIVATIONS=tensor). A CPU without the instructions
+gets a RuntimeError naming them (``bertqa._core._C.runtime_info()["precisions"]`` says what this one runs); there
+is no silent fallback to fp32. The bf16 / int8 engine keeps packed low-precision copies of the weights, remade
+before the next engine call after the parameters were written from Python (``tensor`` views, load_training_state)
+and after each AdamW step.
+
 On ``device="cuda"`` (bertqa.cuda) the same buffers live on the GPU and stay there between calls; the NumPy arrays
 ``params``, ``grads``, ``m``, ``v`` become host copies, refreshed when they are read through ``tensor``,
 ``state_dict``, ``gradient`` or the save methods, and parameters written through ``tensor`` views are uploaded
-before the next engine call (write into a view before that call, not after). ``precision`` there is "bf16"
-(default: bf16 compute, fp32 master weights, gradients and Adam state) or "fp32" (parity with the CPU engine).
+before the next engine call (write into a view before that call, not after; the same holds on the CPU in bf16 and
+int8). ``precision`` there is "bf16" (default: bf16 compute, fp32 master weights, gradients and Adam state) or
+"fp32" (parity with the CPU engine).
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ from . import checkpoint
 from ._atomic import atomic_write
 from ._core import _C
 from .config import BertConfig
+from .precision import PRECISIONS, int8_activations_from_env
 from .tokenization import BertQATokenizer, TokenizerFilesError
 
 logger = logging.getLogger(__name__)
@@ -77,6 +88,9 @@ class BertQA:
         seed: keys the dropout masks and the QA-head initialisation.
         step: optimizer steps taken (AdamW's bias correction counts from it).
         rng_step: forward/backward passes taken in train mode (each gets fresh dropout masks).
+        precision: "fp32", "bf16" or "int8" (CPU only, inference only): what the linear layers' products take
+            (see the module docstring); fixed when the model is made.
+        int8_activations: "token" or "tensor" ($BERTQA_INT8_ACTIVATIONS) for an int8 model, else None.
     """
 
     def __init__(self, config: BertConfig, tensors: Optional[Mapping[str, np.ndarray]] = None,
@@ -86,9 +100,12 @@ class BertQA:
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
-        self.precision = _check_precision(device, precision)
+        self.precision = check_precision(device, precision)
+        self.int8_activations = int8_activations_from_env() if self.precision == "int8" else None
         self._stale = set()         # cuda: host copies older than the device's ("params", "grads", "m", "v")
-        self._upload_params = False  # cuda: host parameters may have been written since the last upload
+        # Host parameters may have been written since the engine last saw them: before its next call they are
+        # uploaded (cuda) or the CPU engine is told to remake its bf16 / int8 copies of the weights (_push).
+        self._params_written = False
         self.seed = int(seed)
         self.step = 0
         self.rng_step = 0
@@ -121,6 +138,7 @@ class BertQA:
         normal(0, initializer_range) from ``seed``, zero bias.
         """
         check_device(device)
+        check_precision(device, precision)   # before reading the weights
         folder, config, tensors = checkpoint.load_pretrained(name_or_path)
         try:
             tokenizer = BertQATokenizer.from_pretrained(folder)
@@ -165,10 +183,10 @@ class BertQA:
             engine = cuda.load().Engine(self._engine_config(), self.params, training=training,
                                         precision=self.precision, device=index,
                                         attention=os.environ.get("BERTQA_CUDA_ATTENTION", "cudnn"))
-        elif training:
-            engine = _C.Engine(self._engine_config(), self.params, self.grads, self.m, self.v)
         else:
-            engine = _C.Engine(self._engine_config(), self.params)
+            buffers = (self.grads, self.m, self.v) if training else ()
+            engine = _C.Engine(self._engine_config(), self.params, *buffers, precision=self.precision,
+                               int8_activations=self.int8_activations or "token")
         sizes = engine.tensor_sizes()
         expected = [int(np.prod(shape)) for _, shape in self.layout.values()]
         if sizes != expected:   # the C table and checkpoint.expected_shapes must agree, tensor by tensor
@@ -177,6 +195,9 @@ class BertQA:
         return engine
 
     def _ensure_training_buffers(self):
+        if self.precision == "int8":
+            raise ValueError("precision 'int8' is for inference only: fine-tune in precision 'bf16' or 'fp32', "
+                             "save the model, and load it with precision='int8'")
         if self.grads is None:
             n = self.params.size
             self.grads = np.zeros(n, np.float32)
@@ -197,10 +218,14 @@ class BertQA:
                 self._stale.discard(name)
 
     def _push(self):
-        """Upload host parameters written through tensor() views before an engine call (cuda only)."""
-        if self.device != "cpu" and self._upload_params:
-            self._engine.upload("params", self.params)
-            self._upload_params = False
+        """Before an engine call, parameters written from Python since the last one reach the engine: uploaded on
+        cuda; on the CPU a bf16 / int8 engine remakes its low-precision copies of the weights (fp32: a no-op)."""
+        if self._params_written:
+            if self.device == "cpu":
+                self._engine.weights_changed()
+            else:
+                self._engine.upload("params", self.params)
+            self._params_written = False
 
     # ---- tensors ------------------------------------------------------------------------------------------
 
@@ -212,12 +237,13 @@ class BertQA:
             raise KeyError(f"no tensor {name!r} in this model (names as in transformers' "
                            f"BertForQuestionAnswering, e.g. 'qa_outputs.weight')") from None
         buf = self.params if buffer is None else buffer
-        if self.device != "cpu" and getattr(self, "_engine", None) is not None:
-            for name_, host in (("params", self.params), ("grads", self.grads), ("m", self.m), ("v", self.v)):
-                if buf is host:
-                    self._pull(name_)
+        if getattr(self, "_engine", None) is not None:
+            if self.device != "cpu":
+                for name_, host in (("params", self.params), ("grads", self.grads), ("m", self.m), ("v", self.v)):
+                    if buf is host:
+                        self._pull(name_)
             if buf is self.params:
-                self._upload_params = True   # the caller may write through the view
+                self._params_written = True   # the caller may write through the view
         return buf[offset:offset + int(np.prod(shape))].reshape(shape)
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -370,13 +396,15 @@ class BertQA:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(version=TRAINING_STATE_VERSION, step=self.step, rng_step=self.rng_step, seed=self.seed,
-                    num_parameters=self.num_parameters(), config=self.config.to_dict())
+                    num_parameters=self.num_parameters(), config=self.config.to_dict(), precision=self.precision)
         with atomic_write(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, params=self.params, m=self.m, v=self.v, meta=np.array(json.dumps(meta)))
         return path
 
     def load_training_state(self, path: str | os.PathLike) -> None:
-        """Restore what save_training_state wrote (for an exact resume)."""
+        """Restore what save_training_state wrote (for an exact resume). The state's precision (its meta's
+        "precision", absent in older files) is not compared here: the Trainer refuses to resume a run in another
+        precision; the parameters themselves are fp32 in every precision."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -396,13 +424,15 @@ class BertQA:
             for name in ("params", "m", "v"):
                 self._engine.upload(name, getattr(self, name))
             self._stale.difference_update(("params", "m", "v"))
-            self._upload_params = False
+            self._params_written = False
+        else:
+            self._params_written = True
         self.step, self.rng_step, self.seed = int(meta["step"]), int(meta["rng_step"]), int(meta["seed"])
 
     def __repr__(self):
         c = self.config
         return (f"BertQA(layers={c.num_hidden_layers}, hidden={c.hidden_size}, heads={c.num_attention_heads}, "
-                f"parameters={self.num_parameters():,}, device={self.device!r})")
+                f"parameters={self.num_parameters():,}, device={self.device!r}, precision={self.precision!r})")
 
 
 def check_device(device: str) -> None:
@@ -416,13 +446,26 @@ def check_device(device: str) -> None:
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
-def _check_precision(device: str, precision: Optional[str]) -> str:
+def check_precision(device: str, precision: Optional[str]) -> str:
+    """The precision a model on `device` runs in: `precision`, or the device's default (None: "fp32" on the CPU,
+    "bf16" on cuda).
+
+    ValueError for a name other than fp32, bf16, int8, and for int8 on cuda; RuntimeError naming the instructions
+    where this CPU cannot run bf16 (AVX-512 BF16) or int8 (AVX-512 VNNI), or BERTQA_CPU=avx2 switched them off.
+    """
     if device == "cpu":
-        if precision not in (None, "fp32"):
-            raise ValueError(f"precision {precision!r}: the CPU engine computes in fp32 only")
-        return "fp32"
+        if precision is None:
+            return "fp32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'int8', got {precision!r}")
+        why = _C.runtime_info()["precisions"].get(precision)   # None, or "needs <the instructions>, which ..."
+        if why:
+            raise RuntimeError(f"precision {precision!r} on the CPU {why}; use precision='fp32'")
+        return precision
+    if precision == "int8":
+        raise ValueError("precision 'int8' runs on the CPU engine only (AVX-512 VNNI); on cuda use 'bf16' or 'fp32'")
     if precision not in (None, "fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        raise ValueError(f"precision must be 'fp32' or 'bf16' on cuda, got {precision!r}")
     return precision or "bf16"
 
 
