@@ -1,16 +1,19 @@
 """Command line: `python -m bertqa <command>` (or the `bertqa` console script).
 
-    finetune  --model_name_or_path M --train_file F [--validation_file F] --output_dir D [run_qa.py flags]
-    evaluate  --model_name_or_path D --validation_file F --output_dir D2
-    predict   --model_name_or_path D --question Q (--context C | --context_file F) [--json]
+    finetune  --model_name_or_path M --train_file F [--validation_file F] --output_dir D [run_qa.py flags] [--bf16]
+    evaluate  --model_name_or_path D --validation_file F --output_dir D2 [--precision {fp32,bf16,int8}]
+    predict   --model_name_or_path D --question Q (--context C | --context_file F) [--json] [--precision ...]
     bench     ops [args]        runs bench/ops.py of a source checkout
     train     [--base-dir D]    a SageMaker training job in $SAGEMAKER_BASE_DIR (bertqa.training_job)
     export    onnx --model-dir D --output model.onnx   (bertqa.onnx; needs the extra bertqa[onnx])
 
 Flags carry transformers' run_qa.py names; they are generated from bertqa.train.TrainingArguments, so the two
-cannot drift apart. A user error (a bad flag value, an unreadable or malformed data file, a model folder
-missing files, an output folder that cannot be written) prints one line, `bertqa <command>: error: ...`, and
-exits with status 2; a traceback means a bug.
+cannot drift apart. Precision: finetune --bf16 (or --precision bf16) trains and evaluates in bf16; evaluate,
+predict and serve take --precision fp32, bf16 or int8, by default $BERTQA_PRECISION, else fp32 (bf16 on cuda).
+
+A user error (a bad flag value, an unreadable or malformed data file, a model folder missing files, an output
+folder that cannot be written, a precision this CPU cannot run) prints one line, `bertqa <command>: error: ...`,
+and exits with status 2; a traceback means a bug.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import EXIT_USER_ERROR, USER_ERRORS, user_message
+from .precision import PRECISIONS
 from .train import TrainingArguments, TrainingError
 
 
@@ -60,6 +64,8 @@ def add_training_flags(parser: argparse.ArgumentParser, command: str, required: 
                                 help="resume from the newest checkpoint in output_dir")
         elif kind is bool:
             parser.add_argument(f"--{f.name}", action="store_true", default=f.default, help=help_text)
+        elif f.name == "precision":   # int8 is refused for finetune by TrainingArguments.validate, with the reason
+            parser.add_argument("--precision", choices=PRECISIONS, default=None, help=help_text)
         else:
             shown = "" if f.default is None else f" (default: {f.default})"
             parser.add_argument(f"--{f.name}", type=_flag_type(kind, f.name), default=f.default,
@@ -179,7 +185,7 @@ def _predict(ns: argparse.Namespace) -> int:
         raise TrainingError("--question is empty")
     if not context.strip():
         raise TrainingError("the context is empty" if ns.context is None else "--context is empty")
-    model = load_model(ns.model_name_or_path, args)
+    model = load_model(ns.model_name_or_path, args, command="predict")
     # The serving pipeline: the same windows as training, spans pooled over them, offsets into the context.
     try:
         pipeline = QAPipeline(model, max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,

@@ -32,7 +32,9 @@ Files in output_dir:
     training_curve.png        loss and learning rate per step, EM/F1 per evaluation (bertqa.plot; needs matplotlib)
 
 Evaluation during training: --eval_strategy epoch (after each epoch) or steps (every --eval_steps); its time is
-not training time (train_seconds, the log's elapsed). --layerwise_lr_decay d < 1 gives each tensor
+not training time (train_seconds, the log's elapsed). --bf16 (or --precision bf16) trains and evaluates with bf16
+matrix products (fp32 master weights, gradients and AdamW); trainer_state.json records the precision and a run
+resumes only in the one it began in. --layerwise_lr_decay d < 1 gives each tensor
 lr * model.layerwise_lr_scale (the head and top layer 1, each layer below one more factor d).
 """
 from __future__ import annotations
@@ -59,6 +61,7 @@ import numpy as np
 
 from ._atomic import atomic_write, fsync_dir
 from .distributed import Distributed, shard
+from .precision import PRECISION_ENV, PRECISIONS, precision_from_env
 from .squad import Example, Features, evaluate as squad_evaluate, file_sha256, load_features, load_squad, postprocess_predictions
 
 logger = logging.getLogger(__name__)
@@ -147,6 +150,12 @@ class TrainingArguments:
                                                        "in output_dir)")
     overwrite_output_dir: bool = _arg(False, "start afresh even if output_dir holds checkpoints (deletes them)")
     device: str = _arg("cpu", "cpu or cuda", "finetune evaluate predict")
+    bf16: bool = _arg(False, "train and evaluate in bf16: bf16 inputs to the matrix products, fp32 master weights, "
+                             "gradients and AdamW (the CPU needs AVX-512 BF16); the same as --precision bf16")
+    precision: Optional[str] = _arg(None, "the engine's matrix products: fp32, bf16 (the CPU needs AVX-512 BF16) or "
+                                          "int8 (inference only, CPU only: AVX-512 VNNI) (default: evaluate and "
+                                          "predict $BERTQA_PRECISION; else fp32 on the CPU, bf16 on cuda)",
+                                    "finetune evaluate predict")
     cache_dir: Optional[str] = _arg(None, "feature cache folder (default $BERTQA_CACHE_DIR or ~/.cache/bertqa)",
                                     "finetune evaluate")
     disable_tqdm: Optional[bool] = _arg(None, "no progress bars (default: bars only on a terminal)",
@@ -193,6 +202,7 @@ class TrainingArguments:
         number("null_score_diff_threshold", -math.inf)
         if self.device not in ("cpu", "cuda"):
             bad("device", "must be 'cpu' or 'cuda'")
+        self.resolved_precision(command)
         if command != "finetune":
             return self
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -223,6 +233,29 @@ class TrainingArguments:
             raise TrainingError("--load_best_model_at_end needs evaluations during training: --eval_strategy epoch, "
                                 "or steps with --eval_steps N")
         return self
+
+    def resolved_precision(self, command: str = "finetune") -> Optional[str]:
+        """The precision the model runs in: --bf16 or --precision; for evaluate and predict else $BERTQA_PRECISION
+        (finetune does not read it: a serving setting must not change how a model is trained); None: the
+        device's default (bertqa.model.check_precision: fp32 on the CPU, bf16 on cuda). TrainingError for an
+        unknown name, --bf16 beside another --precision, or int8 for finetune."""
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise TrainingError(f"--precision must be fp32, bf16 or int8, got {self.precision!r}")
+        if self.bf16:
+            if self.precision not in (None, "bf16"):
+                raise TrainingError(f"--bf16 and --precision {self.precision} disagree: give one of them")
+            precision = "bf16"
+        elif self.precision is not None or command == "finetune":
+            precision = self.precision
+        else:
+            try:
+                precision = precision_from_env()
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
+        if command == "finetune" and precision == "int8":
+            raise TrainingError("--precision int8 is for inference (evaluate, predict, serve): fine-tune in bf16 or "
+                                "fp32, then load the saved model with --precision int8")
+        return precision
 
     def resolved_eval_strategy(self) -> str:
         """no, steps or epoch: --eval_strategy, or steps when only --eval_steps is given."""
@@ -343,6 +376,9 @@ class TrainerState:
     # What the features were made with (--max_seq_length, --doc_stride, --max_query_length, the tokenizer's
     # vocabulary and lower-casing): a resumed run must use the same, and is told which differs.
     preprocessing: dict = field(default_factory=dict)
+    # The model's precision (fp32, bf16): a run resumes in the precision it began in (None: not recorded, from
+    # before precisions were recorded, or a model without one).
+    precision: Optional[str] = None
     manifest: str = MANIFEST_NAME  # the checkpoint holds this manifest (a state naming it without it: incomplete)
     format: int = TRAINER_STATE_FORMAT
 
@@ -366,7 +402,7 @@ class TrainerState:
 
 
 # added to format 2 later: absent in older checkpoints
-_OPTIONAL_STATE = {"best_step", "best_metric", "preprocessing", "manifest"}
+_OPTIONAL_STATE = {"best_step", "best_metric", "preprocessing", "manifest", "precision"}
 
 
 def features_fingerprint(features: Features) -> str:
@@ -879,6 +915,7 @@ class Trainer:
         state = self.state
         state.total_steps = plan.total_steps
         state.preprocessing = self._preprocessing()   # checked against the checkpoint's in _load_checkpoint
+        state.precision = getattr(model, "precision", None)   # likewise
         state.world_size, state.per_device_train_batch_size = plan.world_size, plan.batch_size
         state.gradient_accumulation_steps = plan.accumulation
         log = None
@@ -1029,7 +1066,9 @@ class Trainer:
             for name in ("params", "m", "v"):
                 model._engine.upload(name, getattr(model, name))
             model._stale.difference_update(("params", "m", "v"))
-            model._upload_params = False
+            model._params_written = False
+        else:   # the CPU engine remakes its bf16 copies of the broadcast weights before its next call
+            model._params_written = True
 
     # ---- the best model (--load_best_model_at_end) -----------------------------------------------------
 
@@ -1175,6 +1214,9 @@ class Trainer:
         state = TrainerState.from_dict(raw, str(source))
         differences = self._model_differences(checkpoint) + _preprocessing_differences(
             raw.get("preprocessing") or {}, self._preprocessing())
+        saved, now = raw.get("precision"), getattr(self.model, "precision", None)
+        if saved is not None and now is not None and saved != now:
+            differences.append(f"precision {_short(saved)} (now {_short(now)})")
         if differences:
             raise TrainingError(f"cannot resume from {checkpoint}: it was trained with {', '.join(differences)}; "
                                 f"resume with the same settings, or start afresh (--overwrite_output_dir)")
@@ -1302,9 +1344,31 @@ def load_split(path: PathLike, tokenizer, args: TrainingArguments, n: Optional[i
     return select_examples(examples, features, n)
 
 
-def load_model(name_or_path: PathLike, args: TrainingArguments, device: Optional[str] = None):
+def engine_precision(args: TrainingArguments, command: str, device: str) -> str:
+    """The precision a model for `command` runs in on `device` (args.resolved_precision, then the device's
+    default); TrainingError naming the flag (or $BERTQA_PRECISION) when it is unknown there, or this CPU lacks
+    its instructions (bertqa.model.check_precision), so a run fails before it reads data or weights."""
+    from .model import check_precision
+
+    precision = args.resolved_precision(command)
+    try:
+        return check_precision(device, precision)
+    except (ValueError, RuntimeError) as e:
+        if args.bf16:
+            source = "--bf16"
+        elif args.precision is not None:
+            source = f"--precision {precision}"
+        else:
+            source = f"{PRECISION_ENV}={precision}"
+        raise TrainingError(f"{source}: {e}") from None
+
+
+def load_model(name_or_path: PathLike, args: TrainingArguments, device: Optional[str] = None,
+               command: str = "evaluate"):
     """BertQA.from_pretrained, after cheap checks that the folder (or packaged name) has config, weights and
-    tokenizer files (questions and contexts need the tokenizer)."""
+    tokenizer files (questions and contexts need the tokenizer), and that the device runs the precision
+    (engine_precision: `command` "finetune" takes --bf16 / --precision; "evaluate" and "predict" fall back on
+    $BERTQA_PRECISION)."""
     from .checkpoint import resolve_model
 
     from .tokenization import VOCAB_FILES
@@ -1320,7 +1384,8 @@ def load_model(name_or_path: PathLike, args: TrainingArguments, device: Optional
         check_device(device)
     except RuntimeError as e:  # e.g. a build without the CUDA backend
         raise TrainingError(f"--device {device}: {e}") from None
-    return BertQA.from_pretrained(name_or_path, device=device, seed=args.seed)
+    precision = engine_precision(args, command, device)
+    return BertQA.from_pretrained(name_or_path, device=device, seed=args.seed, precision=precision)
 
 
 def write_results(output_dir: Path, metrics: dict, predictions: dict[str, str]) -> None:
@@ -1350,11 +1415,16 @@ def finetune(model_name_or_path: PathLike, train_file: PathLike, validation_file
 
     # resume: the intact checkpoint chosen here (verified once: a damaged newest one is reported here, once)
     output_dir, resume = dist.on_main(check_output_dir)
+    if model is None:
+        engine_precision(args, "finetune", dist.device)   # this CPU runs it, before the data files are read
     load_squad(train_file, on_bad_answer="ignore")  # load_split reads it again (and warns about bad answers)
     if validation_file is not None:
         load_squad(validation_file)
     if model is None:
-        model = load_model(model_name_or_path, args, device=dist.device)
+        model = load_model(model_name_or_path, args, device=dist.device, command="finetune")
+    elif args.resolved_precision("finetune") not in (None, getattr(model, "precision", None)):
+        raise TrainingError(f"the model given runs in precision {getattr(model, 'precision', None)}, the arguments "
+                            f"ask for {args.resolved_precision('finetune')}")
     if not dist.is_main:
         args = dataclasses.replace(args, disable_tqdm=True)
     train_examples, train_features = load_split(train_file, model.tokenizer, args, args.max_train_samples,
@@ -1407,9 +1477,11 @@ def evaluate_checkpoint(model_name_or_path: PathLike, validation_file: PathLike,
     args.validate("evaluate")
     dist = distributed.init(args.device)   # under mpirun: the prediction is split over the ranks
     output_dir = dist.on_main(prepare_output_dir, args.output_dir)
+    if model is None:
+        engine_precision(args, "evaluate", dist.device)   # this CPU runs it, before the data file is read
     load_squad(validation_file)
     if model is None:
-        model = load_model(model_name_or_path, args, device=dist.device)
+        model = load_model(model_name_or_path, args, device=dist.device, command="evaluate")
     examples, features = load_split(validation_file, model.tokenizer, args, args.max_eval_samples)
     metrics, predictions = evaluate_model(model, examples, features, args, dist)
     results = {**metrics, "model_name_or_path": str(model_name_or_path)}

@@ -25,11 +25,12 @@ that is `bertqa train`, which works in the job's folders under $SAGEMAKER_BASE_D
                                         non-zero (2 for bad hyperparameters, channels or data, 1 otherwise)
 
 Hyperparameters: every TrainingArguments field that `finetune` takes, by its flag name ("true"/"false" for
-switches, "none" for an unset optional number), plus model_name_or_path (default: the model channel, else
-all-MiniLM-L6-v2) and train_file / validation_file (a file name inside its channel, when the channel holds more
-than one JSON file). output_dir and resume_from_checkpoint belong to the job and are refused. SageMaker's own
-names (sagemaker_*, _tuning_objective_metric) are accepted; of those, the job reads the ones the SDK's MPI
-distribution writes: sagemaker_mpi_enabled, sagemaker_mpi_num_of_processes_per_host,
+switches, "none" for an unset optional number; bf16="true" or precision="bf16" trains and evaluates in bf16,
+precision="int8" is refused: int8 is for serving the model the job writes), plus model_name_or_path (default:
+the model channel, else all-MiniLM-L6-v2) and train_file / validation_file (a file name inside its channel, when
+the channel holds more than one JSON file). output_dir and resume_from_checkpoint belong to the job and are
+refused. SageMaker's own names (sagemaker_*, _tuning_objective_metric) are accepted; of those, the job reads the
+ones the SDK's MPI distribution writes: sagemaker_mpi_enabled, sagemaker_mpi_num_of_processes_per_host,
 sagemaker_mpi_num_processes and sagemaker_mpi_custom_mpi_options. Anything else fails the job, naming it.
 resourceconfig.json's hosts must be a list of distinct names.
 
