@@ -11,7 +11,8 @@ Routes (the SageMaker inference contract, plus a description and a page):
     POST /invocations            answers; application/json or application/jsonlines
     GET  /execution-parameters   MaxConcurrentTransforms, BatchStrategy, MaxPayloadInMB for batch transform
     GET  /openapi.json           OpenAPI 3.1 description of these routes
-    GET  /stats                  batching statistics (engine calls, windows, batch sizes)
+    GET  /stats                  the engine's device and precision, batching statistics (engine calls, windows,
+                                 batch sizes)
     GET  /                       a small page to ask a question in a browser
 
 One file per concern; each docstring says the details:

@@ -185,8 +185,9 @@ def create_app(config: Optional[ServeConfig] = None, model_loader: Optional[Call
         })
 
     async def stats(request: Request) -> Response:
-        body = {"loaded": service.loaded, "inflight_requests": service.inflight}
+        body = {"loaded": service.loaded, "inflight_requests": service.inflight, "device": config.device}
         if service.batcher is not None:
+            body["precision"] = service.precision
             body.update(service.batcher.stats())
             if config.device == "cpu":
                 from .. import ops

@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 from typing import Optional, Sequence
 
+from ..precision import PRECISIONS
 from .runner import run_server
 from .settings import ServeConfig
 
@@ -56,6 +57,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{flag.replace('_', '-')}", f"--{flag}", dest=flag, type=int, default=None,
                        help=f"default {help_text}")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="engine device (cpu)")
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="the engine's matrix products: fp32, bf16 (the CPU needs AVX-512 BF16) or int8 (CPU only: "
+                        "AVX-512 VNNI) (default $BERTQA_PRECISION, else fp32 on the CPU, bf16 on cuda)")
     p.add_argument("--no-access-log", dest="access_log", action="store_const", const=False, default=None)
     p.add_argument("--log-level", dest="log_level", default=None, choices=["debug", "info", "warning", "error"])
 
@@ -66,10 +70,24 @@ def serve_command(args: argparse.Namespace) -> int:
     names = {f.name for f in fields(ServeConfig)}
     try:
         config = ServeConfig.from_env(**{k: v for k, v in vars(args).items() if k in names})
+        check_serve_precision(config)
         return run_server(config)
     except (ValueError, FileNotFoundError, PackageError) as e:
         print(f"bertqa serve: error: {e}", file=sys.stderr)
         return 2
+
+
+def check_serve_precision(config: ServeConfig) -> None:
+    """ValueError, before the server starts, where this CPU cannot run the precision asked for (naming the
+    instructions it lacks), so the server does not start only to fail /ping."""
+    if config.device != "cpu" or config.precision in (None, "fp32"):
+        return
+    from ..model import check_precision
+
+    try:
+        check_precision(config.device, config.precision)
+    except RuntimeError as e:
+        raise ValueError(f"{config._name('precision')} {config.precision}: {e}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -75,7 +75,8 @@ def openapi_spec(config: ServeConfig) -> dict[str, Any]:
                 "200": {"description": "MaxConcurrentTransforms, BatchStrategy, MaxPayloadInMB",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/stats": {"get": {"summary": "dynamic batching statistics", "responses": {
-                "200": {"description": "engine calls, windows, batch size histogram, engine threads (CPU)",
+                "200": {"description": "device, precision (once loaded), engine calls, windows, batch size "
+                                       "histogram, engine threads (CPU)",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/openapi.json": {"get": {"summary": "this description", "responses": {
                 "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {}}}}}}},

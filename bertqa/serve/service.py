@@ -45,14 +45,15 @@ def _malloc_trim() -> Callable[[], Any]:
 _trim_heap = _malloc_trim()
 
 
-def load_model(model_dir: str, device: str = "cpu"):
-    """The engine: bertqa.model.BertQA from a folder, an archive or a packaged model name."""
+def load_model(model_dir: str, device: str = "cpu", precision: Optional[str] = None):
+    """The engine: bertqa.model.BertQA from a folder, an archive or a packaged model name, in `precision` (None:
+    the device's default)."""
     from ..model import BertQA
     from ..packaging import ModelDir
 
     holder = ModelDir(model_dir)
     try:
-        return BertQA.from_pretrained(str(holder.folder), device=device)
+        return BertQA.from_pretrained(str(holder.folder), device=device, precision=precision)
     finally:
         holder.close()  # the engine holds its weights in memory; the unpacked files are not needed
 
@@ -62,7 +63,7 @@ class QAService:
 
     def __init__(self, config: ServeConfig, model_loader: Optional[Callable[[], Any]] = None):
         self.config = config
-        self.model_loader = model_loader or (lambda: load_model(config.model_dir, config.device))
+        self.model_loader = model_loader or (lambda: load_model(config.model_dir, config.device, config.precision))
         self.pipeline: Optional[QAPipeline] = None
         self.batcher: Optional[DynamicBatcher] = None
         self.load_error: Optional[str] = None
@@ -71,6 +72,7 @@ class QAService:
         self.inflight = 0  # requests between their headers and their answer
         self.on_the_way = 0  # requests being received or tokenized: their windows are not queued yet
         self.cheap_bound = False  # the model's tokenizer is BERT's: contract.min_tokens holds for it
+        self.precision: Optional[str] = None  # the loaded model's (GET /stats)
 
     @property
     def loaded(self) -> bool:
@@ -96,10 +98,11 @@ class QAService:
                                  others_coming=lambda: self.on_the_way > 0)
         batcher.start()
         self.cheap_bound = _is_bert_wordpiece(model.tokenizer)
+        self.precision = getattr(model, "precision", None)
         self.pipeline, self.batcher = pipeline, batcher
-        log.info("model loaded from %s in %.1f s; max_seq_length %d, batching %s (max %d windows, %.1f ms)",
-                 c.model_dir, time.perf_counter() - t0, pipeline.max_seq_length,
-                 "on" if c.batching else "off", c.max_batch_size, c.max_wait_ms)
+        log.info("model loaded from %s in %.1f s; %s, precision %s; max_seq_length %d, batching %s (max %d windows, "
+                 "%.1f ms)", c.model_dir, time.perf_counter() - t0, c.device, self.precision,
+                 pipeline.max_seq_length, "on" if c.batching else "off", c.max_batch_size, c.max_wait_ms)
 
     def _load_sync(self):
         c = self.config

@@ -22,6 +22,10 @@
                                    soft RLIMIT_NOFILE / 16, 16 to 2048); bertqa.serve.connections says why
     BERTQA_MODEL_DIR               model folder or archive when --model-dir is not given (/opt/ml/model)
     BERTQA_DEVICE                  cpu or cuda (cpu)
+    BERTQA_PRECISION               fp32, bf16 or int8: the engine's matrix products (fp32 on the CPU, bf16 on cuda);
+                                   bf16 needs AVX-512 BF16 on the CPU, int8 (CPU only) AVX-512 VNNI, else the server
+                                   does not start and says which; BERTQA_INT8_ACTIVATIONS=tensor: one int8 scale per
+                                   tensor instead of per token
     BERTQA_NUM_THREADS             engine threads per worker (cores / workers)
 
 Worker processes get the whole config as JSON in $BERTQA_SERVE_CONFIG (CONFIG_ENV).
@@ -32,6 +36,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
+
+from ..precision import PRECISION_ENV, PRECISIONS
 
 CONFIG_ENV = "BERTQA_SERVE_CONFIG"  # the whole ServeConfig as JSON, for worker processes
 
@@ -58,6 +64,7 @@ class ServeConfig:
     max_answer_length: int = 30
     n_best_size: int = 20
     device: str = "cpu"
+    precision: Optional[str] = None  # fp32, bf16, int8 (None: the device's default, fp32 on the CPU, bf16 on cuda)
     num_threads: Optional[int] = None  # engine threads per worker (None: cores / workers)
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
@@ -75,7 +82,8 @@ class ServeConfig:
         "max_windows": "BERTQA_MAX_WINDOWS", "max_queue": "BERTQA_MAX_QUEUE",
         "max_seq_length": "BERTQA_MAX_SEQ_LENGTH", "doc_stride": "BERTQA_DOC_STRIDE",
         "max_query_length": "BERTQA_MAX_QUERY_LENGTH", "max_answer_length": "BERTQA_MAX_ANSWER_LENGTH",
-        "n_best_size": "BERTQA_N_BEST_SIZE", "device": "BERTQA_DEVICE", "num_threads": "BERTQA_NUM_THREADS",
+        "n_best_size": "BERTQA_N_BEST_SIZE", "device": "BERTQA_DEVICE", "precision": PRECISION_ENV,
+        "num_threads": "BERTQA_NUM_THREADS",
         "header_timeout_s": "BERTQA_HEADER_TIMEOUT", "body_timeout_s": "BERTQA_BODY_TIMEOUT",
         "keep_alive_s": "BERTQA_KEEP_ALIVE_TIMEOUT", "max_connections": "BERTQA_MAX_CONNECTIONS",
         "backlog": "BERTQA_BACKLOG",
@@ -114,6 +122,11 @@ class ServeConfig:
         if self.max_queue < self.max_windows:  # else a request within the limits could never be queued
             raise ValueError(f"{self._name('max_queue')} ({self.max_queue}) must be at least "
                              f"{self._name('max_windows')} ({self.max_windows})")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"{self._name('precision')} must be fp32, bf16 or int8, got {self.precision!r}")
+        if self.precision == "int8" and self.device != "cpu":
+            raise ValueError(f"{self._name('precision')} int8 runs on the CPU engine only; on {self.device} use bf16 "
+                             f"or fp32")
         for name in ("num_threads", "max_connections", "backlog"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{self._name(name)} must be positive, got {getattr(self, name)}")
