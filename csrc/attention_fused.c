@@ -664,6 +664,75 @@ int bq_attention_backward_rows_with(const bq_attn_kernels *kern, float *dq, floa
     return status;
 }
 
+const bq_attn_bf16_kernels *bq_attn_bf16_best(void) {
+    return bq_cpu_has_avx512_bf16() && bq_attn_kernels_best() == bq_attn_avx512() ? bq_attn_bf16() : NULL;
+}
+
+int bq_attention_forward_rows_bf16(const bq_attn_bf16_kernels *kb, float *out, const float *q, const float *k,
+                                   const float *v, const float *mask, int Tpad, int B, const int *off, int NH, int HS,
+                                   int ld) {
+    const bq_rng none = {0, 0, NULL, 0};
+    int ntasks, Tmax, st = check_args(B, off, NH, HS, ld, mask, Tpad, 0.0f, none);
+    if (st) return st;
+    if (!kb) return BQ_ERR_ARG;
+    attn_task *tasks = make_tasks(B, off, NH, 1, &ntasks, &Tmax);
+    if (!tasks) return BQ_ERR_NOMEM;
+    const int HSp = round_up(HS, BQ_ATTN_VEC), HSw = (HS + 1) / 2, Tpm = round_up(Tmax, BQ_ATTN_VEC);
+    const float kscale = BQ_LOG2E / sqrtf((float)HS);   /* base-2 scores */
+    const int nthreads = ntasks > 1 ? bq_num_threads() : 1;
+    int status = BQ_OK;
+#pragma omp parallel num_threads(nthreads) if (ntasks > 1)
+    {
+        /* this thread's scratch (words are floats' size): K^T words [HSw, Tp + 16], V words [Tp/2 + 16, HSp], the
+         * key bias [Tp], a block's query words [BQ, HSw] and probabilities [BQ, BK/2], the output block [BQ, HSp],
+         * per query the running max and the lanes of the running sum */
+        uint32_t *KTw = (uint32_t *)floats((size_t)HSw * (Tpm + 16)), *Vw = (uint32_t *)floats((size_t)(Tpm / 2 + 16) * HSp);
+        uint32_t *qw = (uint32_t *)floats((size_t)BQ * HSw), *Sw = (uint32_t *)floats(BQ * BK / 2);
+        float *bias = floats(Tpm), *O = floats((size_t)BQ * HSp), *ml = floats((1 + BQ_ATTN_LANES) * BQ);
+        const int ok = KTw && Vw && qw && Sw && bias && O && ml;
+        if (!ok) {
+#pragma omp atomic write
+            status = BQ_ERR_NOMEM;
+        }
+        float *mx = ml, *l = ml + BQ;
+        int last_b = -1, last_h = -1;
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < ntasks; t++) {
+            if (!ok) continue;
+            const int b = tasks[t].b, h = tasks[t].h, T = off[b + 1] - off[b], Tp = round_up(T, BQ_ATTN_VEC);
+            const long o = (long)off[b] * ld + (long)h * HS;
+            if (b != last_b || h != last_h) {
+                kb->pack_kt(KTw, Tp + 16, k + o, T, Tp, HS, ld);
+                kb->pack_v(Vw, v + o, T, Tp, HS, HSp, ld);
+                key_bias(bias, mask ? mask + (long)b * Tpad : NULL, T, Tp);
+                last_b = b, last_h = h;
+            }
+            for (int i0 = tasks[t].i0; i0 < tasks[t].i1; i0 += BQ) {
+                const int mq = imin(BQ, T - i0);
+                kb->pack_q(qw, q + o + (long)i0 * ld, mq, HS, ld);
+                for (int m = 0; m < mq; m++) mx[m] = -INFINITY;
+                memset(l, 0, (size_t)mq * BQ_ATTN_LANES * sizeof(float));
+                memset(O, 0, (size_t)mq * HSp * sizeof(float));
+                for (int j0 = 0; j0 < T; j0 += BK) {
+                    const int nk = imin(BK, Tp - j0);
+                    kb->fwd_block(mq, nk, HS, qw, KTw + j0, Tp + 16, bias + j0, kscale, Vw + (long)(j0 / 2) * HSp, HSp,
+                                  mx, l, O, Sw);
+                }
+                for (int m = 0; m < mq; m++) {
+                    float sum = 0.0f;
+                    for (int e = 0; e < BQ_ATTN_LANES; e++) sum += l[BQ_ATTN_LANES * m + e];
+                    const float inv = 1.0f / sum;
+                    float *orow = out + o + (long)(i0 + m) * ld;
+                    for (int d = 0; d < HS; d++) orow[d] = O[m * HSp + d] * inv;
+                }
+            }
+        }
+        free(KTw); free(Vw); free(qw); free(Sw); free(bias); free(O); free(ml);
+    }
+    free(tasks);
+    return status;
+}
+
 int attention_forward_rows(float *out, float *saved, const float *q, const float *k, const float *v,
                            const float *mask, int Tpad, int B, const int *off, int NH, int HS, int ld, float p,
                            bq_rng r, uint32_t tensor_id) {

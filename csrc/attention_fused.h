@@ -77,6 +77,27 @@ const bq_attn_kernels *bq_attn_kernels_best(void);
  * named one cannot run here (not built, or the CPU lacks the instructions). */
 const bq_attn_kernels *bq_attn_kernels_named(const char *name);
 
+/* The forward in bf16, for inference (attention_bf16_avx512.c): a head's K and V packed once as bf16 pair words
+ * (pack_kt: [ceil(HS/2)] rows of ldk words, word (d, j) = (K[j, 2d], K[j, 2d+1]), columns T..Tp-1 zero;
+ * pack_v: [Tp/2 + 16] rows of HSp words, word (j, d) = (V[2j, d], V[2j+1, d]), zero past T and HS), a block's
+ * queries as words [mq][ceil(HS/2)] (pack_q); fwd_block = the fp32 table's fwd_block (no dropout) followed by
+ * O += P V, with P rounded to bf16 into Sw [BQ_ATTN_BQ][BQ_ATTN_BK/2] words and Vw the block's first word row. */
+typedef struct {
+    void (*pack_kt)(uint32_t *KTw, long ldk, const float *k, int T, int Tp, int HS, long ld);
+    void (*pack_v)(uint32_t *Vw, const float *v, int T, int Tp, int HS, int HSp, long ld);
+    void (*pack_q)(uint32_t *qw, const float *q, int mq, int HS, long ld);
+    void (*fwd_block)(int mq, int nk, int HS, const uint32_t *qw, const uint32_t *KTw, long ldk, const float *bias,
+                      float scale, const uint32_t *Vw, int HSp, float *mx, float *l, float *O, uint32_t *Sw);
+} bq_attn_bf16_kernels;
+/* The bf16 table of this build (NULL: none); bq_attn_bf16_best: it, when the CPU has AVX-512 BF16 and the
+ * AVX-512 kernels are in use, else NULL. */
+const bq_attn_bf16_kernels *bq_attn_bf16(void);
+const bq_attn_bf16_kernels *bq_attn_bf16_best(void);
+/* attention_forward_rows in bf16 (no dropout, nothing saved: inference); BQ_ERR_ARG as it, BQ_ERR_NOMEM. */
+int bq_attention_forward_rows_bf16(const bq_attn_bf16_kernels *kb, float *out, const float *q, const float *k,
+                                   const float *v, const float *mask, int Tpad, int B, const int *off, int NH, int HS,
+                                   int ld);
+
 /* attention_forward_rows / attention_backward_rows (bertqa.h) with the kernel table given. */
 int bq_attention_forward_rows_with(const bq_attn_kernels *kern, float *out, float *saved, const float *q,
                                    const float *k, const float *v, const float *mask, int Tpad, int B,

@@ -10,6 +10,7 @@
 #include "pymodule.h"
 #include <limits.h>
 #include <stdlib.h>
+#include <string.h>
 #include "attention_fused.h"
 
 typedef struct {
@@ -127,8 +128,15 @@ static PyObject *py_attention_rows(PyObject *self, PyObject *args, PyObject *kw)
                                      &a.p, &a.seed, &a.step, &wo, &a.tensor_id, &a.P, &return_state, &isa))
         return NULL;
     if (a.P < 0) return PyErr_Format(PyExc_ValueError, "positions must be >= 0, got %ld", a.P);
+    const int bf16 = isa && !strcmp(isa, "bf16");   /* the bf16 forward (inference: no dropout, no state) */
+    const bq_attn_bf16_kernels *kb = bf16 ? bq_attn_bf16_best() : NULL;
+    if (bf16 && !kb)
+        return PyErr_Format(PyExc_RuntimeError, "isa='bf16' needs AVX-512 BF16 (avx512_bf16) and the AVX-512 kernels "
+                                                "in use; this CPU or setting has not");
+    if (bf16 && (a.p != 0.0 || return_state))
+        return PyErr_Format(PyExc_ValueError, "isa='bf16' is the inference forward: no dropout_p, no return_state");
     PyArrayObject *out = NULL, *state = NULL;
-    if (!rows_parse(&a, qo, ko, vo, offo, mo, wo, isa)) goto done;
+    if (!rows_parse(&a, qo, ko, vo, offo, mo, wo, bf16 ? NULL : isa)) goto done;
     npy_intp sd[3] = {2, a.NH, a.N};
     out = (PyArrayObject *)PyArray_EMPTY(3, PyArray_DIMS(a.q), NPY_FLOAT32, 0);
     if (!out || (return_state && !(state = (PyArrayObject *)PyArray_EMPTY(3, sd, NPY_FLOAT32, 0)))) goto done;
@@ -136,8 +144,12 @@ static PyObject *py_attention_rows(PyObject *self, PyObject *args, PyObject *kw)
     const float *mask = a.mask ? F(a.mask) : NULL;
     float *saved = state ? F(state) : NULL;
     Py_BEGIN_ALLOW_THREADS
-    st = bq_attention_forward_rows_with(a.kern, F(out), saved, F(a.q), F(a.k), F(a.v), mask, a.Tpad, a.B, a.off, a.NH,
-                                        a.HS, a.NH * a.HS, (float)a.p, rows_rng(&a), a.tensor_id);
+    if (bf16)
+        st = bq_attention_forward_rows_bf16(kb, F(out), F(a.q), F(a.k), F(a.v), mask, a.Tpad, a.B, a.off, a.NH, a.HS,
+                                            a.NH * a.HS);
+    else
+        st = bq_attention_forward_rows_with(a.kern, F(out), saved, F(a.q), F(a.k), F(a.v), mask, a.Tpad, a.B, a.off,
+                                            a.NH, a.HS, a.NH * a.HS, (float)a.p, rows_rng(&a), a.tensor_id);
     Py_END_ALLOW_THREADS
     if (st) { status_error(st, "attention_rows"); goto done; }
     result = state ? Py_BuildValue("(OO)", out, state) : (Py_INCREF(out), (PyObject *)out);
@@ -190,7 +202,8 @@ static PyMethodDef attention_methods[] = {
      "attention_rows(q, k, v, offsets, mask=None, dropout_p=0.0, seed=0, step=0, window_ids=None, tensor_id=0, "
      "positions=0, return_state=False, isa=None)\n--\n\n"
      "Fused attention over packed rows: q, k, v [N, NH, HS] float32, offsets [B+1]. -> out [N, NH, HS], or "
-     "(out, state [2, NH, N]) with return_state. isa forces the kernel set ('generic', 'avx2', 'avx512'). "
+     "(out, state [2, NH, N]) with return_state. isa forces the kernel set ('generic', 'avx2', 'avx512'; 'bf16': "
+     "the bf16 inference forward, without dropout and state). "
      "See bertqa.ops."},
     {"attention_rows_backward", (PyCFunction)(void (*)(void))py_attention_rows_backward, KW,
      "attention_rows_backward(dout, q, k, v, out, state, offsets, mask=None, dropout_p=0.0, seed=0, step=0, "

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_fused.h"
 #include "bertqa.h"
 #include "cpu.h"
 #include "model.h"
@@ -330,6 +331,7 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
     const int *off = m->off;
     const int N = m->N;
     PROF(BQ_PROF_FWD_LINEAR, refresh_lowp_weights(m));
+    const bq_attn_bf16_kernels *attn16 = m->lowp && !train ? bq_attn_bf16_best() : NULL;
     PROF(BQ_PROF_FWD_EMBEDDING, {   /* each row's tokens at positions 0..T_b-1 */
         for (int b = 0; b < B && !st; b++)
             st = embedding_forward(m->emb + (long)off[b] * C, ids + (long)b * T, types ? types + (long)b * T : NULL,
@@ -349,8 +351,12 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
             if (!st) st = lin_fwd(m, l, BQ_W_V, a->v, x, w->vb, N);
         });
         if (st) return st;
-        PROF(BQ_PROF_FWD_ATTENTION, st = attention_forward_rows(a->ctx, train ? a->att : NULL, a->q, a->k, a->v, mask,
-                                                                T, B, off, NH, HS, C, pa, r, SITE_ATT(l)));
+        if (attn16)   /* inference in bf16 or int8: attention's products in bf16 too */
+            PROF(BQ_PROF_FWD_ATTENTION, st = bq_attention_forward_rows_bf16(attn16, a->ctx, a->q, a->k, a->v, mask, T,
+                                                                             B, off, NH, HS, C));
+        else
+            PROF(BQ_PROF_FWD_ATTENTION, st = attention_forward_rows(a->ctx, train ? a->att : NULL, a->q, a->k, a->v,
+                                                                    mask, T, B, off, NH, HS, C, pa, r, SITE_ATT(l)));
         if (st) return st;
         PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_AO, a->res1, a->ctx, w->aob, N));   /* attention output */
         if (st) return st;

@@ -26,9 +26,15 @@ kernel does.
      its step sw/2, an activation by at most its step sa (half a step from rounding; the top of the range may
      round one past 255 and be clamped): |C - A B| <= sum_k (|a_k| sw/2 + |w_k| sa + sa sw/2) (1 + 2^-20).
 
-Engine level (test 5, 6): these bounds compose through 6 layers of LayerNorm, softmax and GELU, where a worst
+bf16 attention forward (inference): scores from q, K rounded to bf16 and summed in float32 (|error| <= HS u32
+sum_d |q_d k_d| / sqrt(HS) =: e_s per score), the probabilities rounded to bf16 before P V (2^-8 relative each), V
+rounded: against float64 attention of the rounded q, K, V, |out - ref| <= (2^-8 + 2 e_s) sum_j p_j |v_j| (a score
+off by e_s moves exp by a factor within 1 +- 2 e_s for e_s < 1/2; the row sums take the same unrounded exps).
+  => test 5 (and padding, a masked key, odd head sizes, rows of 1 token).
+
+Engine level (test 6, 7): these bounds compose through 6 layers of LayerNorm, softmax and GELU, where a worst
 case says little; there the bounds are the measured error times ~3 (on this CPU, 2026-12-05, RMS error over the
-logits' standard deviation: bf16 0.45%, int8 with a scale per token 5.4%, per tensor 14.5%; bf16 gradients
+logits' standard deviation: bf16 0.54%, int8 with a scale per token 4.4%, per tensor 14.9%; bf16 gradients
 measured below), with the argmax of the start and end logits equal to fp32's on the real tokens of the
 transformers reference.
 """
@@ -159,6 +165,33 @@ def test_int8_product_is_the_quantized_operands(rng, M, N, K, per_tensor):
     s_a, s_w = sa.astype(np.float64)[:, None], sw.astype(np.float64)[None, :]
     bound = (np.abs(a) @ np.ones((K, 1)) * s_w / 2 + s_a * (np.ones((1, K)) @ np.abs(w).T) + K * s_a * s_w / 2)
     assert (np.abs(out - E) <= bound * (1 + 2.0 ** -20) + 1e-30).all()
+
+
+@needs("bf16")
+@pytest.mark.parametrize("lens,NH,HS", [([37, 5, 200], 3, 15), ([384], 12, 32), ([1, 64, 65, 130], 2, 64),
+                                        ([100], 1, 7)])
+def test_bf16_attention_forward_is_the_rounded_operands(rng, lens, NH, HS):
+    off = np.concatenate([[0], np.cumsum(lens)])
+    N, Tpad = int(off[-1]), max(lens)
+    q, k, v = [(rng.standard_normal((N, NH, HS)) * s).astype(np.float32) for s in (1.5, 1.5, 1.0)]
+    mask = np.zeros((len(lens), Tpad), np.float32)
+    for b, L in enumerate(lens):
+        mask[b, :L] = 1
+        if L > 1:
+            mask[b, rng.integers(0, L)] = 0   # a hole
+    out = _C.attention_rows(q, k, v, off, mask, isa="bf16")
+    for b, L in enumerate(lens):
+        sl = slice(off[b], off[b + 1])
+        Q, K, V = [bf16_round(x[sl]).astype(np.float64) for x in (q, k, v)]
+        s = np.einsum("ihd,jhd->hij", Q, K) / np.sqrt(HS) + (1 - mask[b, :L])[None, None, :] * -10000
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ref = np.einsum("hij,jhd->ihd", p, V)
+        e_s = HS * U32 * np.einsum("ihd,jhd->hij", np.abs(Q), np.abs(K)).max() / np.sqrt(HS)
+        bound = (2.0 ** -8 + 2 * e_s) * np.einsum("hij,jhd->ihd", p, np.abs(V))
+        assert (np.abs(out[sl] - ref) <= bound * 1.01 + 1e-30).all()
+    with pytest.raises(ValueError, match="no dropout_p"):
+        _C.attention_rows(q, k, v, off, mask, dropout_p=0.1, isa="bf16")
 
 
 def test_bad_arguments_are_clear_errors(rng):
