@@ -6,6 +6,11 @@ running all-MiniLM-L6-v2, dynamic batching on versus off, then resident memory o
     python bench/serve_load.py --output bench/serve_load_results.md
     python bench/serve_load.py --device cuda --model DIR ...    # on a GPU (bench/gpu_check.sh: a random-weight
                                                                 # MiniLM-shaped model; QPS needs no trained weights)
+    python bench/serve_load.py --precision fp32 --versus-precision int8   # two batching servers, fp32 against int8
+
+With --versus-precision the two servers are both batching and differ in their precision (`bertqa serve
+--precision`) instead: the first column of the table is then the precision, and the ratio the second's QPS over
+the first's.
 
 Two servers (batching on, batching off) are started side by side as subprocesses (`python -m bertqa.serve`), both
 loaded and warm, and the cells are measured alternately (on, off, off, on, ...; `--repeats` rounds), so that both
@@ -87,7 +92,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: str, batching: bool, max_batch_size: int, max_wait_ms: float, threads: int | None,
-                 device: str = "cpu"):
+                 device: str = "cpu", precision: str | None = None, label: str | None = None):
         self.port = free_port()
         cmd = [sys.executable, "-m", "bertqa.serve", "--model-dir", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--no-access-log", "--log-level", "warning",
@@ -96,14 +101,16 @@ class Server:
             cmd.append("--no-batching")
         if threads:
             cmd += ["--num-threads", str(threads)]
+        if precision:
+            cmd += ["--precision", precision]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
-        self.label = "on" if batching else "off"
+        self.label = label or ("batching on" if batching else "batching off")
 
     def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server (batching {self.label}) exited with status {self.proc.returncode}")
+                raise RuntimeError(f"server ({self.label}) exited with status {self.proc.returncode}")
             try:
                 if get(self.port, "/ping")[0] == 200:
                     return
@@ -224,12 +231,12 @@ def mean_window_tokens(model: str, kinds: dict) -> dict[str, float]:
 
 
 def engine_scaling(model: str, lengths=(32, 64, 128, 192, 384), batches=(8, 16), reps: int = 5,
-                   device: str = "cpu") -> list[dict]:
+                   device: str = "cpu", precision: str | None = None) -> list[dict]:
     """The engine alone, in this process: windows/s at batch 1 and at each of `batches` for several window
     lengths (medians of reps alternating runs). How much dynamic batching can gain is bounded by these ratios."""
     from bertqa.model import BertQA
 
-    m = BertQA.from_pretrained(model, device=device)
+    m = BertQA.from_pretrained(model, device=device, precision=precision)
     rng = np.random.default_rng(0)
     m.forward(np.full((16, 384), 100, dtype=np.int32))
     rows = []
@@ -265,17 +272,27 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the servers' engine device")
+    ap.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8"],
+                    help="the servers' precision (bertqa serve --precision; default: the device's)")
+    ap.add_argument("--versus-precision", default=None, choices=["fp32", "bf16", "int8"],
+                    help="compare two batching servers, --precision against this one, instead of batching on/off")
     ap.add_argument("--rss-requests", type=int, default=10000, help="0: skip the memory phase")
     ap.add_argument("--output", default=None, help="also write the Markdown report here")
     ap.add_argument("--no-engine-scaling", dest="engine_scaling", action="store_false",
                     help="skip the in-process engine measurement (batch 1 vs 8)")
     args = ap.parse_args()
 
-    scaling = engine_scaling(args.model, device=args.device) if args.engine_scaling else None
+    scaling = engine_scaling(args.model, device=args.device, precision=args.precision) if args.engine_scaling else None
 
     kinds = {k: payloads(k) for k in args.payload}
     window_tokens = mean_window_tokens(args.model, kinds)
-    servers = {b: Server(args.model, b, args.max_batch_size, args.max_wait_ms, args.threads, args.device)
+    versus = args.versus_precision is not None
+    first = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    labels = {True: first, False: args.versus_precision} if versus else {True: "on", False: "off"}
+    column = "precision" if versus else "batching"
+    servers = {b: Server(args.model, True if versus else b, args.max_batch_size, args.max_wait_ms, args.threads,
+                         args.device, args.versus_precision if versus and not b else args.precision,
+                         f"precision {labels[b]}" if versus else None)
                for b in (True, False)}
     cells: dict[tuple[str, bool, int], list[dict]] = {}
     memory = None
@@ -292,11 +309,11 @@ def main() -> None:
                         r = measure(servers[b], bodies, c, args.duration, offset)
                         offset += r["requests"]
                         cells.setdefault((kind, b, c), []).append(r)
-                        print(f"round {rnd + 1} {kind:5s} batching {'on ' if b else 'off'} c={c:<3d} "
+                        print(f"round {rnd + 1} {kind:5s} {column} {labels[b]:4s} c={c:<3d} "
                               f"{r['qps']:7.2f} QPS  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
                               f"errors {r['errors']}  batch {r['batch']:.2f}", flush=True)
         if args.rss_requests > 100:
-            # Memory over many requests, on the batching server at the highest concurrency.
+            # Memory over many requests, on the (first) batching server at the highest concurrency.
             rss_c, on = max(args.concurrency), servers[True]
             bodies = kinds[args.payload[0]][0]
             first = load(on.port, bodies, rss_c, total=100, offset=0)
@@ -322,16 +339,22 @@ def main() -> None:
         f"max wait {args.max_wait_ms:g} ms, one engine call per batch (the CPU engine packs the windows without "
         f"padding); off: one engine call per request. \"engine batch\" = windows per engine call (GET /stats).",
     ]
+    if versus:
+        lines += ["", f"Both servers batch; they differ in precision: {labels[True]} against {labels[False]} "
+                      f"(`bertqa serve --precision`). The ratio is {labels[False]}'s QPS over {labels[True]}'s."]
+    else:
+        lines += ["", f"Both servers run in precision {first}."]
     for kind, (_, source) in kinds.items():
         lines += ["", f"Requests \"{kind}\": {source}; {window_tokens[kind]:.0f} tokens per window on average.", "",
-                  "| clients | batching | QPS | p50 ms | p95 ms | p99 ms | p99/p50 | errors | engine batch "
-                  "| QPS on/off |",
+                  f"| clients | {column} | QPS | p50 ms | p95 ms | p99 ms | p99/p50 | errors | engine batch "
+                  + (f"| QPS {labels[False]}/{labels[True]} |" if versus else "| QPS on/off |"),
                   "| ---: | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for c in args.concurrency:
             for b in (True, False):
                 r = results[(kind, b, c)]
-                ratio = f"{results[(kind, True, c)]['qps'] / results[(kind, False, c)]['qps']:.2f}x" if b else ""
-                lines.append(f"| {c} | {'on' if b else 'off'} | {r['qps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | "
+                on, off = results[(kind, True, c)]["qps"], results[(kind, False, c)]["qps"]
+                ratio = (f"{off / on:.2f}x" if versus else f"{on / off:.2f}x") if (b != versus) else ""
+                lines.append(f"| {c} | {labels[b]} | {r['qps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | "
                              f"{r['p99']:.0f} | {r['p99'] / r['p50']:.2f} | {r['errors']} | {r['batch']:.2f} | "
                              f"{ratio} |")
     if scaling:
@@ -344,7 +367,8 @@ def main() -> None:
                   + " |" for r in scaling]
     if memory is not None:
         rss_c, rss_warm, rss_100, rss_n, errors, qps = memory
-        lines += ["", f"Resident memory of the batching server ({args.payload[0]} requests, concurrency {rss_c}): "
+        lines += ["", f"Resident memory of the {servers[True].label} server ({args.payload[0]} requests, "
+                      f"concurrency {rss_c}): "
                       f"{rss_warm:.1f} MB after warm-up, {rss_100:.1f} MB after the first 100 requests, "
                       f"{rss_n:.1f} MB after {args.rss_requests:,} requests ({100 * (rss_n / rss_100 - 1):+.1f}%); "
                       f"{errors} errors; {qps:.1f} QPS over that run."]
