@@ -128,29 +128,39 @@ void bf16_pack_b_avx512(uint16_t *dst, const float *B, long ldb, int transB, int
     for (int jp = 0; jp < np; jp++) bf16_pack_b_panels(dst, B, ldb, transB, K, N, jp, jp + 1);
 }
 
-/* Rows i0 .. i0+mr-1 (mr <= MC), k = 2 kw0 .. 2 (kw0 + kwn) - 1 of A (A[m,k] = transA ? A[k*lda + m] :
- * A[m*lda + k]) into micro-panels [MR rows][kwn][MR] words; rows past M and k past K are zero. */
+/* A micro-panel holds MR rows x KCW words (pairs of k) of A, in one of two layouts, whichever its source writes
+ * without a transpose: by rows (A row-major: word (r, k) at r * KCW + k, each row converted in one sweep) or by
+ * columns (A transposed, the dW product: word (r, k) at k * MR + r, two source rows interleaved into MR words).
+ * Both strides are constants, so the micro-kernel's twelve broadcasts address with immediates. */
+#define KCW (KC / 2)
+#define PANEL_WORDS (MR * KCW)
+
+/* Micro-panels of rows i0 .. i0+mr-1 (mr <= MC), k = 2 kw0 .. 2 (kw0 + kwn) - 1 of A (A[m,k] = transA ?
+ * A[k*lda + m] : A[m*lda + k]) into Ap (PANEL_WORDS each); rows past M and k past K are zero. */
 static void bf16_pack_a(uint32_t *Ap, const float *A, long lda, int transA, int M, int K, int i0, int mr, int kw0,
                         int kwn) {
     const int k0 = 2 * kw0;
     for (int p = 0; p < mr; p += MR) {
-        uint32_t *P = Ap + (size_t)(p / MR) * kwn * MR;
+        uint32_t *P = Ap + (size_t)(p / MR) * PANEL_WORDS;
         const int rows = mr - p < MR ? mr - p : MR;
-        if (!transA) {
-            if (rows < MR) memset(P, 0, (size_t)kwn * MR * 4);
-            for (int r = 0; r < rows; r++) {
-                const float *a = A + (long)(i0 + p + r) * lda;
+        if (!transA) {   /* by rows */
+            for (int r = 0; r < MR; r++) {
+                uint32_t *w = P + (size_t)r * KCW;
+                if (r >= rows) {
+                    memset(w, 0, (size_t)kwn * 4);
+                    continue;
+                }
+                const float *a = A + (long)(i0 + p + r) * lda + k0;
+                const int kn = K - k0;   /* real k left in the row from k0 */
                 for (int kk = 0; kk < 2 * kwn; kk += 32) {
-                    const int kn = K - (k0 + kk);   /* real k left in the row from here */
-                    __m512 x0 = _mm512_maskz_loadu_ps(mask16(kn), a + k0 + kk);
-                    __m512 x1 = _mm512_maskz_loadu_ps(mask16(kn - 16), a + k0 + kk + 16);
-                    uint32_t t[16];
-                    _mm512_storeu_si512(t, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+                    const __m512 x0 = _mm512_maskz_loadu_ps(mask16(kn - kk), a + kk);
+                    const __m512 x1 = _mm512_maskz_loadu_ps(mask16(kn - kk - 16), a + kk + 16);
+                    const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
                     const int nw = 2 * kwn - kk >= 32 ? 16 : (2 * kwn - kk) / 2;
-                    for (int i = 0; i < nw; i++) P[(size_t)(kk / 2 + i) * MR + r] = t[i];
+                    _mm512_mask_storeu_epi32(w + kk / 2, mask16(nw), v);
                 }
             }
-        } else {   /* A[m, k] = A[k*lda + m]: rows k and k+1 of the source run along m */
+        } else {   /* by columns: rows k and k+1 of the source run along m */
             for (int kw = 0; kw < kwn; kw++) {
                 const int k = k0 + 2 * kw;
                 const float *r0 = A + (long)k * lda + i0 + p, *r1 = r0 + lda;
@@ -166,9 +176,11 @@ static void bf16_pack_a(uint32_t *Ap, const float *A, long lda, int transA, int 
 
 /* ---- micro-kernels ---------------------------------------------------------------------------------------- */
 
-/* C[mr, nr] (rows ldc apart) = (or +=, acc) the 12 x 32 product of one A micro-panel [kw][12] and one B panel
- * [kw][32][2] */
-static void kernel_bf16(int kw, const uint32_t *A, const uint16_t *B, float *C, long ldc, int mr, int nr, int acc) {
+/* C[mr, nr] (rows ldc apart) = (or +=, acc) the 12 x 32 product of one A micro-panel (word (r, k) at
+ * A[k * ak + r * ar]) and one B panel [kw][32][2] */
+static inline __attribute__((always_inline)) void kernel_bf16(const int ak, const int ar, int kw, const uint32_t *A,
+                                                               const uint16_t *B, float *C, long ldc, int mr, int nr,
+                                                               int acc) {
     __m512 c[MR][2];
 #pragma GCC unroll 12
     for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
@@ -177,7 +189,7 @@ static void kernel_bf16(int kw, const uint32_t *A, const uint16_t *B, float *C, 
         const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + (size_t)k * 64 + 32);
 #pragma GCC unroll 12
         for (int r = 0; r < MR; r++) {
-            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[(size_t)k * MR + r]);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[(size_t)k * ak + r * ar]);
             c[r][0] = _mm512_dpbf16_ps(c[r][0], a, b0);
             c[r][1] = _mm512_dpbf16_ps(c[r][1], a, b1);
         }
@@ -197,6 +209,14 @@ static void kernel_bf16(int kw, const uint32_t *A, const uint16_t *B, float *C, 
         _mm512_mask_storeu_ps(o, m0, v0);
         _mm512_mask_storeu_ps(o + 16, m1, v1);
     }
+}
+
+static void kernel_bf16_rows(int kw, const uint32_t *A, const uint16_t *B, float *C, long ldc, int mr, int nr, int acc) {
+    kernel_bf16(1, KCW, kw, A, B, C, ldc, mr, nr, acc);
+}
+
+static void kernel_bf16_cols(int kw, const uint32_t *A, const uint16_t *B, float *C, long ldc, int mr, int nr, int acc) {
+    kernel_bf16(MR, 1, kw, A, B, C, ldc, mr, nr, acc);
 }
 
 /* C = sa[r] * sw[n] * (sum_k a_u8 w_s8 - za[r] * qsum[n]) (+ C when acc), one 12 x 32 tile over kq quads of k */
@@ -263,19 +283,24 @@ static plan make_plan(int M, int N, int K) {
     return p;
 }
 
-/* Rows [i0, i0+mr) x panels [jp0, jp1) of C for one k block, A already packed in Ap */
-static void tile_bf16(const uint32_t *Ap, const uint16_t *Bp, int Kw, int kw0, int kwn, float *C, long ldc, int i0,
-                      int mr, int N, int jp0, int jp1, int acc) {
+/* Rows [i0, i0+mr) x panels [jp0, jp1) of C for one k block, A's micro-panels packed in Ap */
+static void tile_bf16(int transA, const uint32_t *Ap, const uint16_t *Bp, int Kw, int kw0, int kwn, float *C, long ldc,
+                      int i0, int mr, int N, int jp0, int jp1, int acc) {
     for (int jp = jp0; jp < jp1; jp++) {
         const uint16_t *B = Bp + ((size_t)jp * Kw + kw0) * NR * 2;
         const int nr = N - jp * NR < NR ? N - jp * NR : NR;
-        for (int p = 0; p < mr; p += MR)
-            kernel_bf16(kwn, Ap + (size_t)(p / MR) * kwn * MR, B, C + (long)(i0 + p) * ldc + jp * NR, ldc,
-                        mr - p < MR ? mr - p : MR, nr, acc);
+        for (int p = 0; p < mr; p += MR) {
+            const uint32_t *A = Ap + (size_t)(p / MR) * PANEL_WORDS;
+            float *c = C + (long)(i0 + p) * ldc + jp * NR;
+            const int rows = mr - p < MR ? mr - p : MR;
+            if (transA) kernel_bf16_cols(kwn, A, B, c, ldc, rows, nr, acc);
+            else kernel_bf16_rows(kwn, A, B, c, ldc, rows, nr, acc);
+        }
     }
 }
 
-/* beta is 0 (C = A B) or 1 (C += A B) */
+/* beta is 0 (C = A B) or 1 (C += A B). Cut by blocks of rows (each thread packs its own A blocks), or, with
+ * few rows, by column panels: then the threads pack all of A once between them, one k block at a time. */
 int gemm_bf16_avx512(int transA, int M, int N, int K, const float *A, long lda, const uint16_t *Bp, float beta,
                      float *C, long ldc) {
     if (M <= 0 || N <= 0) return BQ_OK;
@@ -283,41 +308,46 @@ int gemm_bf16_avx512(int transA, int M, int N, int K, const float *A, long lda, 
         for (int i = 0; i < M && beta == 0.0f; i++) memset(C + (long)i * ldc, 0, (size_t)N * sizeof(float));
         return BQ_OK;
     }
-    int st = BQ_OK;
     const plan pl = make_plan(M, N, K);
-    const int Kw = (K + 1) / 2, kcw = KC / 2, np = (N + NR - 1) / NR;
+    const int Kw = (K + 1) / 2, np = (N + NR - 1) / NR, npanels = (M + MR - 1) / MR;
     const int acc0 = beta != 0.0f;
+    /* the shared A of the column split: all rows, one k block */
+    uint32_t *As = pl.by_rows ? NULL : scratch(0, (size_t)npanels * PANEL_WORDS * 4);
+    if (!pl.by_rows && !As) return BQ_ERR_NOMEM;
+    int st = BQ_OK;
 #pragma omp parallel num_threads(pl.nt)
     {
-        uint32_t *Ap = scratch(0, (size_t)pl.mc * kcw * 4);
-        if (!Ap) {
-#pragma omp atomic write
-            st = BQ_ERR_NOMEM;
-        }
 #ifdef _OPENMP
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
 #else
         const int t = 0, nt = 1;
 #endif
-        if (!Ap) {
-        } else if (pl.by_rows) {
-            for (int ib = t; ib < pl.mblocks; ib += nt) {
+        if (pl.by_rows) {
+            uint32_t *Ap = scratch(0, (size_t)pl.mc * KCW * 4);
+            if (!Ap) {
+#pragma omp atomic write
+                st = BQ_ERR_NOMEM;
+            }
+            for (int ib = t; ib < pl.mblocks && Ap; ib += nt) {
                 const int i0 = ib * pl.mc, mr = M - i0 < pl.mc ? M - i0 : pl.mc;
-                for (int kw0 = 0; kw0 < Kw; kw0 += kcw) {
-                    const int kwn = Kw - kw0 < kcw ? Kw - kw0 : kcw;
+                for (int kw0 = 0; kw0 < Kw; kw0 += KCW) {
+                    const int kwn = Kw - kw0 < KCW ? Kw - kw0 : KCW;
                     bf16_pack_a(Ap, A, lda, transA, M, K, i0, mr, kw0, kwn);
-                    tile_bf16(Ap, Bp, Kw, kw0, kwn, C, ldc, i0, mr, N, 0, np, kw0 > 0 || acc0);
+                    tile_bf16(transA, Ap, Bp, Kw, kw0, kwn, C, ldc, i0, mr, N, 0, np, kw0 > 0 || acc0);
                 }
             }
         } else {
             const int jp0 = (int)((long)np * t / nt), jp1 = (int)((long)np * (t + 1) / nt);
-            for (int ib = 0; ib < pl.mblocks && jp0 < jp1; ib++) {
-                const int i0 = ib * pl.mc, mr = M - i0 < pl.mc ? M - i0 : pl.mc;
-                for (int kw0 = 0; kw0 < Kw; kw0 += kcw) {
-                    const int kwn = Kw - kw0 < kcw ? Kw - kw0 : kcw;
-                    bf16_pack_a(Ap, A, lda, transA, M, K, i0, mr, kw0, kwn);
-                    tile_bf16(Ap, Bp, Kw, kw0, kwn, C, ldc, i0, mr, N, jp0, jp1, kw0 > 0 || acc0);
+            for (int kw0 = 0; kw0 < Kw; kw0 += KCW) {
+                const int kwn = Kw - kw0 < KCW ? Kw - kw0 : KCW;
+#pragma omp for schedule(static)
+                for (int p = 0; p < npanels; p++) {
+                    const int i0 = p * MR;
+                    bf16_pack_a(As + (size_t)p * PANEL_WORDS, A, lda, transA, M, K, i0, M - i0 < MR ? M - i0 : MR,
+                                kw0, kwn);
                 }
+                tile_bf16(transA, As, Bp, Kw, kw0, kwn, C, ldc, 0, M, N, jp0, jp1, kw0 > 0 || acc0);
+#pragma omp barrier
             }
         }
     }
@@ -424,12 +454,26 @@ static void i8_pack_a(uint32_t *Ap, float *sa, int32_t *za, const float *A, long
     }
 }
 
+/* Rows [i0, i0+mr) x panels [jp0, jp1) of C, A's micro-panels packed in Ap ([Kq][MR] words each), their rows'
+ * scales and zero points in sa, za */
+static void tile_i8(const uint32_t *Ap, const float *sa, const int32_t *za, const int8_t *Bp, int Kq, float *C,
+                    long ldc, int i0, int mr, int N, int jp0, int jp1, int acc, const float *sw, const int32_t *qsum) {
+    for (int jp = jp0; jp < jp1; jp++) {
+        const int8_t *B = Bp + (size_t)jp * Kq * NR * 4;
+        const int nr = N - jp * NR < NR ? N - jp * NR : NR;
+        for (int p = 0; p < mr; p += MR)
+            kernel_i8(Kq, Ap + (size_t)(p / MR) * Kq * MR, B, C + (long)(i0 + p) * ldc + jp * NR, ldc,
+                      mr - p < MR ? mr - p : MR, nr, acc, sa + p, za + p, sw + jp * NR, qsum + jp * NR);
+    }
+}
+
+/* Cut as gemm_bf16_avx512: by blocks of rows, or by column panels with A quantized once between the threads. */
 int gemm_i8_avx512(int M, int N, int K, const float *A, long lda, const int8_t *Bp, const float *sw,
                    const int32_t *qsum, int per_tensor, float beta, float *C, long ldc) {
     if (K >= 66000) return BQ_ERR_ARG;
     if (M <= 0 || N <= 0 || K <= 0) return M > 0 && N > 0 ? BQ_ERR_ARG : BQ_OK;
     const plan pl = make_plan(M, N, K);
-    const int Kq = (K + 3) / 4, np = (N + NR - 1) / NR;
+    const int Kq = (K + 3) / 4, np = (N + NR - 1) / NR, npanels = (M + MR - 1) / MR;
     float t_lo = 0.0f, t_hi = 0.0f;
     for (int i = 0; i < M && per_tensor; i++) {
         float lo, hi;
@@ -438,36 +482,41 @@ int gemm_i8_avx512(int M, int N, int K, const float *A, long lda, const int8_t *
         t_hi = hi > t_hi ? hi : t_hi;
     }
     const int acc = beta != 0.0f;
+    /* A's blocks: mc rows per thread (by rows), or all rows shared (by columns); then the rows' scales and zeros */
+    const int rows = pl.by_rows ? pl.mc : npanels * MR;
+    const size_t bytes = (size_t)rows * Kq * 4 + (size_t)rows * (sizeof(float) + sizeof(int32_t));
+    uint32_t *As = pl.by_rows ? NULL : scratch(0, bytes);
+    if (!pl.by_rows && !As) return BQ_ERR_NOMEM;
     int st = BQ_OK;
 #pragma omp parallel num_threads(pl.nt)
     {
-        uint32_t *Ap = scratch(0, (size_t)pl.mc * Kq * 4 + (size_t)pl.mc * (sizeof(float) + sizeof(int32_t)));
-        if (!Ap) {
-#pragma omp atomic write
-            st = BQ_ERR_NOMEM;
-        }
-        float *sa = Ap ? (float *)(Ap + (size_t)pl.mc * Kq) : NULL;
-        int32_t *za = Ap ? (int32_t *)(sa + pl.mc) : NULL;
 #ifdef _OPENMP
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
 #else
         const int t = 0, nt = 1;
 #endif
-        const int jp0 = pl.by_rows ? 0 : (int)((long)np * t / nt), jp1 = pl.by_rows ? np : (int)((long)np * (t + 1) / nt);
-        if (Ap) {
-            for (int ib = 0; ib < pl.mblocks; ib++) {
-                if (pl.by_rows && ib % nt != t) continue;
-                if (!pl.by_rows && jp0 >= jp1) break;
+        uint32_t *Ap = pl.by_rows ? scratch(0, bytes) : As;
+        if (!Ap) {
+#pragma omp atomic write
+            st = BQ_ERR_NOMEM;
+        }
+        float *sa = Ap ? (float *)(Ap + (size_t)rows * Kq) : NULL;
+        int32_t *za = Ap ? (int32_t *)(sa + rows) : NULL;
+        if (pl.by_rows) {
+            for (int ib = t; ib < pl.mblocks && Ap; ib += nt) {
                 const int i0 = ib * pl.mc, mr = M - i0 < pl.mc ? M - i0 : pl.mc;
                 i8_pack_a(Ap, sa, za, A, lda, K, i0, mr, per_tensor, t_lo, t_hi);
-                for (int jp = jp0; jp < jp1; jp++) {
-                    const int8_t *B = Bp + (size_t)jp * Kq * NR * 4;
-                    const int nr = N - jp * NR < NR ? N - jp * NR : NR;
-                    for (int p = 0; p < mr; p += MR)
-                        kernel_i8(Kq, Ap + (size_t)(p / MR) * Kq * MR, B, C + (long)(i0 + p) * ldc + jp * NR, ldc,
-                                  mr - p < MR ? mr - p : MR, nr, acc, sa + p, za + p, sw + jp * NR, qsum + jp * NR);
-                }
+                tile_i8(Ap, sa, za, Bp, Kq, C, ldc, i0, mr, N, 0, np, acc, sw, qsum);
             }
+        } else {
+#pragma omp for schedule(static)
+            for (int p = 0; p < npanels; p++) {
+                const int i0 = p * MR;
+                i8_pack_a(Ap + (size_t)p * Kq * MR, sa + i0, za + i0, A, lda, K, i0, M - i0 < MR ? M - i0 : MR,
+                          per_tensor, t_lo, t_hi);
+            }
+            const int jp0 = (int)((long)np * t / nt), jp1 = (int)((long)np * (t + 1) / nt);
+            tile_i8(Ap, sa, za, Bp, Kq, C, ldc, 0, M, N, jp0, jp1, acc, sw, qsum);
         }
     }
     return st;
