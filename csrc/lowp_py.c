@@ -56,7 +56,7 @@ static PyObject *py_gemm_i8(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         k->i8_pack_weights(Bp, sw, cs, F(w), K, N, K);
         for (int r = 0; r < repeat && !st; r++)
-            st = k->gemm_i8(M, N, K, F(a), K, Bp, sw, cs, per_tensor, acc ? 1.0f : 0.0f, F(c), N);
+            st = k->gemm_i8(M, N, K, F(a), K, Bp, sw, cs, per_tensor, acc ? 1.0f : 0.0f, F(c), N, NULL);
         Py_END_ALLOW_THREADS
     }
     PyMem_RawFree(Bp);
