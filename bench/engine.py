@@ -7,9 +7,20 @@ and peak RSS.
     python bench/engine.py                       # MiniLM-L6 and BERT-base shapes, T=384, random weights
     python bench/engine.py --quick               # fewer repeats
     PYTHONPATH=. /work/refenv/bin/python bench/engine.py   # where torch + transformers live elsewhere
+    python bench/engine.py --precision fp32,bf16,int8      # the engine's precisions (issue 23)
 
 Each case runs in a fresh process (so its peak RSS is its own, and one framework's allocator state does not
 colour the other's); ratios are taken within the one run.
+
+With --precision, every case runs in each precision named (int8: inference cases only), and three more
+measurements are made, each in one process of its own, the contenders called in turns (ABC ABC ...) so that
+this shared machine's drift slows all of them alike, each ratio the median of the rounds' ratios:
+  - bf16 / fp32 and int8 / fp32: the same model (BertQA(config, seed=0)) in each precision;
+  - bertqa int8 against ONNX Runtime's own dynamic int8 of the same model (`bertqa export onnx --quantize int8`,
+    and the --fused one), inference cases, with the largest logit error of each against bertqa fp32;
+  - bertqa bf16 against transformers' BertForQuestionAnswering under torch.autocast("cpu", dtype=torch.bfloat16)
+    (and the same PyTorch model in fp32), training cases: forward + backward + clipping + AdamW.
+A ratio "X / Y" is X's speed over Y's (Y's time over X's).
 """
 import argparse
 import json
@@ -26,6 +37,7 @@ import numpy as np
 from bertqa import checkpoint, ops
 from bertqa.config import BertConfig
 from bertqa.model import BertQA
+from bertqa.precision import PRECISIONS
 
 try:
     import torch
@@ -109,9 +121,9 @@ def engine_step(model, batch, train):
     return lambda: model.forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
 
 
-def bench_bertqa(config, batch, train, reps, breakdown=None):
+def bench_bertqa(config, batch, train, reps, breakdown=None, precision="fp32"):
     """Median seconds per step; breakdown (a dict), when given, gets the engine's profile of one more step."""
-    model = BertQA(config, seed=0)
+    model = BertQA(config, seed=0, precision=precision)
     step = engine_step(model, batch, train)
     t = timed(step, reps)
     if breakdown is not None:
@@ -122,34 +134,38 @@ def bench_bertqa(config, batch, train, reps, breakdown=None):
     return t
 
 
-def bench_torch(config, batch, train, reps):
+def torch_model(config):
     hf_config = transformers.BertConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
-    model = transformers.BertForQuestionAnswering(hf_config)
-    if isinstance(batch, list):   # the SQuAD case: one step per batch, each as the trainer trimmed it
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
-        tbs = [{k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()} for b in batch]
+    return transformers.BertForQuestionAnswering(hf_config)
 
-        def steps():
-            for tb_ in tbs:
-                opt.zero_grad()
-                model(**tb_).loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
 
-        return timed(steps, reps)
-    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
-    if train:
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+def torch_trainer(model, batch):
+    """step(autocast=False): one training step of `model` (forward + backward + clipping + AdamW) on `batch`, or on
+    each batch of a list (the SQuAD case, each as the trainer trimmed it); autocast=True runs the forward under
+    torch.autocast("cpu", dtype=torch.bfloat16), as transformers' Trainer does for --bf16 on the CPU (the backward
+    follows the forward's dtypes; parameters, gradients and AdamW stay fp32)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    tbs = [{k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()}
+           for b in (batch if isinstance(batch, list) else [batch])]
 
-        def step():
+    def step(autocast=False):
+        for tb in tbs:
             opt.zero_grad()
-            model(**tb).loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**tb).loss
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
 
-        return timed(step, reps)
+    return step
+
+
+def bench_torch(config, batch, train, reps):
+    model = torch_model(config)
+    if train or isinstance(batch, list):
+        return timed(torch_trainer(model, batch), reps)
+    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
     model.eval()
     inputs = {k: tb[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
@@ -160,15 +176,22 @@ def bench_torch(config, batch, train, reps):
     return timed(infer, reps)
 
 
-def export_for_ort(config, path):
+ORT_INT8 = {"int8": dict(quantize="int8"), "int8-fused": dict(quantize="int8", fused=True)}
+
+
+def export_for_ort(config, path, kind="fp32"):
     """bertqa's ONNX export of the model bench_bertqa times (BertQA(config, seed=0)), fused by ORT's transformer
     optimizer (one EmbedLayerNormalization, Attention + 2 SkipLayerNormalization + BiasGelu per layer); made in
     a process of its own, so the ORT case's peak RSS is the session's, not the exporter's (and the parent's, which
-    every child's ru_maxrss starts from, stays small)."""
+    every child's ru_maxrss starts from, stays small). kind "int8" / "int8-fused": ONNX Runtime's dynamic int8
+    quantisation of the standard / the fused export, as `bertqa export onnx [--fused] --quantize int8` writes them
+    (QInt8 weights of MatMul and Attention; activations quantized per tensor at run time)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     from bertqa import onnx as bq_onnx
 
+    if kind in ORT_INT8:
+        return bq_onnx.export(BertQA(config, seed=0), path, **ORT_INT8[kind])
     bq_onnx.export(BertQA(config, seed=0), path)
     fused = optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
                            hidden_size=config.hidden_size, opt_level=0)
@@ -178,17 +201,33 @@ def export_for_ort(config, path):
     return path
 
 
-def bench_ort(path, batch, reps):
-    """(median seconds, peak RSS MB) of ONNX Runtime on the file export_for_ort wrote, with as many intra-op threads
-    as cores and no spinning (idle ORT threads would otherwise take the cores from the next case)."""
+def ort_session(path):
+    """An ONNX Runtime session on `path` with as many intra-op threads as cores and no spinning (idle ORT threads
+    would otherwise take the cores from the next case, or from the runtime it alternates with)."""
     so = onnxruntime.SessionOptions()
     so.intra_op_num_threads = os.cpu_count()
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def peak_rss_mb():
+    """This process's peak resident set (MB): VmHWM of /proc/self/status, which starts afresh at exec. ru_maxrss does
+    not: Python starts a child by vfork + exec, and Linux carries the vforking parent's peak into the child's
+    ru_maxrss, so every case read at least the parent's (~770-850 MB with torch and onnxruntime imported)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_ort(path, batch, reps):
+    """(median seconds, peak RSS MB, one call) of ONNX Runtime on the file export_for_ort wrote (ort_session)."""
+    session = ort_session(path)
     feed = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     t = timed(lambda: session.run(None, feed), reps)
-    return t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, lambda: session.run(None, feed)
+    return t, peak_rss_mb(), lambda: session.run(None, feed)
 
 
 def paired_ratio(config, batch, ort_step, reps):
@@ -208,54 +247,155 @@ def paired_ratio(config, batch, ort_step, reps):
     return float(np.median(ratios))
 
 
-def sgemm_peak(sizes=(2048, 3072), reps=4):
-    """The machine's measured sgemm rate: the fastest single C = A B^T product of n x n x n, over the sizes, through
-    bertqa's BLAS and through NumPy's. A peak (not a median), so the engine's shares of it are conservative. A and
-    B are distinct matrices: NumPy computes a @ a.T by syrk (half the products), which would inflate a rate
-    counted as 2 n^3 (this benchmark did that before 2026-11-26, understating every share)."""
-    rng = np.random.default_rng(0)
-    best = 0.0
-    for n in sizes:
-        a = rng.standard_normal((n, n)).astype(np.float32)
-        b = rng.standard_normal((n, n)).astype(np.float32)
-        c = np.empty((n, n), np.float32)
-        for fn in (lambda: ops._C.sgemm(a, b, c), lambda: np.matmul(a, b.T, out=c)):
-            fn()  # warm-up
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                best = max(best, 2.0 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return best
+# The yardstick of each precision's share: one n x n x n product C = A B^T through the engine's own kernel of that
+# precision, from fp32 operands to an fp32 result as the engine's linear layers take them. bf16: _C._gemm_bf16
+# rounds and packs both operands inside the call. int8: _C._gemm_i8 quantizes the activations (per row) inside
+# every product and the weights once per call, so it runs INT8_REPEAT products per call (the weights' packing,
+# done once per model by the engine, is shared by them).
+GEMM_NAMES = {"fp32": "sgemm (OpenBLAS)", "bf16": "bf16 GEMM (_C._gemm_bf16)", "int8": "int8 GEMM (_C._gemm_i8)"}
+INT8_REPEAT = 4
 
 
-def paired_share(config, batch, train, reps, flops, n=2048):
-    """(median sgemm rate, median share of it): the machine's speed drifts by tens of percent within minutes
-    (other tenants), so each engine step is timed between two n^3 sgemm products and its rate taken as a share
-    of the faster of that pair; the median over reps pairs is the figure reported."""
-    model = BertQA(config, seed=0)
-    step = engine_step(model, batch, train)
-    rng = np.random.default_rng(1)
+def gemm_rate(precision, n, seed=0):
+    """A callable giving the GFLOP/s of one n^3 product of `precision` (see GEMM_NAMES), on its own operands."""
+    rng = np.random.default_rng(seed)
     a = rng.standard_normal((n, n)).astype(np.float32)
     b = rng.standard_normal((n, n)).astype(np.float32)
     c = np.empty((n, n), np.float32)
+    products = 1
+    if precision == "fp32":
+        def fn(): ops._C.sgemm(a, b, c)
+    elif precision == "bf16":
+        def fn(): ops._C._gemm_bf16(a, b, c, False, True, False)
+    else:
+        products = INT8_REPEAT
 
-    def sgemm_rate():
+        def fn(): ops._C._gemm_i8(a, b, c, False, False, INT8_REPEAT)
+
+    def rate():
         t0 = time.perf_counter()
-        ops._C.sgemm(a, b, c)
-        return 2.0 * n**3 / (time.perf_counter() - t0) / 1e9
+        fn()
+        return products * 2.0 * n**3 / (time.perf_counter() - t0) / 1e9
 
+    return rate
+
+
+def sgemm_peak(sizes=(2048, 3072), reps=4, precision="fp32"):
+    """The machine's measured rate of the precision's product: the fastest single C = A B^T product of n x n x n,
+    over the sizes, through bertqa's kernels (and, for fp32, NumPy's OpenBLAS too). A peak (not a median), so the
+    engine's shares of it are conservative. A and B are distinct matrices: NumPy computes a @ a.T by syrk (half
+    the products), which would inflate a rate counted as 2 n^3 (this benchmark did that before 2026-11-26,
+    understating every share)."""
+    best = 0.0
+    for n in sizes:
+        rates = [gemm_rate(precision, n)]
+        if precision == "fp32":
+            rng = np.random.default_rng(0)
+            a = rng.standard_normal((n, n)).astype(np.float32)
+            b = rng.standard_normal((n, n)).astype(np.float32)
+            c = np.empty((n, n), np.float32)
+
+            def numpy_rate():
+                t0 = time.perf_counter()
+                np.matmul(a, b.T, out=c)
+                return 2.0 * n**3 / (time.perf_counter() - t0) / 1e9
+
+            rates.append(numpy_rate)
+        for rate in rates:
+            rate()  # warm-up
+            best = max([best] + [rate() for _ in range(reps)])
+    return best
+
+
+def paired_share(config, batch, train, reps, flops, n=2048, precision="fp32"):
+    """(median GEMM rate, median share of it): the machine's speed drifts by tens of percent within minutes
+    (other tenants), so each engine step is timed between two n^3 products of its precision's GEMM (GEMM_NAMES)
+    and its rate taken as a share of the faster of that pair; the median over reps pairs is the figure reported."""
+    model = BertQA(config, seed=0, precision=precision)
+    step = engine_step(model, batch, train)
+    yardstick = gemm_rate(precision, n, seed=1)
     step()
-    sgemm_rate()
+    yardstick()
     peaks, shares = [], []
     for _ in range(reps):
-        before = sgemm_rate()
+        before = yardstick()
         t0 = time.perf_counter()
         step()
         rate = flops / (time.perf_counter() - t0) / 1e9
-        peak = max(before, sgemm_rate())
+        peak = max(before, yardstick())
         peaks.append(peak)
         shares.append(rate / peak)
     return float(np.median(peaks)), float(np.median(shares))
+
+
+def alternate(fns, reps, warmup_s=1.0):
+    """[reps, len(fns)] seconds: every callable warmed up for at least warmup_s (timed's reasons), then reps rounds
+    of one call of each in turn (A B C, A B C, ...), so that the machine's drift reaches all of them alike."""
+    for fn in fns:
+        t_end = time.perf_counter() + warmup_s
+        fn()
+        while time.perf_counter() < t_end:
+            fn()
+    times = np.empty((reps, len(fns)))
+    for r in range(reps):
+        for j, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[r, j] = time.perf_counter() - t0
+    return times
+
+
+def paired_result(names, times):
+    """What a paired child prints: the contenders' names and every round's seconds ([round][contender])."""
+    return {"names": list(names), "times": np.asarray(times).tolist()}
+
+
+def paired_seconds(result, name):
+    """Median seconds of one contender of a paired_result."""
+    return float(np.median(np.asarray(result["times"])[:, result["names"].index(name)]))
+
+
+def paired_speed(result, a, b):
+    """a's speed over b's in a paired_result: the median over rounds of b's time / a's."""
+    t = np.asarray(result["times"])
+    return float(np.median(t[:, result["names"].index(b)] / t[:, result["names"].index(a)]))
+
+
+def pair_precisions(config, batch, train, reps, precisions):
+    """One model per precision (the same weights: BertQA(config, seed=0)), one step of each in turn per round."""
+    steps = [engine_step(BertQA(config, seed=0, precision=p), batch, train) for p in precisions]
+    return paired_result(precisions, alternate(steps, reps))
+
+
+def logits_error(out, ref, mask):
+    """Largest |difference| of start and end logits on real tokens, relative to the largest |reference| logit."""
+    real = np.asarray(mask) != 0
+    diff = max(float(np.abs(o[real] - r[real]).max()) for o, r in zip(out, ref))
+    return diff / max(float(np.abs(r[real]).max()) for r in ref)
+
+
+def pair_ort_int8(config, batch, reps, paths):
+    """bertqa int8 against ONNX Runtime's dynamic int8 files `paths` ({kind: file}), one call of each in turn per
+    round; and each one's logit error against bertqa fp32 on this batch (logits_error)."""
+    feed = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    ref = BertQA(config, seed=0).forward(**feed)
+    model = BertQA(config, seed=0, precision="int8")
+    sessions = {kind: ort_session(path) for kind, path in paths.items()}
+    calls = [lambda: model.forward(**feed)] + [lambda s=s: s.run(["start_logits", "end_logits"], feed)
+                                                for s in sessions.values()]
+    names = ["bertqa int8"] + [f"ORT {kind}" for kind in sessions]
+    out = paired_result(names, alternate(calls, reps))
+    out["logit_error"] = {n: logits_error(call(), ref, feed["attention_mask"]) for n, call in zip(names, calls)}
+    return out
+
+
+def pair_torch_bf16(config, batch, reps):
+    """bertqa bf16 training steps against one PyTorch model's steps under autocast bf16 and in fp32, in turns."""
+    torch.manual_seed(0)
+    step = torch_trainer(torch_model(config), batch)
+    calls = [engine_step(BertQA(config, seed=0, precision="bf16"), batch, True), lambda: step(autocast=True),
+             lambda: step(autocast=False)]
+    return paired_result(["bertqa bf16", "PyTorch autocast bf16", "PyTorch fp32"], alternate(calls, reps))
 
 
 # (shape, work, batch) as the issue asks: training at B=8; inference at B=1 and B=8; BERT-base training at a
@@ -300,14 +440,25 @@ def case_batch(index, T):
     return config, batch_for(rng, config, B, T, lengths), lengths
 
 
-def run_case(framework, index, T, reps, onnx_path=None):
-    """One case in this process: prints {"seconds": median step time, "max_rss_mb": peak RSS}."""
+def run_case(framework, index, T, reps, onnx_path=None, precision="fp32"):
+    """One case in this process: prints {"seconds": median step time, "max_rss_mb": peak RSS, ...}; the paired
+    frameworks ("precisions": `precision` a comma list; "ort-int8": onnx_path "kind=file,..."; "torch-bf16") print
+    paired_result's dict."""
     name, what, B = CASES[index]
     config, batch, lengths = case_batch(index, T)
     fn = bench_bertqa if framework == "bertqa" else bench_torch
     breakdown = {}
     train = what in TRAINING
     rss = None
+    if framework in ("precisions", "ort-int8", "torch-bf16"):
+        if framework == "precisions":
+            out = pair_precisions(config, batch, train, reps, precision.split(","))
+        elif framework == "ort-int8":
+            out = pair_ort_int8(config, batch, reps, dict(kv.split("=", 1) for kv in onnx_path.split(",")))
+        else:
+            out = pair_torch_bf16(config, batch, reps)
+        print(json.dumps(out))
+        return
     if framework == "ort":   # share: here the paired ORT / bertqa time ratio
         t, rss, ort_step = bench_ort(onnx_path, batch, reps)
         local_peak, share = None, paired_ratio(config, batch, ort_step, reps)
@@ -316,9 +467,9 @@ def run_case(framework, index, T, reps, onnx_path=None):
         t = fn(config, batch, train, reps)
         local_peak = share = None
     else:
-        t = fn(config, batch, train, reps, breakdown)
-        local_peak, share = paired_share(config, batch, train, reps, case_flops(index, T))
-    print(json.dumps({"seconds": t, "max_rss_mb": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        t = fn(config, batch, train, reps, breakdown, precision)
+        local_peak, share = paired_share(config, batch, train, reps, case_flops(index, T), precision=precision)
+    print(json.dumps({"seconds": t, "max_rss_mb": rss or peak_rss_mb(),
                       "breakdown": breakdown, "local_peak": local_peak, "share": share}))
 
 
@@ -337,17 +488,58 @@ def case_windows(index):
     return B * SQUAD_STEPS if what == "train, SQuAD batches" else B
 
 
-def export_in_child(index, path):
-    subprocess.run([sys.executable, __file__, "--export-onnx", str(index), str(path)], capture_output=True, text=True,
-                   check=True)
+def export_in_child(index, path, kind="fp32"):
+    subprocess.run([sys.executable, __file__, "--export-onnx", str(index), str(path), "--onnx-kind", kind],
+                   capture_output=True, text=True, check=True)
     return path
 
 
-def in_child(framework, index, T, reps, onnx_path=None):
-    out = subprocess.run([sys.executable, __file__, "--case", framework, str(index), "--seq", str(T), "--reps",
-                          str(reps)] + (["--onnx", str(onnx_path)] if onnx_path else []),
-                         capture_output=True, text=True, check=True)
+def in_child(framework, index, T, reps, onnx_path=None, precision="fp32"):
+    cmd = [sys.executable, __file__, "--case", framework, str(index), "--seq", str(T), "--reps", str(reps),
+           "--precision", precision] + (["--onnx", str(onnx_path)] if onnx_path else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def try_child(*args, **kwargs):
+    """in_child, or None (and the failure on stderr) where the child fails: one failed comparison does not cost
+    the rest of a long run."""
+    try:
+        return in_child(*args, **kwargs)
+    except RuntimeError as e:
+        print(f"  FAILED, left out: {e}", file=sys.stderr)
+        return None
+
+
+def cpu_flags(names=("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")):
+    """{flag: present} from /proc/cpuinfo (Linux), or {} where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return {}
+    return {n: n in flags for n in names}
+
+
+def build_stamp():
+    """Which engine the children load: the git commit of the checkout (with '+dirty' when csrc/ or bertqa/ has
+    uncommitted changes) and the modification time of the compiled _C (an in-place rebuild mid-run changes it)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc", "bertqa"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        head, dirty = "?", ""
+    so = Path(ops._C.__file__)
+    return f"{head}{'+dirty' if dirty else ''}, {so.name} of {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(so.stat().st_mtime))} UTC"
+
+
+def load_average():
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main():
@@ -357,18 +549,34 @@ def main():
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--only", action="append", default=None, metavar="TEXT",
                     help="run only the cases whose 'model work' contains TEXT (repeatable), e.g. --only SQuAD")
+    ap.add_argument("--exclude", action="append", default=None, metavar="TEXT",
+                    help="leave out the cases whose 'model work' contains TEXT (repeatable), e.g. --exclude SQuAD")
+    ap.add_argument("--precision", default="fp32", metavar="LIST",
+                    help="comma list of the engine's precisions to run each case in (fp32, bf16, int8; int8 runs "
+                         "the inference cases only); with more than fp32, the paired comparisons of the docstring")
     ap.add_argument("--case", nargs=2, metavar=("FRAMEWORK", "INDEX"), help=argparse.SUPPRESS)
-    ap.add_argument("--onnx", help=argparse.SUPPRESS)   # the ORT case's model file (export_for_ort)
+    ap.add_argument("--onnx", help=argparse.SUPPRESS)   # the ORT case's model file(s) (export_for_ort)
     ap.add_argument("--export-onnx", nargs=2, metavar=("INDEX", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--onnx-kind", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     reps = args.reps or (2 if args.quick else 5)
     T = args.seq
     if args.export_onnx:
-        return export_for_ort(case_batch(int(args.export_onnx[0]), T)[0], args.export_onnx[1]) and None
+        return export_for_ort(case_batch(int(args.export_onnx[0]), T)[0], args.export_onnx[1], args.onnx_kind) and None
     if args.case:
-        return run_case(args.case[0], int(args.case[1]), T, reps, args.onnx)
+        return run_case(args.case[0], int(args.case[1]), T, reps, args.onnx, args.precision)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     info = ops.runtime_info()
-    print(f"# {os.cpu_count()} CPUs, {info['omp_threads']} threads, {info['blas_config']}; "
+    for p in precisions:
+        if p not in PRECISIONS:
+            ap.error(f"--precision: {p!r} is not one of {', '.join(PRECISIONS)}")
+        if info["precisions"].get(p):
+            ap.error(f"--precision {p}: this CPU {info['precisions'][p]}")
+    lowp = [p for p in precisions if p != "fp32"]
+    flags = cpu_flags()
+    print(f"# {os.cpu_count()} CPUs, {info['omp_threads']} threads, {info['blas_config']}; OpenBLAS core "
+          f"{info.get('blas_core')}, bertqa kernels {info.get('isa')}; precisions {', '.join(precisions)}; CPU flags "
+          + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()) + "; "
           + (f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}"
              if torch else "torch not installed: no comparison column")
           + (f"; onnxruntime {onnxruntime.__version__} ({os.cpu_count()} intra-op threads, no spinning)"
@@ -381,59 +589,156 @@ def main():
                                               if d.get("user_api") == "blas"))
     except ImportError:
         pass
+    stamp = build_stamp()
+    print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; engine {stamp}; load average "
+          f"(1/5/15 min) at the start {load_average()}, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC")
     # The peak is measured before and after the cases (the larger counts): on a shared machine the rate drifts.
-    peak_before = sgemm_peak()
-    rows = []
+    peak_before = {p: sgemm_peak(precision=p) for p in precisions}
+    rows, profiles, pairs, ort8, torch16 = [], {}, {}, {}, {}
     onnx_dir = tempfile.TemporaryDirectory(prefix="bertqa-bench-ort-")
-    onnx_files = {}   # shape name -> its ORT file
+    onnx_files = {}   # (shape name, kind) -> its ORT file
     for i, (name, what, B) in enumerate(CASES):
-        if args.only and not any(text in f"{name} {what}" for text in args.only):
+        if (args.only and not any(text in f"{name} {what}" for text in args.only)
+                or args.exclude and any(text in f"{name} {what}" for text in args.exclude)):
             continue
         config, _, lengths = case_batch(i, T)
-        if onnxruntime is not None and what not in TRAINING and name not in onnx_files:
-            onnx_files[name] = export_in_child(i, os.path.join(onnx_dir.name, f"{len(onnx_files)}.onnx"))
-        ours = in_child("bertqa", i, T, reps)
-        theirs = in_child("torch", i, T, reps) if torch is not None else None
-        ort = in_child("ort", i, T, reps, onnx_files[name]) if name in onnx_files and what not in TRAINING else None
-        t, tt = ours["seconds"], theirs["seconds"] if theirs else None
-        to = ort["seconds"] if ort else None
-        gf = case_flops(i, T) / t / 1e9
-        B = case_windows(i)
-        rows.append((name, what, B, B / t, gf, (ours["local_peak"], ours["share"]), ours["max_rss_mb"], (B / tt) if tt else None,
-                     (tt / t) if tt else None, theirs["max_rss_mb"] if theirs else None,
-                     (B / to, to / t, ort["max_rss_mb"], ort["share"]) if to else None, ours.get("breakdown")))
-        print(f"  {name} {what} B={B}: {B / t:.2f} seq/s" + (f" (torch {B / tt:.2f})" if tt else "")
-              + (f" (ORT {B / to:.2f})" if to else ""), file=sys.stderr)
+        train = what in TRAINING
+        mine = [p for p in precisions if not (train and p == "int8")]
+        if onnxruntime is not None and not train:
+            for kind in (["fp32"] if "fp32" in mine else []) + (list(ORT_INT8) if "int8" in mine else []):
+                if (name, kind) not in onnx_files:
+                    onnx_files[name, kind] = export_in_child(
+                        i, os.path.join(onnx_dir.name, f"{len(onnx_files)}-{kind}.onnx"), kind)
+        windows = case_windows(i)
+        for p in mine:
+            ours = in_child("bertqa", i, T, reps, precision=p)
+            theirs = try_child("torch", i, T, reps) if torch is not None and p == "fp32" else None
+            ort = (try_child("ort", i, T, reps, onnx_files[name, "fp32"])
+                   if not train and (name, "fp32") in onnx_files and p == "fp32" else None)
+            t = ours["seconds"]
+            rows.append(dict(index=i, precision=p, sps=windows / t, gflops=case_flops(i, T) / t / 1e9,
+                             local=ours["local_peak"], share=ours["share"], rss=ours["max_rss_mb"],
+                             torch=theirs and (windows / theirs["seconds"], theirs["max_rss_mb"], theirs["seconds"] / t),
+                             ort=ort and (windows / ort["seconds"], ort["max_rss_mb"], ort["seconds"] / t, ort["share"])))
+            profiles[i, p] = ours.get("breakdown")
+            print(f"  {name} {what} B={windows} {p}: {windows / t:.2f} seq/s, {case_flops(i, T) / t / 1e9:.1f} GFLOP/s, "
+                  f"paired share {100 * ours['share']:.0f}% of {ours['local_peak']:.1f}"
+                  + (f" (torch {windows / theirs['seconds']:.2f})" if theirs else "")
+                  + (f" (ORT {windows / ort['seconds']:.2f})" if ort else ""), file=sys.stderr)
+        others = [p for p in mine if p != "fp32"]
+        if others:
+            pairs[i] = try_child("precisions", i, T, reps, precision=",".join(["fp32"] + others))
+        if pairs.get(i):
+            print(f"  {name} {what} paired: " + ", ".join(f"{p}/fp32 {paired_speed(pairs[i], p, 'fp32'):.2f}x"
+                                                          for p in others), file=sys.stderr)
+        if "int8" in mine and (name, "int8") in onnx_files:
+            paths = ",".join(f"{kind}={onnx_files[name, kind]}" for kind in ORT_INT8)
+            ort8[i] = try_child("ort-int8", i, T, reps, paths)
+        if ort8.get(i):
+            print(f"  {name} {what} bertqa int8 / ORT int8: "
+                  + ", ".join(f"{paired_speed(ort8[i], 'bertqa int8', 'ORT ' + k):.2f}x ({k})" for k in ORT_INT8),
+                  file=sys.stderr)
+        if "bf16" in mine and train and torch is not None:
+            torch16[i] = try_child("torch-bf16", i, T, reps)
+        if torch16.get(i):
+            print(f"  {name} {what} bertqa bf16 / PyTorch autocast bf16: "
+                  f"{paired_speed(torch16[i], 'bertqa bf16', 'PyTorch autocast bf16'):.2f}x", file=sys.stderr)
     onnx_dir.cleanup()
-    peak_after = sgemm_peak()
-    peak = max(peak_before, peak_after)
-    print(f"# sgemm peak on these cores: {peak:.1f} GFLOP/s (before the cases {peak_before:.1f}, after "
-          f"{peak_after:.1f}). 'paired share': each step timed between two 2048^3 sgemm products, its rate as a "
-          f"share of the faster of the pair, median over {reps} pairs ('sgemm' column: the pairs' median rate); "
+    pairs, ort8, torch16 = ({i: res for i, res in d.items() if res} for d in (pairs, ort8, torch16))
+    peak_after = {p: sgemm_peak(precision=p) for p in precisions}
+    peak = {p: max(peak_before[p], peak_after[p]) for p in precisions}
+    for p in precisions:
+        print(f"# {GEMM_NAMES[p]} peak on these cores: {peak[p]:.1f} GFLOP/s (before the cases {peak_before[p]:.1f}, "
+              f"after {peak_after[p]:.1f})")
+    if build_stamp() != stamp:
+        print(f"# WARNING: the engine changed during the run (now {build_stamp()}): its figures mix two builds")
+    print(f"# load average (1/5/15 min) at the end {load_average()}, {time.strftime('%H:%M', time.gmtime())} UTC. "
+          f"'paired share': each step timed between two "
+          f"2048^3 products of its precision's GEMM, its rate as a share of the faster of the pair, median over "
+          f"{reps} pairs ('GEMM' column: the pairs' median rate); 'vs fp32, paired': the same model in fp32 and in "
+          f"this precision, steps in turns in one process, median over {reps} rounds of fp32's time / this one's; "
           f"'bertqa / ORT, paired': one bertqa and one ORT call back to back in one process, median over {reps} "
           f"pairs of ORT's time / bertqa's\n")
-    print("| model | work | B x T | bertqa seq/s | GFLOP/s | % of run's peak | sgemm (paired) | paired share | "
-          "peak RSS | PyTorch seq/s | PyTorch peak RSS | bertqa speed-up | ORT seq/s | ORT peak RSS | "
+    print("| model | work | B x T | precision | bertqa seq/s | GFLOP/s | % of run's peak | GEMM (paired) | paired share | "
+          "peak RSS | vs fp32, paired | PyTorch seq/s | PyTorch peak RSS | bertqa speed-up | ORT seq/s | ORT peak RSS | "
           "bertqa / ORT | bertqa / ORT, paired |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, what, B, sps, gf, (local, share), rss, tsps, ratio, trss, ort, _ in rows:
-        print(f"| {name} | {what} | {B} x {T} | {sps:.2f} | {gf:.1f} | {100 * gf / peak:.0f}% | {local:.1f} | "
-              f"**{100 * share:.0f}%** | {rss:.0f} MB | "
-              + (f"{tsps:.2f} | {trss:.0f} MB | {ratio:.2f}x |" if tsps else "- | - | - |")
-              + (f" {ort[0]:.2f} | {ort[2]:.0f} MB | {ort[1]:.2f}x | **{ort[3]:.2f}x** |" if ort
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        name, what, _ = CASES[r["index"]]
+        p = r["precision"]
+        vs = (f"**{paired_speed(pairs[r['index']], p, 'fp32'):.2f}x**" if p != "fp32" and pairs.get(r["index"])
+              else "-")
+        tr, ort = r["torch"], r["ort"]
+        print(f"| {name} | {what} | {case_windows(r['index'])} x {T} | {p} | {r['sps']:.2f} | {r['gflops']:.1f} | "
+              f"{100 * r['gflops'] / peak[p]:.0f}% | {r['local']:.1f} | **{100 * r['share']:.0f}%** | {r['rss']:.0f} MB | "
+              f"{vs} |" + (f" {tr[0]:.2f} | {tr[1]:.0f} MB | {tr[2]:.2f}x |" if tr else " - | - | - |")
+              + (f" {ort[0]:.2f} | {ort[1]:.0f} MB | {ort[2]:.2f}x | **{ort[3]:.2f}x** |" if ort
                  else " - | - | - | - |"))
-    # Where one training step's time goes (the engine's own profile, BertQA.profile), per case trained.
-    for name, what, B, *_, breakdown in rows:
-        if what not in TRAINING or not breakdown:
+    if pairs:
+        print(f"\nThe precisions paired (one process per case, one step of each precision in turn, median of {reps} "
+              f"rounds; seq/s from the rounds' median times)\n")
+        print("| model | work | B x T | " + " | ".join(f"{p} seq/s" for p in precisions) + " | "
+              + " | ".join(f"{p} / fp32" for p in lowp) + " |")
+        print("|---|---|---|" + "---|" * (len(precisions) + len(lowp)))
+        for i, res in pairs.items():
+            name, what, _ = CASES[i]
+            w = case_windows(i)
+            print(f"| {name} | {what} | {w} x {T} | "
+                  + " | ".join(f"{w / paired_seconds(res, p):.2f}" if p in res["names"] else "-" for p in precisions)
+                  + " | " + " | ".join(f"**{paired_speed(res, p, 'fp32'):.2f}x**" if p in res["names"] else "-"
+                                       for p in lowp) + " |")
+    if ort8:
+        kinds = list(ORT_INT8)
+        print(f"\nbertqa int8 against ONNX Runtime's dynamic int8 (`bertqa export onnx --quantize int8`, and with "
+              f"--fused), one call of each in turn, median of {reps} rounds; logit error: the largest |difference| "
+              f"from bertqa fp32's logits on real tokens, over the largest |fp32 logit|\n")
+        print("| model | work | B x T | bertqa int8 seq/s | " + " | ".join(f"ORT {k} seq/s" for k in kinds) + " | "
+              + " | ".join(f"bertqa int8 / ORT {k}, paired" for k in kinds) + " | logit error: bertqa int8 | "
+              + " | ".join(f"ORT {k}" for k in kinds) + " |")
+        print("|---|---|---|---|" + "---|" * (3 * len(kinds) + 1))
+        for i, res in ort8.items():
+            name, what, _ = CASES[i]
+            w = case_windows(i)
+            err = res["logit_error"]
+            print(f"| {name} | {what} | {w} x {T} | {w / paired_seconds(res, 'bertqa int8'):.2f} | "
+                  + " | ".join(f"{w / paired_seconds(res, 'ORT ' + k):.2f}" for k in kinds) + " | "
+                  + " | ".join(f"**{paired_speed(res, 'bertqa int8', 'ORT ' + k):.2f}x**" for k in kinds)
+                  + f" | {err['bertqa int8']:.2e} | " + " | ".join(f"{err['ORT ' + k]:.2e}" for k in kinds) + " |")
+    if torch16:
+        print(f"\nbertqa bf16 training against transformers' BertForQuestionAnswering under torch.autocast('cpu', "
+              f"bfloat16) and in fp32 (the same PyTorch model; forward + backward + clipping + AdamW), one step of "
+              f"each in turn, median of {reps} rounds\n")
+        print("| model | work | B x T | bertqa bf16 seq/s | PyTorch autocast bf16 seq/s | PyTorch fp32 seq/s | "
+              "bertqa bf16 / PyTorch bf16, paired | PyTorch bf16 / PyTorch fp32, paired |")
+        print("|---|---|---|---|---|---|---|---|")
+        for i, res in torch16.items():
+            name, what, _ = CASES[i]
+            w = case_windows(i)
+            print(f"| {name} | {what} | {w} x {T} | "
+                  + " | ".join(f"{w / paired_seconds(res, n):.2f}"
+                               for n in ("bertqa bf16", "PyTorch autocast bf16", "PyTorch fp32"))
+                  + f" | **{paired_speed(res, 'bertqa bf16', 'PyTorch autocast bf16'):.2f}x** | "
+                  + f"{paired_speed(res, 'PyTorch autocast bf16', 'PyTorch fp32'):.2f}x |")
+    # Where one step's time goes (the engine's own profile, BertQA.profile), per case trained, and per case run in
+    # more than one precision: one column per precision.
+    for i in dict.fromkeys(r["index"] for r in rows):
+        name, what, _ = CASES[i]
+        ran = [p for p in precisions if profiles.get((i, p))]
+        if not ran or (what not in TRAINING and len(ran) < 2):
             continue
-        total = breakdown.pop("total")
-        print(f"\n{name}, {what}, B={B}, T={T}: one step {1e3 * total:.0f} ms")
-        print("| work | ms | share |\n|---|---:|---:|")
-        for key, sec in sorted(breakdown.items(), key=lambda kv: -kv[1]):
-            if sec > 0:
-                print(f"| {key} | {1e3 * sec:.1f} | {100 * sec / total:.1f}% |")
-        rest = total - sum(breakdown.values())
-        print(f"| outside the engine (Python, gradient zeroing) | {1e3 * rest:.1f} | {100 * rest / total:.1f}% |")
+        prof = {p: dict(profiles[i, p]) for p in ran}
+        total = {p: prof[p].pop("total") for p in ran}
+        keys = sorted({k for p in ran for k, v in prof[p].items() if v > 0}, key=lambda k: -prof[ran[0]].get(k, 0))
+        print(f"\n{name}, {what}, B={case_windows(i)}, T={T}: one step "
+              + ", ".join(f"{p} {1e3 * total[p]:.0f} ms" for p in ran))
+        print("| work | " + " | ".join(f"{p} ms | {p} share" for p in ran) + " |")
+        print("|---|" + "---:|---:|" * len(ran))
+        for key in keys:
+            print(f"| {key} | " + " | ".join(f"{1e3 * prof[p].get(key, 0):.1f} | "
+                                            f"{100 * prof[p].get(key, 0) / total[p]:.1f}%" for p in ran) + " |")
+        print("| outside the engine (Python, gradient zeroing) | "
+              + " | ".join(f"{1e3 * (total[p] - sum(prof[p].values())):.1f} | "
+                           f"{100 * (total[p] - sum(prof[p].values())) / total[p]:.1f}%" for p in ran) + " |")
 
 
 if __name__ == "__main__":
