@@ -271,6 +271,17 @@ static void kernel_i8(int kq, const uint32_t *A, const int8_t *B, float *C, long
 
 /* ---- drivers ---------------------------------------------------------------------------------------------- */
 
+/* This thread's number and the team's size inside a parallel region (0 of 1 without OpenMP) */
+static inline void thread_slot(int *t, int *nt) {
+#ifdef _OPENMP
+    *t = omp_get_thread_num();
+    *nt = omp_get_num_threads();
+#else
+    *t = 0;
+    *nt = 1;
+#endif
+}
+
 /* How a call is cut over the threads: by blocks of rows when there are at least two per thread, else every
  * thread takes all rows and a share of the column panels (a B=1 inference product has 384 rows, not enough). */
 typedef struct {
@@ -330,11 +341,8 @@ int gemm_bf16_avx512(int transA, int M, int N, int K, const float *A, long lda, 
     int st = BQ_OK;
 #pragma omp parallel num_threads(pl.nt)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int t = 0, nt = 1;
-#endif
+        int t, nt;
+        thread_slot(&t, &nt);
         if (pl.by_rows) {
             uint32_t *Ap = scratch(0, (size_t)pl.mc * KCW * 4);
             if (!Ap) {
@@ -505,11 +513,8 @@ int gemm_i8_avx512(int M, int N, int K, const float *A, long lda, const int8_t *
     int st = BQ_OK;
 #pragma omp parallel num_threads(pl.nt)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int t = 0, nt = 1;
-#endif
+        int t, nt;
+        thread_slot(&t, &nt);
         uint32_t *Ap = pl.by_rows ? scratch(0, bytes) : As;
         if (!Ap) {
 #pragma omp atomic write
