@@ -26,33 +26,9 @@
 #endif
 
 #include "attention_avx512.h"
+#include "bf16_avx512.h"
 
 #define UNROLL _Pragma("GCC unroll 16")
-
-static inline __mmask16 m16(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
-
-/* 16 floats (the first n, the rest 0) -> 16 bf16 */
-static inline __m256i bf16x16(const float *x, int n) {
-    return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m16(n), x));
-}
-
-/* (lo[i], hi[i]) words for i < 16, stored at dst[0..15] */
-static inline void interleave16(uint32_t *dst, __m256i lo, __m256i hi) {
-    const __m256i u = _mm256_unpacklo_epi16(lo, hi), v = _mm256_unpackhi_epi16(lo, hi);
-    _mm256_storeu_si256((__m256i *)dst, _mm256_permute2x128_si256(u, v, 0x20));
-    _mm256_storeu_si256((__m256i *)(dst + 8), _mm256_permute2x128_si256(u, v, 0x31));
-}
-
-/* words[i] = (x[2i], x[2i+1]) for the n floats of x (n odd: the last pair's second half 0), i < (n + 1) / 2 */
-static inline void row_words(uint32_t *words, const float *x, int n) {
-    for (int k = 0; k < n; k += 32) {
-        const __m512 a = _mm512_maskz_loadu_ps(m16(n - k), x + k), b = _mm512_maskz_loadu_ps(m16(n - k - 16), x + k + 16);
-        uint32_t t[16];
-        _mm512_storeu_si512(t, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-        const int nw = n - k >= 32 ? 16 : (n - k + 1) / 2;
-        memcpy(words + k / 2, t, (size_t)nw * 4);
-    }
-}
 
 /* K of one head [T, HS] (rows ld apart) -> KTw[d * ldk + j] = (K[j, 2d], K[j, 2d+1]), columns T..Tp-1 zero */
 static void pack_kt(uint32_t *KTw, long ldk, const float *k, int T, int Tp, int HS, long ld) {
@@ -61,7 +37,7 @@ static void pack_kt(uint32_t *KTw, long ldk, const float *k, int T, int Tp, int 
     for (int j = 0; j < T; j++) {
         for (int d0 = 0; d0 < HS; d0 += 128) {
             const int n = HS - d0 < 128 ? HS - d0 : 128;
-            row_words(w, k + (long)j * ld + d0, n);
+            bq_bf16_words(w, k + (long)j * ld + d0, n, (n + 1) / 2);
             for (int d = 0; d < (n + 1) / 2; d++) KTw[(long)(d0 / 2 + d) * ldk + j] = w[d];
         }
     }
@@ -76,9 +52,9 @@ static void pack_v(uint32_t *Vw, const float *v, int T, int Tp, int HS, int HSp,
         const int r0 = 2 * j, r1 = 2 * j + 1;
         for (int d = 0; d < HSp; d += 16) {
             const int n = HS - d;
-            const __m256i lo = r0 < T ? bf16x16(v + (long)r0 * ld + d, n) : _mm256_setzero_si256();
-            const __m256i hi = r1 < T ? bf16x16(v + (long)r1 * ld + d, n) : _mm256_setzero_si256();
-            interleave16(Vw + (long)j * HSp + d, lo, hi);
+            const __m256i lo = r0 < T ? bq_bf16x16(v + (long)r0 * ld + d, n) : _mm256_setzero_si256();
+            const __m256i hi = r1 < T ? bq_bf16x16(v + (long)r1 * ld + d, n) : _mm256_setzero_si256();
+            bq_bf16_interleave16(Vw + (long)j * HSp + d, lo, hi);
         }
     }
 }
@@ -86,7 +62,7 @@ static void pack_v(uint32_t *Vw, const float *v, int T, int Tp, int HS, int HSp,
 /* mq query rows [mq, HS] (ld apart) -> qw[m * HSw + d] = (q[m, 2d], q[m, 2d+1]) */
 static void pack_q(uint32_t *qw, const float *q, int mq, int HS, long ld) {
     const int HSw = (HS + 1) / 2;
-    for (int m = 0; m < mq; m++) row_words(qw + (long)m * HSw, q + (long)m * ld, HS);
+    for (int m = 0; m < mq; m++) bq_bf16_words(qw + (long)m * HSw, q + (long)m * ld, HS, HSw);
 }
 
 /* One tile of MR queries x 16 NV keys: scores, bias, running max, e = 2^(s - max) (the tile's row sums as 16

@@ -43,6 +43,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni")
 #endif
 
+#include "bf16_avx512.h"
+
 #define MR 12
 #define NR 32
 #define KC 768   /* k per block of A (bf16): 96 x 768 x 2 bytes = 144 KB of packed A per thread, in L2 */
@@ -62,26 +64,6 @@ static void *scratch(int which, size_t bytes) {
     return tl_buf[which];
 }
 
-static inline __mmask16 mask16(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
-
-/* 16 floats (the first n; the rest read as 0) -> 16 bf16 */
-static inline __m256i bf16x16(const float *x, int n) {
-    return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask16(n), x));
-}
-
-/* words (lo[i], hi[i]) for i = 0..15: lo in the low half of each word */
-static inline void interleave_store(uint32_t *dst, __m256i lo, __m256i hi, int nwords) {
-    __m256i u = _mm256_unpacklo_epi16(lo, hi), v = _mm256_unpackhi_epi16(lo, hi);
-    __m256i w0 = _mm256_permute2x128_si256(u, v, 0x20), w1 = _mm256_permute2x128_si256(u, v, 0x31);
-    if (nwords >= 16) {
-        _mm256_storeu_si256((__m256i *)dst, w0);
-        _mm256_storeu_si256((__m256i *)(dst + 8), w1);
-    } else {
-        _mm256_mask_storeu_epi32(dst, (__mmask8)(nwords >= 8 ? 0xFF : (1u << nwords) - 1), w0);
-        if (nwords > 8) _mm256_mask_storeu_epi32(dst + 8, (__mmask8)((1u << (nwords - 8)) - 1), w1);
-    }
-}
-
 /* ---- bf16 packing ---------------------------------------------------------------------------------------- */
 
 size_t bf16_packed_elems_avx512(int K, int N) { return (size_t)((N + NR - 1) / NR) * (size_t)((K + 1) / 2) * NR * 2; }
@@ -99,8 +81,8 @@ static void bf16_pack_b_panels(uint16_t *dst, const float *B, long ldb, int tran
                 const int has1 = 2 * kw + 1 < K;
                 for (int h = 0; h < 2; h++) {
                     const int n = nn - 16 * h;
-                    __m256i lo = bf16x16(r0 + 16 * h, n), hi = has1 ? bf16x16(r1 + 16 * h, n) : _mm256_setzero_si256();
-                    interleave_store(P + (size_t)kw * NR + 16 * h, lo, hi, 16);
+                    __m256i lo = bq_bf16x16(r0 + 16 * h, n), hi = has1 ? bq_bf16x16(r1 + 16 * h, n) : _mm256_setzero_si256();
+                    bq_bf16_interleave16(P + (size_t)kw * NR + 16 * h, lo, hi);
                 }
             }
         } else {   /* column n of B is row n of W: its pairs are consecutive; scatter them 32 words apart */
@@ -108,12 +90,9 @@ static void bf16_pack_b_panels(uint16_t *dst, const float *B, long ldb, int tran
             for (int j = 0; j < nn; j++) {
                 const float *w = B + (long)(n0 + j) * ldb;
                 for (int k0 = 0; k0 < K; k0 += 32) {
-                    const int kn = K - k0;
-                    __m512 a = _mm512_maskz_loadu_ps(mask16(kn), w + k0);
-                    __m512 b = _mm512_maskz_loadu_ps(mask16(kn - 16), w + k0 + 16);
+                    const int kn = K - k0, nw = (kn >= 32 ? 32 : kn + 1) / 2;
                     uint32_t t[16];
-                    _mm512_storeu_si512(t, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-                    const int nw = (kn >= 32 ? 32 : kn + 1) / 2;
+                    bq_bf16_words(t, w + k0, kn, nw);
                     for (int i = 0; i < nw; i++) P[(size_t)(k0 / 2 + i) * NR + j] = t[i];
                 }
             }
@@ -150,24 +129,16 @@ static void bf16_pack_a(uint32_t *Ap, const float *A, long lda, int transA, int 
                     memset(w, 0, (size_t)kwn * 4);
                     continue;
                 }
-                const float *a = A + (long)(i0 + p + r) * lda + k0;
-                const int kn = K - k0;   /* real k left in the row from k0 */
-                for (int kk = 0; kk < 2 * kwn; kk += 32) {
-                    const __m512 x0 = _mm512_maskz_loadu_ps(mask16(kn - kk), a + kk);
-                    const __m512 x1 = _mm512_maskz_loadu_ps(mask16(kn - kk - 16), a + kk + 16);
-                    const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
-                    const int nw = 2 * kwn - kk >= 32 ? 16 : (2 * kwn - kk) / 2;
-                    _mm512_mask_storeu_epi32(w + kk / 2, mask16(nw), v);
-                }
+                bq_bf16_words(w, A + (long)(i0 + p + r) * lda + k0, K - k0, kwn);   /* K - k0: real k left */
             }
         } else {   /* by columns: rows k and k+1 of the source run along m */
             for (int kw = 0; kw < kwn; kw++) {
                 const int k = k0 + 2 * kw;
                 const float *r0 = A + (long)k * lda + i0 + p, *r1 = r0 + lda;
-                __m256i lo = k < K ? bf16x16(r0, rows) : _mm256_setzero_si256();
-                __m256i hi = k + 1 < K ? bf16x16(r1, rows) : _mm256_setzero_si256();
+                __m256i lo = k < K ? bq_bf16x16(r0, rows) : _mm256_setzero_si256();
+                __m256i hi = k + 1 < K ? bq_bf16x16(r1, rows) : _mm256_setzero_si256();
                 uint32_t t[16];
-                interleave_store(t, lo, hi, 16);
+                bq_bf16_interleave16(t, lo, hi);
                 memcpy(P + (size_t)kw * MR, t, MR * 4);
             }
         }
@@ -198,7 +169,7 @@ static inline __attribute__((always_inline)) void kernel_bf16(const int ak, cons
     __m512 tile[MR][2];
 #pragma GCC unroll 12
     for (int r = 0; r < MR; r++) tile[r][0] = c[r][0], tile[r][1] = c[r][1];
-    const __mmask16 m0 = mask16(nr), m1 = mask16(nr - 16);
+    const __mmask16 m0 = bq_mask16(nr), m1 = bq_mask16(nr - 16);
     const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
     const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
     for (int r = 0; r < mr; r++) {
@@ -246,7 +217,7 @@ static void kernel_i8(int kq, const uint32_t *A, const int8_t *B, float *C, long
     __m512i tile[MR][2];   /* as kernel_bf16 */
 #pragma GCC unroll 12
     for (int r = 0; r < MR; r++) tile[r][0] = c[r][0], tile[r][1] = c[r][1];
-    const __mmask16 m0 = mask16(nr), m1 = mask16(nr - 16);
+    const __mmask16 m0 = bq_mask16(nr), m1 = bq_mask16(nr - 16);
     const __m512 w0 = _mm512_maskz_loadu_ps(m0, sw), w1 = _mm512_maskz_loadu_ps(m1, sw + 16);
     const __m512i s0 = _mm512_maskz_loadu_epi32(m0, qsum), s1 = _mm512_maskz_loadu_epi32(m1, qsum + 16);
     for (int r = 0; r < mr; r++) {
@@ -392,7 +363,7 @@ static float absmax(const float *x, long n) {
     __m512 m = _mm512_setzero_ps();
     long i = 0;
     for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
-    if (i < n) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask16((int)(n - i)), x + i)));
+    if (i < n) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(bq_mask16((int)(n - i)), x + i)));
     return _mm512_reduce_max_ps(m);
 }
 
@@ -433,7 +404,7 @@ static void range_of(const float *x, long n, float *lo, float *hi) {
         b = _mm512_max_ps(b, v);
     }
     if (i < n) {   /* masked-off lanes read as 0, inside the range already */
-        const __m512 v = _mm512_maskz_loadu_ps(mask16((int)(n - i)), x + i);
+        const __m512 v = _mm512_maskz_loadu_ps(bq_mask16((int)(n - i)), x + i);
         a = _mm512_min_ps(a, v);
         b = _mm512_max_ps(b, v);
     }
@@ -463,7 +434,7 @@ static void i8_pack_a(uint32_t *Ap, float *sa, int32_t *za, const float *A, long
             for (int k0 = 0; k0 < K; k0 += 64) {
                 uint32_t t[16];
                 for (int h = 0; h < 4; h++) {
-                    __m512 x = _mm512_maskz_loadu_ps(mask16(K - k0 - 16 * h), a + k0 + 16 * h);
+                    __m512 x = _mm512_maskz_loadu_ps(bq_mask16(K - k0 - 16 * h), a + k0 + 16 * h);
                     __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), zv);   /* RNE */
                     q = _mm512_max_epi32(_mm512_min_epi32(q, top), zero);
                     _mm_storeu_si128((__m128i *)(t + 4 * h), _mm512_cvtepi32_epi8(q));

@@ -132,6 +132,28 @@ static const float *layer_weight(const bq_layer_params *w, int i) {
     return all[i];
 }
 
+/* Lays out the low-precision weights in one block (every matrix's packed copy 64-byte aligned, int8's scales and
+ * sums after it), pointing m->lw into base; with base == NULL only counts the bytes (as layout() does the arena). */
+static size_t layout_lowp(bq_model *m, const bq_lowp_kernels *k, int precision, char *base) {
+    const bq_config *c = &m->cfg;
+    size_t used = 0;
+    for (int l = 0; l < c->L; l++)
+        for (int i = 0; i < BQ_W_N; i++) {
+            int OUT, IN;
+            weight_shape(c, i, &OUT, &IN);
+            size_t b = precision == BQ_PREC_BF16 ? k->bf16_packed_elems(IN, OUT) * 2 : k->i8_packed_bytes(IN, OUT);
+            if (base) {
+                bq_lowp_weight *w = &m->lw[l * BQ_W_N + i];
+                w->w = base + used;
+                w->sw = precision == BQ_PREC_INT8 ? (float *)(base + used + b) : NULL;
+                w->qsum = precision == BQ_PREC_INT8 ? (int32_t *)(base + used + b + (size_t)OUT * sizeof(float)) : NULL;
+            }
+            if (precision == BQ_PREC_INT8) b += (size_t)OUT * (sizeof(float) + sizeof(int32_t));
+            used += (b + 63) & ~(size_t)63;
+        }
+    return used;
+}
+
 int bq_model_set_precision(bq_model *m, int precision, int per_tensor) {
     const bq_lowp_kernels *k = NULL;
     if (precision != BQ_PREC_FP32 && !(k = bq_cpu_lowp(precision, NULL))) return BQ_ERR_ARG;
@@ -145,37 +167,13 @@ int bq_model_set_precision(bq_model *m, int precision, int per_tensor) {
     m->lowp = k;
     m->per_tensor = per_tensor;
     if (!k) return BQ_OK;
-    const bq_config *c = &m->cfg;
-    const int n = c->L * BQ_W_N;
-    size_t bytes = 0;   /* one block: every matrix's packed copy (64-byte aligned), then int8's scales and sums */
-    for (int i = 0; i < BQ_W_N; i++) {
-        int OUT, IN;
-        weight_shape(c, i, &OUT, &IN);
-        size_t b = precision == BQ_PREC_BF16 ? k->bf16_packed_elems(IN, OUT) * 2 : k->i8_packed_bytes(IN, OUT);
-        if (precision == BQ_PREC_INT8) b += (size_t)OUT * (sizeof(float) + sizeof(int32_t));
-        bytes += ((b + 63) & ~(size_t)63) * c->L;
-    }
-    m->lw = calloc(n, sizeof(bq_lowp_weight));
-    m->lw_mem = aligned_alloc(64, bytes);
+    m->lw = calloc((size_t)m->cfg.L * BQ_W_N, sizeof(bq_lowp_weight));
+    m->lw_mem = aligned_alloc(64, layout_lowp(m, k, precision, NULL));
     if (!m->lw || !m->lw_mem) {
         bq_model_set_precision(m, BQ_PREC_FP32, 0);
         return BQ_ERR_NOMEM;
     }
-    char *p = m->lw_mem;
-    for (int l = 0; l < c->L; l++)
-        for (int i = 0; i < BQ_W_N; i++) {
-            int OUT, IN;
-            weight_shape(c, i, &OUT, &IN);
-            bq_lowp_weight *w = &m->lw[l * BQ_W_N + i];
-            size_t b = precision == BQ_PREC_BF16 ? k->bf16_packed_elems(IN, OUT) * 2 : k->i8_packed_bytes(IN, OUT);
-            w->w = p;
-            if (precision == BQ_PREC_INT8) {
-                w->sw = (float *)(p + b);
-                w->qsum = (int32_t *)(p + b + (size_t)OUT * sizeof(float));
-                b += (size_t)OUT * (sizeof(float) + sizeof(int32_t));
-            }
-            p += (b + 63) & ~(size_t)63;
-        }
+    layout_lowp(m, k, precision, m->lw_mem);
     return BQ_OK;
 }
 

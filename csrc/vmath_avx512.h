@@ -40,8 +40,10 @@ static inline __m512 bq_erff16(__m512 z, __m512 *e) {
     return _mm512_or_ps(r, _mm512_and_ps(sign, z));   /* erf is odd: copy z's sign */
 }
 
-/* lanes 0 .. n-1 (n <= 16) */
-static inline __mmask16 bq_mask16(long n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+/* lanes 0 .. n-1 (none for n <= 0, all 16 for n >= 16) */
+static inline __mmask16 bq_mask16(long n) {
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
 
 /* Load / store sixteen floats, all of them (full, a constant after inlining: plain vmovups) or the lanes of k
  * (zero elsewhere): a row's body and its last n % 16 share one step function. Masked loads and stores in the
