@@ -543,6 +543,18 @@ def _ssh(host: str, *command: str, timeout: float = 30) -> int:
         return -1
 
 
+def _tell_workers(hosts: list[str], status: int, timeout: float = 15) -> None:
+    """Write the job's status into each worker's DONE_FILE, all at once: one host that stopped answering costs
+    `timeout` seconds, not that much per host (a worker never told finds its master gone and fails, naming it)."""
+    if not hosts:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    command = shlex.quote(f"echo {status} > {DONE_FILE}")
+    with ThreadPoolExecutor(max_workers=min(len(hosts), 32)) as pool:
+        list(pool.map(lambda host: _ssh(host, "sh", "-c", command, timeout=timeout), hosts))
+
+
 def can_connect(host: str, port: int = 22, timeout: float = 5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -752,7 +764,7 @@ class Job:
                    argv: list[str]) -> None:
         others = [h for h in plan.hosts if h != resource.current_host]
         sshd = None
-        status, reached = None, False
+        status, reached, lost = None, False, None
         try:
             if others:
                 # mpirun reaches every host over ssh, this one too when it does not know itself by its job name.
@@ -768,9 +780,8 @@ class Job:
             reached = True
             status, first_error, user_error, lost = _relay(cmd, env)
         finally:  # also on SIGTERM while waiting for the hosts: nothing the job started outlives it
-            if reached:
-                for host in others:  # the workers wait for it
-                    _ssh(host, "sh", "-c", shlex.quote(f"echo {status if status is not None else -1} > {DONE_FILE}"))
+            if reached:  # the workers wait for it; not the lost one: its name can take the ssh timeout to fail
+                _tell_workers([h for h in others if h != lost], status if status is not None else -1)
             if sshd is not None:
                 sshd.terminate()
                 try:
