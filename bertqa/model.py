@@ -460,7 +460,7 @@ def check_precision(device: str, precision: Optional[str]) -> str:
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'int8', got {precision!r}")
         why = _C.runtime_info()["precisions"].get(precision)   # None, or "needs <the instructions>, which ..."
         if why:
-            raise RuntimeError(f"precision {precision!r} on the CPU {why}; use precision='fp32'")
+            raise RuntimeError(f"precision {precision!r} on the CPU {why}; fp32 (the default) runs on any CPU")
         return precision
     if precision == "int8":
         raise ValueError("precision 'int8' runs on the CPU engine only (AVX-512 VNNI); on cuda use 'bf16' or 'fp32'")

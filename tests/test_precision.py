@@ -109,7 +109,7 @@ def test_a_precision_this_cpu_lacks_names_the_instructions(precision):
         return
     with pytest.raises(RuntimeError, match="AVX-512") as e:
         BertQA(tiny_config(), precision=precision)
-    assert why in str(e.value) and "use precision='fp32'" in str(e.value)
+    assert why in str(e.value) and "fp32 (the default) runs on any CPU" in str(e.value)
 
 
 def test_avx2_only_process_refuses_bf16_and_int8_naming_avx512():
@@ -139,7 +139,7 @@ def test_avx2_only_process_refuses_bf16_and_int8_naming_avx512():
     for p in ("bf16", "int8"):
         assert out["info"][p] is not None and "AVX-512" in out["info"][p]
         assert out[p].startswith(f"precision '{p}' on the CPU needs ") and "AVX-512" in out[p], out[p]
-        assert out[p].endswith("use precision='fp32'")
+        assert out[p].endswith("fp32 (the default) runs on any CPU")
 
 
 @needs_int8
