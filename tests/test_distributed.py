@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bertqa._core import _C
 from bertqa.train import TrainingArguments, TrainPlan
 from qa_helpers import engine_available, make_tiny_model, write_squad_subset
 
@@ -169,6 +170,21 @@ def test_two_ranks_train_the_same_model_as_one_process(job, tmp_path):
     assert r2["world_size"] == 2 and r2["eval_examples"] == r1["eval_examples"] == 20
     assert r2["f1"] == pytest.approx(r1["f1"], abs=1e-6)
     assert json.loads((two / "predictions.json").read_text()) == json.loads((one / "predictions.json").read_text())
+
+
+@needs_mpi
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_rank_0s_weights_reach_every_rank_and_its_low_precision_copies(job, tmp_path, precision):
+    """Rank 1 loads other weights and packs them for its engine (dp_fault.py "perturb"): the job is still the one
+    process job, so rank 0's broadcast replaced rank 1's parameters and, in bf16, the bf16 copies its products use."""
+    why = _C.runtime_info()["precisions"][precision]
+    if why:
+        pytest.skip(f"{precision} does not run here: it {why}")
+    extra = ("--precision", precision)
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(finetune(job, one, ranks=1, batch=8, extra=extra))
+    ok(finetune(job, two, ranks=2, batch=4, extra=extra, fault="1:0:perturb"))
+    assert_same_run(one, two)
 
 
 @needs_mpi
