@@ -113,9 +113,10 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
 /* The same in bf16 or int8 (cpu.h's bq_lowp_kernels k, prec BQ_PREC_BF16 / BQ_PREC_INT8): the weight comes
  * packed (wp: k->bf16_pack_b of W^T, or k->i8_pack_weights with its scales sw and sums qsum), the activations are
  * rounded / quantized as the product reads them (int8: one scale per row, or per tensor when per_tensor), the
- * bias added in fp32. BQ_ERR_NOMEM when a scratch buffer cannot be had. */
+ * bias added in fp32; with gelu, out = GELU of that (gelu_forward's bit for bit), applied as the results are
+ * stored. BQ_ERR_NOMEM when a scratch buffer cannot be had. */
 int linear_forward_lowp(const void *k, int prec, const void *wp, const float *sw, const int32_t *qsum, int per_tensor,
-                        float *out, const float *inp, const float *bias, int N, int IN, int OUT);
+                        float *out, const float *inp, const float *bias, int N, int IN, int OUT, int gelu);
 /* bf16 backward: dinp += dout @ W and dweight += dout.T @ inp with the operands rounded to bf16 and fp32 sums;
  * dbias in fp32 as linear_backward. */
 int linear_backward_bf16(const void *k, float *dinp, float *dweight, float *dbias, const float *dout,

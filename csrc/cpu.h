@@ -155,22 +155,22 @@ enum { BQ_PREC_FP32 = 0, BQ_PREC_BF16 = 1, BQ_PREC_INT8 = 2 };
 typedef struct {
     /* bf16: B [K,N] (B[k,n] = transB ? B[n*ldb + k] : B[k*ldb + n]) rounded to bf16 into a packed buffer of
      * bf16_packed_elems(K, N) uint16; C[M,N] = (beta 0) or += (beta 1) op(A) B with A rounded as it is read
-     * (A[m,k] = transA ? A[k*lda + m] : A[m*lda + k]) and fp32 sums, plus bias[N] (beta 0; NULL: none);
-     * gemm_bf16_full packs B itself. */
+     * (A[m,k] = transA ? A[k*lda + m] : A[m*lda + k]) and fp32 sums, plus bias[N] (beta 0; NULL: none), then
+     * with gelu GELU of each result as it is stored (bit for bit gelu_forward's); gemm_bf16_full packs B itself. */
     size_t (*bf16_packed_elems)(int K, int N);
     void (*bf16_pack_b)(uint16_t *dst, const float *B, long ldb, int transB, int K, int N);
     int (*gemm_bf16)(int transA, int M, int N, int K, const float *A, long lda, const uint16_t *Bp, float beta,
-                     float *C, long ldc, const float *bias);
+                     float *C, long ldc, const float *bias, int gelu);
     int (*gemm_bf16_full)(int transA, int transB, int M, int N, int K, const float *A, long lda, const float *B,
                           long ldb, float beta, float *C, long ldc);
     /* int8: W [N,K] quantized per output channel into i8_packed_bytes(K, N) bytes, sw [N] its scales, qsum [N]
      * its quantized rows' sums; C[M,N] = (beta 0) or += (beta 1) A W^T with A quantized to u8 with a zero point,
-     * per row (per_tensor 0) or per tensor, plus bias[N] (beta 0; NULL: none). BQ_ERR_ARG for K >= 66,000 (int32
-     * sums could overflow). */
+     * per row (per_tensor 0) or per tensor, plus bias[N] (beta 0; NULL: none), then GELU with gelu, as
+     * gemm_bf16. BQ_ERR_ARG for K >= 66,000 (int32 sums could overflow). */
     size_t (*i8_packed_bytes)(int K, int N);
     void (*i8_pack_weights)(int8_t *dst, float *sw, int32_t *qsum, const float *W, long ldw, int N, int K);
     int (*gemm_i8)(int M, int N, int K, const float *A, long lda, const int8_t *Bp, const float *sw,
-                   const int32_t *qsum, int per_tensor, float beta, float *C, long ldc, const float *bias);
+                   const int32_t *qsum, int per_tensor, float beta, float *C, long ldc, const float *bias, int gelu);
 } bq_lowp_kernels;
 
 /* The table for a precision's products (BQ_PREC_BF16 or BQ_PREC_INT8) when this build, the CPU and the
@@ -185,13 +185,13 @@ int bq_cpu_has_avx512_vnni(void);
 size_t bf16_packed_elems_avx512(int K, int N);
 void bf16_pack_b_avx512(uint16_t *dst, const float *B, long ldb, int transB, int K, int N);
 int gemm_bf16_avx512(int transA, int M, int N, int K, const float *A, long lda, const uint16_t *Bp, float beta,
-                     float *C, long ldc, const float *bias);
+                     float *C, long ldc, const float *bias, int gelu);
 int gemm_bf16_full_avx512(int transA, int transB, int M, int N, int K, const float *A, long lda, const float *B,
                           long ldb, float beta, float *C, long ldc);
 size_t i8_packed_bytes_avx512(int K, int N);
 void i8_pack_weights_avx512(int8_t *dst, float *sw, int32_t *qsum, const float *W, long ldw, int N, int K);
 int gemm_i8_avx512(int M, int N, int K, const float *A, long lda, const int8_t *Bp, const float *sw,
-                   const int32_t *qsum, int per_tensor, float beta, float *C, long ldc, const float *bias);
+                   const int32_t *qsum, int per_tensor, float beta, float *C, long ldc, const float *bias, int gelu);
 #endif
 
 #endif /* BERTQA_CPU_H */

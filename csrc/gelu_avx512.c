@@ -12,13 +12,8 @@ BQ_AVX512_BEGIN
 #define INV_SQRT_2PI 0.39894228040143267794f
 
 void gelu_forward_avx512(float *out, const float *inp, long n) {
-    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f), k = _mm512_set1_ps(INV_SQRT2);
     long i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 x = _mm512_loadu_ps(inp + i), e;
-        __m512 erf = bq_erff16(_mm512_mul_ps(x, k), &e);
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf)));
-    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, bq_gelu16(_mm512_loadu_ps(inp + i)));
     if (i < n) gelu_forward_avx2(out + i, inp + i, n - i);
 }
 

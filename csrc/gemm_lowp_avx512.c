@@ -148,10 +148,11 @@ static void bf16_pack_a(uint32_t *Ap, const float *A, long lda, int transA, int 
 /* ---- micro-kernels ---------------------------------------------------------------------------------------- */
 
 /* C[mr, nr] (rows ldc apart) = (or +=, acc) the 12 x 32 product of one A micro-panel (word (r, k) at
- * A[k * ak + r * ar]) and one B panel [kw][32][2], plus bias[0 .. nr) when not acc and bias is given */
+ * A[k * ak + r * ar]) and one B panel [kw][32][2], plus bias[0 .. nr) when not acc and bias is given; then, with
+ * gelu, GELU of the sum (vmath_avx512.h's bq_gelu16, bit for bit gelu_forward's) */
 static inline __attribute__((always_inline)) void kernel_bf16(const int ak, const int ar, int kw, const uint32_t *A,
                                                                const uint16_t *B, float *C, long ldc, int mr, int nr,
-                                                               int acc, const float *bias) {
+                                                               int acc, const float *bias, int gelu) {
     __m512 c[MR][2];
 #pragma GCC unroll 12
     for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
@@ -182,25 +183,27 @@ static inline __attribute__((always_inline)) void kernel_bf16(const int ak, cons
             v0 = _mm512_add_ps(v0, b0);
             v1 = _mm512_add_ps(v1, b1);
         }
+        if (gelu) v0 = bq_gelu16(v0), v1 = bq_gelu16(v1);
         _mm512_mask_storeu_ps(o, m0, v0);
         _mm512_mask_storeu_ps(o + 16, m1, v1);
     }
 }
 
 static void kernel_bf16_rows(int kw, const uint32_t *A, const uint16_t *B, float *C, long ldc, int mr, int nr, int acc,
-                             const float *bias) {
-    kernel_bf16(1, KCW, kw, A, B, C, ldc, mr, nr, acc, bias);
+                             const float *bias, int gelu) {
+    kernel_bf16(1, KCW, kw, A, B, C, ldc, mr, nr, acc, bias, gelu);
 }
 
 static void kernel_bf16_cols(int kw, const uint32_t *A, const uint16_t *B, float *C, long ldc, int mr, int nr, int acc,
-                             const float *bias) {
-    kernel_bf16(MR, 1, kw, A, B, C, ldc, mr, nr, acc, bias);
+                             const float *bias, int gelu) {
+    kernel_bf16(MR, 1, kw, A, B, C, ldc, mr, nr, acc, bias, gelu);
 }
 
-/* C = sa[r] * sw[n] * (sum_k a_u8 w_s8 - za[r] * qsum[n]) (+ C when acc, else + bias[n] when given), one 12 x 32
- * tile over kq quads of k */
+/* C = sa[r] * sw[n] * (sum_k a_u8 w_s8 - za[r] * qsum[n]) (+ C when acc, else + bias[n] when given; then GELU of
+ * it with gelu), one 12 x 32 tile over kq quads of k */
 static void kernel_i8(int kq, const uint32_t *A, const int8_t *B, float *C, long ldc, int mr, int nr, int acc,
-                      const float *sa, const int32_t *za, const float *sw, const int32_t *qsum, const float *bias) {
+                      const float *sa, const int32_t *za, const float *sw, const int32_t *qsum, const float *bias,
+                      int gelu) {
     __m512i c[MR][2];
 #pragma GCC unroll 12
     for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = _mm512_setzero_si512();
@@ -235,6 +238,7 @@ static void kernel_i8(int kq, const uint32_t *A, const int8_t *B, float *C, long
             v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, bias));
             v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, bias + 16));
         }
+        if (gelu) v0 = bq_gelu16(v0), v1 = bq_gelu16(v1);
         _mm512_mask_storeu_ps(o, m0, v0);
         _mm512_mask_storeu_ps(o + 16, m1, v1);
     }
@@ -278,7 +282,7 @@ static plan make_plan(int M, int N, int K) {
 
 /* Rows [i0, i0+mr) x panels [jp0, jp1) of C for one k block, A's micro-panels packed in Ap */
 static void tile_bf16(int transA, const uint32_t *Ap, const uint16_t *Bp, int Kw, int kw0, int kwn, float *C, long ldc,
-                      int i0, int mr, int N, int jp0, int jp1, int acc, const float *bias) {
+                      int i0, int mr, int N, int jp0, int jp1, int acc, const float *bias, int gelu) {
     for (int jp = jp0; jp < jp1; jp++) {
         const uint16_t *B = Bp + ((size_t)jp * Kw + kw0) * NR * 2;
         const int nr = N - jp * NR < NR ? N - jp * NR : NR;
@@ -287,20 +291,23 @@ static void tile_bf16(int transA, const uint32_t *Ap, const uint16_t *Bp, int Kw
             float *c = C + (long)(i0 + p) * ldc + jp * NR;
             const int rows = mr - p < MR ? mr - p : MR;
             const float *bj = bias ? bias + jp * NR : NULL;
-            if (transA) kernel_bf16_cols(kwn, A, B, c, ldc, rows, nr, acc, bj);
-            else kernel_bf16_rows(kwn, A, B, c, ldc, rows, nr, acc, bj);
+            if (transA) kernel_bf16_cols(kwn, A, B, c, ldc, rows, nr, acc, bj, gelu);
+            else kernel_bf16_rows(kwn, A, B, c, ldc, rows, nr, acc, bj, gelu);
         }
     }
 }
 
-/* beta is 0 (C = A B, + bias[n] when given) or 1 (C += A B). Cut by blocks of rows (each thread packs its own A blocks), or, with
+/* beta is 0 (C = A B, + bias[n] when given) or 1 (C += A B); with gelu, C = GELU of that as the last k block stores
+ * it. Cut by blocks of rows (each thread packs its own A blocks), or, with
  * few rows, by column panels: then the threads pack all of A once between them, one k block at a time. */
 int gemm_bf16_avx512(int transA, int M, int N, int K, const float *A, long lda, const uint16_t *Bp, float beta,
-                     float *C, long ldc, const float *bias) {
+                     float *C, long ldc, const float *bias, int gelu) {
     if (M <= 0 || N <= 0) return BQ_OK;
     if (K <= 0) {   /* nothing to add */
-        for (int i = 0; i < M && beta == 0.0f; i++)
-            for (int j = 0; j < N; j++) C[(long)i * ldc + j] = bias ? bias[j] : 0.0f;
+        for (int i = 0; i < M; i++) {
+            for (int j = 0; j < N && beta == 0.0f; j++) C[(long)i * ldc + j] = bias ? bias[j] : 0.0f;
+            if (gelu) gelu_forward_avx512(C + (long)i * ldc, C + (long)i * ldc, N);
+        }
         return BQ_OK;
     }
     const plan pl = make_plan(M, N, K);
@@ -325,7 +332,8 @@ int gemm_bf16_avx512(int transA, int M, int N, int K, const float *A, long lda, 
                 for (int kw0 = 0; kw0 < Kw; kw0 += KCW) {
                     const int kwn = Kw - kw0 < KCW ? Kw - kw0 : KCW;
                     bf16_pack_a(Ap, A, lda, transA, M, K, i0, mr, kw0, kwn);
-                    tile_bf16(transA, Ap, Bp, Kw, kw0, kwn, C, ldc, i0, mr, N, 0, np, kw0 > 0 || acc0, bias);
+                    tile_bf16(transA, Ap, Bp, Kw, kw0, kwn, C, ldc, i0, mr, N, 0, np, kw0 > 0 || acc0, bias,
+                              gelu && kw0 + kwn == Kw);
                 }
             }
         } else {
@@ -338,7 +346,8 @@ int gemm_bf16_avx512(int transA, int M, int N, int K, const float *A, long lda, 
                     bf16_pack_a(As + (size_t)p * PANEL_WORDS, A, lda, transA, M, K, i0, M - i0 < MR ? M - i0 : MR,
                                 kw0, kwn);
                 }
-                tile_bf16(transA, As, Bp, Kw, kw0, kwn, C, ldc, 0, M, N, jp0, jp1, kw0 > 0 || acc0, bias);
+                tile_bf16(transA, As, Bp, Kw, kw0, kwn, C, ldc, 0, M, N, jp0, jp1, kw0 > 0 || acc0, bias,
+                          gelu && kw0 + kwn == Kw);
 #pragma omp barrier
             }
         }
@@ -352,7 +361,7 @@ int gemm_bf16_full_avx512(int transA, int transB, int M, int N, int K, const flo
     uint16_t *Bp = scratch(1, bf16_packed_elems_avx512(K, N) * 2);
     if (!Bp) return BQ_ERR_NOMEM;
     bf16_pack_b_avx512(Bp, B, ldb, transB, K, N);
-    return gemm_bf16_avx512(transA, M, N, K, A, lda, Bp, beta, C, ldc, NULL);
+    return gemm_bf16_avx512(transA, M, N, K, A, lda, Bp, beta, C, ldc, NULL, 0);
 }
 
 /* ---- int8 ------------------------------------------------------------------------------------------------- */
@@ -450,20 +459,20 @@ static void i8_pack_a(uint32_t *Ap, float *sa, int32_t *za, const float *A, long
  * scales and zero points in sa, za */
 static void tile_i8(const uint32_t *Ap, const float *sa, const int32_t *za, const int8_t *Bp, int Kq, float *C,
                     long ldc, int i0, int mr, int N, int jp0, int jp1, int acc, const float *sw, const int32_t *qsum,
-                    const float *bias) {
+                    const float *bias, int gelu) {
     for (int jp = jp0; jp < jp1; jp++) {
         const int8_t *B = Bp + (size_t)jp * Kq * NR * 4;
         const int nr = N - jp * NR < NR ? N - jp * NR : NR;
         for (int p = 0; p < mr; p += MR)
             kernel_i8(Kq, Ap + (size_t)(p / MR) * Kq * MR, B, C + (long)(i0 + p) * ldc + jp * NR, ldc,
                       mr - p < MR ? mr - p : MR, nr, acc, sa + p, za + p, sw + jp * NR, qsum + jp * NR,
-                      bias ? bias + jp * NR : NULL);
+                      bias ? bias + jp * NR : NULL, gelu);
     }
 }
 
 /* Cut as gemm_bf16_avx512: by blocks of rows, or by column panels with A quantized once between the threads. */
 int gemm_i8_avx512(int M, int N, int K, const float *A, long lda, const int8_t *Bp, const float *sw,
-                   const int32_t *qsum, int per_tensor, float beta, float *C, long ldc, const float *bias) {
+                   const int32_t *qsum, int per_tensor, float beta, float *C, long ldc, const float *bias, int gelu) {
     if (K >= 66000) return BQ_ERR_ARG;
     if (M <= 0 || N <= 0 || K <= 0) return M > 0 && N > 0 ? BQ_ERR_ARG : BQ_OK;
     const plan pl = make_plan(M, N, K);
@@ -497,7 +506,7 @@ int gemm_i8_avx512(int M, int N, int K, const float *A, long lda, const int8_t *
             for (int ib = t; ib < pl.mblocks && Ap; ib += nt) {
                 const int i0 = ib * pl.mc, mr = M - i0 < pl.mc ? M - i0 : pl.mc;
                 i8_pack_a(Ap, sa, za, A, lda, K, i0, mr, per_tensor, t_lo, t_hi);
-                tile_i8(Ap, sa, za, Bp, Kq, C, ldc, i0, mr, N, 0, np, acc, sw, qsum, bias);
+                tile_i8(Ap, sa, za, Bp, Kq, C, ldc, i0, mr, N, 0, np, acc, sw, qsum, bias, gelu);
             }
         } else {
 #pragma omp for schedule(static)
@@ -507,7 +516,7 @@ int gemm_i8_avx512(int M, int N, int K, const float *A, long lda, const int8_t *
                           per_tensor, t_lo, t_hi);
             }
             const int jp0 = (int)((long)np * t / nt), jp1 = (int)((long)np * (t + 1) / nt);
-            tile_i8(Ap, sa, za, Bp, Kq, C, ldc, 0, M, N, jp0, jp1, acc, sw, qsum, bias);
+            tile_i8(Ap, sa, za, Bp, Kq, C, ldc, 0, M, N, jp0, jp1, acc, sw, qsum, bias, gelu);
         }
     }
     return st;

@@ -48,10 +48,10 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
 }
 
 int linear_forward_lowp(const void *kp, int prec, const void *wp, const float *sw, const int32_t *qsum, int per_tensor,
-                        float *out, const float *inp, const float *bias, int N, int IN, int OUT) {
+                        float *out, const float *inp, const float *bias, int N, int IN, int OUT, int gelu) {
     const bq_lowp_kernels *k = kp;   /* the bias is added as the products store their first block */
-    if (prec == BQ_PREC_BF16) return k->gemm_bf16(0, N, OUT, IN, inp, IN, wp, 0.0f, out, OUT, bias);
-    return k->gemm_i8(N, OUT, IN, inp, IN, wp, sw, qsum, per_tensor, 0.0f, out, OUT, bias);
+    if (prec == BQ_PREC_BF16) return k->gemm_bf16(0, N, OUT, IN, inp, IN, wp, 0.0f, out, OUT, bias, gelu);
+    return k->gemm_i8(N, OUT, IN, inp, IN, wp, sw, qsum, per_tensor, 0.0f, out, OUT, bias, gelu);
 }
 
 int linear_backward_bf16(const void *kp, float *dinp, float *dweight, float *dbias, const float *dout,

@@ -199,16 +199,19 @@ static void refresh_lowp_weights(bq_model *m) {
 }
 
 /* out = x W^T + b for weight matrix i of layer l, in the model's precision */
-static int lin_fwd(bq_model *m, int l, int i, float *out, const float *x, const float *b, int N) {
+/* out = x W^T + b, then GELU of it with gelu (in bf16 / int8 applied as the product stores its results) */
+static int lin_fwd(bq_model *m, int l, int i, float *out, const float *x, const float *b, int N, int gelu) {
     int OUT, IN;
     weight_shape(&m->cfg, i, &OUT, &IN);
     const float *W = layer_weight(&m->p.layers[l], i);
     if (!m->lowp) {
         linear_forward(out, x, W, b, N, IN, OUT);
+        if (gelu) gelu_forward(out, out, (size_t)N * OUT);
         return BQ_OK;
     }
     const bq_lowp_weight *w = &m->lw[l * BQ_W_N + i];
-    return linear_forward_lowp(m->lowp, m->precision, w->w, w->sw, w->qsum, m->per_tensor, out, x, b, N, IN, OUT);
+    return linear_forward_lowp(m->lowp, m->precision, w->w, w->sw, w->qsum, m->per_tensor, out, x, b, N, IN, OUT,
+                               gelu);
 }
 
 /* the backward of lin_fwd: dx += dout W, dW += dout^T x, db += sum dout */
@@ -344,9 +347,9 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
         bq_layer_acts *a = &m->acts[l];
         const bq_layer_params *w = &m->p.layers[l];
         PROF(BQ_PROF_FWD_LINEAR, {
-            st = lin_fwd(m, l, BQ_W_Q, a->q, x, w->qb, N);
-            if (!st) st = lin_fwd(m, l, BQ_W_K, a->k, x, w->kb, N);
-            if (!st) st = lin_fwd(m, l, BQ_W_V, a->v, x, w->vb, N);
+            st = lin_fwd(m, l, BQ_W_Q, a->q, x, w->qb, N, 0);
+            if (!st) st = lin_fwd(m, l, BQ_W_K, a->k, x, w->kb, N, 0);
+            if (!st) st = lin_fwd(m, l, BQ_W_V, a->v, x, w->vb, N, 0);
         });
         if (st) return st;
         if (attn16)   /* inference in bf16 or int8: attention's products in bf16 too */
@@ -356,15 +359,18 @@ int bq_forward(bq_model *m, const int64_t *ids, const int64_t *types, const floa
             PROF(BQ_PROF_FWD_ATTENTION, st = attention_forward_rows(a->ctx, train ? a->att : NULL, a->q, a->k, a->v,
                                                                     mask, T, B, off, NH, HS, C, pa, r, SITE_ATT(l)));
         if (st) return st;
-        PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_AO, a->res1, a->ctx, w->aob, N));   /* attention output */
+        PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_AO, a->res1, a->ctx, w->aob, N, 0));   /* attention output */
         if (st) return st;
         PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(m, a->res1, x, a->res1, pd, train, r, SITE_AO(l)));
         PROF(BQ_PROF_FWD_LAYERNORM,
              layernorm_forward(a->h1, a->mean1, a->rstd1, a->res1, w->ln1w, w->ln1b, N, C, c->eps));
-        PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_FC, a->fc, a->h1, w->fcb, N));
+        /* in bf16 / int8 inference the product stores GELU of its sums (GELU is in place there: gelu == fc);
+         * training keeps the GELU input for the backward */
+        const int fused_gelu = m->lowp && !train;
+        PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_FC, a->fc, a->h1, w->fcb, N, fused_gelu));
         if (st) return st;
-        PROF(BQ_PROF_FWD_GELU, gelu_forward(a->gelu, a->fc, (size_t)N * I));
-        PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_FC2, a->res2, a->gelu, w->fc2b, N));
+        if (!fused_gelu) PROF(BQ_PROF_FWD_GELU, gelu_forward(a->gelu, a->fc, (size_t)N * I));
+        PROF(BQ_PROF_FWD_LINEAR, st = lin_fwd(m, l, BQ_W_FC2, a->res2, a->gelu, w->fc2b, N, 0));
         if (st) return st;
         PROF(BQ_PROF_FWD_DROPOUT_RESIDUAL, residual(m, a->res2, a->h1, a->res2, pd, train, r, SITE_FFN(l)));
         PROF(BQ_PROF_FWD_LAYERNORM,

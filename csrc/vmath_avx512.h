@@ -40,6 +40,14 @@ static inline __m512 bq_erff16(__m512 z, __m512 *e) {
     return _mm512_or_ps(r, _mm512_and_ps(sign, z));   /* erf is odd: copy z's sign */
 }
 
+/* GELU, exact erf form 0.5 x (1 + erf(x / sqrt(2))), sixteen lanes: gelu_avx2.c's formula operation for operation
+ * (gelu_forward_avx512 and the low-precision products' epilogue share it, so their results are equal bit for bit) */
+static inline __m512 bq_gelu16(__m512 x) {
+    __m512 e;
+    const __m512 erf = bq_erff16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f)), &e);
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
+}
+
 /* lanes 0 .. n-1 (none for n <= 0, all 16 for n >= 16) */
 static inline __mmask16 bq_mask16(long n) {
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);

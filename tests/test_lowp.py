@@ -168,6 +168,54 @@ def test_int8_product_is_the_quantized_operands(rng, M, N, K, per_tensor):
     assert (np.abs(out - E) <= bound * (1 + 2.0 ** -20) + 1e-30).all()
 
 
+def gelu_f32(x):
+    """GELU as the engine's own pass computes it (_gelu_into: gelu_forward, float32)."""
+    out = np.empty_like(x)
+    _C._gelu_into(out, x)
+    return out
+
+
+@needs("bf16")
+@pytest.mark.parametrize("M,N,K", BF16_SHAPES)
+@pytest.mark.parametrize("ta", [0, 1])
+def test_bf16_product_epilogue_adds_the_bias_then_gelu(rng, M, N, K, ta):
+    """The inference products' epilogue: the bias is one more float32 summand (test 1's bound with K + 1 terms),
+    and GELU is applied as the last k block stores, bit for bit the separate GELU pass on the same sums."""
+    a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+    w = (rng.standard_normal((N, K)) * 0.2).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    with_bias, fused = np.empty((M, N), np.float32), np.empty((M, N), np.float32)
+    _C._gemm_bf16(a, w, with_bias, ta, 1, False, bias=bias)
+    A, B = op(bf16_round(a).astype(np.float64), ta), bf16_round(w).astype(np.float64).T
+    bound = (K + 1) * U32 * (np.abs(A) @ np.abs(B) + np.abs(bias))
+    assert (np.abs(with_bias - (A @ B + bias)) <= bound * 1.01 + 1e-30).all()
+    _C._gemm_bf16(a, w, fused, ta, 1, False, bias=bias, gelu=True)
+    np.testing.assert_array_equal(fused, gelu_f32(with_bias))
+    c = rng.standard_normal((M, N)).astype(np.float32)   # accumulating: GELU of c + the product
+    summed, fused = c.copy(), c.copy()
+    _C._gemm_bf16(a, w, summed, ta, 1, True)
+    _C._gemm_bf16(a, w, fused, ta, 1, True, gelu=True)
+    np.testing.assert_array_equal(fused, gelu_f32(summed))
+
+
+@needs("int8")
+@pytest.mark.parametrize("M,N,K", INT8_SHAPES)
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_int8_product_epilogue_adds_the_bias_then_gelu(rng, M, N, K, per_tensor):
+    """As for bf16: the bias is one more float32 addition after test 3's epilogue (one more rounding), GELU bit for
+    bit the separate pass."""
+    a = (rng.standard_normal((M, K)) * rng.uniform(0.1, 10, (M, 1))).astype(np.float32)
+    w = (rng.standard_normal((N, K)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    plain, with_bias, fused = (np.empty((M, N), np.float32) for _ in range(3))
+    _C._gemm_i8(a, w, plain, per_tensor, False)
+    _C._gemm_i8(a, w, with_bias, per_tensor, False, bias=bias)
+    want = plain.astype(np.float64) + bias
+    assert (np.abs(with_bias - want) <= U32 * np.abs(want) + 1e-37).all()
+    _C._gemm_i8(a, w, fused, per_tensor, False, bias=bias, gelu=True)
+    np.testing.assert_array_equal(fused, gelu_f32(with_bias))
+
+
 @needs("bf16")
 @pytest.mark.parametrize("lens,NH,HS", [([37, 5, 200], 3, 15), ([384], 12, 32), ([1, 64, 65, 130], 2, 64),
                                         ([100], 1, 7)])
@@ -202,11 +250,15 @@ def test_bad_arguments_are_clear_errors(rng):
             _C._gemm_bf16(a, b, np.empty((4, 3), np.float32), False, True, False)
         with pytest.raises(TypeError):
             _C._gemm_bf16(a.astype(np.float64), a, np.empty((4, 4), np.float32), False, True, False)
+        with pytest.raises(ValueError, match="bias"):
+            _C._gemm_bf16(a, a, np.empty((4, 4), np.float32), False, True, False, bias=np.ones(5, np.float32))
     if PRECISIONS["int8"] is None:
         with pytest.raises(ValueError, match="w.shape"):
             _C._gemm_i8(a, b, np.empty((4, 3), np.float32), False, False)
         with pytest.raises(ValueError, match="repeat"):
             _C._gemm_i8(a, a, np.empty((4, 4), np.float32), False, False, 0)
+        with pytest.raises(ValueError, match="bias"):
+            _C._gemm_i8(a, a, np.empty((4, 4), np.float32), False, False, bias=np.ones((2, 2), np.float32))
 
 
 # ---- the engine ----------------------------------------------------------------------------------------------
