@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bertqa.model import BertQA  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine import config_for, model_flops, batch_for, engine_step, paired_share  # noqa: E402
+from engine import config_for, model_flops, batch_for, engine_step, gemm_rate, paired_share  # noqa: E402
 
 SHAPES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
           "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
@@ -41,16 +41,7 @@ N_PEAK = 2048
 
 
 def _peak_pair():
-    rng = np.random.default_rng(1)
-    a = rng.standard_normal((N_PEAK, N_PEAK)).astype(np.float32)
-    b = rng.standard_normal((N_PEAK, N_PEAK)).astype(np.float32)
-    c = np.empty((N_PEAK, N_PEAK), np.float32)
-
-    def rate():
-        t0 = time.perf_counter()
-        np.matmul(a, b.T, out=c)
-        return 2.0 * N_PEAK**3 / (time.perf_counter() - t0) / 1e9
-    return rate
+    return gemm_rate("numpy", N_PEAK, seed=1)
 
 
 def paired(fn, flops, peak_rate, reps, unit_s=0.05):

@@ -267,7 +267,8 @@ INT8_REPEAT = 4
 
 
 def gemm_rate(precision, n, seed=0):
-    """A callable giving the GFLOP/s of one n^3 product of `precision` (see GEMM_NAMES), on its own operands."""
+    """A callable giving the GFLOP/s of one n^3 product of `precision` (see GEMM_NAMES; "numpy": NumPy's
+    a @ b.T through its OpenBLAS), on its own operands."""
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((n, n)).astype(np.float32)
     b = rng.standard_normal((n, n)).astype(np.float32)
@@ -275,6 +276,8 @@ def gemm_rate(precision, n, seed=0):
     products = 1
     if precision == "fp32":
         def fn(): ops._C.sgemm(a, b, c)
+    elif precision == "numpy":
+        def fn(): np.matmul(a, b.T, out=c)
     elif precision == "bf16":
         def fn(): ops._C._gemm_bf16(a, b, c, False, True, False)
     else:
@@ -298,19 +301,7 @@ def sgemm_peak(sizes=(2048, 3072), reps=4, precision="fp32"):
     understating every share)."""
     best = 0.0
     for n in sizes:
-        rates = [gemm_rate(precision, n)]
-        if precision == "fp32":
-            rng = np.random.default_rng(0)
-            a = rng.standard_normal((n, n)).astype(np.float32)
-            b = rng.standard_normal((n, n)).astype(np.float32)
-            c = np.empty((n, n), np.float32)
-
-            def numpy_rate():
-                t0 = time.perf_counter()
-                np.matmul(a, b.T, out=c)
-                return 2.0 * n**3 / (time.perf_counter() - t0) / 1e9
-
-            rates.append(numpy_rate)
+        rates = [gemm_rate(p, n) for p in ((precision, "numpy") if precision == "fp32" else (precision,))]
         for rate in rates:
             rate()  # warm-up
             best = max([best] + [rate() for _ in range(reps)])
