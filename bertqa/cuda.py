@@ -14,20 +14,47 @@ which is loaded at run time (:func:`nccl_version`, :func:`nccl_unique_id`): bert
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 _module = None
 _import_error: str | None = None
 
 
+def _load_extension_file(path: str):
+    """bertqa._cuda from a file: the CPU emulator's build (cuda/emu/build.py), for testing the backend's code on a
+    machine without a GPU. Never set in production."""
+    import importlib.machinery  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    if not os.path.isfile(path):
+        raise ImportError(f"BERTQA_CUDA_EXTENSION={path}: no such file")
+    loader = importlib.machinery.ExtensionFileLoader("bertqa._cuda", path)
+    spec = importlib.util.spec_from_file_location("bertqa._cuda", path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bertqa._cuda"] = module
+    try:
+        loader.exec_module(module)
+    except BaseException:
+        del sys.modules["bertqa._cuda"]
+        raise
+    return module
+
+
 def _import():
     global _module, _import_error
     if _module is None and _import_error is None:
         try:
-            # deliberately lazy, and by the extension's own name: `from . import _cuda` would reach back up
-            # through the package bertqa, whose cuda_available() imports this module
-            import bertqa._cuda as _cuda  # noqa: PLC0415
-            _module = _cuda
+            path = os.environ.get("BERTQA_CUDA_EXTENSION", "").strip()
+            if path:
+                _module = _load_extension_file(path)
+            else:
+                # deliberately lazy, and by the extension's own name: `from . import _cuda` would reach back up
+                # through the package bertqa, whose cuda_available() imports this module
+                import bertqa._cuda as _cuda  # noqa: PLC0415
+                _module = _cuda
         except ImportError as e:
             _import_error = str(e)
     return _module

@@ -99,11 +99,18 @@ int bq_nccl_load(const char *wheel_lib) {
         if (env && *env) {
             if (!try_open(env, tried, sizeof tried))
                 st = bq_cuda_fail(BQ_ERR_NCCL, "NCCL could not be loaded from BERTQA_NCCL_LIBRARY=%s: %s", env, tried);
-        } else if (!(wheel_lib && *wheel_lib && try_open(wheel_lib, tried, sizeof tried)) &&
+        }
+#ifdef BQ_CUDA_EMU   /* cuda/emu: the wheel's or the system's libnccl would need a driver and a GPU */
+        else {
+            st = bq_cuda_fail(BQ_ERR_NCCL, "NCCL does not run under the CPU emulator of the CUDA backend");
+        }
+#else
+        else if (!(wheel_lib && *wheel_lib && try_open(wheel_lib, tried, sizeof tried)) &&
                    !try_open("libnccl.so.2", tried, sizeof tried)) {
             st = bq_cuda_fail(BQ_ERR_NCCL, "NCCL not found (tried: %s): install the nvidia-nccl-cu13 wheel or point "
                               "BERTQA_NCCL_LIBRARY at a libnccl.so.2", tried);
         }
+#endif
     }
     pthread_mutex_unlock(&nccl_lock);
     return st;

@@ -5,8 +5,14 @@ Tests marked `cuda` need a GPU (compute capability 8.0+) and skip with the reaso
 with the CUDA extension built, and asking for device="cuda" fails with a clear error.
 
 Tolerances: fp32 mode, kernels 1e-5 and the whole engine 1e-4 relative (max |gpu - cpu| / max |cpu|), the
-difference being summation order only; bf16 mode 2e-2 (kernels: max-relative; the engine: relative L2 error
-||gpu - cpu|| / ||cpu|| per tensor, since bf16 round-off is relative to each element, not to the tensor's largest).
+difference being summation order only; bf16 mode 2e-2 (kernels: max-relative; the engine's logits and loss: relative
+L2 error ||gpu - cpu|| / ||cpu||, since bf16 round-off is relative to each element, not to the tensor's largest).
+bf16 gradients against the fp32 CPU engine: 1e-1 per tensor (relative L2 with a floor, tensor_errors) and 5e-2 for
+all of them as one vector. The bf16 engine stores activations and their gradients in bf16, so its gradients carry
+the round-off of every layer above: under the CPU emulator (tests/test_cuda_emu.py, whose products round once from
+double, more exactly than a GPU's) 12 seeds of test_engine_logits_and_gradients_match_the_cpu_engine measured at
+most 0.063 per tensor and 0.027 as one vector, against 2.7e-5 and 1.4e-6 in fp32. Gradients that are zero in exact
+arithmetic (roundoff_only) are checked on the scale of the other gradients instead.
 Dropout masks agree bit for bit (the Philox keying is the CPU's), so the comparisons run with dropout on, with the
 engine's own attention kernels (twin(..., attention="own")): cuDNN's fused attention, the default in bf16, draws its
 dropout masks from cuDNN's own Philox stream, so the tests of that path run without attention dropout or check its
@@ -34,6 +40,9 @@ gpu = [pytest.mark.cuda, needs_gpu]
 
 TOL = {"fp32": 1e-5, "bf16": 2e-2}
 ENGINE_TOL = {"fp32": 1e-4, "bf16": 2e-2}
+# gradients: per tensor (tensor_errors) and all of them as one vector (global_grad_error); the docstring says why
+GRAD_TOL = {"fp32": 1e-4, "bf16": 1e-1}
+GLOBAL_GRAD_TOL = {"fp32": 1e-4, "bf16": 5e-2}
 PRECISIONS = ["fp32", "bf16"]
 
 
@@ -619,8 +628,9 @@ def test_engine_attention_is_cudnn_by_default_in_bf16_and_matches_the_cpu(rng):
     loss, want_loss = dev.forward_backward(batch), cpu.forward_backward(batch)
     assert dev._engine.attention_used == "cudnn"
     assert abs(loss - want_loss) < tol * max(1.0, abs(want_loss))
-    bad = {k: v for k, v in tensor_errors(dev, cpu, grads=True, err=rel_l2).items() if v > tol}
+    bad = {k: v for k, v in tensor_errors(dev, cpu, grads=True, err=rel_l2).items() if v > GRAD_TOL["bf16"]}
     assert not bad, bad
+    assert global_grad_error(dev, cpu) < GLOBAL_GRAD_TOL["bf16"]
     dev._engine.attention = "own"
     own_start, _ = dev.forward(*batch_inputs(batch))
     assert dev._engine.attention_used == "own (attention='own')"
@@ -700,18 +710,52 @@ def test_adamw_and_sum_squares(rng):
 
 # ---- the engine --------------------------------------------------------------------------------------------
 
+def roundoff_only(config):
+    """The parameters whose gradient is zero in exact arithmetic, so that what any engine computes for it is round-off
+    (~1e-8 of the other gradients in fp32, ~1e-2 in bf16), and Adam's g / sqrt(v) turns that into +-lr steps of
+    arbitrary sign: qa_outputs.bias and the last layer's output.LayerNorm.bias add the same amount to every
+    position's logit, which the softmax over positions cancels; each layer's attention.self.key.bias adds q . b to
+    all of a query's scores, which the softmax over keys cancels. Their own size is no scale for an error."""
+    last = config.num_hidden_layers - 1
+    return ({"qa_outputs.bias", f"bert.encoder.layer.{last}.output.LayerNorm.bias"} |
+            {f"bert.encoder.layer.{i}.attention.self.key.bias" for i in range(config.num_hidden_layers)})
+
+
 def tensor_errors(gpu_model, cpu_model, grads=False, err=rel_err):
-    """Per-tensor error of the GPU model's parameters (or gradients) against the CPU model's. qa_outputs.bias is left
-    out: a bias shared by all positions cancels in the softmax over positions, so its gradient is round-off (~1e-8)
-    and Adam's g / sqrt(v) turns that into +-lr steps of arbitrary sign in any implementation."""
+    """Per-tensor error of the GPU model's parameters (or gradients) against the CPU model's, leaving out the
+    round-off-only gradients (roundoff_only; roundoff_error checks those).
+
+    Relative L2 (bf16) is taken against the larger of the tensor's norm and its share of the whole model's (the norm
+    it would have if its elements had the RMS size of all of them): in a tensor far smaller than the rest (query
+    gradients where attention is near uniform, sums of gradients that largely cancel) bf16 storage leaves mostly
+    round-off, on any hardware."""
+    names = [n for n in cpu_model.layout if n not in roundoff_only(cpu_model.config)]
+    get = (lambda m, n: m.gradient(n)) if grads else (lambda m, n: m.tensor(n))
+    want = {n: np.array(get(cpu_model, n), np.float64) for n in names}
+    rms = np.sqrt(sum(float(np.square(w).sum()) for w in want.values()) / sum(w.size for w in want.values()))
     errs = {}
-    for name in cpu_model.layout:
-        if name == "qa_outputs.bias":
-            continue
-        want = cpu_model.gradient(name) if grads else cpu_model.tensor(name)
-        got = gpu_model.gradient(name) if grads else gpu_model.tensor(name)
-        errs[name] = err(got, want)
+    for name in names:
+        if err is rel_l2:
+            got, w = _finite_pair(get(gpu_model, name), want[name])
+            errs[name] = np.linalg.norm(got - w) / max(np.linalg.norm(w), rms * np.sqrt(w.size), 1e-30)
+        else:
+            errs[name] = err(get(gpu_model, name), want[name])
     return errs
+
+
+def global_grad_error(gpu_model, cpu_model):
+    """Relative L2 error of all gradients together (every parameter, one vector)."""
+    got = np.concatenate([np.asarray(gpu_model.gradient(n), np.float64).ravel() for n in cpu_model.layout])
+    want = np.concatenate([np.asarray(cpu_model.gradient(n), np.float64).ravel() for n in cpu_model.layout])
+    return rel_l2(got, want)
+
+
+def roundoff_error(gpu_model, cpu_model):
+    """max |gpu - cpu| over the round-off-only gradients (roundoff_only), relative to the largest gradient element of
+    the CPU model: what the cancellation leaves must be round-off on the gradients' own scale."""
+    scale = max(float(np.abs(cpu_model.gradient(n)).max()) for n in cpu_model.layout)
+    return max(float(np.abs(np.asarray(gpu_model.gradient(n), np.float64) - cpu_model.gradient(n)).max())
+               for n in roundoff_only(cpu_model.config)) / scale
 
 
 @pytest.mark.cuda
@@ -734,10 +778,10 @@ def test_engine_logits_and_gradients_match_the_cpu_engine(rng, precision):
     want_loss = cpu.forward_backward(batch)
     assert abs(loss - want_loss) < tol * max(1.0, abs(want_loss))
     errs = tensor_errors(dev, cpu, grads=True, err=err)
-    bad = {k: v for k, v in errs.items() if v > tol}
+    bad = {k: v for k, v in errs.items() if v > GRAD_TOL[precision]}
     assert not bad, bad
-    bias_err = np.abs(dev.gradient("qa_outputs.bias") - cpu.gradient("qa_outputs.bias")).max()
-    assert bias_err < (1e-6 if precision == "fp32" else 1e-3)
+    assert global_grad_error(dev, cpu) < GLOBAL_GRAD_TOL[precision]
+    assert roundoff_error(dev, cpu) < tol
 
 
 @pytest.mark.cuda
@@ -756,8 +800,10 @@ def test_engine_window_ids_match_the_cpu_engine(rng, precision):
     loss = dev.forward_backward(batch, window_ids=win, rng_step=5)
     want_loss = cpu.forward_backward(batch, window_ids=win, rng_step=5)
     assert abs(loss - want_loss) < tol * max(1.0, abs(want_loss))
-    bad = {k: v for k, v in tensor_errors(dev, cpu, grads=True, err=err).items() if v > tol}
+    bad = {k: v for k, v in tensor_errors(dev, cpu, grads=True, err=err).items() if v > GRAD_TOL[precision]}
     assert not bad, bad
+    assert global_grad_error(dev, cpu) < GLOBAL_GRAD_TOL[precision]
+    assert roundoff_error(dev, cpu) < tol
     # the ids change the masks: the default numbering (row b is window b) gives another loss
     dev.zero_grad()
     assert dev.forward_backward(batch, rng_step=5) != loss
@@ -785,8 +831,11 @@ def test_engine_split_batch_with_window_ids_is_the_whole_batch(rng):
         part = {k: v[rows] for k, v in batch.items()}
         halves.append(dev.forward_backward(part, loss_scale=0.5, window_ids=np.array(rows), rng_step=3))
     assert abs(np.mean(halves) - whole_loss) < 1e-5 * max(1.0, abs(whole_loss))
-    errs = {name: rel_err(dev.gradient(name), whole[name]) for name in cpu.layout if name != "qa_outputs.bias"}
+    skip = roundoff_only(cpu.config)
+    errs = {name: rel_err(dev.gradient(name), whole[name]) for name in cpu.layout if name not in skip}
     assert max(errs.values()) < ENGINE_TOL["fp32"], max(errs.items(), key=lambda kv: kv[1])
+    scale = max(float(np.abs(g).max()) for g in whole.values())
+    assert max(float(np.abs(dev.gradient(n) - whole[n]).max()) for n in skip) < ENGINE_TOL["fp32"] * scale
 
 
 @pytest.mark.cuda
@@ -805,6 +854,7 @@ def test_engine_at_an_aligned_shape_uses_cublaslt(rng):
     assert abs(dev.forward_backward(batch) - cpu.forward_backward(batch)) < 1e-4
     errs = tensor_errors(dev, cpu, grads=True)
     assert max(errs.values()) < ENGINE_TOL["fp32"], max(errs.items(), key=lambda kv: kv[1])
+    assert roundoff_error(dev, cpu) < ENGINE_TOL["fp32"]
     stats = dev._engine.gemm_stats
     assert stats["cublaslt"] > 0, stats
 
@@ -824,7 +874,9 @@ def test_twenty_step_loss_curve_matches_the_cpu_engine(rng, precision):
     assert dev.step == cpu.step == 20
     errs = tensor_errors(dev, cpu, err=engine_err(precision))
     assert max(errs.values()) < tol, max(errs.items(), key=lambda kv: kv[1])
-    assert np.abs(dev.tensor("qa_outputs.bias")).max() <= 20 * 1e-3 + 1e-6
+    # the round-off-only tensors: each engine moves them at most ~lr per step (Adam), in any direction
+    for name in roundoff_only(cpu.config):
+        assert np.abs(dev.tensor(name) - cpu.tensor(name)).max() <= 2 * 20 * 1e-3 * 1.01, name
 
 
 @pytest.mark.cuda
