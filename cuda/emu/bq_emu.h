@@ -6,9 +6,10 @@
  *
  * Each thread block runs on one OS thread, its threads as fibers that switch only at __syncthreads, __syncwarp and
  * the warp shuffles, so the kernels run with CUDA's block and warp semantics (not lock-step: data races between
- * threads are not found). What a GPU leaves undefined and the emulator reports instead of guessing: a shuffle or
- * __syncwarp over the full mask after a lane of the warp has exited or in a partial warp, threads of a block
- * waiting at different barriers (a deadlock on the GPU), launch configurations the hardware refuses.
+ * threads are not found). What a GPU leaves undefined and the emulator reports instead of guessing: a shuffle that
+ * reads a lane that has exited or lies past the end of a partial warp, threads of a block waiting at different
+ * barriers (a deadlock on the GPU), launch configurations the hardware refuses. Exited threads are excused from
+ * __syncthreads, __syncwarp and shuffles, as on a GPU.
  */
 #ifndef BQ_EMU_H
 #define BQ_EMU_H

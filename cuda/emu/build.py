@@ -4,7 +4,7 @@ cuda/emu/runtime.cpp in place of libcudart, libcublas and libcublasLt. No GPU, d
 toolkit's headers. cuDNN is left out (BERTQA_HAVE_CUDNN unset), as in a build without cuDNN: attention runs the
 backend's own kernels.
 
-    python cuda/emu/build.py [--out DIR] [--debug] [--asan]
+    python cuda/emu/build.py [--out DIR] [--debug] [--asan] [--selftest]
 
 writes DIR/_cuda<EXT_SUFFIX> (default build/cuda-emu/) and prints its path. Load it with
 BERTQA_CUDA_EXTENSION=<that path> (bertqa/cuda.py), e.g. `BERTQA_CUDA_EXTENSION=... pytest -m cuda tests/test_cuda.py`;
@@ -113,7 +113,8 @@ def rewrite_launches(text: str, name: str = "<source>") -> tuple[str, int]:
         args = text[p + 1:end - 1]
         grid, block, smem, stream = config
         out.append(text[pos:k])
-        out.append(f"bq_emu_launch(dim3({grid}), dim3({block}), {smem}, {stream}, \"{kernel}\", "
+        breaks = "\n" * text.count("\n", k, p)   # the configuration's line breaks: the lines after keep their numbers
+        out.append(f"bq_emu_launch(dim3({grid}), dim3({block}), {smem}, {stream}, \"{kernel}\",{breaks or ' '}"
                    f"[=]() {{ {kernel}({args}); }})")
         pos, count = end, count + 1
 
@@ -126,7 +127,9 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:20]
 
 
-def build(out_dir: Path, debug: bool = False, asan: bool = False, jobs: int | None = None, log=print) -> Path:
+def build(out_dir: Path, debug: bool = False, asan: bool = False, selftest: bool = False, jobs: int | None = None,
+          log=print) -> Path:
+    """Compiles what changed and links; returns the extension's path (selftest: the self-test program's)."""
     home = cuda_home() or os.environ.get("CUDA_HOME") or "/usr/local/cuda"
     inc = Path(home) / "include"
     if not (inc / "cublasLt.h").is_file():
@@ -134,7 +137,7 @@ def build(out_dir: Path, debug: bool = False, asan: bool = False, jobs: int | No
                            "set CUDA_HOME")
     import numpy
     out_dir = Path(out_dir)
-    obj_dir = out_dir / "obj"
+    obj_dir = out_dir / ("obj-selftest" if selftest else "obj")
     src_dir = out_dir / "src"
     obj_dir.mkdir(parents=True, exist_ok=True)
     src_dir.mkdir(parents=True, exist_ok=True)
@@ -157,14 +160,17 @@ def build(out_dir: Path, debug: bool = False, asan: bool = False, jobs: int | No
     header_key = _digest(*(h.read_bytes() for h in headers))
 
     jobs_list = []
-    for cu in sorted((REPO / "cuda").glob("*.cu")):
+    sources = [REPO / "cuda/emu/selftest.cu"] if selftest else sorted((REPO / "cuda").glob("*.cu"))
+    for cu in sources:
         text, n = rewrite_launches(cu.read_text(), cu.name)
         src = src_dir / (cu.stem + ".cpp")
-        header = f'#line 1 "cuda/{cu.name}"\n'   # the path nvcc sees (setup.py compiles from the root)
+        header = f'#line 1 "{cu.relative_to(REPO)}"\n'   # the path nvcc sees (setup.py compiles from the root)
         if not src.exists() or src.read_text() != header + text:
             src.write_text(header + text)
         jobs_list.append((cxx, src, obj_dir / (cu.stem + ".o")))
-    for c in ["cuda/module.c", "cuda/nccl.c", "csrc/pyargs.c", "csrc/engine_methods.c", "cuda/emu/builtins.c"]:
+    c_sources = ["cuda/emu/builtins.c"] if selftest else ["cuda/module.c", "cuda/nccl.c", "csrc/pyargs.c",
+                                                          "csrc/engine_methods.c", "cuda/emu/builtins.c"]
+    for c in c_sources:
         jobs_list.append((cc, Path(c), obj_dir / (Path(c).stem + ("_emu" if "emu" in c else "") + ".o")))
     jobs_list.append((cxx[:-3] + ["-Wno-unknown-pragmas"], REPO / "cuda/emu/runtime.cpp", obj_dir / "runtime_emu.o"))
 
@@ -174,10 +180,13 @@ def build(out_dir: Path, debug: bool = False, asan: bool = False, jobs: int | No
         stamp = obj.with_suffix(".key")
         if obj.exists() and stamp.exists() and stamp.read_text() == key:
             return None
-        r = subprocess.run([*map(str, cmd), "-c", str(src), "-o", str(obj.resolve())], capture_output=True, text=True,
-                           cwd=REPO)
+        tmp = obj.resolve().with_suffix(f".o.{os.getpid()}.tmp")   # two builds at once never see half an object
+        r = subprocess.run([*map(str, cmd), "-c", str(src), "-o", str(tmp)], capture_output=True, text=True, cwd=REPO)
         if r.returncode == 0:
+            os.replace(tmp, obj)
             stamp.write_text(key)
+        else:
+            tmp.unlink(missing_ok=True)
         return src, r.returncode, r.stdout + r.stderr
 
     with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
@@ -188,8 +197,8 @@ def build(out_dir: Path, debug: bool = False, asan: bool = False, jobs: int | No
             log(f"--- {src}\n{text}")
     if failed:
         raise RuntimeError("the CUDA emulator build failed on " + ", ".join(str(s) for s, _, _ in failed))
-    target = out_dir / ("_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
-    link = [os.environ.get("CXX", "g++"), "-shared", *san, "-o", str(target) + ".tmp",
+    target = out_dir / ("selftest" if selftest else "_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
+    link = [os.environ.get("CXX", "g++"), *([] if selftest else ["-shared"]), *san, "-o", str(target) + ".tmp",
             *(str(o) for _, _, o in jobs_list), "-ldl", "-lpthread", "-lm"]
     r = subprocess.run(link, capture_output=True, text=True)
     if r.returncode:
@@ -203,9 +212,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(REPO / "build" / "cuda-emu"))
     ap.add_argument("--debug", action="store_true", help="-O0 -g")
     ap.add_argument("--asan", action="store_true", help="AddressSanitizer (run with LD_PRELOAD=$(gcc -print-file-name=libasan.so))")
+    ap.add_argument("--selftest", action="store_true", help="the emulator's self-test program (cuda/emu/selftest.cu)")
     a = ap.parse_args(argv)
     try:
-        print(build(Path(a.out), debug=a.debug, asan=a.asan, log=lambda s: print(s, file=sys.stderr)))
+        print(build(Path(a.out), debug=a.debug, asan=a.asan, selftest=a.selftest,
+                    log=lambda s: print(s, file=sys.stderr)))
     except (RuntimeError, LaunchSyntaxError) as e:
         sys.exit(f"cuda/emu/build.py: {e}")
 
