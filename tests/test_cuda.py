@@ -7,11 +7,13 @@ with the CUDA extension built, and asking for device="cuda" fails with a clear e
 Tolerances: fp32 mode, kernels 1e-5 and the whole engine 1e-4 relative (max |gpu - cpu| / max |cpu|), the
 difference being summation order only; bf16 mode 2e-2 (kernels: max-relative; the engine's logits and loss: relative
 L2 error ||gpu - cpu|| / ||cpu||, since bf16 round-off is relative to each element, not to the tensor's largest).
-bf16 gradients against the fp32 CPU engine: 1e-1 per tensor (relative L2 with a floor, tensor_errors) and 5e-2 for
-all of them as one vector. The bf16 engine stores activations and their gradients in bf16, so its gradients carry
+bf16 logits against the fp32 CPU engine: on the scale of the terms the QA head sums (logit_scale); bf16 gradients:
+1.5e-1 per tensor (relative L2 with a floor, tensor_errors) and 5e-2 for all of them as one vector. Kernel results
+in bf16 whose sums cancel (a dot product over 7 inputs) are measured on the scale of their terms too (term_err). The bf16 engine stores activations and their gradients in bf16, so its gradients carry
 the round-off of every layer above: under the CPU emulator (tests/test_cuda_emu.py, whose products round once from
-double, more exactly than a GPU's) 12 seeds of test_engine_logits_and_gradients_match_the_cpu_engine measured at
-most 0.063 per tensor and 0.027 as one vector, against 2.7e-5 and 1.4e-6 in fp32. Gradients that are zero in exact
+double, more exactly than a GPU's) 30 seeds of test_engine_logits_and_gradients_match_the_cpu_engine's setup measured
+at most 0.093 per tensor, 0.032 as one vector and 0.003 for the logits on their term scale, against 2.7e-5, 1.4e-6
+and 1.2e-7 in fp32; with the earlier measures (relative to each result's own size) about one run in eight failed. Gradients that are zero in exact
 arithmetic (roundoff_only) are checked on the scale of the other gradients instead.
 Dropout masks agree bit for bit (the Philox keying is the CPU's), so the comparisons run with dropout on, with the
 engine's own attention kernels (twin(..., attention="own")): cuDNN's fused attention, the default in bf16, draws its
@@ -41,7 +43,7 @@ gpu = [pytest.mark.cuda, needs_gpu]
 TOL = {"fp32": 1e-5, "bf16": 2e-2}
 ENGINE_TOL = {"fp32": 1e-4, "bf16": 2e-2}
 # gradients: per tensor (tensor_errors) and all of them as one vector (global_grad_error); the docstring says why
-GRAD_TOL = {"fp32": 1e-4, "bf16": 1e-1}
+GRAD_TOL = {"fp32": 1e-4, "bf16": 1.5e-1}
 GLOBAL_GRAD_TOL = {"fp32": 1e-4, "bf16": 5e-2}
 PRECISIONS = ["fp32", "bf16"]
 
@@ -70,6 +72,14 @@ def rel_l2(got, want):
 def engine_err(precision):
     """The engine comparisons' error measure: max-relative in fp32, relative L2 in bf16."""
     return rel_err if precision == "fp32" else rel_l2
+
+
+def term_err(got, want, scale):
+    """max over elements of |got - want| / scale, scale being the size of the terms a sum added (|x| @ |w|^T for a
+    product): bf16's rounding of the inputs is relative to those, not to a result that cancellation made small (a
+    dot product of 7 terms of size 1 can come out at 0.01)."""
+    got, want = _finite_pair(got, want)
+    return float((np.abs(got - want) / np.maximum(np.asarray(scale, np.float64), 1e-30)).max())
 
 
 def f32(rng, *shape, scale=1.0):
@@ -449,7 +459,7 @@ def test_residual_layernorm_forward(rng, precision, N, C):
     want_res = x + ops.dropout(y, 0.1, 5, step=2, tensor_id=8)
     assert rel_err(res, want_res) < TOL[precision]
     assert rel_err(out, ops.layernorm(want_res, w, b, 1e-12)) < TOL[precision] * 4
-    assert rel_err(mean, want_res.mean(-1)) < TOL[precision] * 4
+    assert term_err(mean, want_res.mean(-1), np.abs(want_res).mean(-1)) < TOL[precision] * 4
     # no residual, no dropout: plain LayerNorm
     _, out2, _, _ = bcuda.residual_layernorm(None, y, w, b, 1e-5, precision=precision)
     assert rel_err(out2, ops.layernorm(y, w, b, 1e-5)) < TOL[precision] * 4
@@ -519,10 +529,15 @@ def test_gelu(rng, precision):
 @pytest.mark.parametrize("N,IN,OUT", [(37, 36, 50), (1, 7, 3), (512, 128, 96), (37, 50, 2)])
 def test_linear(rng, precision, N, IN, OUT):
     x, w, b, dy = f32(rng, N, IN), f32(rng, OUT, IN), f32(rng, OUT), f32(rng, N, OUT)
-    assert rel_err(bcuda.linear(x, w, b, precision), ops.linear(x, w, b)) < TOL[precision]
-    assert rel_err(bcuda.linear(x, w, None, precision), ops.linear(x, w)) < TOL[precision]
-    for got, want in zip(bcuda.linear_backward(dy, x, w, precision), ops.linear_backward(dy, x, w)):
-        assert rel_err(got, want) < TOL[precision]
+    pairs = [(bcuda.linear(x, w, b, precision), ops.linear(x, w, b), np.abs(x) @ np.abs(w).T + np.abs(b)),
+             (bcuda.linear(x, w, None, precision), ops.linear(x, w), np.abs(x) @ np.abs(w).T)]
+    scales = (np.abs(dy) @ np.abs(w), np.abs(dy).T @ np.abs(x), np.abs(dy).sum(0))   # dx, dw, db
+    pairs += list(zip(bcuda.linear_backward(dy, x, w, precision), ops.linear_backward(dy, x, w), scales))
+    for got, want, scale in pairs:
+        if precision == "fp32":
+            assert rel_err(got, want) < TOL[precision]
+        else:   # bf16 inputs: on the scale of the terms (term_err)
+            assert term_err(got, want, scale) < TOL[precision]
 
 
 @pytest.mark.cuda
@@ -622,7 +637,7 @@ def test_engine_attention_is_cudnn_by_default_in_bf16_and_matches_the_cpu(rng):
     assert dev._engine.attention_used == "cudnn", dev._engine.attention_used
     want_start, want_end = cpu.forward(*batch_inputs(batch))
     tol = ENGINE_TOL["bf16"]
-    assert rel_l2(start, want_start) < tol and rel_l2(end, want_end) < tol
+    assert logits_err("bf16", start, want_start, cpu, 0) < tol and logits_err("bf16", end, want_end, cpu, 1) < tol
     for model in (cpu, dev):
         model.zero_grad()
     loss, want_loss = dev.forward_backward(batch), cpu.forward_backward(batch)
@@ -634,7 +649,7 @@ def test_engine_attention_is_cudnn_by_default_in_bf16_and_matches_the_cpu(rng):
     dev._engine.attention = "own"
     own_start, _ = dev.forward(*batch_inputs(batch))
     assert dev._engine.attention_used == "own (attention='own')"
-    assert rel_l2(own_start, start) < tol
+    assert logits_err("bf16", own_start, start, cpu, 0) < tol
 
 
 @pytest.mark.cuda
@@ -710,6 +725,23 @@ def test_adamw_and_sum_squares(rng):
 
 # ---- the engine --------------------------------------------------------------------------------------------
 
+def logit_scale(model):
+    """[2]: a bound on the size of the terms each QA logit sums, sum_i |h_i| |w_i| + |b|, for the last LayerNorm's
+    output h = g * xhat + beta: since xhat has RMS 1 over the C features, sum_i |g_i xhat_i w_i| <= sqrt(C) ||g * w||
+    (Cauchy-Schwarz). bf16's error in a logit is relative to this, not to the logit, which with small random weights
+    is near 0 and the same at every position (the weights' and biases' terms cancel)."""
+    last = model.config.num_hidden_layers - 1
+    g = np.abs(model.tensor(f"bert.encoder.layer.{last}.output.LayerNorm.weight")).astype(np.float64)
+    beta = np.abs(model.tensor(f"bert.encoder.layer.{last}.output.LayerNorm.bias")).astype(np.float64)
+    w = np.abs(model.tensor("qa_outputs.weight")).astype(np.float64)   # [2, C]
+    return np.sqrt(g.size) * np.linalg.norm(g * w, axis=1) + (beta * w).sum(1) + np.abs(model.tensor("qa_outputs.bias"))
+
+
+def logits_err(precision, got, want, model, which):
+    """fp32: max-relative; bf16: on the QA head's term scale (logit_scale), which = 0 start, 1 end."""
+    return rel_err(got, want) if precision == "fp32" else term_err(got, want, logit_scale(model)[which])
+
+
 def roundoff_only(config):
     """The parameters whose gradient is zero in exact arithmetic, so that what any engine computes for it is round-off
     (~1e-8 of the other gradients in fp32, ~1e-2 in bf16), and Adam's g / sqrt(v) turns that into +-lr steps of
@@ -770,7 +802,7 @@ def test_engine_logits_and_gradients_match_the_cpu_engine(rng, precision):
     err, tol = engine_err(precision), ENGINE_TOL[precision]
     start, end = dev.forward(*batch_inputs(batch))
     want_start, want_end = cpu.forward(*batch_inputs(batch))
-    assert err(start, want_start) < tol and err(end, want_end) < tol
+    assert logits_err(precision, start, want_start, cpu, 0) < tol and logits_err(precision, end, want_end, cpu, 1) < tol
     for model in (cpu, dev):
         model.zero_grad()
         model.rng_step = 5
@@ -781,7 +813,7 @@ def test_engine_logits_and_gradients_match_the_cpu_engine(rng, precision):
     bad = {k: v for k, v in errs.items() if v > GRAD_TOL[precision]}
     assert not bad, bad
     assert global_grad_error(dev, cpu) < GLOBAL_GRAD_TOL[precision]
-    assert roundoff_error(dev, cpu) < tol
+    assert roundoff_error(dev, cpu) < GLOBAL_GRAD_TOL[precision]
 
 
 @pytest.mark.cuda
@@ -803,7 +835,7 @@ def test_engine_window_ids_match_the_cpu_engine(rng, precision):
     bad = {k: v for k, v in tensor_errors(dev, cpu, grads=True, err=err).items() if v > GRAD_TOL[precision]}
     assert not bad, bad
     assert global_grad_error(dev, cpu) < GLOBAL_GRAD_TOL[precision]
-    assert roundoff_error(dev, cpu) < tol
+    assert roundoff_error(dev, cpu) < GLOBAL_GRAD_TOL[precision]
     # the ids change the masks: the default numbering (row b is window b) gives another loss
     dev.zero_grad()
     assert dev.forward_backward(batch, rng_step=5) != loss
@@ -909,8 +941,8 @@ def test_host_device_copies_and_training_state(rng, tmp_path):
     dev.tensor("qa_outputs.bias")[...] = [0.0, 0.0]
     start0, end0 = dev.forward(*batch_inputs(batch))
     real = batch["attention_mask"] == 1
-    np.testing.assert_allclose((start - start0)[real], 3.0, atol=1e-4)
-    np.testing.assert_allclose((end - end0)[real], -1.0, atol=1e-4)
+    np.testing.assert_allclose(start[real] - start0[real], 3.0, atol=1e-4)   # (padding: -inf on both sides)
+    np.testing.assert_allclose(end[real] - end0[real], -1.0, atol=1e-4)
     # training state: save on the GPU model, load into a fresh one, continue identically
     dev.save_training_state(tmp_path / "state.npz")
     other = twin(cpu, "fp32")
