@@ -34,6 +34,7 @@ from bertqa import checkpoint, ops
 from bertqa import cuda as bcuda
 from bertqa.config import BertConfig
 from bertqa.model import BertQA, check_device
+from qa_helpers import needs_minilm
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_REASON = bcuda.unavailable_reason()
@@ -843,6 +844,38 @@ def test_engine_window_ids_match_the_cpu_engine(rng, precision):
         dev._engine.forward_backward(*[batch[k] for k in ("input_ids", "token_type_ids", "attention_mask",
                                                           "start_positions", "end_positions")],
                                      window_ids=np.array([0, -1, 2]))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@needs_minilm
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_real_minilm_on_squad_windows_matches_the_cpu_engine(data_dir, precision):
+    """all-MiniLM-L6-v2's own weights at the recipe's shape (T=384, 12 heads of 32, hidden 384) on two real SQuAD
+    windows, a third of each real tokens then padding: logits and gradients against the CPU engine, dropout on."""
+    from bertqa.squad import build_features, load_squad   # noqa: PLC0415
+
+    cpu = BertQA.from_pretrained("all-MiniLM-L6-v2")
+    f = build_features(load_squad(data_dir / "squad" / "valid.json")[:2], cpu.tokenizer, max_seq_length=384,
+                       doc_stride=128, progress=False)
+    batch = {k: getattr(f, k)[:2].astype(np.int64) for k in
+             ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")}
+    assert batch["input_ids"].shape == (2, 384) and batch["attention_mask"].sum() < 2 * 384
+    dev = twin(cpu, precision)
+    start, end = dev.forward(*batch_inputs(batch))
+    want_start, want_end = cpu.forward(*batch_inputs(batch))
+    tol = ENGINE_TOL[precision]
+    assert logits_err(precision, start, want_start, cpu, 0) < tol and logits_err(precision, end, want_end, cpu, 1) < tol
+    assert (start.argmax(1) == want_start.argmax(1)).all() and (end.argmax(1) == want_end.argmax(1)).all()
+    for model in (cpu, dev):
+        model.zero_grad()
+        model.rng_step = 3
+    loss, want_loss = dev.forward_backward(batch), cpu.forward_backward(batch)
+    assert abs(loss - want_loss) < tol * max(1.0, abs(want_loss))
+    errs = tensor_errors(dev, cpu, grads=True, err=engine_err(precision))
+    assert max(errs.values()) < GRAD_TOL[precision], max(errs.items(), key=lambda kv: kv[1])
+    assert global_grad_error(dev, cpu) < GLOBAL_GRAD_TOL[precision]
+    assert roundoff_error(dev, cpu) < GLOBAL_GRAD_TOL[precision]
 
 
 @pytest.mark.cuda

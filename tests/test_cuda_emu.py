@@ -125,17 +125,19 @@ def test_asan_build_finds_a_kernel_writing_past_its_buffer():
 
 # ---- tests/test_cuda.py on the emulator ----------------------------------------------------------------------------
 
-def _run_gpu_tests(extension, extra_env=None):
+def _run_gpu_tests(extension, extra_env=None, extra_args=()):
     env = {**os.environ, "BERTQA_CUDA_EXTENSION": str(extension), **(extra_env or {})}
     env.pop("PYTEST_ADDOPTS", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_cuda.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_cuda.py", *extra_args]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail
     passed = int(re.search(r"(\d+) passed", r.stdout).group(1))
-    # the GPU tests ran (a skip of them all would pass too): every one but cuDNN's and NCCL's
+    # the GPU tests ran (a skip of them all would pass too): every one but cuDNN's and NCCL's (and the real-model
+    # one's where the shared data or all-MiniLM-L6-v2 are missing)
     skipped = re.findall(r"SKIPPED \[(\d+)\] .*?: (.*)", r.stdout)
-    assert not [why for _, why in skipped if "cuDNN" not in why and "NCCL" not in why and "usable here" not in why], tail
+    expected = ("cuDNN", "NCCL", "usable here", "shared data", "all-MiniLM-L6-v2")
+    assert not [why for _, why in skipped if not any(e in why for e in expected)], tail
     assert passed >= 70, tail
     return r.stdout
 
@@ -151,4 +153,6 @@ def test_gpu_tests_pass_on_the_emulator_under_addresssanitizer():
     if not runtime:
         pytest.skip("no AddressSanitizer runtime (libasan.so) for this compiler")
     extension = emu_build.build(BUILD / "cuda-emu-asan", asan=True)
-    _run_gpu_tests(extension, {"LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"})
+    # (the real-model test's shapes are the tiny ones' kernels at a size ASan makes minutes: left to the plain run)
+    _run_gpu_tests(extension, {"LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"},
+                   ["-k", "not real_minilm"])
