@@ -48,12 +48,21 @@ void vreport(const char *fmt, va_list ap) {
     fflush(stderr);
 }
 
+cudaError_t g_message_code = cudaSuccess;   /* the error g_message explains */
+
 cudaError_t violation(cudaError_t e, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vreport(fmt, ap);
     va_end(ap);
+    g_message_code = e;
     return e;
+}
+
+void vreport_str(const std::string &msg) {
+    g_message = "bertqa CUDA emulator: " + msg;
+    fprintf(stderr, "%s\n", g_message.c_str());
+    fflush(stderr);
 }
 
 cudaError_t take_pending() {
@@ -559,7 +568,7 @@ const char *cudaGetErrorString(cudaError_t e) {
     const char *base = e == cudaSuccess ? "no error" : e == cudaErrorMemoryAllocation ? "out of memory"
                                                                                          : cudaGetErrorName(e);
     s = base;
-    if (e != cudaSuccess && e != cudaErrorMemoryAllocation && !g_message.empty()) s += " (" + g_message + ")";
+    if (e == g_message_code && e != cudaSuccess && !g_message.empty()) s += " (" + g_message + ")";
     return s.c_str();
 }
 
@@ -696,9 +705,12 @@ namespace {
 struct BlasHandle { cudaStream_t stream = 0; void *ws = nullptr; size_t ws_bytes = 0; };
 std::string g_blas_message;
 
+cublasStatus_t g_blas_message_code = CUBLAS_STATUS_SUCCESS;
+
 cublasStatus_t blas_fail(cublasStatus_t st, const std::string &msg) {
-    violation(cudaErrorIllegalAddress, "%s", msg.c_str());
+    vreport_str(msg);
     g_blas_message = g_message;
+    g_blas_message_code = st;
     return st;
 }
 }  // namespace
@@ -743,7 +755,7 @@ const char *cublasGetStatusName(cublasStatus_t s) {
 const char *cublasGetStatusString(cublasStatus_t s) {
     static thread_local std::string out;
     out = cublasGetStatusName(s);
-    if (s != CUBLAS_STATUS_SUCCESS && !g_blas_message.empty()) out += " (" + g_blas_message + ")";
+    if (s == g_blas_message_code && s != CUBLAS_STATUS_SUCCESS && !g_blas_message.empty()) out += " (" + g_blas_message + ")";
     return out.c_str();
 }
 
