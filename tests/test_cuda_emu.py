@@ -5,8 +5,9 @@ block and warp semantics. What it cannot show: cuDNN's fused attention and NCCL 
 races between threads, and speed.
 
 Here: the launch rewrite, the emulator's own checks (cuda/emu/selftest.cu: each must report what it is built to find,
-and a correct kernel must pass), then tests/test_cuda.py's GPU tests on the emulator, plain and under
-AddressSanitizer (a kernel's access outside its buffers fails the run, as compute-sanitizer's memcheck would).
+and a correct kernel must pass), then tests/test_cuda.py's GPU tests on the emulator, plain, under AddressSanitizer
+(a kernel's access outside its buffers fails the run, as compute-sanitizer's memcheck would) and with every launch's
+threads in reverse order (a result that changes with the order depends on a data race).
 """
 import importlib.util
 import os
@@ -112,6 +113,16 @@ def test_emulator_selftest(selftest, case):
 
 
 @needs_emulator
+def test_thread_order_exposes_a_data_race(selftest):
+    """BQ_EMU_ORDER=reverse runs threads (and blocks) last to first between barriers: a read of another thread's
+    write with no barrier between gives another value."""
+    got = {order: subprocess.run([str(selftest), "race"], capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "BQ_EMU_ORDER": order}).stdout.strip()
+           for order in ("forward", "reverse")}
+    assert got == {"forward": "race: out[1] = 7", "reverse": "race: out[1] = 0"}, got
+
+
+@needs_emulator
 def test_asan_build_finds_a_kernel_writing_past_its_buffer():
     if not _asan_runtime():
         pytest.skip("no AddressSanitizer runtime (libasan.so) for this compiler")
@@ -156,3 +167,29 @@ def test_gpu_tests_pass_on_the_emulator_under_addresssanitizer():
     # (the real-model test's shapes are the tiny ones' kernels at a size ASan makes minutes: left to the plain run)
     _run_gpu_tests(extension, {"LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"},
                    ["-k", "not real_minilm"])
+
+
+@needs_emulator
+def test_engine_results_do_not_depend_on_thread_order(tmp_path):
+    """The engine's logits, loss, gradients and parameters after three AdamW steps (fp32 and bf16, dropout on) are
+    the same bits with every launch's threads and blocks run first to last and last to first: no kernel reads what
+    another thread writes, or writes what another writes, without a barrier between (tests/fixtures/emu_order.py)."""
+    extension = emu_build.build(BUILD / "cuda-emu")
+    import numpy as np
+    results = {}
+    for order in ("forward", "reverse"):
+        path = tmp_path / f"{order}.npz"
+        r = subprocess.run([sys.executable, str(REPO / "tests" / "fixtures" / "emu_order.py"), str(path)], cwd=REPO,
+                           env={**os.environ, "BERTQA_CUDA_EXTENSION": str(extension), "BQ_EMU_ORDER": order},
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        results[order] = np.load(path)
+    fwd, rev = results["forward"], results["reverse"]
+    assert len(fwd.files) > 100 and fwd.files == rev.files
+    differ = [k for k in fwd.files if not np.array_equal(fwd[k], rev[k], equal_nan=True)]
+    assert not differ, differ
+
+
+@needs_emulator
+def test_gpu_tests_pass_on_the_emulator_with_threads_in_reverse_order():
+    _run_gpu_tests(emu_build.build(BUILD / "cuda-emu"), {"BQ_EMU_ORDER": "reverse"}, ["-k", "not real_minilm"])

@@ -12,6 +12,8 @@
  * error is not sticky: the calls after it run.
  *
  * Streams are synchronous (each call completes before it returns); products accumulate in double and round once.
+ * Data races are not detected as such, but BQ_EMU_ORDER=reverse runs threads and blocks in the opposite order, and a
+ * result that changes with it depends on one.
  */
 #include "bq_emu.h"
 
@@ -77,6 +79,18 @@ bool shapes_only() {
     static const bool on = [] {
         const char *s = getenv("BQ_EMU_SHAPES_ONLY");
         return s && *s && strcmp(s, "0") != 0;
+    }();
+    return on;
+}
+
+/* BQ_EMU_ORDER=reverse: the threads of a block run from the last to the first between barriers (and the blocks of
+ * a grid from the last). A result that changes with the order depends on a data race: threads that write what
+ * others read, or write the same place, with no barrier between them (tests/test_cuda_emu.py runs the GPU tests
+ * both ways). */
+bool reverse_order() {
+    static const bool on = [] {
+        const char *s = getenv("BQ_EMU_ORDER");
+        return s && strcmp(s, "reverse") == 0;
     }();
     return on;
 }
@@ -267,7 +281,8 @@ void run_block(unsigned n) {
     }
     while (g_live > 0 && !g_abort) {
         bool progressed = false;
-        for (unsigned i = 0; i < n && !g_abort; i++) {
+        for (unsigned k = 0; k < n && !g_abort; k++) {
+            const unsigned i = reverse_order() ? n - 1 - k : k;
             Fiber &f = g_fibers[i];
             if (f.state == DONE) continue;
             if (f.state == WAIT_BLOCK && f.wait_gen == g_block_gen) continue;
@@ -376,10 +391,11 @@ void bq_emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, cons
     g_kernel = kernel;
     g_abort = false;
     bq_emu_set_dims(grid.x, grid.y, grid.z, block.x, block.y, block.z);
-    for (unsigned bz = 0; bz < grid.z && !g_abort; bz++)
-        for (unsigned by = 0; by < grid.y && !g_abort; by++)
-            for (unsigned bx = 0; bx < grid.x && !g_abort; bx++) {
-                bq_emu_set_block(bx, by, bz);
+    const bool rev = reverse_order();
+    for (unsigned z = 0; z < grid.z && !g_abort; z++)
+        for (unsigned y = 0; y < grid.y && !g_abort; y++)
+            for (unsigned x = 0; x < grid.x && !g_abort; x++) {
+                bq_emu_set_block(rev ? grid.x - 1 - x : x, rev ? grid.y - 1 - y : y, rev ? grid.z - 1 - z : z);
                 run_block((unsigned)nt);
             }
     g_fn = nullptr;

@@ -54,6 +54,15 @@ __global__ void write_past_end_kernel(float *out, int n) {
     if (i <= n) out[i] = 1.0f;
 }
 
+/* thread 1 reads what thread 0 writes, with no barrier between: a data race (out[1] is 7 or 0 by the order) */
+__global__ void race_kernel(float *out) {
+    __shared__ float v;
+    if (threadIdx.x == 0) v = 7.0f;
+    if (threadIdx.x == 1) out[1] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) v = 0.0f;
+}
+
 __global__ void noop_kernel(float *) {}
 
 static int fail(const char *what) {
@@ -147,6 +156,13 @@ int main(int argc, char **argv) {
         int same = 1;
         for (int i = 0; i < m * n; i++) same &= c_[i] == cref[i];
         printf("%s: %s %s | %s\n", c, cublasGetStatusName(st), same ? "equal" : "different", cublasGetStatusString(st));
+    } else if (!strcmp(c, "race")) {
+        float *d, h[2] = {-1.0f, -1.0f};
+        if (cudaMalloc(&d, sizeof h)) return fail(c);
+        race_kernel<<<1, 32>>>(d);   /* run twice: the second launch starts from what the first left in v */
+        race_kernel<<<1, 32>>>(d);
+        cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost);
+        printf("%s: out[1] = %g\n", c, h[1]);
     } else if (!strcmp(c, "write_past_end")) {
         float *d;
         if (cudaMalloc(&d, 100 * sizeof(float))) return fail(c);
