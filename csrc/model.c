@@ -198,8 +198,8 @@ static void refresh_lowp_weights(bq_model *m) {
     m->lw_fresh = 1;
 }
 
-/* out = x W^T + b for weight matrix i of layer l, in the model's precision */
-/* out = x W^T + b, then GELU of it with gelu (in bf16 / int8 applied as the product stores its results) */
+/* out = x W^T + b for weight matrix i of layer l, in the model's precision, then GELU of it with gelu (in bf16 /
+ * int8 applied as the product stores its results) */
 static int lin_fwd(bq_model *m, int l, int i, float *out, const float *x, const float *b, int N, int gelu) {
     int OUT, IN;
     weight_shape(&m->cfg, i, &OUT, &IN);

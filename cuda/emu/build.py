@@ -150,8 +150,8 @@ def build(out_dir: Path, debug: bool = False, asan: bool = False, selftest: bool
               "-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION", "-DBQ_ARRAY_API=bertqa_cuda_ARRAY_API", "-DBQ_CUDA_EMU=1"]
     if (inc / "nccl.h").is_file():
         common.append("-DBERTQA_HAVE_NCCL_H=1")
-    cxx = [os.environ.get("CXX", "g++"), "-std=c++17", *common, "-include", str(REPO / "cuda/emu/bq_emu.h"),
-           "-Wno-unknown-pragmas"]
+    cxx_plain = [os.environ.get("CXX", "g++"), "-std=c++17", *common, "-Wno-unknown-pragmas"]   # the emulator's own
+    cxx = [*cxx_plain, "-include", str(REPO / "cuda/emu/bq_emu.h")]                             # the .cu files
     cc = [os.environ.get("CC", "gcc"), "-std=c11", *common, "-Wno-unused-parameter",
           "-Wno-missing-field-initializers"]
 
@@ -172,7 +172,7 @@ def build(out_dir: Path, debug: bool = False, asan: bool = False, selftest: bool
                                                           "csrc/engine_methods.c", "cuda/emu/builtins.c"]
     for c in c_sources:
         jobs_list.append((cc, Path(c), obj_dir / (Path(c).stem + ("_emu" if "emu" in c else "") + ".o")))
-    jobs_list.append((cxx[:-3] + ["-Wno-unknown-pragmas"], REPO / "cuda/emu/runtime.cpp", obj_dir / "runtime_emu.o"))
+    jobs_list.append((cxx_plain, REPO / "cuda/emu/runtime.cpp", obj_dir / "runtime_emu.o"))
 
     def compile_one(job):
         cmd, src, obj = job

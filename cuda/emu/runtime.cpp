@@ -115,16 +115,22 @@ const std::pair<const uintptr_t, size_t> *find_alloc(const void *p, size_t n) {
     return &*it;
 }
 
-bool device_range(const void *p, size_t n, const char *what, const char *call) {
-    if (n == 0) return true;
-    if (find_alloc(p, n)) return true;
-    const auto *start = find_alloc(p, 0);
-    if (start)
-        violation(cudaErrorIllegalAddress, "%s: %s [%p, +%zu bytes) runs %zu bytes past the end of its cudaMalloc block "
-                  "of %zu bytes", call, what, p, n, (size_t)((uintptr_t)p + n - start->first - start->second),
-                  start->second);
+/* "" when [p, p + n) lies inside one cudaMalloc block, else the sentence saying how it does not */
+std::string range_problem(const void *p, size_t n, const char *what) {
+    if (n == 0 || find_alloc(p, n)) return "";
+    char buf[256];
+    if (const auto *start = find_alloc(p, 0))
+        snprintf(buf, sizeof buf, "%s [%p, +%zu bytes) runs %zu bytes past the end of its cudaMalloc block of %zu bytes",
+                 what, p, n, (size_t)((uintptr_t)p + n - start->first - start->second), start->second);
     else
-        violation(cudaErrorIllegalAddress, "%s: %s %p (+%zu bytes) is not device memory", call, what, p, n);
+        snprintf(buf, sizeof buf, "%s %p (+%zu bytes) is not device memory", what, p, n);
+    return buf;
+}
+
+bool device_range(const void *p, size_t n, const char *what, const char *call) {
+    const std::string problem = range_problem(p, n, what);
+    if (problem.empty()) return true;
+    violation(cudaErrorIllegalAddress, "%s: %s", call, problem.c_str());
     return false;
 }
 
@@ -238,16 +244,21 @@ void fiber_main() {
     for (;;) yield_to_scheduler();
 }
 
-void init_fiber(Fiber &f) {
-    if (!f.stack) {
+/* stacks for the first n fibers (kept for the process's life); false when memory runs out */
+bool ensure_stacks(unsigned n) {
+    if (g_fibers.size() < n) g_fibers.resize(n);
+    for (unsigned i = 0; i < n; i++) {
+        Fiber &f = g_fibers[i];
+        if (f.stack) continue;
         void *m = mmap(nullptr, kStack + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (m == MAP_FAILED) {
-            fprintf(stderr, "bertqa CUDA emulator: out of memory for fiber stacks\n");
-            abort();
-        }
+        if (m == MAP_FAILED) return false;
         mprotect(m, kPage, PROT_NONE);   /* a stack overflow faults instead of corrupting the neighbour */
         f.stack = (char *)m + kPage;
     }
+    return true;
+}
+
+void init_fiber(Fiber &f) {
     /* the frame bq_emu_switch pops: [mxcsr, fpcw][r15][r14][r13][r12][rbx][rbp][return address] */
     uint64_t *top = (uint64_t *)(f.stack + kStack);
     top -= 2;   /* keeps rsp 16-byte aligned at the trampoline, so fiber_main is entered as if called */
@@ -377,7 +388,11 @@ void bq_emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, cons
         return;
     }
     if (shapes_only()) return;
-    if (g_fibers.size() < nt) g_fibers.resize(nt);
+    if (!ensure_stacks((unsigned)nt)) {
+        violation(cudaErrorMemoryAllocation, "launch of %s: no host memory for the stacks of %llu threads", kernel, nt);
+        if (g_pending == cudaSuccess) g_pending = cudaErrorMemoryAllocation;
+        return;
+    }
     g_warps.resize((nt + 31) / 32);
     for (unsigned z = 0, i = 0; z < block.z; z++)
         for (unsigned y = 0; y < block.y; y++)
@@ -662,18 +677,11 @@ std::string gemm(const char *call, bool ta, bool tb, int m, int n, int k, float 
     const size_t dn = span_bytes(m, n, ldd, batch, sD, dt);
     const void *ptrs[4] = {A.p, B.p, C.p, D};
     const size_t spans[4] = {k ? an : 0, k ? bn : 0, cn, dn};
-    const char *what[4] = {"A", "B", "C", "D"};
-    for (int i = 0; i < 4; i++)
-        if (spans[i] && !find_alloc(ptrs[i], spans[i])) {
-            const auto *start = find_alloc(ptrs[i], 0);
-            if (start)
-                snprintf(buf, sizeof buf, "%s: matrix %s (%p, %zu bytes as its shape, ld and batch stride say) runs "
-                         "%zu bytes past the end of its cudaMalloc block", call, what[i], ptrs[i], spans[i],
-                         (size_t)((uintptr_t)ptrs[i] + spans[i] - start->first - start->second));
-            else
-                snprintf(buf, sizeof buf, "%s: matrix %s %p is not device memory", call, what[i], ptrs[i]);
-            return buf;
-        }
+    const char *what[4] = {"matrix A", "matrix B", "matrix C", "matrix D"};   /* spans: as shape, ld and stride say */
+    for (int i = 0; i < 4; i++) {
+        const std::string problem = range_problem(ptrs[i], spans[i], what[i]);
+        if (!problem.empty()) return std::string(call) + ": " + problem;
+    }
     if (overlaps(D, dn, A.p, k ? an : 0) || overlaps(D, dn, B.p, k ? bn : 0)) {
         snprintf(buf, sizeof buf, "%s: the output D overlaps an input (A or B)", call);
         return buf;
